@@ -1,0 +1,19 @@
+"""trl-qhead: a vocabulary-sized Q head for causal LMs, trained with TRL, and Q-tilted decoding."""
+
+from .config import QHeadConfig
+from .data import DataCollatorForQHead, prepare_dataset
+from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
+from .returns import compute_returns
+from .trainer import QHeadTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AutoModelForCausalLMWithQHead",
+    "CausalLMWithQHeadOutput",
+    "DataCollatorForQHead",
+    "QHeadConfig",
+    "QHeadTrainer",
+    "compute_returns",
+    "prepare_dataset",
+]

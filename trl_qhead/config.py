@@ -1,0 +1,119 @@
+"""`QHeadConfig`: the training arguments of `QHeadTrainer`, TRL style (a `TrainingArguments` subclass)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+PACKING_STRATEGIES = ("wrapped", "bfd", "bfd_split")
+
+
+@dataclass
+class QHeadConfig(TrainingArguments):
+    r"""Configuration for [`QHeadTrainer`]: everything of `transformers.TrainingArguments` plus the Q-head fields below.
+
+    Parameters:
+        > Q learning
+
+        gamma (`float`, *optional*, defaults to `0.99`):
+            Discount factor of the returns, in [0, 1].
+        q_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the Q loss: `L = L_LM + q_weight * L_Q`. 0 trains the LM alone (the Q head gets no gradient).
+        gae_lambda (`float` or `None`, *optional*, defaults to `None`):
+            Lambda of the lambda-return, in [0, 1]. `None` or 1 is Monte Carlo with a bootstrap at the end of the
+            context, 0 is TD(0). Values below 1 need `V(s)` at every position (computed chunked, without grad).
+        use_lm_rewards (`bool`, *optional*, defaults to `False`):
+            Add the reference model's log-probability of each action to its reward: `r_t += log pi_ref(a_t|s_t)`.
+            With a PEFT model the reference is the same network with its adapters disabled.
+        value_chunk_size (`int`, *optional*, defaults to `1024`):
+            Positions per chunk when computing `V(s)`; bounds the extra memory to `2 * value_chunk_size * |V|` floats.
+
+        > Data
+
+        dataset_name (`str` or `None`, *optional*, defaults to `None`):
+            Dataset to load with `datasets.load_dataset` when the trainer gets no `train_dataset`; a hub name or a
+            builder such as `"text"` or `"json"` used with `dataset_data_files`.
+        dataset_config (`str` or `None`, *optional*, defaults to `None`):
+            Configuration name of that dataset.
+        dataset_data_files (`str`, `list[str]` or `None`, *optional*, defaults to `None`):
+            Local files for builders such as `"text"` or `"json"`.
+        dataset_split (`str`, *optional*, defaults to `"train"`):
+            Split to train on.
+        streaming (`bool`, *optional*, defaults to `False`):
+            Load the dataset as an `IterableDataset`; needs `max_steps > 0`.
+        dataset_text_field (`str`, *optional*, defaults to `"text"`):
+            Column holding plain text.
+        max_length (`int`, *optional*, defaults to `1024`):
+            Tokens per training sequence: longer sequences are truncated (and bootstrap at the cut), or packed.
+        packing (`bool`, *optional*, defaults to `False`):
+            Pack tokenised documents (each ending with EOS, so its last action is terminal) into `max_length` rows.
+        packing_strategy (`str`, *optional*, defaults to `"wrapped"`):
+            `"wrapped"` concatenates and cuts; `"bfd"` / `"bfd_split"` are TRL's best-fit-decreasing strategies.
+        dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):
+            Processes for tokenisation (map-style datasets only).
+
+    Example:
+    ```python
+    >>> from trl_qhead import QHeadConfig
+    >>> config = QHeadConfig(output_dir="out", gamma=0.99, gae_lambda=0.95, max_length=256, packing=True)
+    ```
+    """
+
+    gamma: float = field(default=0.99, metadata={"help": "Discount factor, in [0, 1]."})
+    q_weight: float = field(default=1.0, metadata={"help": "Weight of the Q loss; L = L_LM + q_weight * L_Q."})
+    gae_lambda: float | None = field(
+        default=None, metadata={"help": "Lambda of the lambda-return in [0, 1]; None or 1 is Monte Carlo, 0 is TD(0)."}
+    )
+    use_lm_rewards: bool = field(
+        default=False, metadata={"help": "Add log pi_ref(a_t|s_t) of the reference model to each action's reward."}
+    )
+    value_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing V(s)."})
+
+    dataset_name: str | None = field(default=None, metadata={"help": "Dataset for datasets.load_dataset."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of the dataset."})
+    dataset_data_files: str | list[str] | None = field(
+        default=None, metadata={"help": "Local data files (for builders such as 'text' or 'json')."}
+    )
+    dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs max_steps > 0)."})
+    dataset_text_field: str = field(default="text", metadata={"help": "Column holding plain text."})
+    max_length: int = field(default=1024, metadata={"help": "Tokens per training sequence."})
+    packing: bool = field(default=False, metadata={"help": "Pack documents into max_length rows."})
+    packing_strategy: str = field(default="wrapped", metadata={"help": "'wrapped', 'bfd' or 'bfd_split'."})
+    dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
+
+    # Our collator needs the reward and mask columns that the model's forward does not name.
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns for the collator."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+
+    def __post_init__(self):
+        _check_range("gamma", self.gamma, 0.0, 1.0)
+        if self.gae_lambda is not None:
+            _check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
+        if not isinstance(self.q_weight, (int, float)) or self.q_weight != self.q_weight or self.q_weight < 0:
+            raise ValueError(f"`q_weight` must be a number >= 0, got {self.q_weight!r}.")
+        if not isinstance(self.max_length, int) or self.max_length < 2:
+            raise ValueError(
+                f"`max_length` must be an integer >= 2 (one action needs two tokens), got {self.max_length!r}."
+            )
+        if not isinstance(self.value_chunk_size, int) or self.value_chunk_size < 1:
+            raise ValueError(f"`value_chunk_size` must be a positive integer, got {self.value_chunk_size!r}.")
+        if self.packing_strategy not in PACKING_STRATEGIES:
+            raise ValueError(f"`packing_strategy` must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}.")
+        if not self.dataset_text_field:
+            raise ValueError("`dataset_text_field` must be a non-empty column name.")
+        if not self.dataset_split:
+            raise ValueError("`dataset_split` must be a non-empty split name.")
+        if self.streaming and (self.max_steps is None or self.max_steps <= 0):
+            raise ValueError(
+                "`max_steps` must be > 0 with `streaming=True`: a stream has no length to count epochs by."
+            )
+        if self.dataset_data_files is not None and self.dataset_name is None:
+            raise ValueError("`dataset_data_files` needs `dataset_name` (e.g. 'text' or 'json').")
+        super().__post_init__()
+
+
+def _check_range(name: str, value, low: float, high: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
+        raise ValueError(f"`{name}` must be a number in [{low}, {high}], got {value!r}.")

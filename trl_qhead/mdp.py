@@ -1,0 +1,58 @@
+"""Where actions, rewards and episode ends sit on the model's position grid (DESIGN.md section 2).
+
+Position `t` of a `[B, T]` batch holds the state `s_t` (the prefix up to token `t`) and, when token `t + 1` is a
+training target, the action `a_t = x_{t+1}`. These helpers turn a collated batch (token ids, attention mask, labels with
+-100 where a token is not a target, per-token rewards) into the grid tensors that `compute_returns` and the losses take.
+They only shift and mask: padding on either side works because nothing here looks at token ids to find padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def action_mask_from_labels(labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """`mask[b, t] = True` where position `t` holds an action: token `t + 1` is a target and `s_t` is a real state.
+
+    Args:
+        labels: `[B, T]` token ids, -100 where the token is not a training target (padding, prompt).
+        attention_mask: `[B, T]`, 1 on real tokens.
+    """
+    mask = torch.zeros_like(labels, dtype=torch.bool)
+    mask[:, :-1] = (labels[:, 1:] != -100) & attention_mask[:, :-1].bool() & attention_mask[:, 1:].bool()
+    return mask
+
+
+def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
+    """`a[b, t] = input_ids[b, t + 1]`, the action taken at position `t` (0 at the last position, never an action)."""
+    actions = torch.zeros_like(input_ids)
+    actions[:, :-1] = input_ids[:, 1:]
+    return actions
+
+
+def episode_dones(
+    actions: torch.Tensor, action_mask: torch.Tensor, eos_token_id: int | list[int] | None
+) -> torch.Tensor:
+    """`d[b, t] = 1` where action `a_t` emits EOS: the episode really ends there and nothing after it counts.
+
+    A packed document ends with EOS, so its last action is terminal too. Padding never counts (it has no action),
+    even when the pad token is the EOS token, as for GPT-2.
+    """
+    if eos_token_id is None:
+        return torch.zeros_like(action_mask, dtype=torch.float32)
+    eos = torch.as_tensor(eos_token_id, device=actions.device).reshape(-1)
+    return (torch.isin(actions, eos) & action_mask).float()
+
+
+def bootstrap_mask(action_mask: torch.Tensor) -> torch.Tensor:
+    """`True` at the state just after each row's last action: where Monte Carlo returns need `V(s)`."""
+    mask = torch.zeros_like(action_mask, dtype=torch.bool)
+    mask[:, 1:] = action_mask[:, :-1] & ~action_mask[:, 1:]
+    return mask
+
+
+def token_rewards_to_actions(token_rewards: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards (`rewards[k]` is earned when token `k` is produced) onto the action grid: `r_t = rewards[t+1]`."""
+    rewards = torch.zeros_like(token_rewards, dtype=torch.float32)
+    rewards[:, :-1] = token_rewards[:, 1:]
+    return rewards

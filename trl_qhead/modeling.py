@@ -1,0 +1,318 @@
+"""`AutoModelForCausalLMWithQHead`: any causal LM plus a vocabulary-sized Q head.
+
+The Q head is `q_t = W_q h_t + b_q`, one value per vocabulary token, read from the backbone's final hidden state
+(the same `h_t` the LM head reads). It is kept in fp32 and, by default, starts at zero so that an untrained head tilts
+nothing. On disk a checkpoint is the backbone's own folder (a full model, or only the LoRA adapters of a PEFT model)
+plus `q_head.safetensors` and `q_head_config.json` beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .losses import gather_action_q, state_values
+
+Q_HEAD_WEIGHTS_NAME = "q_head.safetensors"
+Q_HEAD_CONFIG_NAME = "q_head_config.json"
+Q_HEAD_INITS = ("zeros", "normal", "lm_head")
+
+
+@dataclass
+class CausalLMWithQHeadOutput(ModelOutput):
+    """Output of [`AutoModelForCausalLMWithQHead.forward`].
+
+    Args:
+        logits: `[B, T, |V|]` LM logits `z_t`.
+        hidden_states: `[B, T, H]` final hidden states `h_t` (what both heads read).
+        q_values: `[B, T, |V|]` full Q values, only when `return_q=True`.
+        action_q: `[B, T]` `Q(s_t, a_t)` for the `actions` passed in, only when asked.
+        state_values: `[B, T]` `V(s_t)` (no grad) where `value_mask` is set, zero elsewhere, only when asked.
+        past_key_values: the backbone's cache, when it returns one.
+    """
+
+    logits: torch.Tensor | None = None
+    hidden_states: torch.Tensor | None = None
+    q_values: torch.Tensor | None = None
+    action_q: torch.Tensor | None = None
+    state_values: torch.Tensor | None = None
+    past_key_values: object | None = None
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but keep the core importable without it
+        return False
+    return isinstance(model, PeftModel)
+
+
+class AutoModelForCausalLMWithQHead(nn.Module):
+    """A causal LM with a second, vocabulary-sized Q head on its final hidden state.
+
+    Args:
+        pretrained_model: the backbone, any `AutoModelForCausalLM` (optionally wrapped by PEFT).
+        q_head_init: `"zeros"` (default: the untrained tilt changes nothing), `"normal"` (std
+            `config.initializer_range`, else 0.02) or `"lm_head"` (a copy of the LM head, so `Q` starts as the logits).
+
+    Example:
+    ```python
+    >>> from transformers import GPT2Config, GPT2LMHeadModel
+    >>> from trl_qhead import AutoModelForCausalLMWithQHead
+    >>> model = AutoModelForCausalLMWithQHead(GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=2)))
+    >>> out = model(torch.tensor([[1, 2, 3]]), return_q=True)
+    >>> out.q_values.shape
+    torch.Size([1, 3, 50257])
+    ```
+    """
+
+    main_input_name = "input_ids"
+
+    def __init__(self, pretrained_model: PreTrainedModel, q_head_init: str = "zeros"):
+        super().__init__()
+        if not isinstance(pretrained_model, nn.Module) or not hasattr(pretrained_model, "get_output_embeddings"):
+            raise TypeError(
+                f"`pretrained_model` must be a transformers causal LM, got {type(pretrained_model).__name__}."
+            )
+        if q_head_init not in Q_HEAD_INITS:
+            raise ValueError(f"`q_head_init` must be one of {Q_HEAD_INITS}, got {q_head_init!r}.")
+        self.pretrained_model = pretrained_model
+        lm_head = pretrained_model.get_output_embeddings()
+        if lm_head is None or getattr(lm_head, "weight", None) is None:
+            raise TypeError(f"{type(pretrained_model).__name__} has no output embeddings (LM head) to read.")
+        vocab_size, hidden_size = lm_head.weight.shape[0], self._hidden_size()
+        self.q_head = nn.Linear(hidden_size, vocab_size, bias=True, dtype=torch.float32, device=lm_head.weight.device)
+        self.q_head_init = q_head_init
+        self.reset_q_head(q_head_init)
+
+    # ---- shape and identity ---------------------------------------------------------------------------------------
+
+    def _hidden_size(self) -> int:
+        config = self.config.get_text_config() if hasattr(self.config, "get_text_config") else self.config
+        return int(config.hidden_size)
+
+    @property
+    def config(self):
+        return self.pretrained_model.config
+
+    @property
+    def vocab_size(self) -> int:
+        return self.q_head.out_features
+
+    @property
+    def device(self) -> torch.device:
+        return self.q_head.weight.device
+
+    @property
+    def is_peft_model(self) -> bool:
+        return _is_peft_model(self.pretrained_model)
+
+    @property
+    def base_model(self) -> PreTrainedModel:
+        """The plain transformers model under any PEFT wrapping."""
+        model = self.pretrained_model
+        return model.get_base_model() if _is_peft_model(model) else model
+
+    def reset_q_head(self, q_head_init: str = "zeros") -> None:
+        """(Re)initialise the Q head in place. See the class docstring for the options."""
+        with torch.no_grad():
+            if q_head_init == "zeros":
+                self.q_head.weight.zero_()
+            elif q_head_init == "normal":
+                self.q_head.weight.normal_(0.0, getattr(self.config, "initializer_range", 0.02))
+            elif q_head_init == "lm_head":
+                self.q_head.weight.copy_(self.pretrained_model.get_output_embeddings().weight.float())
+            else:
+                raise ValueError(f"`q_head_init` must be one of {Q_HEAD_INITS}, got {q_head_init!r}.")
+            self.q_head.bias.zero_()
+
+    # ---- forward ----------------------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        *,
+        return_q: bool = False,
+        actions: torch.LongTensor | None = None,
+        value_mask: torch.Tensor | None = None,
+        value_chunk_size: int = 1024,
+        **kwargs,
+    ) -> CausalLMWithQHeadOutput:
+        """Run the backbone once and read the Q head off its final hidden state.
+
+        Args:
+            input_ids, attention_mask: as for the backbone; other keyword arguments are passed to it.
+            return_q: also return the full `[B, T, |V|]` Q values (inspection, decoding; costs a second LM head).
+            actions: `[B, T]` token ids; returns `action_q[b, t] = Q(s_t, actions[b, t])` by gathering rows of
+                `W_q` (O(T*H), no `|V|`-sized product).
+            value_mask: `[B, T]`; returns `state_values`, `V(s_t) = sum_a pi(a|s_t) Q(s_t, a)` without grad at the
+                marked positions only, in chunks of `value_chunk_size` positions.
+        """
+        kwargs.pop("num_items_in_batch", None)  # transformers' Trainer passes it to models that take **kwargs
+        outputs = self.pretrained_model(
+            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **kwargs
+        )
+        # Every transformers causal LM returns the final, normed hidden state last: exactly what its LM head reads.
+        hidden = outputs.hidden_states[-1]
+        result = CausalLMWithQHeadOutput(
+            logits=outputs.logits, hidden_states=hidden, past_key_values=getattr(outputs, "past_key_values", None)
+        )
+        if return_q:
+            result.q_values = self.q_head(hidden.to(self.q_head.weight.dtype))
+        if actions is not None:
+            result.action_q = gather_action_q(hidden, self.q_head, actions)
+        if value_mask is not None:
+            result.state_values = state_values(hidden, outputs.logits, self.q_head, value_mask, value_chunk_size)
+        return result
+
+    def compute_q(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Full Q values `W_q h + b_q` (fp32) for hidden states of any leading shape."""
+        return self.q_head(hidden_states.to(self.q_head.weight.dtype))
+
+    def generate(self, *args, **kwargs):
+        """The backbone's `generate`; pass a `QTiltLogitsProcessor` to sample from the Q-tilted policy."""
+        return self.pretrained_model.generate(*args, **kwargs)
+
+    # ---- Trainer plumbing: delegate to the backbone -------------------------------------------------------------------
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        self.pretrained_model.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
+        )
+        if self.is_peft_model:  # PEFT's frozen embeddings need inputs that require grad for checkpointing to work
+            self.pretrained_model.enable_input_require_grads()
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.pretrained_model.gradient_checkpointing_disable()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return getattr(self.base_model, "is_gradient_checkpointing", False)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.pretrained_model.get_input_embeddings()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.pretrained_model.get_output_embeddings()
+
+    # ---- save / load ------------------------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
+        """Save the backbone with its own `save_pretrained` (adapters only for PEFT) and the Q head beside it.
+
+        The Q head goes to `q_head.safetensors` (fp32) with its shape and init in `q_head_config.json`.
+        """
+        kwargs.pop("state_dict", None)  # our parameters are saved from the modules themselves
+        os.makedirs(save_directory, exist_ok=True)
+        self.pretrained_model.save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if not is_main_process:
+            return
+        tensors = {
+            name: p.detach().to("cpu", torch.float32).contiguous() for name, p in self.q_head.named_parameters()
+        }
+        save_file(tensors, os.path.join(save_directory, Q_HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
+        q_config = {
+            "hidden_size": self.q_head.in_features,
+            "vocab_size": self.q_head.out_features,
+            "q_head_init": self.q_head_init,
+            "peft": self.is_peft_model,
+        }
+        with open(os.path.join(save_directory, Q_HEAD_CONFIG_NAME), "w") as f:
+            json.dump(q_config, f, indent=2)
+
+    def load_q_head(self, directory: str | os.PathLike) -> None:
+        """Load `q_head.safetensors` from `directory` into this model's Q head (shapes must match)."""
+        path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {Q_HEAD_WEIGHTS_NAME} in {directory}.")
+        state = load_file(path, device=str(self.device))
+        expected = tuple(self.q_head.weight.shape)
+        if tuple(state["weight"].shape) != expected:
+            raise ValueError(
+                f"The Q head in {directory} has shape {tuple(state['weight'].shape)}, this model needs {expected}: "
+                "was it saved from a model with another vocabulary or hidden size?"
+            )
+        self.q_head.load_state_dict(state)
+
+    def load_checkpoint(self, directory: str | os.PathLike) -> None:
+        """Load a folder written by `save_pretrained` into this model in place (adapters or full weights, Q head).
+
+        Used to resume training: the model keeps its identity, so the optimizer's references stay valid.
+        """
+        if self.is_peft_model:
+            from peft import set_peft_model_state_dict
+            from peft.utils import load_peft_weights
+
+            set_peft_model_state_dict(
+                self.pretrained_model, load_peft_weights(str(directory), device=str(self.device))
+            )
+        else:
+            from transformers.modeling_utils import load_sharded_checkpoint
+
+            single = os.path.join(directory, "model.safetensors")
+            if os.path.isfile(single):
+                missing, unexpected = self.pretrained_model.load_state_dict(load_file(single), strict=False)
+                tied = set(getattr(self.pretrained_model, "_tied_weights_keys", None) or [])
+                if unexpected or set(missing) - tied:
+                    raise ValueError(f"{single} does not match the model: missing {missing}, unexpected {unexpected}.")
+            else:
+                load_sharded_checkpoint(self.pretrained_model, str(directory), strict=False)
+        self.load_q_head(directory)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike | PreTrainedModel,
+        *model_args,
+        peft_config=None,
+        q_head_init: str = "zeros",
+        is_trainable: bool = True,
+        **kwargs,
+    ) -> AutoModelForCausalLMWithQHead:
+        """Build from a model name, a local folder, or an already loaded causal LM.
+
+        A folder written by `save_pretrained` comes back bit-exactly: the backbone (or the base model named by its
+        LoRA adapter config, plus the adapters) and the Q head. Any other name or path loads with
+        `AutoModelForCausalLM.from_pretrained(name, **kwargs)` and gets a fresh Q head.
+
+        Args:
+            pretrained_model_name_or_path: a hub name, a local folder or a `PreTrainedModel` / `PeftModel`.
+            peft_config: a `peft.PeftConfig`; when given, the backbone is wrapped with `get_peft_model`.
+            q_head_init: init of a fresh Q head (ignored when one is loaded).
+            is_trainable: for a saved PEFT folder, load its adapters trainable (default) or frozen.
+            kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `quantization_config`).
+        """
+        path = pretrained_model_name_or_path
+        saved_q_head = isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, Q_HEAD_WEIGHTS_NAME))
+        if isinstance(path, nn.Module):
+            backbone = path
+        elif isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, "adapter_config.json")):
+            from peft import AutoPeftModelForCausalLM
+
+            backbone = AutoPeftModelForCausalLM.from_pretrained(path, *model_args, is_trainable=is_trainable, **kwargs)
+        elif isinstance(path, (str, os.PathLike)):
+            backbone = AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs)
+        else:
+            raise TypeError(
+                f"`pretrained_model_name_or_path` must be a name, a path or a causal LM, got {type(path).__name__}."
+            )
+        if peft_config is not None:
+            if _is_peft_model(backbone):
+                raise ValueError("`peft_config` was given but the model already has PEFT adapters.")
+            from peft import get_peft_model
+
+            backbone = get_peft_model(backbone, peft_config)
+        model = cls(backbone, q_head_init=q_head_init)
+        if saved_q_head:
+            model.load_q_head(path)
+            with open(os.path.join(path, Q_HEAD_CONFIG_NAME)) as f:
+                model.q_head_init = json.load(f).get("q_head_init", q_head_init)
+        return model

@@ -1,0 +1,244 @@
+"""`QHeadTrainer`: transformers' `Trainer` with the Q-head loss. Wiring only; the math lives in `losses`, `returns`,
+`mdp` and `rewards`."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset, load_dataset
+from torch import nn
+from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+
+from .config import QHeadConfig
+from .data import DataCollatorForQHead, prepare_dataset
+from .losses import qhead_loss
+from .mdp import action_mask_from_labels, bootstrap_mask, episode_dones, next_tokens
+from .modeling import AutoModelForCausalLMWithQHead
+from .rewards import action_rewards, adapters_disabled, frozen_copy, reference_logprobs
+
+
+class QHeadTrainer(Trainer):
+    """Trains a causal LM and its Q head on `L = L_LM + q_weight * L_Q` (see `QHeadConfig` and DESIGN.md).
+
+    Args:
+        model: an `AutoModelForCausalLMWithQHead`, a transformers causal LM (a fresh Q head is added), or a name or
+            path to load one from.
+        args: a `QHeadConfig`; defaults to one writing to `<model name>-QHead`.
+        train_dataset, eval_dataset: datasets in any format `trl_qhead.data` recognises, map-style or streaming. When
+            `train_dataset` is `None`, `args.dataset_name` (and its `dataset_*` fields) is loaded.
+        processing_class: the tokenizer; loaded from the model's name or path when `None`.
+        data_collator: defaults to `DataCollatorForQHead`.
+        ref_model: reference policy for `use_lm_rewards`. Not needed for a PEFT model (its adapters are disabled for
+            the reference pass); for other models, a frozen copy is made when it is `None`.
+        peft_config: wrap the model's backbone with these PEFT adapters.
+        callbacks, optimizers: as for `transformers.Trainer`.
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> from trl_qhead import QHeadConfig, QHeadTrainer
+    >>> dataset = Dataset.from_dict({"text": ["The cat sat on the mat.", "A dog barked."]})
+    >>> trainer = QHeadTrainer("gpt2", QHeadConfig(output_dir="out", max_steps=10), train_dataset=dataset)
+    >>> trainer.train()
+    ```
+    """
+
+    _tag_names = ["trl", "trl-qhead"]
+
+    def __init__(
+        self,
+        model: AutoModelForCausalLMWithQHead | PreTrainedModel | str,
+        args: QHeadConfig | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        data_collator=None,
+        ref_model: PreTrainedModel | None = None,
+        peft_config=None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple = (None, None),
+    ):
+        model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+        if args is None:
+            args = QHeadConfig(output_dir=f"{str(model_id or 'model').split('/')[-1]}-QHead")
+        elif not isinstance(args, QHeadConfig):
+            raise TypeError(f"`args` must be a QHeadConfig, got {type(args).__name__}.")
+        model = self._build_model(model, peft_config)
+
+        if processing_class is None:
+            if not model_id:
+                raise ValueError("`processing_class` is required when the model has no name or path to load it from.")
+            processing_class = AutoTokenizer.from_pretrained(model_id)
+        if getattr(processing_class, "pad_token_id", None) is None:
+            processing_class.pad_token = processing_class.eos_token
+        _check_vocabulary(processing_class, model)
+
+        if train_dataset is None:
+            if args.dataset_name is None:
+                raise ValueError("Pass `train_dataset`, or set `dataset_name` in the config to load one.")
+            train_dataset = load_dataset(
+                args.dataset_name,
+                args.dataset_config,
+                data_files=args.dataset_data_files,
+                split=args.dataset_split,
+                streaming=args.streaming,
+            )
+        train_dataset = self._prepare(train_dataset, processing_class, args)
+        if eval_dataset is not None:
+            eval_dataset = self._prepare(eval_dataset, processing_class, args)
+        if data_collator is None:
+            data_collator = DataCollatorForQHead(pad_token_id=processing_class.pad_token_id)
+
+        if ref_model is not None and not args.use_lm_rewards:
+            raise ValueError("`ref_model` is only used with `use_lm_rewards=True`; set it or drop `ref_model`.")
+        if args.use_lm_rewards and ref_model is None and not model.is_peft_model:
+            ref_model = frozen_copy(model.pretrained_model)
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        # Lets transformers count the targets of all accumulated micro-batches and processes (`num_items_in_batch`)
+        # from our `labels`, so token-level losses are normalised exactly as its own causal-LM loss is.
+        self.model_accepts_loss_kwargs = True
+        self.ref_model = None if ref_model is None else self.accelerator.prepare_model(ref_model, evaluation_mode=True)
+        self.eos_token_id = processing_class.eos_token_id
+        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    @staticmethod
+    def _build_model(model, peft_config) -> AutoModelForCausalLMWithQHead:
+        if isinstance(model, AutoModelForCausalLMWithQHead):
+            if peft_config is not None:
+                from peft import get_peft_model
+
+                if model.is_peft_model:
+                    raise ValueError("`peft_config` was given but the model already has PEFT adapters.")
+                model.pretrained_model = get_peft_model(model.pretrained_model, peft_config)
+            return model
+        if isinstance(model, (str, nn.Module)):
+            return AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config)
+        raise TypeError(f"`model` must be a model, a name or a path, got {type(model).__name__}.")
+
+    @staticmethod
+    def _prepare(dataset, tokenizer, args: QHeadConfig):
+        return prepare_dataset(
+            dataset,
+            tokenizer,
+            text_field=args.dataset_text_field,
+            max_length=args.max_length,
+            packing=args.packing,
+            packing_strategy=args.packing_strategy,
+            num_proc=args.dataset_num_proc,
+        )
+
+    # ---- loss -------------------------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        args: QHeadConfig = self.args
+        input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        action_mask = action_mask_from_labels(inputs["labels"], attention_mask)
+        actions = next_tokens(input_ids)
+        monte_carlo = args.gae_lambda is None or args.gae_lambda == 1
+        value_mask = bootstrap_mask(action_mask) if monte_carlo else attention_mask.bool()
+
+        outputs = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            actions=actions,
+            value_mask=value_mask,
+            value_chunk_size=args.value_chunk_size,
+        )
+        rewards = action_rewards(inputs)
+        if args.use_lm_rewards:
+            rewards = rewards + self._reference_logprobs(model, input_ids, attention_mask, actions)
+        dones = episode_dones(actions, action_mask, self.eos_token_id)
+        loss, stats = qhead_loss(
+            outputs.logits,
+            outputs.action_q,
+            outputs.state_values,
+            actions,
+            action_mask,
+            rewards,
+            dones,
+            gamma=args.gamma,
+            gae_lambda=args.gae_lambda,
+            q_weight=args.q_weight,
+            num_items=num_items_in_batch,
+        )
+        if (
+            num_items_in_batch is not None
+            and args.average_tokens_across_devices
+            and self.accelerator.num_processes > 1
+        ):
+            # `num_items_in_batch` counts every process's targets while DDP averages gradients: undo the average.
+            loss = loss * self.accelerator.num_processes
+
+        n_values = value_mask.sum().clamp(min=1)
+        stats["v_mean"] = outputs.state_values.sum() / n_values
+        self._record(stats)
+        return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _reference_logprobs(self, model, input_ids, attention_mask, actions) -> torch.Tensor:
+        if self.ref_model is not None:
+            return reference_logprobs(self.ref_model, input_ids, attention_mask, actions)
+        backbone = self.accelerator.unwrap_model(model).pretrained_model
+        with adapters_disabled(backbone):
+            return reference_logprobs(backbone, input_ids, attention_mask, actions)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---- logging and saving -------------------------------------------------------------------------------------
+
+    def _record(self, stats: dict[str, torch.Tensor]) -> None:
+        mode = "train" if self.model.training else "eval"
+        for name, value in stats.items():
+            self._metrics[mode][name].append(self.accelerator.gather(value.detach().reshape(1)).float().mean().item())
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        if mode == "eval":
+            metrics = {f"eval_{name}": value for name, value in metrics.items()}
+        super().log({**logs, **metrics}, start_time)
+        self._metrics[mode].clear()
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save:
+            return
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.accelerator.unwrap_model(model if model is not None else self.model)
+        model.load_checkpoint(resume_from_checkpoint)
+
+
+def _check_vocabulary(tokenizer: Any, model: AutoModelForCausalLMWithQHead) -> None:
+    """The tokenizer's ids must all be rows of the model's LM and Q heads."""
+    n_tokens = len(tokenizer)
+    if n_tokens > model.vocab_size:
+        raise ValueError(
+            f"`processing_class` has {n_tokens} tokens but the model's vocabulary has {model.vocab_size}: they do not "
+            "belong together (resize the model's embeddings, or pass the model's own tokenizer)."
+        )
