@@ -8,6 +8,7 @@ plus `q_head.safetensors` and `q_head_config.json` beside it.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         self.q_head = nn.Linear(hidden_size, vocab_size, bias=True, dtype=torch.float32, device=lm_head.weight.device)
         self.q_head_init = q_head_init
         self.reset_q_head(q_head_init)
+        self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
 
     # ---- shape and identity ---------------------------------------------------------------------------------------
 
@@ -157,6 +159,10 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 marked positions only, in chunks of `value_chunk_size` positions.
         """
         kwargs.pop("num_items_in_batch", None)  # transformers' Trainer passes it to models that take **kwargs
+        if attention_mask is not None and "position_ids" not in kwargs and self._takes_position_ids:
+            # As `generate` does: positions count real tokens only, so a left-padded row equals its right-padded twin.
+            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            kwargs["position_ids"] = positions[:, -input_ids.shape[1] :] if input_ids is not None else positions
         outputs = self.pretrained_model(
             input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **kwargs
         )
