@@ -16,7 +16,7 @@ from .data import DataCollatorForQHead, prepare_dataset
 from .losses import qhead_loss
 from .mdp import action_mask_from_labels, bootstrap_mask, episode_dones, next_tokens
 from .modeling import AutoModelForCausalLMWithQHead
-from .rewards import action_rewards, adapters_disabled, frozen_copy, reference_logprobs
+from .rewards import action_rewards, as_reference, frozen_copy, reference_logprobs
 
 
 class QHeadTrainer(Trainer):
@@ -197,7 +197,7 @@ class QHeadTrainer(Trainer):
         if self.ref_model is not None:
             return reference_logprobs(self.ref_model, input_ids, attention_mask, actions)
         backbone = self.accelerator.unwrap_model(model).pretrained_model
-        with adapters_disabled(backbone):
+        with as_reference(backbone):
             return reference_logprobs(backbone, input_ids, attention_mask, actions)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
