@@ -29,6 +29,7 @@ def test_defaults_are_the_documented_ones():
         ("max_length", 1),
         ("max_length", 0),
         ("value_chunk_size", 0),
+        ("q_head_learning_rate", 0.0),
         ("packing_strategy", "greedy"),
         ("dataset_text_field", ""),
         ("dataset_split", ""),

@@ -216,3 +216,17 @@ def test_bad_setups_fail_early_and_clearly(tmp_path, gpt2_tokenizer):
         QHeadTrainer(make_tiny_gpt2(), _config(tmp_path), processing_class=gpt2_tokenizer)
     with pytest.raises(TypeError, match="`args`"):
         QHeadTrainer(make_tiny_gpt2(), args={"gamma": 0.9}, train_dataset=dataset, processing_class=gpt2_tokenizer)
+
+
+def test_q_head_learning_rate_moves_only_the_head_fast(tmp_path, gpt2_tokenizer):
+    config = _config(tmp_path, use_lm_rewards=True, max_steps=1, learning_rate=1e-6, q_head_learning_rate=0.1)
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2())
+    backbone_before = [p.detach().clone() for p in model.pretrained_model.parameters()]
+    trainer = QHeadTrainer(model, config, Dataset.from_dict({"text": CORPUS}), processing_class=gpt2_tokenizer)
+    trainer.train()
+    # Adam's first step moves each parameter with a gradient by about its group's learning rate.
+    assert model.q_head.bias.detach().abs().max().item() == pytest.approx(0.1, rel=0.05)
+    moved = max(
+        (p - b).abs().max().item() for p, b in zip(model.pretrained_model.parameters(), backbone_before, strict=True)
+    )
+    assert 0 < moved < 1.1e-6

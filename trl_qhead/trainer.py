@@ -206,6 +206,19 @@ class QHeadTrainer(Trainer):
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
 
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.args.q_head_learning_rate is None:
+            return optimizer
+        # Move the Q head into its own group before the scheduler is built, so it follows the same schedule.
+        q_params = {id(p) for p in self.accelerator.unwrap_model(self.model).q_head.parameters()}
+        moved = [p for group in optimizer.param_groups for p in group["params"] if id(p) in q_params]
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in q_params]
+        optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
+        optimizer.add_param_group({"params": moved, "lr": self.args.q_head_learning_rate, "weight_decay": 0.0})
+        return optimizer
+
     # ---- logging and saving -------------------------------------------------------------------------------------
 
     def _record(self, stats: dict[str, torch.Tensor]) -> None:
