@@ -2,6 +2,7 @@
 
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
+from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .returns import compute_returns
 from .trainer import QHeadTrainer
@@ -12,8 +13,15 @@ __all__ = [
     "AutoModelForCausalLMWithQHead",
     "CausalLMWithQHeadOutput",
     "DataCollatorForQHead",
+    "ImplicitQ",
     "QHeadConfig",
+    "QHeadSource",
     "QHeadTrainer",
+    "QSource",
+    "QTiltLogitsProcessor",
+    "RerankOutput",
     "compute_returns",
+    "fold_tilt",
     "prepare_dataset",
+    "rerank",
 ]
