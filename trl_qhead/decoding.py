@@ -284,6 +284,9 @@ class ImplicitQ(QSource):
     gives the reference and its own KV cache (reordered for beam search): an extra forward by nature, at the policy's
     cost per token.
 
+    The two must be separate modules: a PEFT policy injects its adapters into its base model's layers, so that base
+    object is not its reference any more: use a copy without the adapters, `copy.deepcopy(policy).unload()`.
+
     Args:
         policy: a causal LM (transformers, PEFT or `AutoModelForCausalLMWithQHead`) with the reference's vocabulary.
         reference: the model whose `generate` the processor is passed to.
@@ -353,7 +356,7 @@ class ImplicitQ(QSource):
             positions = None if mask is None else (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
         if positions is not None and self._policy_positions:
             kwargs["position_ids"] = positions[:, -new_tokens.shape[1] :].to(device)
-        self._capture.paused = True  # the policy may share the reference's LM head module: do not record it
+        self._capture.paused = True  # should the policy share a module with the reference, its forward is not theirs
         try:
             out = self.policy(
                 input_ids=new_tokens.to(device),
