@@ -79,7 +79,8 @@ class QHeadConfig(TrainingArguments):
 
     dataset_name: str | None = field(default=None, metadata={"help": "Dataset for datasets.load_dataset."})
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of the dataset."})
-    dataset_data_files: str | list[str] | None = field(
+    # `list[str]` for the command line (`--dataset_data_files a.txt b.txt`); a single string works from Python too.
+    dataset_data_files: list[str] | None = field(
         default=None, metadata={"help": "Local data files (for builders such as 'text' or 'json')."}
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})

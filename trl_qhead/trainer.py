@@ -7,6 +7,7 @@ from collections import defaultdict
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, IterableDataset, load_dataset
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
@@ -15,7 +16,7 @@ from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .losses import qhead_loss
 from .mdp import action_mask_from_labels, bootstrap_mask, episode_dones, next_tokens
-from .modeling import AutoModelForCausalLMWithQHead
+from .modeling import AutoModelForCausalLMWithQHead, add_adapters
 from .rewards import action_rewards, as_reference, frozen_copy, reference_logprobs
 
 
@@ -117,27 +118,31 @@ class QHeadTrainer(Trainer):
     def _build_model(model, peft_config) -> AutoModelForCausalLMWithQHead:
         if isinstance(model, AutoModelForCausalLMWithQHead):
             if peft_config is not None:
-                from peft import get_peft_model
-
-                if model.is_peft_model:
-                    raise ValueError("`peft_config` was given but the model already has PEFT adapters.")
-                model.pretrained_model = get_peft_model(model.pretrained_model, peft_config)
-            return model
-        if isinstance(model, (str, nn.Module)):
-            return AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config)
-        raise TypeError(f"`model` must be a model, a name or a path, got {type(model).__name__}.")
+                model.pretrained_model = add_adapters(model.pretrained_model, peft_config)
+        elif isinstance(model, (str, nn.Module)):
+            model = AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config)
+        else:
+            raise TypeError(f"`model` must be a model, a name or a path, got {type(model).__name__}.")
+        if (model.is_loaded_in_4bit or model.is_loaded_in_8bit) and not model.is_peft_model:
+            raise ValueError(
+                "The model is loaded in 4 or 8 bits and has no adapters: quantised weights cannot be trained. Pass a "
+                "`peft_config` (e.g. `LoraConfig`) to train LoRA adapters and the Q head on top of it (QLoRA)."
+            )
+        return model
 
     @staticmethod
     def _prepare(dataset, tokenizer, args: QHeadConfig):
-        return prepare_dataset(
-            dataset,
-            tokenizer,
-            text_field=args.dataset_text_field,
-            max_length=args.max_length,
-            packing=args.packing,
-            packing_strategy=args.packing_strategy,
-            num_proc=args.dataset_num_proc,
-        )
+        # Under `accelerate launch` the main process fills the datasets cache first; the others then read it.
+        with PartialState().main_process_first():
+            return prepare_dataset(
+                dataset,
+                tokenizer,
+                text_field=args.dataset_text_field,
+                max_length=args.max_length,
+                packing=args.packing,
+                packing_strategy=args.packing_strategy,
+                num_proc=args.dataset_num_proc,
+            )
 
     # ---- loss -------------------------------------------------------------------------------------------------------
 
@@ -196,9 +201,11 @@ class QHeadTrainer(Trainer):
     def _reference_logprobs(self, model, input_ids, attention_mask, actions) -> torch.Tensor:
         if self.ref_model is not None:
             return reference_logprobs(self.ref_model, input_ids, attention_mask, actions)
-        backbone = self.accelerator.unwrap_model(model).pretrained_model
-        with as_reference(backbone):
-            return reference_logprobs(backbone, input_ids, attention_mask, actions)
+        # The adapter-disabled pass goes through the wrapper, so it gets the same position ids (from the attention
+        # mask) as the policy pass: with left padding the bare backbone would see shifted positions.
+        unwrapped = self.accelerator.unwrap_model(model)
+        with as_reference(unwrapped.pretrained_model):
+            return reference_logprobs(unwrapped, input_ids, attention_mask, actions)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -235,14 +242,23 @@ class QHeadTrainer(Trainer):
         self._metrics[mode].clear()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Every process gets here (after any collective gather of `state_dict`); only the main one writes, once.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        # `state_dict` is the whole model's, gathered by `save_model` under FSDP (FULL_STATE_DICT) and DeepSpeed, where
+        # the modules' own parameters may be shards; `save_pretrained` splits it between backbone and Q head.
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self.is_fsdp_enabled:
+            # Loading into the unwrapped modules would write into FSDP's shards; not supported yet.
+            raise NotImplementedError(
+                "Resuming a QHeadTrainer run under FSDP is not supported yet: resume with DDP or DeepSpeed, or load "
+                "the checkpoint with `AutoModelForCausalLMWithQHead.from_pretrained` and start a new run."
+            )
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         model.load_checkpoint(resume_from_checkpoint)
 
