@@ -142,10 +142,7 @@ def main(script_args: ScriptArguments, training_args: QHeadConfig, model_args: M
     tokenizer = AutoTokenizer.from_pretrained(script_args.tokenizer_name_or_path or model_args.model_name_or_path)
     trainer = QHeadTrainer(model, training_args, processing_class=tokenizer)
 
-    resume = training_args.resume_from_checkpoint
-    if isinstance(resume, str) and resume.lower() in ("true", "last"):
-        resume = True  # the last checkpoint in --output_dir
-    trainer.train(resume_from_checkpoint=resume)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"Saved adapters and Q head to {training_args.output_dir}.")
     return trainer

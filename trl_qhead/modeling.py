@@ -138,6 +138,11 @@ class AutoModelForCausalLMWithQHead(nn.Module):
     def quantization_method(self):
         return getattr(self.base_model, "quantization_method", None)
 
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        # The transformer blocks FSDP's TRANSFORMER_BASED_WRAP shards one by one (read by accelerate).
+        return getattr(self.base_model, "_no_split_modules", None)
+
     def reset_q_head(self, q_head_init: str = "zeros") -> None:
         """(Re)initialise the Q head in place. See the class docstring for the options."""
         with torch.no_grad():
