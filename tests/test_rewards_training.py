@@ -97,7 +97,7 @@ def test_trainer_streams_every_format_with_reward_functions(tmp_path, gpt2_token
     trainer.train()
     prompts, completions, completion_ids, columns = calls[0]
     rows = list(prepare_dataset(_datasets()[fmt], tokenizer, reward_columns=True))
-    assert completion_ids == [row["input_ids"][row["prompt_length"] :] for row in rows]
+    assert completion_ids == [row["input_ids"][row.get("prompt_length", 0) :] for row in rows]
     assert completions[0] == (
         [{"role": "assistant", "content": tokenizer.decode(completion_ids[0], skip_special_tokens=True)}]
         if fmt in ("conversational", "messages")

@@ -5,7 +5,8 @@ A training row is `input_ids` (at least two tokens, so at least one action) with
 - `reward`: a scalar sequence reward, earned by the row's last action. Packing folds it into `rewards` at the
   document's last token, which is the same thing and survives packing;
 - `completion_mask`: 1 where a token is a training target (with `completion_only_loss`, the default);
-- `prompt_length`: how many leading tokens are the prompt. Reward functions see the tokens after it as the completion.
+- `prompt_length`: how many leading tokens are the prompt (0 when absent). Reward functions see the tokens after it as
+  the completion.
 With `reward_columns=True` a row also keeps the original `prompt` and every column that is not a format column, so
 that reward functions receive them as TRL's `GRPOTrainer` passes them (`prompts`, `**dataset_columns`).
 
@@ -33,7 +34,7 @@ from trl.trainer.utils import pad
 
 # Columns a format consumes; every other column is an extra one, handed to reward functions as a keyword argument.
 FORMAT_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "reward", "completion_mask", "prompt_length")
-FORMAT_COLUMNS += ("prompt", "completion", "messages")
+FORMAT_COLUMNS += ("prompt", "completion", "messages", "completion_ids")  # the last is a reward-function argument
 # Row keys the collator turns into tensors; the rest travel as lists in `batch["reward_inputs"]`.
 ROW_TENSOR_KEYS = ("input_ids", "rewards", "reward", "completion_mask", "prompt_length")
 
@@ -149,7 +150,9 @@ def _to_row(
         raise ValueError(f"`completion_mask` of {where} must have one entry per token of `input_ids`.")
     if fmt == "prompt_completion":
         mask = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
-    row = {"input_ids": input_ids[:max_length], "prompt_length": min(prompt_length, max_length)}
+    row = {"input_ids": input_ids[:max_length]}
+    if fmt in ("prompt_completion", "messages") or mask is not None:  # formats without a prompt: 0, the default
+        row["prompt_length"] = min(prompt_length, max_length)
     if mask is not None and completion_only_loss:
         row["completion_mask"] = list(mask)[:max_length]
     # Every row of a dataset must have the same keys: a column that exists gives a key, `None` where it is empty.
@@ -231,7 +234,8 @@ def prepare_dataset(
         # Blank lines are normal in text files; alone they are a lone EOS with no action to learn from.
         dataset = dataset.filter(lambda row: len(row["input_ids"]) >= 2)
     if packing:
-        dataset = dataset.remove_columns("prompt_length")
+        if "prompt_length" in get_dataset_column_names(dataset):
+            dataset = dataset.remove_columns("prompt_length")
         dataset = pack_dataset(dataset, max_length, strategy=packing_strategy)
         if "seq_lengths" in get_dataset_column_names(dataset):
             dataset = dataset.remove_columns("seq_lengths")
