@@ -311,7 +311,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 self.pretrained_model, load_peft_weights(str(directory), device=str(self.device))
             )
         else:
-            from transformers.modeling_utils import load_sharded_checkpoint
+            from transformers.trainer_utils import load_sharded_checkpoint
 
             single = os.path.join(directory, "model.safetensors")
             if os.path.isfile(single):
