@@ -189,19 +189,37 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
     # ---- Trainer plumbing: delegate to the backbone -------------------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.pretrained_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
-        )
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """What transformers >= 5.2's `Trainer` calls for `gradient_checkpointing=True` (`every_n_layers`, `offload`
+        and the like in `kwargs` go to the backbone)."""
+        backbone = self.pretrained_model
+        if hasattr(backbone, "activation_checkpointing_enable"):
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+        else:  # older transformers
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
         if self.is_peft_model:  # PEFT's frozen embeddings need inputs that require grad for checkpointing to work
-            self.pretrained_model.enable_input_require_grads()
+            backbone.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        backbone = self.pretrained_model
+        if hasattr(backbone, "activation_checkpointing_disable"):
+            backbone.activation_checkpointing_disable()
+        else:
+            backbone.gradient_checkpointing_disable()
 
     def gradient_checkpointing_disable(self) -> None:
-        self.pretrained_model.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules())
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return getattr(self.base_model, "is_gradient_checkpointing", False)
+        return self.is_activation_checkpointing
 
     def get_input_embeddings(self) -> nn.Module:
         return self.pretrained_model.get_input_embeddings()
