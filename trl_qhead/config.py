@@ -26,8 +26,10 @@ class QHeadConfig(TrainingArguments):
         use_lm_rewards (`bool`, *optional*, defaults to `False`):
             Add the reference model's log-probability of each action to its reward: `r_t += log pi_ref(a_t|s_t)`.
             With a PEFT model the reference is the same network with its adapters disabled.
-        value_chunk_size (`int`, *optional*, defaults to `1024`):
-            Positions per chunk when computing `V(s)`; bounds the extra memory to `2 * value_chunk_size * |V|` floats.
+        value_chunk_size (`int`, *optional*, defaults to `256`):
+            Positions per chunk wherever the loss takes a product over the vocabulary (the LM log-softmax of `L_LM` and
+            its gradient, `V(s)`, the reference log-probs): bounds those buffers to a few `value_chunk_size * |V|`
+            floats instead of `batch * max_length * |V|`.
 
         > Data
 
@@ -68,7 +70,9 @@ class QHeadConfig(TrainingArguments):
     use_lm_rewards: bool = field(
         default=False, metadata={"help": "Add log pi_ref(a_t|s_t) of the reference model to each action's reward."}
     )
-    value_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing V(s)."})
+    value_chunk_size: int = field(
+        default=256, metadata={"help": "Positions per chunk of the products over the vocabulary (log pi, V(s))."}
+    )
 
     dataset_name: str | None = field(default=None, metadata={"help": "Dataset for datasets.load_dataset."})
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of the dataset."})

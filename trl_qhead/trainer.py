@@ -160,11 +160,13 @@ class QHeadTrainer(Trainer):
             attention_mask=attention_mask,
             actions=actions,
             value_mask=value_mask,
+            logprob_mask=action_mask,  # log pi(a_t|s_t) in chunks: no [B, T, |V|] logits (DESIGN.md section 3)
             value_chunk_size=args.value_chunk_size,
+            use_cache=False,  # as SFTTrainer: a training forward keeps no KV cache
         )
         rewards = action_rewards(inputs)
         if args.use_lm_rewards:
-            rewards = rewards + self._reference_logprobs(model, input_ids, attention_mask, actions)
+            rewards = rewards + self._reference_logprobs(model, input_ids, attention_mask, actions, action_mask)
         dones = episode_dones(actions, action_mask, self.eos_token_id)
         loss, stats = qhead_loss(
             outputs.logits,
@@ -178,6 +180,7 @@ class QHeadTrainer(Trainer):
             gae_lambda=args.gae_lambda,
             q_weight=args.q_weight,
             num_items=num_items_in_batch,
+            action_logprobs=outputs.action_logprobs,
         )
         if (
             num_items_in_batch is not None
@@ -193,12 +196,13 @@ class QHeadTrainer(Trainer):
         return (loss, outputs) if return_outputs else loss
 
     @torch.no_grad()
-    def _reference_logprobs(self, model, input_ids, attention_mask, actions) -> torch.Tensor:
+    def _reference_logprobs(self, model, input_ids, attention_mask, actions, action_mask) -> torch.Tensor:
+        chunk_size = self.args.value_chunk_size
         if self.ref_model is not None:
-            return reference_logprobs(self.ref_model, input_ids, attention_mask, actions)
+            return reference_logprobs(self.ref_model, input_ids, attention_mask, actions, action_mask, chunk_size)
         backbone = self.accelerator.unwrap_model(model).pretrained_model
         with adapters_disabled(backbone):
-            return reference_logprobs(backbone, input_ids, attention_mask, actions)
+            return reference_logprobs(backbone, input_ids, attention_mask, actions, action_mask, chunk_size)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
