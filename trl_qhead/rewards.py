@@ -38,6 +38,8 @@ def reference_logprobs(
 ) -> torch.Tensor:
     """`log pi_ref(a_t | s_t)` on the position grid, `[B, T]` fp32, without building a `[B, T, |V|]` buffer.
 
+    The reference runs in eval mode (no dropout), as a frozen copy does: the same batch always gets the same rewards.
+
     Args:
         reference: a causal LM (`logits` in its output), or a PEFT model when called inside `disable_adapter()`.
         input_ids, attention_mask: the batch.
@@ -47,9 +49,14 @@ def reference_logprobs(
     """
     mask = (attention_mask if action_mask is None else action_mask).bool()
     lm_head = plain_lm_head(reference)
-    hidden, outputs = causal_lm_forward(
-        reference, input_ids, attention_mask, full_logits=lm_head is None, use_cache=False
-    )
+    was_training = reference.training
+    reference.eval()
+    try:
+        hidden, outputs = causal_lm_forward(
+            reference, input_ids, attention_mask, full_logits=lm_head is None, use_cache=False
+        )
+    finally:
+        reference.train(was_training)
     if outputs.logits.shape[-2] == hidden.shape[-2]:  # the model gave full logits (no `logits_to_keep`, or T == 1)
         return torch.where(mask, selective_log_softmax(outputs.logits.float(), actions), 0.0)
     logprobs, _ = action_logprobs_and_values(hidden, lm_head, actions, mask, chunk_size=chunk_size)
