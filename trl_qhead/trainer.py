@@ -111,7 +111,7 @@ class QHeadTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.ref_model = None if ref_model is None else self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self.eos_token_id = processing_class.eos_token_id
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod
     def _build_model(model, peft_config) -> AutoModelForCausalLMWithQHead:
@@ -213,13 +213,18 @@ class QHeadTrainer(Trainer):
     # ---- logging and saving -------------------------------------------------------------------------------------
 
     def _record(self, stats: dict[str, torch.Tensor]) -> None:
+        # Kept on the device and reduced when logged: no host sync or collective in every step.
         mode = "train" if self.model.training else "eval"
         for name, value in stats.items():
-            self._metrics[mode][name].append(self.accelerator.gather(value.detach().reshape(1)).float().mean().item())
+            self._metrics[mode][name].append(value.detach().float().reshape(()))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        metrics = {
+            name: self.accelerator.gather(torch.stack(values)).mean().item()
+            for name, values in self._metrics[mode].items()
+            if values
+        }
         if mode == "eval":
             metrics = {f"eval_{name}": value for name, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
