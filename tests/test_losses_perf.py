@@ -237,13 +237,3 @@ def test_trainer_compute_loss_equals_dense(gpt2_tokenizer, lam):
         gamma=0.9, gae_lambda=lam, q_weight=0.7,
     )  # fmt: skip
     _assert_same_loss_and_grads(model, loss_fast, loss_dense)
-
-
-def test_reference_logprobs_run_without_dropout_and_restore_training_mode():
-    backbone = make_tiny_gpt2(vocab_size=64).train()  # GPT-2 has dropout 0.1
-    input_ids, attention_mask, labels, _ = _batch("right")
-    _, actions, _, _ = _mdp(input_ids, attention_mask, labels, None)
-    first = reference_logprobs(backbone, input_ids, attention_mask, actions)
-    second = reference_logprobs(backbone, input_ids, attention_mask, actions)
-    torch.testing.assert_close(first, second, rtol=0, atol=0)
-    assert backbone.training

@@ -38,10 +38,8 @@ def reference_logprobs(
 ) -> torch.Tensor:
     """`log pi_ref(a_t | s_t)` on the position grid, `[B, T]` fp32, without building a `[B, T, |V|]` buffer.
 
-    The reference runs in eval mode (no dropout), as a frozen copy does: the same batch always gets the same rewards.
-
     Args:
-        reference: a causal LM (`logits` in its output), or a PEFT model when called inside `disable_adapter()`.
+        reference: a causal LM (`logits` in its output), or a PEFT model when called inside `as_reference()`.
         input_ids, attention_mask: the batch.
         actions: `[B, T]` next-token ids (`trl_qhead.mdp.next_tokens`).
         action_mask: `[B, T]`, where the log-probs are needed (0 elsewhere); default: every real token.
@@ -49,23 +47,28 @@ def reference_logprobs(
     """
     mask = (attention_mask if action_mask is None else action_mask).bool()
     lm_head = plain_lm_head(reference)
-    was_training = reference.training
-    reference.eval()
-    try:
-        hidden, outputs = causal_lm_forward(
-            reference, input_ids, attention_mask, full_logits=lm_head is None, use_cache=False
-        )
-    finally:
-        reference.train(was_training)
+    hidden, outputs = causal_lm_forward(
+        reference, input_ids, attention_mask, full_logits=lm_head is None, use_cache=False
+    )
     if outputs.logits.shape[-2] == hidden.shape[-2]:  # the model gave full logits (no `logits_to_keep`, or T == 1)
         return torch.where(mask, selective_log_softmax(outputs.logits.float(), actions), 0.0)
     logprobs, _ = action_logprobs_and_values(hidden, lm_head, actions, mask, chunk_size=chunk_size)
     return logprobs
 
 
-def adapters_disabled(model: nn.Module):
-    """Context in which a PEFT model runs as its base model; a no-op context for other models."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+@contextlib.contextmanager
+def as_reference(model: nn.Module):
+    """Run a PEFT model as its frozen base: adapters disabled and dropout off (the reward must not be noisy).
+
+    The training mode is restored afterwards, so the policy's own forward keeps its dropout.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def action_rewards(batch: dict[str, torch.Tensor]) -> torch.Tensor:
