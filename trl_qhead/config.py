@@ -32,8 +32,10 @@ class QHeadConfig(TrainingArguments):
             Learning rate of the Q head (same schedule, no weight decay); `None` uses `learning_rate`. Adam moves
             each parameter by about the learning rate per step, so returns of magnitude R need about R / lr steps:
             a head that starts at zero often wants a larger rate than a LoRA backbone.
-        value_chunk_size (`int`, *optional*, defaults to `1024`):
-            Positions per chunk when computing `V(s)`; bounds the extra memory to `2 * value_chunk_size * |V|` floats.
+        value_chunk_size (`int`, *optional*, defaults to `256`):
+            Positions per chunk wherever the loss takes a product over the vocabulary (the LM log-softmax of `L_LM` and
+            its gradient, `V(s)`, the reference log-probs): bounds those buffers to a few `value_chunk_size * |V|`
+            floats instead of `batch * max_length * |V|`.
 
         > Rewards (see the "Rewards" section of the README for the order in which they combine)
 
@@ -96,7 +98,9 @@ class QHeadConfig(TrainingArguments):
     q_head_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the Q head; None uses learning_rate."}
     )
-    value_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing V(s)."})
+    value_chunk_size: int = field(
+        default=256, metadata={"help": "Positions per chunk of the products over the vocabulary (log pi, V(s))."}
+    )
 
     reward_weights: list[float] | None = field(
         default=None, metadata={"help": "Weights of the reward functions, one per function; None weighs each by 1."}

@@ -18,13 +18,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
+from trl.trainer.utils import selective_log_softmax
 
-from .losses import gather_action_q, state_values
+from .losses import action_logprobs_and_values, gather_action_q, state_values
 from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
 
 Q_HEAD_WEIGHTS_NAME = "q_head.safetensors"
 Q_HEAD_CONFIG_NAME = "q_head_config.json"
 Q_HEAD_INITS = ("zeros", "normal", "lm_head")
+# Config fields with which an LM head post-processes its logits (the ones TRL's fused LM head handles): a head with any
+# of them set is not a plain `W h + b`, so its log-probs are taken from the full logits.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 @dataclass
@@ -36,6 +46,8 @@ class CausalLMWithQHeadOutput(ModelOutput):
         hidden_states: `[B, T, H]` final hidden states `h_t` (what both heads read).
         q_values: `[B, T, |V|]` full Q values, only when `return_q=True`.
         action_q: `[B, T]` `Q(s_t, a_t)` for the `actions` passed in, only when asked.
+        action_logprobs: `[B, T]` `log pi(a_t|s_t)` (with grad) where `logprob_mask` is set, zero elsewhere, only when
+            asked.
         state_values: `[B, T]` `V(s_t)` (no grad) where `value_mask` is set, zero elsewhere, only when asked.
         past_key_values: the backbone's cache, when it returns one.
     """
@@ -44,6 +56,7 @@ class CausalLMWithQHeadOutput(ModelOutput):
     hidden_states: torch.Tensor | None = None
     q_values: torch.Tensor | None = None
     action_q: torch.Tensor | None = None
+    action_logprobs: torch.Tensor | None = None
     state_values: torch.Tensor | None = None
     past_key_values: object | None = None
 
@@ -54,6 +67,51 @@ def _is_peft_model(model: nn.Module) -> bool:
     except ImportError:  # peft is a dependency, but keep the core importable without it
         return False
     return isinstance(model, PeftModel)
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    base = model.get_base_model() if _is_peft_model(model) else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def plain_lm_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head of a causal LM when its logits are exactly `W h + b` (a float `nn.Linear`, no softcapping or logit
+    scaling in the config), so that log-probs can be computed from the hidden states in chunks; `None` otherwise
+    (quantised, adapted or post-processed heads), in which case the full logits are used."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or not head.weight.is_floating_point():  # not a bnb or PEFT-wrapped subclass
+        return None
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def causal_lm_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    *,
+    full_logits: bool = True,
+    **kwargs,
+):
+    """Run a causal LM (optionally PEFT-wrapped); returns `(final hidden state [B, T, H], outputs)`.
+
+    Positions count real tokens only when the model takes `position_ids` (as `generate` does), so a left-padded row
+    equals its right-padded twin. With `full_logits=False` the LM head runs on the last position only
+    (`logits_to_keep=1`, when the model takes it): the caller projects the hidden states itself, in chunks.
+    """
+    parameters = _forward_parameters(model)
+    if attention_mask is not None and "position_ids" not in kwargs and "position_ids" in parameters:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = positions[:, -input_ids.shape[1] :] if input_ids is not None else positions
+    if not full_logits and "logits_to_keep" in parameters:
+        kwargs.setdefault("logits_to_keep", 1)
+    outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **kwargs
+    )
+    # Every transformers causal LM returns the final, normed hidden state last: exactly what its LM head reads.
+    return outputs.hidden_states[-1], outputs
 
 
 class AutoModelForCausalLMWithQHead(nn.Module):
@@ -95,7 +153,6 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         self.reset_q_head(q_head_init)
         if is_kbit_model(pretrained_model):
             disable_cpu_inference_repacking(pretrained_model)  # train -> generate -> train on CPU (quantization.py)
-        self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
 
     # ---- shape and identity ---------------------------------------------------------------------------------------
 
@@ -166,7 +223,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         return_q: bool = False,
         actions: torch.LongTensor | None = None,
         value_mask: torch.Tensor | None = None,
-        value_chunk_size: int = 1024,
+        value_chunk_size: int = 256,
+        logprob_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMWithQHeadOutput:
         """Run the backbone once and read the Q head off its final hidden state.
@@ -178,26 +236,48 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 `W_q` (O(T*H), no `|V|`-sized product).
             value_mask: `[B, T]`; returns `state_values`, `V(s_t) = sum_a pi(a|s_t) Q(s_t, a)` without grad at the
                 marked positions only, in chunks of `value_chunk_size` positions.
+            logprob_mask: `[B, T]` bool, with `actions`: returns `action_logprobs`, `log pi(a_t|s_t)` with grad at the
+                marked positions, and no logits (`logits` is `None`): the LM head runs over `value_chunk_size`
+                positions at a time and again in the backward, so no `[B, T, |V|]` logits, log-softmax or logits
+                gradient is held (the training path). `state_values` then reuse the same softmax. Models whose LM
+                head is not a plain linear map (softcapping, logit scaling, quantised or adapted heads), or that do
+                not take `logits_to_keep`, compute the same values from their full logits.
+            value_chunk_size: positions per chunk wherever a product over the vocabulary is taken.
         """
         kwargs.pop("num_items_in_batch", None)  # transformers' Trainer passes it to models that take **kwargs
-        if attention_mask is not None and "position_ids" not in kwargs and self._takes_position_ids:
-            # As `generate` does: positions count real tokens only, so a left-padded row equals its right-padded twin.
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            kwargs["position_ids"] = positions[:, -input_ids.shape[1] :] if input_ids is not None else positions
-        outputs = self.pretrained_model(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **kwargs
+        if logprob_mask is not None and actions is None:
+            raise ValueError("`logprob_mask` needs `actions`: the log-probs are those of the actions.")
+        lm_head = plain_lm_head(self.pretrained_model) if logprob_mask is not None and not return_q else None
+        hidden, outputs = causal_lm_forward(
+            self.pretrained_model, input_ids, attention_mask, full_logits=lm_head is None, **kwargs
         )
-        # Every transformers causal LM returns the final, normed hidden state last: exactly what its LM head reads.
-        hidden = outputs.hidden_states[-1]
+        logits = outputs.logits
+        full_logits = logits is not None and logits.shape[-2] == hidden.shape[-2]
         result = CausalLMWithQHeadOutput(
-            logits=outputs.logits, hidden_states=hidden, past_key_values=getattr(outputs, "past_key_values", None)
+            logits=logits if full_logits else None,
+            hidden_states=hidden,
+            past_key_values=getattr(outputs, "past_key_values", None),
         )
         if return_q:
             result.q_values = self.q_head(hidden.to(self.q_head.weight.dtype))
         if actions is not None:
             result.action_q = gather_action_q(hidden, self.q_head, actions)
+        if logprob_mask is not None and not full_logits:
+            result.action_logprobs, result.state_values = action_logprobs_and_values(
+                hidden,
+                lm_head,
+                actions,
+                logprob_mask,
+                q_head=self.q_head,
+                value_mask=value_mask,
+                chunk_size=value_chunk_size,
+            )
+            return result
+        if logprob_mask is not None:
+            logprobs = selective_log_softmax(logits.float(), actions)
+            result.action_logprobs = torch.where(logprob_mask.bool(), logprobs, 0.0)
         if value_mask is not None:
-            result.state_values = state_values(hidden, outputs.logits, self.q_head, value_mask, value_chunk_size)
+            result.state_values = state_values(hidden, logits, self.q_head, value_mask, value_chunk_size)
         return result
 
     def compute_q(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -210,19 +290,37 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
     # ---- Trainer plumbing: delegate to the backbone -------------------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.pretrained_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
-        )
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """What transformers >= 5.2's `Trainer` calls for `gradient_checkpointing=True` (`every_n_layers`, `offload`
+        and the like in `kwargs` go to the backbone)."""
+        backbone = self.pretrained_model
+        if hasattr(backbone, "activation_checkpointing_enable"):
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+        else:  # older transformers
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
         if self.is_peft_model:  # PEFT's frozen embeddings need inputs that require grad for checkpointing to work
-            self.pretrained_model.enable_input_require_grads()
+            backbone.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        backbone = self.pretrained_model
+        if hasattr(backbone, "activation_checkpointing_disable"):
+            backbone.activation_checkpointing_disable()
+        else:
+            backbone.gradient_checkpointing_disable()
 
     def gradient_checkpointing_disable(self) -> None:
-        self.pretrained_model.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules())
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return getattr(self.base_model, "is_gradient_checkpointing", False)
+        return self.is_activation_checkpointing
 
     def get_input_embeddings(self) -> nn.Module:
         return self.pretrained_model.get_input_embeddings()

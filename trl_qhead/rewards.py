@@ -53,7 +53,9 @@ from trl.trainer.utils import (
 )
 
 from .config import REWARD_NORMALIZATIONS
+from .losses import action_logprobs_and_values
 from .mdp import sequence_rewards_to_actions, token_rewards_to_actions
+from .modeling import causal_lm_forward, plain_lm_head
 
 RewardFunc = Union[str, PreTrainedModel, Callable[..., list]]  # noqa: UP007 (a runtime alias, as TRL spells it)
 
@@ -70,17 +72,31 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 @torch.no_grad()
 def reference_logprobs(
-    reference: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, actions: torch.Tensor
+    reference: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    actions: torch.Tensor,
+    action_mask: torch.Tensor | None = None,
+    chunk_size: int = 256,
 ) -> torch.Tensor:
-    """`log pi_ref(a_t | s_t)` on the position grid, `[B, T]` fp32, without building a `[B, T, |V|]` log-softmax.
+    """`log pi_ref(a_t | s_t)` on the position grid, `[B, T]` fp32, without building a `[B, T, |V|]` buffer.
 
     Args:
-        reference: a causal LM (`logits` in its output), or a PEFT model when called inside `disable_adapter()`.
+        reference: a causal LM (`logits` in its output), or a PEFT model when called inside `as_reference()`.
         input_ids, attention_mask: the batch.
         actions: `[B, T]` next-token ids (`trl_qhead.mdp.next_tokens`).
+        action_mask: `[B, T]`, where the log-probs are needed (0 elsewhere); default: every real token.
+        chunk_size: positions per chunk of the LM head (see `trl_qhead.losses.action_logprobs_and_values`).
     """
-    logits = reference(input_ids=input_ids, attention_mask=attention_mask).logits
-    return selective_log_softmax(logits.float(), actions)
+    mask = (attention_mask if action_mask is None else action_mask).bool()
+    lm_head = plain_lm_head(reference)
+    hidden, outputs = causal_lm_forward(
+        reference, input_ids, attention_mask, full_logits=lm_head is None, use_cache=False
+    )
+    if outputs.logits.shape[-2] == hidden.shape[-2]:  # the model gave full logits (no `logits_to_keep`, or T == 1)
+        return torch.where(mask, selective_log_softmax(outputs.logits.float(), actions), 0.0)
+    logprobs, _ = action_logprobs_and_values(hidden, lm_head, actions, mask, chunk_size=chunk_size)
+    return logprobs
 
 
 @contextlib.contextmanager

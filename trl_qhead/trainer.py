@@ -149,7 +149,7 @@ class QHeadTrainer(Trainer):
             reward_clip=args.reward_clip,
             reward_normalization=args.reward_normalization,
         )
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod
     def _build_model(model, peft_config) -> AutoModelForCausalLMWithQHead:
@@ -204,10 +204,14 @@ class QHeadTrainer(Trainer):
             attention_mask=attention_mask,
             actions=actions,
             value_mask=value_mask,
+            logprob_mask=action_mask,  # log pi(a_t|s_t) in chunks: no [B, T, |V|] logits (DESIGN.md section 3)
             value_chunk_size=args.value_chunk_size,
+            use_cache=False,  # as SFTTrainer: a training forward keeps no KV cache
         )
         lm_logprobs = (
-            self._reference_logprobs(model, input_ids, attention_mask, actions) if args.use_lm_rewards else None
+            self._reference_logprobs(model, input_ids, attention_mask, actions, action_mask)
+            if args.use_lm_rewards
+            else None
         )
         rewards, reward_metrics = self.reward_computer(
             inputs,
@@ -230,6 +234,7 @@ class QHeadTrainer(Trainer):
             gae_lambda=args.gae_lambda,
             q_weight=args.q_weight,
             num_items=num_items_in_batch,
+            action_logprobs=outputs.action_logprobs,
         )
         if (
             num_items_in_batch is not None
@@ -250,14 +255,13 @@ class QHeadTrainer(Trainer):
         return self.accelerator.gather(self.accelerator.pad_across_processes(values, pad_index=math.nan))
 
     @torch.no_grad()
-    def _reference_logprobs(self, model, input_ids, attention_mask, actions) -> torch.Tensor:
+    def _reference_logprobs(self, model, input_ids, attention_mask, actions, action_mask=None) -> torch.Tensor:
+        chunk_size = self.args.value_chunk_size
         if self.ref_model is not None:
-            return reference_logprobs(self.ref_model, input_ids, attention_mask, actions)
-        # The adapter-disabled pass goes through the wrapper, so it gets the same position ids (from the attention
-        # mask) as the policy pass: with left padding the bare backbone would see shifted positions.
-        unwrapped = self.accelerator.unwrap_model(model)
-        with as_reference(unwrapped.pretrained_model):
-            return reference_logprobs(unwrapped, input_ids, attention_mask, actions)
+            return reference_logprobs(self.ref_model, input_ids, attention_mask, actions, action_mask, chunk_size)
+        backbone = self.accelerator.unwrap_model(model).pretrained_model
+        with as_reference(backbone):
+            return reference_logprobs(backbone, input_ids, attention_mask, actions, action_mask, chunk_size)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -281,19 +285,24 @@ class QHeadTrainer(Trainer):
     # ---- logging and saving -------------------------------------------------------------------------------------
 
     def _record(self, stats: dict[str, torch.Tensor]) -> None:
+        # Kept on the device and reduced when logged: no host sync or collective in every step.
         mode = "train" if self.model.training else "eval"
         for name, value in stats.items():
-            self._metrics[mode][name].append(self.accelerator.gather(value.detach().reshape(1)).float().mean().item())
+            self._metrics[mode][name].append(value.detach().float().reshape(()))
 
     def _record_floats(self, metrics: dict[str, float]) -> None:
-        """Metrics already gathered over processes (the reward statistics)."""
+        """Metrics already gathered over processes (the reward statistics); `log` averages identical copies."""
         mode = "train" if self.model.training else "eval"
         for name, value in metrics.items():
-            self._metrics[mode][name].append(value)
+            self._metrics[mode][name].append(torch.tensor(float(value), device=self.accelerator.device))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        metrics = {
+            name: self.accelerator.gather(torch.stack(values)).mean().item()
+            for name, values in self._metrics[mode].items()
+            if values
+        }
         if mode == "eval":
             metrics = {f"eval_{name}": value for name, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
