@@ -55,7 +55,7 @@ from trl.trainer.utils import (
 from .config import REWARD_NORMALIZATIONS
 from .losses import action_logprobs_and_values
 from .mdp import sequence_rewards_to_actions, token_rewards_to_actions
-from .modeling import causal_lm_forward, plain_lm_head
+from .modeling import AutoModelForCausalLMWithQHead, causal_lm_forward, plain_lm_head
 
 RewardFunc = Union[str, PreTrainedModel, Callable[..., list]]  # noqa: UP007 (a runtime alias, as TRL spells it)
 
@@ -89,6 +89,8 @@ def reference_logprobs(
         chunk_size: positions per chunk of the LM head (see `trl_qhead.losses.action_logprobs_and_values`).
     """
     mask = (attention_mask if action_mask is None else action_mask).bool()
+    if isinstance(reference, AutoModelForCausalLMWithQHead):  # the reference policy is its backbone
+        reference = reference.pretrained_model
     lm_head = plain_lm_head(reference)
     hidden, outputs = causal_lm_forward(
         reference, input_ids, attention_mask, full_logits=lm_head is None, use_cache=False
