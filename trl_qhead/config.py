@@ -26,6 +26,10 @@ class QHeadConfig(TrainingArguments):
         use_lm_rewards (`bool`, *optional*, defaults to `False`):
             Add the reference model's log-probability of each action to its reward: `r_t += log pi_ref(a_t|s_t)`.
             With a PEFT model the reference is the same network with its adapters disabled.
+        q_head_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Learning rate of the Q head (same schedule, no weight decay); `None` uses `learning_rate`. Adam moves
+            each parameter by about the learning rate per step, so returns of magnitude R need about R / lr steps:
+            a head that starts at zero often wants a larger rate than a LoRA backbone.
         value_chunk_size (`int`, *optional*, defaults to `1024`):
             Positions per chunk when computing `V(s)`; bounds the extra memory to `2 * value_chunk_size * |V|` floats.
 
@@ -68,6 +72,9 @@ class QHeadConfig(TrainingArguments):
     use_lm_rewards: bool = field(
         default=False, metadata={"help": "Add log pi_ref(a_t|s_t) of the reference model to each action's reward."}
     )
+    q_head_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the Q head; None uses learning_rate."}
+    )
     value_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing V(s)."})
 
     dataset_name: str | None = field(default=None, metadata={"help": "Dataset for datasets.load_dataset."})
@@ -97,6 +104,10 @@ class QHeadConfig(TrainingArguments):
             raise ValueError(
                 f"`max_length` must be an integer >= 2 (one action needs two tokens), got {self.max_length!r}."
             )
+        if self.q_head_learning_rate is not None and not (
+            isinstance(self.q_head_learning_rate, (int, float)) and self.q_head_learning_rate > 0
+        ):
+            raise ValueError(f"`q_head_learning_rate` must be > 0 or None, got {self.q_head_learning_rate!r}.")
         if not isinstance(self.value_chunk_size, int) or self.value_chunk_size < 1:
             raise ValueError(f"`value_chunk_size` must be a positive integer, got {self.value_chunk_size!r}.")
         if self.packing_strategy not in PACKING_STRATEGIES:

@@ -40,9 +40,19 @@ def reference_logprobs(
     return selective_log_softmax(logits.float(), actions)
 
 
-def adapters_disabled(model: nn.Module):
-    """Context in which a PEFT model runs as its base model; a no-op context for other models."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+@contextlib.contextmanager
+def as_reference(model: nn.Module):
+    """Run a PEFT model as its frozen base: adapters disabled and dropout off (the reward must not be noisy).
+
+    The training mode is restored afterwards, so the policy's own forward keeps its dropout.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
+            yield model
+    finally:
+        model.train(was_training)
 
 
 def action_rewards(batch: dict[str, torch.Tensor]) -> torch.Tensor:

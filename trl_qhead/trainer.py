@@ -16,7 +16,7 @@ from .data import DataCollatorForQHead, prepare_dataset
 from .losses import qhead_loss
 from .mdp import action_mask_from_labels, bootstrap_mask, episode_dones, next_tokens
 from .modeling import AutoModelForCausalLMWithQHead
-from .rewards import action_rewards, adapters_disabled, frozen_copy, reference_logprobs
+from .rewards import action_rewards, as_reference, frozen_copy, reference_logprobs
 
 
 class QHeadTrainer(Trainer):
@@ -197,7 +197,7 @@ class QHeadTrainer(Trainer):
         if self.ref_model is not None:
             return reference_logprobs(self.ref_model, input_ids, attention_mask, actions)
         backbone = self.accelerator.unwrap_model(model).pretrained_model
-        with adapters_disabled(backbone):
+        with as_reference(backbone):
             return reference_logprobs(backbone, input_ids, attention_mask, actions)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -205,6 +205,19 @@ class QHeadTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.args.q_head_learning_rate is None:
+            return optimizer
+        # Move the Q head into its own group before the scheduler is built, so it follows the same schedule.
+        q_params = {id(p) for p in self.accelerator.unwrap_model(self.model).q_head.parameters()}
+        moved = [p for group in optimizer.param_groups for p in group["params"] if id(p) in q_params]
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in q_params]
+        optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
+        optimizer.add_param_group({"params": moved, "lr": self.args.q_head_learning_rate, "weight_decay": 0.0})
+        return optimizer
 
     # ---- logging and saving -------------------------------------------------------------------------------------
 

@@ -1,0 +1,104 @@
+"""Datasets to rows and rows to batches: formats, truncation, packing, reward alignment, bad input."""
+
+import pytest
+import torch
+from datasets import Dataset, IterableDataset
+
+from trl_qhead import DataCollatorForQHead, prepare_dataset
+from trl_qhead.mdp import action_mask_from_labels, episode_dones, next_tokens
+
+
+def test_text_is_tokenised_with_eos_and_blank_lines_dropped(gpt2_tokenizer):
+    dataset = Dataset.from_dict({"text": ["Hello world", "", "A much longer line of text here"]})
+    rows = prepare_dataset(dataset, gpt2_tokenizer, max_length=4)
+    assert rows.column_names == ["input_ids"]
+    assert rows[0]["input_ids"] == gpt2_tokenizer("Hello world")["input_ids"] + [gpt2_tokenizer.eos_token_id]
+    assert len(rows) == 2 and len(rows[1]["input_ids"]) == 4  # truncated: no EOS, so it bootstraps at the cut
+    assert rows[1]["input_ids"][-1] != gpt2_tokenizer.eos_token_id
+
+
+def test_missing_columns_list_what_was_found_and_expected(gpt2_tokenizer):
+    dataset = Dataset.from_dict({"content": ["x"], "score": [1.0]})
+    with pytest.raises(ValueError, match=r"\['content', 'score'\].*input_ids.*`text`"):
+        prepare_dataset(dataset, gpt2_tokenizer)
+    with pytest.raises(ValueError, match="`body`"):
+        prepare_dataset(dataset, gpt2_tokenizer, text_field="body")
+
+
+def test_sequence_reward_lands_on_the_last_kept_token():
+    dataset = Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5], [6, 7]], "reward": [2.5, -1.0]})
+    rows = prepare_dataset(dataset, None, max_length=3)
+    assert rows[0]["rewards"] == [0.0, 0.0, 2.5] and rows[1]["rewards"] == [0.0, -1.0]
+
+
+def test_per_token_rewards_add_to_the_sequence_reward():
+    dataset = Dataset.from_dict({"input_ids": [[1, 2, 3]], "rewards": [[9.0, 0.5, 0.25]], "reward": [1.0]})
+    assert prepare_dataset(dataset, None)[0]["rewards"] == [9.0, 0.5, 1.25]
+
+
+@pytest.mark.parametrize(
+    ("columns", "match"),
+    [
+        ({"input_ids": [[1, 2, 3]], "rewards": [[0.0, 1.0]]}, "`rewards` of example 0 has 2 values for 3 tokens"),
+        ({"input_ids": [[1, 2, 3]], "rewards": [[0.0, float("nan"), 1.0]]}, "`rewards` of example 0 holds NaN"),
+        ({"input_ids": [[1, 2, 3]], "reward": [float("inf")]}, "`reward` of example 0"),
+        ({"input_ids": [[1, 2, 3]], "completion_mask": [[1, 1]]}, "`completion_mask` of example 0"),
+    ],
+)
+def test_bad_rewards_raise_early_naming_the_field(columns, match):
+    with pytest.raises(ValueError, match=match):
+        prepare_dataset(Dataset.from_dict(columns), None)
+
+
+def test_packed_documents_end_with_terminal_eos(gpt2_tokenizer):
+    eos = gpt2_tokenizer.eos_token_id
+    docs = ["one two three", "four five", "six seven eight nine ten", "eleven"]
+    rows = prepare_dataset(Dataset.from_dict({"text": docs}), gpt2_tokenizer, max_length=8, packing=True)
+    flat = [t for row in rows["input_ids"] for t in row]
+    expected = [t for d in docs for t in gpt2_tokenizer(d)["input_ids"] + [eos]]
+    assert flat == expected and all(len(r) == 8 for r in rows["input_ids"][:-1])  # nothing lost, rows full
+
+    batch = DataCollatorForQHead(pad_token_id=eos)([rows[0]])
+    action_mask = action_mask_from_labels(batch["labels"], batch["attention_mask"])
+    dones = episode_dones(next_tokens(batch["input_ids"]), action_mask, eos)
+    eos_positions = (batch["input_ids"][0] == eos).nonzero().flatten()
+    assert dones[0].nonzero().flatten().tolist() == [p - 1 for p in eos_positions.tolist() if p > 0]
+
+
+def test_packing_keeps_token_rewards_aligned():
+    dataset = Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5, 6, 7]], "rewards": [[0, 0, 1.0], [0, 2.0, 0, 0]]})
+    rows = prepare_dataset(dataset, None, max_length=5, packing=True)
+    assert rows["input_ids"] == [[1, 2, 3, 4, 5], [6, 7]]
+    assert rows["rewards"] == [[0, 0, 1.0, 0, 2.0], [0, 0]]
+
+
+def test_streaming_datasets_are_prepared_lazily(gpt2_tokenizer):
+    def gen():
+        yield from ({"text": f"line number {i}"} for i in range(5))
+
+    stream = IterableDataset.from_generator(gen)
+    rows = list(prepare_dataset(stream, gpt2_tokenizer, max_length=16, packing=True))
+    assert sum(len(r["input_ids"]) for r in rows) == sum(
+        len(gpt2_tokenizer(f"line number {i}")["input_ids"]) + 1 for i in range(5)
+    )
+
+
+def test_collator_pads_either_side_and_masks_targets():
+    rows = [{"input_ids": [5, 6, 7], "rewards": [0, 1.0, 2.0]}, {"input_ids": [8, 9], "completion_mask": [0, 1]}]
+    right = DataCollatorForQHead(pad_token_id=0)(rows)
+    assert right["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert right["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert right["labels"].tolist() == [[-100, 6, 7], [-100, 9, -100]]
+    assert right["rewards"].tolist() == [[0, 1.0, 2.0], [0, 0, 0]]
+    left = DataCollatorForQHead(pad_token_id=0, padding_side="left")(rows)
+    assert left["labels"].tolist() == [[-100, 6, 7], [-100, -100, 9]]
+    assert torch.equal(
+        action_mask_from_labels(left["labels"], left["attention_mask"]).sum(1),
+        action_mask_from_labels(right["labels"], right["attention_mask"]).sum(1),
+    )
+
+
+@pytest.mark.parametrize("ids", [[], [5]])
+def test_empty_and_one_token_rows_are_rejected(ids):
+    with pytest.raises(ValueError, match="`input_ids` of batch row 1"):
+        DataCollatorForQHead(pad_token_id=0)([{"input_ids": [1, 2]}, {"input_ids": ids}])

@@ -1,0 +1,232 @@
+"""QHeadTrainer end to end on a tiny GPT-2 with the real GPT-2 tokenizer."""
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset, IterableDataset
+from peft import LoraConfig
+
+from tests.conftest import make_tiny_gpt2
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
+from trl_qhead.mdp import next_tokens
+
+CORPUS = [
+    "The cat sat on the mat and looked at the door.",
+    "A dog ran across the park to find a ball.",
+    "The sun rose over the hills and the birds sang.",
+    "She opened the book and read the first page aloud.",
+    "Rain fell on the roof all night long.",
+    "He poured a cup of tea and sat by the window.",
+] * 6
+
+
+def _config(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=30,
+        logging_steps=1,
+        max_length=32,
+        report_to=[],
+        save_strategy="no",
+        seed=0,
+        disable_tqdm=True,
+    )
+    defaults.update(kwargs)
+    return QHeadConfig(**defaults)
+
+
+def _logged(trainer, key):
+    return [entry[key] for entry in trainer.state.log_history if key in entry]
+
+
+def test_training_lowers_lm_and_q_losses(tmp_path, gpt2_tokenizer):
+    # Reference log-prob rewards give the Q head something to fit from the first step (zero rewards and a zero head
+    # start at loss_q = 0).
+    config = _config(tmp_path, use_lm_rewards=True, gamma=0.5)
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(), config, train_dataset=Dataset.from_dict({"text": CORPUS}), processing_class=gpt2_tokenizer
+    )
+    trainer.train()
+    loss_lm, loss_q = _logged(trainer, "loss_lm"), _logged(trainer, "loss_q")
+    assert len(loss_lm) == 30 and len(loss_q) == 30
+    assert sum(loss_lm[-5:]) < 0.8 * sum(loss_lm[:5])
+    assert sum(loss_q[-5:]) < 0.8 * sum(loss_q[:5])
+    for key in ("q_mean", "v_mean", "g_mean"):
+        assert len(_logged(trainer, key)) == 30
+
+
+def test_q_head_learns_which_token_a_per_token_reward_pays_for(tmp_path, gpt2_tokenizer):
+    # Markov sequences over four tokens; emitting `paid` right after `trigger` earns 1. With gamma = 0 the target is
+    # the immediate reward, so Q(s, paid) must rank first in the states that end with `trigger` and be near 0 elsewhere.
+    trigger, paid, others = 10, 11, [12, 13]
+    alphabet = [trigger, paid, *others]
+    gen = torch.Generator().manual_seed(0)
+
+    # Transition probabilities over `alphabet` given the last token: `paid` can follow any token, but pays only after
+    # `trigger`, so Q(s, paid) must depend on the state, not only on the token.
+    transitions = torch.tensor(
+        [[0.1, 0.5, 0.2, 0.2], [0.4, 0.2, 0.2, 0.2], [0.4, 0.3, 0.1, 0.2], [0.4, 0.3, 0.2, 0.1]]
+    )
+
+    def sample(n_rows):
+        rows = []
+        for _ in range(n_rows):
+            row = [0]
+            for _ in range(15):
+                row.append(torch.multinomial(transitions[row[-1]], 1, generator=gen).item())
+            rows.append([alphabet[i] for i in row])
+        return rows
+
+    ids = sample(64)
+    rewards = [[float(t == paid and k > 0 and row[k - 1] == trigger) for k, t in enumerate(row)] for row in ids]
+    config = _config(tmp_path, gamma=0.0, max_steps=120, learning_rate=2e-2, per_device_train_batch_size=8)
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=64))
+    dataset = Dataset.from_dict({"input_ids": ids, "rewards": rewards})
+    QHeadTrainer(model, config, train_dataset=dataset, processing_class=_SmallVocab(gpt2_tokenizer, 64)).train()
+
+    test_ids = torch.tensor(
+        [[alphabet[i] for i in torch.randint(0, 4, (16,), generator=gen).tolist()] for _ in range(8)]
+    )
+    with torch.no_grad():
+        q = model.eval()(test_ids, return_q=True).q_values[:, :, alphabet]
+    best = torch.tensor(alphabet)[q.argmax(-1)]
+    after_trigger = test_ids == trigger
+    assert (best[after_trigger] == paid).float().mean() > 0.95
+    assert q[after_trigger][:, 1].mean() == pytest.approx(1.0, abs=0.2)
+    assert q[~after_trigger][:, 1].mean() == pytest.approx(0.0, abs=0.2)
+
+
+class _SmallVocab:
+    """The real tokenizer, reporting a vocabulary of `n` tokens, for pre-tokenised ids of a model with `n` tokens."""
+
+    def __init__(self, tokenizer, n):
+        self._tokenizer, self._n = tokenizer, n
+        self.eos_token_id = self.pad_token_id = 0
+
+    def __len__(self):
+        return self._n
+
+    def __getattr__(self, name):
+        return getattr(self._tokenizer, name)
+
+
+def test_save_reload_and_continue_training_give_identical_q_values(tmp_path, gpt2_tokenizer):
+    dataset = Dataset.from_dict({"text": CORPUS})
+    trained = AutoModelForCausalLMWithQHead(make_tiny_gpt2())
+    QHeadTrainer(
+        trained, _config(tmp_path, use_lm_rewards=True, max_steps=5), dataset, processing_class=gpt2_tokenizer
+    ).train()
+    trained.save_pretrained(tmp_path / "ckpt")
+    reloaded = AutoModelForCausalLMWithQHead.from_pretrained(tmp_path / "ckpt")
+    probe = torch.tensor([gpt2_tokenizer("The cat sat on the")["input_ids"]])
+    q_before = trained.eval()(probe, return_q=True).q_values
+    assert torch.equal(q_before, reloaded.eval()(probe, return_q=True).q_values)
+
+    for model in (trained, reloaded):
+        config = _config(tmp_path, use_lm_rewards=True, max_steps=5, seed=1)
+        QHeadTrainer(model, config, dataset, processing_class=gpt2_tokenizer).train()
+    q_trained = trained.eval()(probe, return_q=True).q_values
+    assert torch.equal(q_trained, reloaded.eval()(probe, return_q=True).q_values)
+    assert not torch.equal(q_trained, q_before)
+
+
+def test_streaming_dataset_trains_with_max_steps(tmp_path, gpt2_tokenizer):
+    def lines():
+        yield from ({"text": line} for line in CORPUS)
+
+    config = _config(tmp_path, max_steps=4, streaming=True, packing=True, max_length=16)
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(), config, IterableDataset.from_generator(lines), processing_class=gpt2_tokenizer
+    )
+    trainer.train()
+    assert trainer.state.global_step == 4 and len(_logged(trainer, "loss_lm")) == 4
+
+
+def test_packed_dataset_trains(tmp_path, gpt2_tokenizer):
+    config = _config(tmp_path, max_steps=3, packing=True, max_length=24, gae_lambda=0.9)
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(), config, Dataset.from_dict({"text": CORPUS}), processing_class=gpt2_tokenizer
+    )
+    assert all(len(row["input_ids"]) == 24 for row in list(trainer.train_dataset)[:-1])
+    trainer.train()
+    assert trainer.state.global_step == 3
+
+
+def test_trains_from_names_alone_with_local_text_files(tmp_path, gpt2_tokenizer):
+    model_dir = tmp_path / "tiny"
+    make_tiny_gpt2().save_pretrained(model_dir)
+    gpt2_tokenizer.save_pretrained(model_dir)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS))
+    config = _config(tmp_path, max_steps=2, dataset_name="text", dataset_data_files=str(corpus))
+    trainer = QHeadTrainer(str(model_dir), config)
+    trainer.train()
+    trainer.save_model()
+    reloaded = AutoModelForCausalLMWithQHead.from_pretrained(config.output_dir)
+    assert torch.equal(reloaded.q_head.weight, trainer.model.q_head.weight)
+
+
+def test_lm_rewards_with_peft_use_the_adapter_free_base(tmp_path, gpt2_tokenizer):
+    base = make_tiny_gpt2().eval()
+    lora = LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
+    config = _config(tmp_path, use_lm_rewards=True, max_steps=2)
+    trainer = QHeadTrainer(
+        copy.deepcopy(base),
+        config,
+        Dataset.from_dict({"text": CORPUS}),
+        processing_class=gpt2_tokenizer,
+        peft_config=lora,
+    )
+    assert trainer.ref_model is None  # no second copy: adapters are disabled for the reference pass
+    trainer.train()
+    with torch.no_grad():
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.5)  # make the policy differ from the base
+    input_ids = torch.tensor([gpt2_tokenizer("The cat sat on the mat")["input_ids"]])
+    mask = torch.ones_like(input_ids)
+    rewards = trainer._reference_logprobs(trainer.model, input_ids, mask, next_tokens(input_ids))
+    expected = torch.log_softmax(base(input_ids).logits, -1).gather(-1, next_tokens(input_ids)[..., None])[..., 0]
+    torch.testing.assert_close(rewards, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lm_rewards_without_peft_use_a_frozen_copy(tmp_path, gpt2_tokenizer):
+    config = _config(tmp_path, use_lm_rewards=True, max_steps=2)
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(), config, Dataset.from_dict({"text": CORPUS}), processing_class=gpt2_tokenizer
+    )
+    before = {k: v.clone() for k, v in trainer.ref_model.state_dict().items()}
+    trainer.train()
+    assert all(torch.equal(before[k], v) for k, v in trainer.ref_model.state_dict().items())
+    assert not all(p.requires_grad for p in trainer.ref_model.parameters())
+
+
+def test_bad_setups_fail_early_and_clearly(tmp_path, gpt2_tokenizer):
+    dataset = Dataset.from_dict({"text": CORPUS})
+    with pytest.raises(ValueError, match="`processing_class` has 50257 tokens .* 100"):
+        QHeadTrainer(make_tiny_gpt2(vocab_size=100), _config(tmp_path), dataset, processing_class=gpt2_tokenizer)
+    with pytest.raises(ValueError, match="`ref_model`"):
+        QHeadTrainer(
+            make_tiny_gpt2(), _config(tmp_path), dataset, processing_class=gpt2_tokenizer, ref_model=make_tiny_gpt2()
+        )
+    with pytest.raises(ValueError, match="`train_dataset`"):
+        QHeadTrainer(make_tiny_gpt2(), _config(tmp_path), processing_class=gpt2_tokenizer)
+    with pytest.raises(TypeError, match="`args`"):
+        QHeadTrainer(make_tiny_gpt2(), args={"gamma": 0.9}, train_dataset=dataset, processing_class=gpt2_tokenizer)
+
+
+def test_q_head_learning_rate_moves_only_the_head_fast(tmp_path, gpt2_tokenizer):
+    config = _config(tmp_path, use_lm_rewards=True, max_steps=1, learning_rate=1e-6, q_head_learning_rate=0.1)
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2())
+    backbone_before = [p.detach().clone() for p in model.pretrained_model.parameters()]
+    trainer = QHeadTrainer(model, config, Dataset.from_dict({"text": CORPUS}), processing_class=gpt2_tokenizer)
+    trainer.train()
+    # Adam's first step moves each parameter with a gradient by about its group's learning rate.
+    assert model.q_head.bias.detach().abs().max().item() == pytest.approx(0.1, rel=0.05)
+    moved = max(
+        (p - b).abs().max().item() for p, b in zip(model.pretrained_model.parameters(), backbone_before, strict=True)
+    )
+    assert 0 < moved < 1.1e-6
