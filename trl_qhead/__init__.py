@@ -4,6 +4,8 @@ from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .returns import compute_returns
+from .rewards import RewardFunctions
+from .rollouts import generate_and_score
 from .trainer import QHeadTrainer
 
 __version__ = "0.1.0"
@@ -14,6 +16,8 @@ __all__ = [
     "DataCollatorForQHead",
     "QHeadConfig",
     "QHeadTrainer",
+    "RewardFunctions",
     "compute_returns",
+    "generate_and_score",
     "prepare_dataset",
 ]

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .losses import gather_action_q, state_values
+from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
 
 Q_HEAD_WEIGHTS_NAME = "q_head.safetensors"
 Q_HEAD_CONFIG_NAME = "q_head_config.json"
@@ -92,6 +93,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         self.q_head = nn.Linear(hidden_size, vocab_size, bias=True, dtype=torch.float32, device=lm_head.weight.device)
         self.q_head_init = q_head_init
         self.reset_q_head(q_head_init)
+        if is_kbit_model(pretrained_model):
+            disable_cpu_inference_repacking(pretrained_model)  # train -> generate -> train on CPU (quantization.py)
         self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
 
     # ---- shape and identity ---------------------------------------------------------------------------------------
@@ -121,6 +124,24 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         """The plain transformers model under any PEFT wrapping."""
         model = self.pretrained_model
         return model.get_base_model() if _is_peft_model(model) else model
+
+    # transformers' Trainer reads these to leave a bitsandbytes model where it was loaded (no `.to(device)`).
+    @property
+    def is_loaded_in_4bit(self) -> bool:
+        return bool(getattr(self.base_model, "is_loaded_in_4bit", False))
+
+    @property
+    def is_loaded_in_8bit(self) -> bool:
+        return bool(getattr(self.base_model, "is_loaded_in_8bit", False))
+
+    @property
+    def quantization_method(self):
+        return getattr(self.base_model, "quantization_method", None)
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        # The transformer blocks FSDP's TRANSFORMER_BASED_WRAP shards one by one (read by accelerate).
+        return getattr(self.base_model, "_no_split_modules", None)
 
     def reset_q_head(self, q_head_init: str = "zeros") -> None:
         """(Re)initialise the Q head in place. See the class docstring for the options."""
@@ -209,21 +230,50 @@ class AutoModelForCausalLMWithQHead(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.pretrained_model.get_output_embeddings()
 
+    def merge_and_unload(self, **kwargs) -> AutoModelForCausalLMWithQHead:
+        """Merge the LoRA adapters into the base weights and return a plain (non-PEFT) model with the same Q head.
+
+        Like PEFT's `merge_and_unload`, the merge happens in place in the base model, so this wrapper should not be
+        used afterwards; the returned model shares its Q head module (no copy). `save_pretrained` on the result writes
+        a full model plus `q_head.safetensors`, which any `from_pretrained` reloads without PEFT.
+
+        Args:
+            kwargs: passed to `PeftModel.merge_and_unload` (`safe_merge`, `adapter_names`, `progressbar`).
+        """
+        if not self.is_peft_model:
+            raise ValueError("`merge_and_unload` needs a PEFT model; this model has no adapters to merge.")
+        merged = self.pretrained_model.merge_and_unload(**kwargs)
+        model = type(self)(merged)
+        model.q_head, model.q_head_init = self.q_head, self.q_head_init
+        return model
+
     # ---- save / load ------------------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
         """Save the backbone with its own `save_pretrained` (adapters only for PEFT) and the Q head beside it.
 
         The Q head goes to `q_head.safetensors` (fp32) with its shape and init in `q_head_config.json`.
+
+        Args:
+            save_directory: the folder to write.
+            is_main_process: only the main process writes (the others return at once).
+            kwargs: passed to the backbone's `save_pretrained`. A `state_dict` of this whole model (keys
+                `pretrained_model.*` and `q_head.*`, as `Trainer` gathers it under FSDP `FULL_STATE_DICT` or DeepSpeed)
+                is split between the backbone and the Q head; without one, the modules' own tensors are saved.
         """
-        kwargs.pop("state_dict", None)  # our parameters are saved from the modules themselves
-        os.makedirs(save_directory, exist_ok=True)
-        self.pretrained_model.save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        state_dict = kwargs.pop("state_dict", None)
         if not is_main_process:
             return
-        tensors = {
-            name: p.detach().to("cpu", torch.float32).contiguous() for name, p in self.q_head.named_parameters()
-        }
+        q_tensors = dict(self.q_head.named_parameters())
+        if state_dict is not None:
+            backbone_prefix, q_prefix = "pretrained_model.", "q_head."
+            kwargs["state_dict"] = {
+                k[len(backbone_prefix) :]: v for k, v in state_dict.items() if k.startswith(backbone_prefix)
+            }
+            q_tensors = {k[len(q_prefix) :]: v for k, v in state_dict.items() if k.startswith(q_prefix)} or q_tensors
+        os.makedirs(save_directory, exist_ok=True)
+        self.pretrained_model.save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in q_tensors.items()}
         save_file(tensors, os.path.join(save_directory, Q_HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
         q_config = {
             "hidden_size": self.q_head.in_features,
@@ -261,7 +311,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 self.pretrained_model, load_peft_weights(str(directory), device=str(self.device))
             )
         else:
-            from transformers.modeling_utils import load_sharded_checkpoint
+            from transformers.trainer_utils import load_sharded_checkpoint
 
             single = os.path.join(directory, "model.safetensors")
             if os.path.isfile(single):
@@ -294,31 +344,54 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             peft_config: a `peft.PeftConfig`; when given, the backbone is wrapped with `get_peft_model`.
             q_head_init: init of a fresh Q head (ignored when one is loaded).
             is_trainable: for a saved PEFT folder, load its adapters trainable (default) or frozen.
-            kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `quantization_config`).
+            kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `device_map`). A bitsandbytes
+                `quantization_config` (4 or 8 bits) needs the `quant` extra; the LM head is kept unquantised (added to
+                `llm_int8_skip_modules` when that list is given), the Q head is never quantised, and with a
+                `peft_config` the backbone goes through `peft.prepare_model_for_kbit_training` first (QLoRA).
         """
         path = pretrained_model_name_or_path
         saved_q_head = isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, Q_HEAD_WEIGHTS_NAME))
         if isinstance(path, nn.Module):
             backbone = path
         elif isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, "adapter_config.json")):
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM, PeftConfig
+
+            if kwargs.get("quantization_config") is not None:
+                base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
+                kwargs["quantization_config"] = _quantization_config(kwargs, base_name)
 
             backbone = AutoPeftModelForCausalLM.from_pretrained(path, *model_args, is_trainable=is_trainable, **kwargs)
         elif isinstance(path, (str, os.PathLike)):
+            if kwargs.get("quantization_config") is not None:
+                kwargs["quantization_config"] = _quantization_config(kwargs, path)
             backbone = AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs)
         else:
             raise TypeError(
                 f"`pretrained_model_name_or_path` must be a name, a path or a causal LM, got {type(path).__name__}."
             )
         if peft_config is not None:
-            if _is_peft_model(backbone):
-                raise ValueError("`peft_config` was given but the model already has PEFT adapters.")
-            from peft import get_peft_model
-
-            backbone = get_peft_model(backbone, peft_config)
+            backbone = add_adapters(backbone, peft_config)
         model = cls(backbone, q_head_init=q_head_init)
         if saved_q_head:
             model.load_q_head(path)
             with open(os.path.join(path, Q_HEAD_CONFIG_NAME)) as f:
                 model.q_head_init = json.load(f).get("q_head_init", q_head_init)
         return model
+
+
+def add_adapters(backbone: PreTrainedModel, peft_config) -> nn.Module:
+    """Wrap a transformers causal LM with PEFT adapters (`get_peft_model`), preparing a 4/8-bit one for QLoRA first."""
+    if _is_peft_model(backbone):
+        raise ValueError("`peft_config` was given but the model already has PEFT adapters.")
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if is_kbit_model(backbone):
+        # As TRL does for QLoRA: freeze, upcast the non-quantised fp16/bf16 weights to fp32. Gradient checkpointing
+        # stays the trainer's choice (`gradient_checkpointing_enable` above handles PEFT).
+        backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+    return get_peft_model(backbone, peft_config)
+
+
+def _quantization_config(kwargs: dict, model_name_or_path) -> object:
+    config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in kwargs}
+    return prepare_quantization_config(kwargs["quantization_config"], model_name_or_path, **config_kwargs)
