@@ -56,11 +56,14 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python recipes/demo_sentiment.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer  # noqa: E402
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, generate_and_score  # noqa: E402
 
 PROMPTS_FILE = REPO_ROOT / "recipes" / "data" / "review_openings.txt"
 BEST_OF_NS = (2, 4, 8, 16)
-DEFAULT_BETAS = (1.0, 0.5, 0.25, 0.15, 0.1)
+DEFAULT_BETAS = (1.0, 0.5, 0.3, 0.2, 0.15)
+# Pure ancestral sampling (transformers' defaults would add top-k 50): the sampled policy is exactly the softmax that
+# the tilt's KL and best-of-N's KL are measured against.
+SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 # ---- reward -------------------------------------------------------------------------------------------------------
@@ -118,6 +121,8 @@ class Samples:
         texts: the decoded completions (special tokens skipped).
         kl: per-completion KL(pi' || pi) summed over its steps, from the tilt processor; `None` for base samples.
         seconds: wall time of the `generate` calls.
+        rewards: per-completion rewards, once scored (`score`).
+        nll, n_tokens: per-completion NLL under the pretrained model and token count (`score_likelihood`).
     """
 
     prompts: list[str]
@@ -128,6 +133,8 @@ class Samples:
     kl: list[float] | None = None
     seconds: float = 0.0
     rewards: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    n_tokens: list[int] = field(default_factory=list)
 
     def prompt_of(self, i: int) -> str:
         return self.prompts[i // self.num_samples]
@@ -140,6 +147,8 @@ class Samples:
             "completion_ids": [self.completion_ids[i] for i in indices],
             "texts": [self.texts[i] for i in indices],
             "rewards": [self.rewards[i] for i in indices] if self.rewards else [],
+            "nll": [self.nll[i] for i in indices] if self.nll else [],
+            "n_tokens": [self.n_tokens[i] for i in indices] if self.n_tokens else [],
         }
 
 
@@ -165,8 +174,9 @@ def sample_completions(
     logits_processor_factory: Callable[[], object] | None = None,
     desc: str = "sampling",
 ) -> Samples:
-    """Sample `num_samples` completions per prompt with `generate` (pure ancestral sampling: temperature 1, no top-k or
-    top-p, so that the sampled policy is exactly the one the KL is measured against).
+    """The evaluation sampler: `num_samples` completions per prompt with `generate` (pure ancestral sampling, see
+    `SAMPLING`), with a fresh logits processor per `generate` call so that its per-sequence KL can be read, and the
+    time spent in `generate` (the training data comes from `trl_qhead.generate_and_score` instead).
 
     Args:
         model: an `AutoModelForCausalLMWithQHead` (or any causal LM with `generate`).
@@ -205,10 +215,7 @@ def sample_completions(
             out = model.generate(
                 input_ids=enc["input_ids"].to(device),
                 attention_mask=enc["attention_mask"].to(device),
-                do_sample=True,
-                temperature=1.0,
-                top_k=0,
-                top_p=1.0,
+                **SAMPLING,
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=num_samples,
                 pad_token_id=pad_id,
@@ -237,6 +244,13 @@ def sample_completions(
     )
 
 
+def score_likelihood(samples: Samples, model, pad_token_id: int) -> Samples:
+    """Fill `samples.nll` and `samples.n_tokens` with the completions' likelihood under `model`."""
+    prompts = [samples.prompt_ids[i // samples.num_samples] for i in range(len(samples.completion_ids))]
+    samples.nll, samples.n_tokens = completion_nll(model, prompts, samples.completion_ids, pad_token_id=pad_token_id)
+    return samples
+
+
 def score(samples: Samples, reward_fn: Callable = sentiment_reward) -> Samples:
     """Fill `samples.rewards` with `reward_fn`, called as TRL calls reward functions."""
     prompts = [samples.prompt_of(i) for i in range(len(samples.texts))]
@@ -247,31 +261,25 @@ def score(samples: Samples, reward_fn: Callable = sentiment_reward) -> Samples:
 # ---- training -------------------------------------------------------------------------------------------------------
 
 
-def training_rows(samples: Samples, eos_token_id: int, *, center: bool = True) -> Dataset:
-    """Pre-tokenised training rows for `QHeadTrainer`: `input_ids` = prompt + completion, `completion_mask` on the
-    completion, and the (per-prompt centred) sequence `reward`, which `trl_qhead.data` puts on the last action.
+def training_rows(data: Dataset, num_generations: int, eos_token_id: int, *, center: bool = True) -> Dataset:
+    """Training rows for `QHeadTrainer` from `generate_and_score`'s output (prompt-major, `num_generations` rows per
+    prompt): `input_ids` = prompt + completion, `completion_mask` on the completion, and the sequence `reward`, centred
+    per prompt (the mean of the prompt's completions subtracted), which `QHeadTrainer` puts on the last action.
 
     A completion cut at the token limit gets EOS appended: the scored text is the whole episode, so its last action
     must be terminal (otherwise the return would bootstrap `V` beyond a reward that was already paid in full).
     """
-    if not samples.rewards:
-        raise ValueError("Score the samples first (`score`).")
-    k = samples.num_samples
+    if len(data) % num_generations:
+        raise ValueError(f"{len(data)} rows are not a whole number of groups of {num_generations} completions.")
+    rewards = [float(r) for r in data["reward"]]
     rows = []
-    for i, completion in enumerate(samples.completion_ids):
-        group = samples.rewards[(i // k) * k : (i // k + 1) * k]
-        reward = samples.rewards[i] - (sum(group) / len(group) if center else 0.0)
-        completion = list(completion)
-        if not completion or completion[-1] != eos_token_id:
-            completion.append(eos_token_id)
-        prompt = samples.prompt_ids[i // k]
-        rows.append(
-            {
-                "input_ids": prompt + completion,
-                "completion_mask": [0] * len(prompt) + [1] * len(completion),
-                "reward": reward,
-            }
-        )
+    for i, (input_ids, mask) in enumerate(zip(data["input_ids"], data["completion_mask"], strict=True)):
+        start = (i // num_generations) * num_generations
+        baseline = sum(rewards[start : start + num_generations]) / num_generations if center else 0.0
+        input_ids, mask = list(input_ids), list(mask)
+        if input_ids[-1] != eos_token_id or mask[-1] == 0:
+            input_ids, mask = input_ids + [eos_token_id], mask + [1]
+        rows.append({"input_ids": input_ids, "completion_mask": mask, "reward": rewards[i] - baseline})
     return Dataset.from_list(rows)
 
 
@@ -393,14 +401,14 @@ def completion_nll(
     pad_token_id: int,
     batch_size: int = 32,
     desc: str = "scoring",
-) -> tuple[float, int]:
-    """Summed negative log-likelihood of the completion tokens given their prompts, and the token count.
+) -> tuple[list[float], list[int]]:
+    """Per sequence: the summed negative log-likelihood of its completion tokens given its prompt, and their count.
 
-    `model` is any causal LM (call it inside `adapters_disabled` for the pretrained model of a PEFT model).
+    `model` is any causal LM (call it inside `trl_qhead.rewards.as_reference` for the pretrained model of a PEFT model).
     """
-    total, count = 0.0, 0
+    nlls, counts = [], []
     device = next(model.parameters()).device
-    pairs = [(list(p), list(c)) for p, c in zip(prompt_ids, completion_ids, strict=True) if len(c) > 0]
+    pairs = [(list(p), list(c)) for p, c in zip(prompt_ids, completion_ids, strict=True)]
     for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
         chunk = pairs[start : start + batch_size]
         width = max(len(p) + len(c) for p, c in chunk)
@@ -411,19 +419,19 @@ def completion_nll(
             n = len(p) + len(c)
             ids[row, :n] = torch.tensor(p + c)
             attn[row, :n] = 1
-            target[row, len(p) : n] = torch.tensor(c)
+            target[row, len(p) : n] = torch.tensor(c, dtype=torch.long)
         logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
         labels = target[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="sum")
-        total += float(nll)
-        count += int((labels != -100).sum())
-    return total, count
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        nlls.extend(nll.sum(1).tolist())
+        counts.extend((labels != -100).sum(1).tolist())
+    return nlls, counts
 
 
-def perplexity(model, prompt_ids, completion_ids, *, pad_token_id: int, batch_size: int = 32) -> float:
-    """`exp(mean NLL)` of the completion tokens under `model`."""
-    nll, count = completion_nll(model, prompt_ids, completion_ids, pad_token_id=pad_token_id, batch_size=batch_size)
-    return math.exp(nll / count) if count else float("nan")
+def perplexity(nlls: Sequence[float], counts: Sequence[int]) -> float:
+    """`exp(total NLL / total tokens)` over a set of sequences."""
+    total = sum(counts)
+    return math.exp(sum(nlls) / total) if total else float("nan")
 
 
 @torch.no_grad()
@@ -439,7 +447,7 @@ def policy_drift_kl(
     per-step KL exact over the vocabulary). 0 for a model without adapters."""
     if not qmodel.is_peft_model:
         return 0.0
-    from trl_qhead.rewards import adapters_disabled
+    from trl_qhead.rewards import as_reference
 
     backbone = qmodel.pretrained_model
     device = next(qmodel.parameters()).device
@@ -456,7 +464,7 @@ def policy_drift_kl(
             steps[row, len(p) - 1 : len(p) + len(c) - 1] = True  # the states at which a completion token was drawn
         ids, attn, steps = ids.to(device), attn.to(device), steps.to(device)
         adapted = torch.log_softmax(backbone(input_ids=ids, attention_mask=attn).logits.float(), -1)
-        with adapters_disabled(backbone):
+        with as_reference(backbone):
             pretrained = torch.log_softmax(backbone(input_ids=ids, attention_mask=attn).logits.float(), -1)
         kl = (adapted.exp() * (adapted - pretrained)).sum(-1)
         total += float((kl * steps).sum())
@@ -487,10 +495,9 @@ def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
-def base_and_best_of_n_rows(
-    base: Samples, ppl_of: Callable[[list, list], float], best_of: Sequence[int] = BEST_OF_NS
-) -> list[Row]:
-    """Rows for base sampling (every sample) and best-of-N (disjoint groups of N of the same samples)."""
+def base_and_best_of_n_rows(base: Samples, best_of: Sequence[int] = BEST_OF_NS) -> list[Row]:
+    """Rows for base sampling (every sample) and best-of-N (disjoint groups of N of the same samples); `base` must be
+    scored (`score`) and its likelihood measured (`score_likelihood`)."""
     per_sample_seconds = base.seconds / len(base.texts)
     rows = []
     for n in (1, *best_of):
@@ -507,14 +514,14 @@ def base_and_best_of_n_rows(
                 samples_per_output=n,
                 seconds_per_output=n * per_sample_seconds,
                 distinct_2=distinct_2_per_prompt_set(picked["texts"], len(base.prompts)),
-                perplexity=ppl_of(picked["prompt_ids"], picked["completion_ids"]),
+                perplexity=perplexity(picked["nll"], picked["n_tokens"]),
                 n=len(chosen),
             )
         )
     return rows
 
 
-def tilted_row(samples: Samples, beta: float, ppl_of: Callable[[list, list], float]) -> Row:
+def tilted_row(samples: Samples, beta: float) -> Row:
     """The row of Q-tilted sampling at `beta` (KL from the processor, mean over samples)."""
     reward, sem = _mean_sem(samples.rewards)
     return Row(
@@ -526,8 +533,7 @@ def tilted_row(samples: Samples, beta: float, ppl_of: Callable[[list, list], flo
         samples_per_output=1,
         seconds_per_output=samples.seconds / len(samples.texts),
         distinct_2=distinct_2_per_prompt_set(samples.texts, len(samples.prompts)),
-        perplexity=ppl_of([samples.prompt_ids[i // samples.num_samples] for i in range(len(samples.texts))],
-                          samples.completion_ids),
+        perplexity=perplexity(samples.nll, samples.n_tokens),
         n=len(samples.texts),
     )
 
@@ -628,6 +634,8 @@ def load_model(name: str, lora_r: int, lora_layers: int, dtype: torch.dtype = to
             task_type="CAUSAL_LM",
         )
     model = AutoModelForCausalLMWithQHead.from_pretrained(path, peft_config=peft_config, dtype=dtype)
+    if peft_config is None:  # the Q head alone on the frozen model: the policy stays the pretrained one exactly
+        model.pretrained_model.requires_grad_(False)
     return model, tokenizer
 
 
@@ -640,7 +648,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n_eval_prompts", type=int, default=32)
     p.add_argument("--num_generations", type=int, default=8, help="completions per training prompt")
     p.add_argument("--max_new_tokens", type=int, default=24)
-    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--train_batch_size", type=int, default=16)
     p.add_argument("--learning_rate", type=float, default=5e-5, help="LoRA adapters")
     p.add_argument("--q_learning_rate", type=float, default=2e-5, help="Q head weight")
@@ -664,7 +672,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict:
     """The whole demo; returns what `results.json` holds."""
     from trl_qhead.decoding import QTiltLogitsProcessor
-    from trl_qhead.rewards import adapters_disabled
+    from trl_qhead.rewards import as_reference
 
     began = time.perf_counter()
     if args.threads:
@@ -680,12 +688,20 @@ def run(args: argparse.Namespace) -> dict:
 
     print(f"[2/5] Sampling {args.num_generations} completions for each of {len(train_prompts)} training prompts "
           "from the base model and scoring them", flush=True)
-    train_samples = score(
-        sample_completions(model, tokenizer, train_prompts, args.num_generations, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.gen_batch_size, seed=args.seed, desc="training data")
+    set_seed(args.seed)
+    scored = generate_and_score(
+        model,
+        tokenizer,
+        Dataset.from_dict({"prompt": train_prompts}),
+        sentiment_reward,
+        num_generations=args.num_generations,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=max(1, args.gen_batch_size // args.num_generations),
+        generation_kwargs=SAMPLING,
     )
-    dataset = training_rows(train_samples, eos_id)
-    print(f"      training reward: mean {sum(train_samples.rewards) / len(train_samples.rewards):+.3f}", flush=True)
+    dataset = training_rows(scored, args.num_generations, eos_id)
+    train_reward = sum(scored["reward"]) / len(scored)
+    print(f"      training reward: mean {train_reward:+.3f}", flush=True)
 
     print("[3/5] Training the LoRA adapters and the Q head (QHeadTrainer, Monte Carlo returns, gamma 1)", flush=True)
     log = train_qhead(model, tokenizer, dataset, output_dir=str(out_dir / "checkpoint"), epochs=args.epochs,
@@ -708,17 +724,16 @@ def run(args: argparse.Namespace) -> dict:
                                desc=f"Q-tilted beta={beta:g}")
         )
 
-    backbone = model.pretrained_model
-
-    def ppl_of(prompt_ids, completion_ids):
-        with adapters_disabled(backbone):
-            return perplexity(backbone, prompt_ids, completion_ids, pad_token_id=tokenizer.pad_token_id)
-
     print("[5/5] Scoring the samples with the pretrained model (perplexity, drift)", flush=True)
-    rows = base_and_best_of_n_rows(base, ppl_of)
-    rows += [tilted_row(s, beta, ppl_of) for beta, s in tilted.items()]
-    drift = policy_drift_kl(model, [base.prompt_ids[i // base.num_samples] for i in range(len(base.texts))][:128],
-                            base.completion_ids[:128], pad_token_id=tokenizer.pad_token_id)
+    backbone = model.pretrained_model
+    with as_reference(backbone):  # the pretrained model: adapters off
+        for samples in (base, *tilted.values()):
+            score_likelihood(samples, backbone, tokenizer.pad_token_id)
+    rows = base_and_best_of_n_rows(base)
+    rows += [tilted_row(s, beta) for beta, s in tilted.items()]
+    first = range(min(128, len(base.texts)))
+    drift = policy_drift_kl(model, [base.prompt_ids[i // base.num_samples] for i in first],
+                            [base.completion_ids[i] for i in first], pad_token_id=tokenizer.pad_token_id)
     comparison = frontier_comparison(rows)
 
     results = {
@@ -728,7 +743,7 @@ def run(args: argparse.Namespace) -> dict:
         "tilted_vs_best_of_n_at_equal_kl": comparison,
         "policy_drift_kl_lora_vs_pretrained": drift,
         "train_log": log,
-        "train_reward_mean": sum(train_samples.rewards) / len(train_samples.rewards),
+        "train_reward_mean": train_reward,
         "wall_seconds": time.perf_counter() - began,
         "samples": _sample_pairs(base, tilted, args.betas),
     }

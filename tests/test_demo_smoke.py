@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from datasets import Dataset
 
 from recipes import demo_sentiment as demo
 from tests.conftest import make_tiny_gpt2
@@ -61,35 +62,37 @@ def test_sentiment_reward_is_vader_compound():
 
 
 def test_training_rows_centre_per_prompt_and_end_with_eos():
-    samples = demo.Samples(
-        prompts=["a", "b"],
-        num_samples=2,
-        prompt_ids=[[5, 6], [7]],
-        completion_ids=[[1, 2], [3, 99], [4], [8, 9]],
-        texts=["", "", "", ""],
-        rewards=[0.5, -0.5, 1.0, 0.0],
+    data = Dataset.from_dict(  # generate_and_score's layout: two prompts, two completions each
+        {
+            "input_ids": [[5, 6, 1, 2], [5, 6, 3, 99], [7, 4], [7, 8, 9]],
+            "completion_mask": [[0, 0, 1, 1], [0, 0, 1, 1], [0, 1], [0, 1, 1]],
+            "reward": [0.5, -0.5, 1.0, 0.0],
+        }
     )
-    rows = demo.training_rows(samples, eos_token_id=99).to_list()
+    rows = demo.training_rows(data, 2, eos_token_id=99).to_list()
     assert [r["input_ids"] for r in rows] == [[5, 6, 1, 2, 99], [5, 6, 3, 99], [7, 4, 99], [7, 8, 9, 99]]
-    assert rows[0]["completion_mask"] == [0, 0, 1, 1, 1]
+    assert [r["completion_mask"] for r in rows] == [[0, 0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1], [0, 1, 1, 1]]
     assert [r["reward"] for r in rows] == pytest.approx([0.5, -0.5, 0.5, -0.5])
+    with pytest.raises(ValueError, match="whole number"):
+        demo.training_rows(data.select(range(3)), 2, eos_token_id=99)
 
 
 def test_completion_nll_matches_per_sequence_reference(tiny_gpt2):
     tiny_gpt2.eval()
     prompts, completions = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9]]
-    nll, count = demo.completion_nll(tiny_gpt2, prompts, completions, pad_token_id=0, batch_size=2)
-    expected = 0.0
-    for p, c in zip(prompts, completions, strict=True):
+    nlls, counts = demo.completion_nll(tiny_gpt2, prompts, completions, pad_token_id=0, batch_size=2)
+    expected = []
+    for p, c in zip(prompts, completions, strict=True):  # one unpadded sequence at a time
         logp = torch.log_softmax(tiny_gpt2(torch.tensor([p + c])).logits[0].float(), -1)
-        expected -= sum(logp[len(p) - 1 + k, tok].item() for k, tok in enumerate(c))
-    assert count == 5
-    assert nll == pytest.approx(expected, rel=1e-5)
+        expected.append(-sum(logp[len(p) - 1 + k, tok].item() for k, tok in enumerate(c)))
+    assert counts == [2, 3]
+    assert nlls == pytest.approx(expected, rel=1e-5)
+    assert demo.perplexity(nlls, counts) == pytest.approx(math.exp(sum(expected) / 5), rel=1e-5)
 
 
 def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
     model_dir = tmp_path / "tiny-gpt2"
-    make_tiny_gpt2(n_positions=64).save_pretrained(model_dir)
+    make_tiny_gpt2().save_pretrained(model_dir)
     gpt2_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "out"
     args = demo.parse_args(
