@@ -12,7 +12,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from tests.recipe_assets import recipe_args, run_in_process, save_tiny_gpt2, write_corpus
-from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, QTiltLogitsProcessor
 
 LORA = dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, r=4, lora_alpha=8, lora_dropout=0.0)
 # A user-chosen skip list that does not name the LM head: transformers would then quantise it.
@@ -87,6 +87,11 @@ def test_4bit_train_generate_train_on_cpu(base_dir, gpt2_tokenizer, tmp_path):
     with torch.no_grad():
         plain = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=gpt2_tokenizer.eos_token_id)
         tilted = _tilted_greedy(model, prompt["input_ids"], beta=1e-3, steps=4)
+        with QTiltLogitsProcessor(model, beta=1e-3) as processor:
+            generated = model.generate(
+                **prompt, max_new_tokens=4, do_sample=False, logits_processor=[processor], pad_token_id=0
+            )
+    assert torch.equal(generated, tilted)  # the processor inside generate matches the slow reference loop
     assert plain.shape == tilted.shape == (1, prompt["input_ids"].shape[1] + 4)
     assert not torch.equal(plain, tilted)  # a small beta lets the trained Q head choose the tokens
 

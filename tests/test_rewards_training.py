@@ -15,7 +15,13 @@ from trl.rewards import get_soft_overlong_punishment, think_format_reward
 from tests.conftest import make_tiny_gpt2
 from tests.test_data_formats import CHAT_TEMPLATE, _datasets
 from tests.test_rewards import reward_model_dir  # noqa: F401 (a fixture)
-from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, generate_and_score
+from trl_qhead import (
+    AutoModelForCausalLMWithQHead,
+    QHeadConfig,
+    QHeadTrainer,
+    QTiltLogitsProcessor,
+    generate_and_score,
+)
 from trl_qhead.data import DataCollatorForQHead, prepare_dataset
 from trl_qhead.mdp import action_mask_from_labels
 from trl_qhead.rewards import RewardComputer
@@ -44,20 +50,6 @@ def make_word_model(seed: int = 0) -> AutoModelForCausalLMWithQHead:
 def count_b(completions, **kwargs) -> list[float]:
     """A reward function with TRL's interface: one point per emitted "b"."""
     return [float(completion.split().count("b")) for completion in completions]
-
-
-class ManualQTilt(LogitsProcessor):
-    """`logits + Q(s, .) / beta` at the last position, by a second forward pass (slow; fine for a test).
-
-    TODO(lead): switch to `trl_qhead.decoding.QTiltLogitsProcessor(model, beta)` once the `decoding` branch is merged.
-    """
-
-    def __init__(self, model: AutoModelForCausalLMWithQHead, beta: float):
-        self.model, self.beta = model, beta
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        q = self.model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), return_q=True).q_values
-        return scores + q[:, -1].to(scores.dtype) / self.beta
 
 
 def _config(tmp_path, **kwargs) -> QHeadConfig:
@@ -285,6 +277,6 @@ def test_sequence_reward_from_a_reward_function_makes_tilted_samples_better(tmp_
         )
         return sum(data["reward"]) / len(data)
 
-    base, tilted = mean_reward(None), mean_reward([ManualQTilt(model, beta=0.5)])
+    base, tilted = mean_reward(None), mean_reward([QTiltLogitsProcessor(model, beta=0.5)])
     print(f"toy task, mean reward over 64 samples: base {base:.3f}, Q-tilted (beta=0.5) {tilted:.3f}")
     assert tilted > base + 1.0

@@ -2,6 +2,7 @@
 
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
+from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .returns import compute_returns
 from .rewards import RewardFunctions
@@ -14,10 +15,17 @@ __all__ = [
     "AutoModelForCausalLMWithQHead",
     "CausalLMWithQHeadOutput",
     "DataCollatorForQHead",
+    "ImplicitQ",
     "QHeadConfig",
+    "QHeadSource",
     "QHeadTrainer",
+    "QSource",
+    "QTiltLogitsProcessor",
+    "RerankOutput",
     "RewardFunctions",
     "compute_returns",
+    "fold_tilt",
     "generate_and_score",
     "prepare_dataset",
+    "rerank",
 ]
