@@ -551,8 +551,15 @@ def frontier_comparison(rows: Sequence[Row]) -> list[dict]:
             if k0 <= r.kl <= k1:
                 ref = v0 + (v1 - v0) * (r.kl - k0) / (k1 - k0) if k1 > k0 else max(v0, v1)
                 break
-        out.append({"setting": r.setting, "kl": r.kl, "reward": r.reward, "best_of_n_at_kl": ref,
-                    "difference": None if ref is None else r.reward - ref})
+        out.append(
+            {
+                "setting": r.setting,
+                "kl": r.kl,
+                "reward": r.reward,
+                "best_of_n_at_kl": ref,
+                "difference": None if ref is None else r.reward - ref,
+            }
+        )
     return out
 
 
@@ -581,8 +588,14 @@ def plot_frontier(rows: Sequence[Row], path: str | os.PathLike, title: str) -> N
     for method, style, label in (("best-of-N", "o-", "best-of-N (N x compute)"), ("Q-tilted", "s-", "Q-tilted (1x)")):
         pts = [r for r in rows if r.method == method or (method == "best-of-N" and r.method == "base sampling")]
         pts.sort(key=lambda r: r.kl)
-        ax.errorbar([r.kl for r in pts], [r.reward for r in pts], yerr=[r.reward_sem for r in pts], fmt=style,
-                    capsize=3, label=label)
+        ax.errorbar(
+            [r.kl for r in pts],
+            [r.reward for r in pts],
+            yerr=[r.reward_sem for r in pts],
+            fmt=style,
+            capsize=3,
+            label=label,
+        )
         for r in pts:
             tag = "base" if r.method == "base sampling" else r.setting.replace("beta=", "β=")
             ax.annotate(tag, (r.kl, r.reward), textcoords="offset points", xytext=(4, -10), fontsize=7)
@@ -640,7 +653,9 @@ def load_model(name: str, lora_r: int, lora_layers: int, dtype: torch.dtype = to
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--model", default="smollm2", help="'smollm2' (offline, from PyPI) or a hub name / local folder")
     p.add_argument("--output_dir", default=str(REPO_ROOT / "outputs" / "demo"))
     p.add_argument("--seed", type=int, default=0)
@@ -650,7 +665,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_new_tokens", type=int, default=24)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--train_batch_size", type=int, default=16)
-    p.add_argument("--learning_rate", type=float, default=5e-5, help="LoRA adapters")
+    p.add_argument("--learning_rate", type=float, default=1e-5, help="LoRA adapters")
     p.add_argument("--q_learning_rate", type=float, default=2e-5, help="Q head weight")
     p.add_argument("--q_bias_learning_rate", type=float, default=1e-2, help="Q head bias")
     p.add_argument("--q_weight", type=float, default=1.0)
@@ -686,8 +701,11 @@ def run(args: argparse.Namespace) -> dict:
     eos_id = tokenizer.eos_token_id
     train_prompts, eval_prompts = split_prompts(load_prompts(), args.n_train_prompts, args.n_eval_prompts, args.seed)
 
-    print(f"[2/5] Sampling {args.num_generations} completions for each of {len(train_prompts)} training prompts "
-          "from the base model and scoring them", flush=True)
+    print(
+        f"[2/5] Sampling {args.num_generations} completions for each of {len(train_prompts)} training prompts "
+        "from the base model and scoring them",
+        flush=True,
+    )
     set_seed(args.seed)
     scored = generate_and_score(
         model,
@@ -704,24 +722,48 @@ def run(args: argparse.Namespace) -> dict:
     print(f"      training reward: mean {train_reward:+.3f}", flush=True)
 
     print("[3/5] Training the LoRA adapters and the Q head (QHeadTrainer, Monte Carlo returns, gamma 1)", flush=True)
-    log = train_qhead(model, tokenizer, dataset, output_dir=str(out_dir / "checkpoint"), epochs=args.epochs,
-                      batch_size=args.train_batch_size, lr=args.learning_rate, q_lr=args.q_learning_rate,
-                      q_bias_lr=args.q_bias_learning_rate,
-                      q_weight=args.q_weight, seed=args.seed)
+    log = train_qhead(
+        model,
+        tokenizer,
+        dataset,
+        output_dir=str(out_dir / "checkpoint"),
+        epochs=args.epochs,
+        batch_size=args.train_batch_size,
+        lr=args.learning_rate,
+        q_lr=args.q_learning_rate,
+        q_bias_lr=args.q_bias_learning_rate,
+        q_weight=args.q_weight,
+        seed=args.seed,
+    )
     model.eval()
 
     print(f"[4/5] Evaluating on {len(eval_prompts)} held-out prompts", flush=True)
     base = score(
-        sample_completions(model, tokenizer, eval_prompts, args.eval_samples, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.gen_batch_size, seed=args.seed + 1, desc="base samples")
+        sample_completions(
+            model,
+            tokenizer,
+            eval_prompts,
+            args.eval_samples,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.gen_batch_size,
+            seed=args.seed + 1,
+            desc="base samples",
+        )
     )
     tilted = {}
     for beta in args.betas:
         tilted[beta] = score(
-            sample_completions(model, tokenizer, eval_prompts, args.tilted_samples, max_new_tokens=args.max_new_tokens,
-                               batch_size=args.gen_batch_size, seed=args.seed + 2,
-                               logits_processor_factory=lambda beta=beta: QTiltLogitsProcessor(model, beta=beta),
-                               desc=f"Q-tilted beta={beta:g}")
+            sample_completions(
+                model,
+                tokenizer,
+                eval_prompts,
+                args.tilted_samples,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.gen_batch_size,
+                seed=args.seed + 2,
+                logits_processor_factory=lambda beta=beta: QTiltLogitsProcessor(model, beta=beta),
+                desc=f"Q-tilted beta={beta:g}",
+            )
         )
 
     print("[5/5] Scoring the samples with the pretrained model (perplexity, drift)", flush=True)
@@ -732,8 +774,12 @@ def run(args: argparse.Namespace) -> dict:
     rows = base_and_best_of_n_rows(base)
     rows += [tilted_row(s, beta) for beta, s in tilted.items()]
     first = range(min(128, len(base.texts)))
-    drift = policy_drift_kl(model, [base.prompt_ids[i // base.num_samples] for i in first],
-                            [base.completion_ids[i] for i in first], pad_token_id=tokenizer.pad_token_id)
+    drift = policy_drift_kl(
+        model,
+        [base.prompt_ids[i // base.num_samples] for i in first],
+        [base.completion_ids[i] for i in first],
+        pad_token_id=tokenizer.pad_token_id,
+    )
     comparison = frontier_comparison(rows)
 
     results = {
@@ -758,8 +804,16 @@ def _sample_pairs(base: Samples, tilted: dict[float, Samples], betas: Sequence[f
     pairs = []
     for p in range(min(k, len(base.prompts))):
         i, j = p * base.num_samples, p * t.num_samples
-        pairs.append({"prompt": base.prompts[p], "base": base.texts[i], "base_reward": base.rewards[i],
-                      "tilted_beta": beta, "tilted": t.texts[j], "tilted_reward": t.rewards[j]})
+        pairs.append(
+            {
+                "prompt": base.prompts[p],
+                "base": base.texts[i],
+                "base_reward": base.rewards[i],
+                "tilted_beta": beta,
+                "tilted": t.texts[j],
+                "tilted_reward": t.rewards[j],
+            }
+        )
     return pairs
 
 
@@ -767,8 +821,11 @@ def write_outputs(results: dict, rows: Sequence[Row], out_dir: Path, args: argpa
     table = markdown_table(rows)
     comparison = "\n".join(
         f"- {c['setting']}: KL {c['kl']:.3f}, reward {c['reward']:+.3f}; best-of-N at that KL "
-        + ("(beyond N=16)" if c["best_of_n_at_kl"] is None
-           else f"{c['best_of_n_at_kl']:+.3f}, difference {c['difference']:+.3f}")
+        + (
+            "(beyond N=16)"
+            if c["best_of_n_at_kl"] is None
+            else f"{c['best_of_n_at_kl']:+.3f}, difference {c['difference']:+.3f}"
+        )
         for c in results["tilted_vs_best_of_n_at_equal_kl"]
     )
     md = (

@@ -72,7 +72,9 @@ def smollm2_dir() -> Path:
         quantized = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file)
         # transformers 5.x marks a GGUF-loaded model as quantised ("gguf") although its weights are de-quantised
         # fp32: rebuild a plain model from a clean config so that `save_pretrained` writes an ordinary checkpoint.
-        config = AutoConfig.for_model(**{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"})
+        config = AutoConfig.for_model(
+            **{k: v for k, v in quantized.config.to_dict().items() if k != "quantization_config"}
+        )
         model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(quantized.state_dict())
         staging = Path(tmp, "hf")

@@ -96,9 +96,33 @@ def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
     gpt2_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "out"
     args = demo.parse_args(
-        ["--model", str(model_dir), "--output_dir", str(out), "--n_train_prompts", "4", "--n_eval_prompts", "2",
-         "--num_generations", "2", "--max_new_tokens", "6", "--epochs", "1", "--train_batch_size", "4",
-         "--lora_r", "4", "--tilted_samples", "2", "--betas", "1.0", "0.1", "--gen_batch_size", "16"]
+        [
+            "--model",
+            str(model_dir),
+            "--output_dir",
+            str(out),
+            "--n_train_prompts",
+            "4",
+            "--n_eval_prompts",
+            "2",
+            "--num_generations",
+            "2",
+            "--max_new_tokens",
+            "6",
+            "--epochs",
+            "1",
+            "--train_batch_size",
+            "4",
+            "--lora_r",
+            "4",
+            "--tilted_samples",
+            "2",
+            "--betas",
+            "1.0",
+            "0.1",
+            "--gen_batch_size",
+            "16",
+        ]
     )
     results = demo.run(args)
 
