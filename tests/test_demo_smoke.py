@@ -150,5 +150,5 @@ def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
         assert row["kl"] >= 0.0 and row["n"] == 2 * 2 and row["samples_per_output"] == 1
     for row in rows:
         assert -1.0 <= row["reward"] <= 1.0 and 0.0 <= row["distinct_2"] <= 1.0 and row["perplexity"] > 1.0
-    assert results["policy_drift_kl_lora_vs_pretrained"] >= 0.0
+    assert results["policy_drift_kl_lora_vs_pretrained"] >= -1e-5  # a KL, up to float rounding (seen: -2.4e-7)
     assert "| best-of-N | N=16 |" in (out / "results.md").read_text()
