@@ -588,9 +588,10 @@ def plot_frontier(rows: Sequence[Row], path: str | os.PathLike, title: str) -> N
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    base = [r for r in rows if r.method == "base sampling"]
+    # Both curves start at base sampling: best-of-1, and the tilt at beta = infinity, are the base policy itself.
     for method, style, label in (("best-of-N", "o-", "best-of-N (N x compute)"), ("Q-tilted", "s-", "Q-tilted (1x)")):
-        pts = [r for r in rows if r.method == method or (method == "best-of-N" and r.method == "base sampling")]
-        pts.sort(key=lambda r: r.kl)
+        pts = sorted(base + [r for r in rows if r.method == method], key=lambda r: r.kl)
         ax.errorbar(
             [r.kl for r in pts],
             [r.reward for r in pts],
@@ -600,8 +601,11 @@ def plot_frontier(rows: Sequence[Row], path: str | os.PathLike, title: str) -> N
             label=label,
         )
         for r in pts:
-            tag = "base" if r.method == "base sampling" else r.setting.replace("beta=", "β=")
-            ax.annotate(tag, (r.kl, r.reward), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            if r.method != "base sampling":
+                tag = r.setting.replace("beta=", "β=")
+                ax.annotate(tag, (r.kl, r.reward), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for r in base:
+        ax.annotate("base", (r.kl, r.reward), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xlabel("KL(policy || base policy), nats per completion")
     ax.set_ylabel("mean VADER compound sentiment (held-out prompts)")
     ax.set_title(title, fontsize=9)
@@ -847,7 +851,8 @@ def write_outputs(results: dict, rows: Sequence[Row], out_dir: Path, args: argpa
             f"- Q-tilted beta={s['tilted_beta']:g} ({s['tilted_reward']:+.2f}): {s['tilted']!r}\n"
         )
     (out_dir / "samples.md").write_text("\n".join(samples_md))
-    plot_frontier(rows, out_dir / "frontier.png", f"{args.model}: reward vs KL on held-out prompts")
+    name = "SmolLM2-135M-Instruct" if args.model == "smollm2" else args.model
+    plot_frontier(rows, out_dir / "frontier.png", f"{name}: reward vs KL on {args.n_eval_prompts} held-out prompts")
     print("\n" + md)
     print("\n".join(samples_md))
     print(f"Outputs in {out_dir}/: results.md, results.json, samples.md, frontier.png")
