@@ -6,6 +6,7 @@ from datasets import Dataset, IterableDataset
 
 from trl_qhead import DataCollatorForQHead, prepare_dataset
 from trl_qhead.mdp import action_mask_from_labels, episode_dones, next_tokens
+from trl_qhead.rewards import action_rewards
 
 
 def test_text_is_tokenised_with_eos_and_blank_lines_dropped(gpt2_tokenizer):
@@ -28,12 +29,15 @@ def test_missing_columns_list_what_was_found_and_expected(gpt2_tokenizer):
 def test_sequence_reward_lands_on_the_last_kept_token():
     dataset = Dataset.from_dict({"input_ids": [[1, 2, 3, 4, 5], [6, 7]], "reward": [2.5, -1.0]})
     rows = prepare_dataset(dataset, None, max_length=3)
-    assert rows[0]["rewards"] == [0.0, 0.0, 2.5] and rows[1]["rewards"] == [0.0, -1.0]
+    assert rows["reward"] == [2.5, -1.0]  # kept apart from `rewards`, so that it can be normalised
+    batch = DataCollatorForQHead(pad_token_id=0)(list(rows))
+    assert action_rewards(batch).tolist() == [[0.0, 2.5, 0.0], [-1.0, 0.0, 0.0]]  # the last action as trained
 
 
 def test_per_token_rewards_add_to_the_sequence_reward():
     dataset = Dataset.from_dict({"input_ids": [[1, 2, 3]], "rewards": [[9.0, 0.5, 0.25]], "reward": [1.0]})
-    assert prepare_dataset(dataset, None)[0]["rewards"] == [9.0, 0.5, 1.25]
+    batch = DataCollatorForQHead(pad_token_id=0)(list(prepare_dataset(dataset, None)))
+    assert action_rewards(batch).tolist() == [[0.5, 1.25, 0.0]]
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,8 @@ from .data import DataCollatorForQHead, prepare_dataset
 from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .returns import compute_returns
+from .rewards import RewardFunctions
+from .rollouts import generate_and_score
 from .trainer import QHeadTrainer
 
 __version__ = "0.1.0"
@@ -20,8 +22,10 @@ __all__ = [
     "QSource",
     "QTiltLogitsProcessor",
     "RerankOutput",
+    "RewardFunctions",
     "compute_returns",
     "fold_tilt",
+    "generate_and_score",
     "prepare_dataset",
     "rerank",
 ]

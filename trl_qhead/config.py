@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
 PACKING_STRATEGIES = ("wrapped", "bfd", "bfd_split")
+REWARD_NORMALIZATIONS = (None, "batch", "running")
 
 
 @dataclass
@@ -30,8 +32,29 @@ class QHeadConfig(TrainingArguments):
             Learning rate of the Q head (same schedule, no weight decay); `None` uses `learning_rate`. Adam moves
             each parameter by about the learning rate per step, so returns of magnitude R need about R / lr steps:
             a head that starts at zero often wants a larger rate than a LoRA backbone.
-        value_chunk_size (`int`, *optional*, defaults to `1024`):
-            Positions per chunk when computing `V(s)`; bounds the extra memory to `2 * value_chunk_size * |V|` floats.
+        value_chunk_size (`int`, *optional*, defaults to `256`):
+            Positions per chunk wherever the loss takes a product over the vocabulary (the LM log-softmax of `L_LM` and
+            its gradient, `V(s)`, the reference log-probs): bounds those buffers to a few `value_chunk_size * |V|`
+            floats instead of `batch * max_length * |V|`.
+
+        > Rewards (see the "Rewards" section of the README for the order in which they combine)
+
+        reward_weights (`list[float]` or `None`, *optional*, defaults to `None`):
+            Weights of the trainer's `reward_funcs`, one per function, as in `GRPOConfig`; `None` weighs each by 1.
+        lm_reward_coef (`float`, *optional*, defaults to `1.0`):
+            Weight of the reference log-prob reward of `use_lm_rewards`: `r_t += lm_reward_coef * log pi_ref(a_t|s_t)`.
+        reward_scale (`float`, *optional*, defaults to `1.0`):
+            Multiplies the task rewards (data columns, reward functions and models; not the log-prob reward).
+        reward_clip (`float` or `None`, *optional*, defaults to `None`):
+            Clips the scaled task rewards to `[-reward_clip, reward_clip]` (sequence rewards, and per-token rewards
+            action by action).
+        reward_normalization (`str` or `None`, *optional*, defaults to `None`):
+            Normalisation of the sequence rewards before scaling: `"batch"` (the batch's mean and std, over all
+            processes), `"running"` (running mean and std over training) or `None`. Per-token rewards are not
+            normalised.
+        completion_only_loss (`bool`, *optional*, defaults to `True`):
+            Train the LM and Q losses on completion tokens only where the data separates a completion (prompt/
+            completion formats, a `completion_mask` column). `False` trains on the prompt's tokens too.
 
         > Data
 
@@ -75,11 +98,29 @@ class QHeadConfig(TrainingArguments):
     q_head_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the Q head; None uses learning_rate."}
     )
-    value_chunk_size: int = field(default=1024, metadata={"help": "Positions per chunk when computing V(s)."})
+    value_chunk_size: int = field(
+        default=256, metadata={"help": "Positions per chunk of the products over the vocabulary (log pi, V(s))."}
+    )
+
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the reward functions, one per function; None weighs each by 1."}
+    )
+    lm_reward_coef: float = field(default=1.0, metadata={"help": "Weight of the log-prob reward of use_lm_rewards."})
+    reward_scale: float = field(default=1.0, metadata={"help": "Multiplies the task rewards (not the LM reward)."})
+    reward_clip: float | None = field(
+        default=None, metadata={"help": "Clip the scaled task rewards to [-reward_clip, reward_clip]."}
+    )
+    reward_normalization: str | None = field(
+        default=None, metadata={"help": "Normalise sequence rewards: 'batch', 'running' or None."}
+    )
+    completion_only_loss: bool = field(
+        default=True, metadata={"help": "Train on completion tokens only where the data marks a completion."}
+    )
 
     dataset_name: str | None = field(default=None, metadata={"help": "Dataset for datasets.load_dataset."})
     dataset_config: str | None = field(default=None, metadata={"help": "Configuration name of the dataset."})
-    dataset_data_files: str | list[str] | None = field(
+    # `list[str]` for the command line (`--dataset_data_files a.txt b.txt`); a single string works from Python too.
+    dataset_data_files: list[str] | None = field(
         default=None, metadata={"help": "Local data files (for builders such as 'text' or 'json')."}
     )
     dataset_split: str = field(default="train", metadata={"help": "Split to train on."})
@@ -110,6 +151,30 @@ class QHeadConfig(TrainingArguments):
             raise ValueError(f"`q_head_learning_rate` must be > 0 or None, got {self.q_head_learning_rate!r}.")
         if not isinstance(self.value_chunk_size, int) or self.value_chunk_size < 1:
             raise ValueError(f"`value_chunk_size` must be a positive integer, got {self.value_chunk_size!r}.")
+        if self.reward_weights is not None:
+            if not isinstance(self.reward_weights, (list, tuple)) or not self.reward_weights:
+                raise ValueError(f"`reward_weights` must be a non-empty list of numbers, got {self.reward_weights!r}.")
+            for weight in self.reward_weights:
+                _check_finite("reward_weights", weight)
+            self.reward_weights = [float(w) for w in self.reward_weights]
+        _check_finite("lm_reward_coef", self.lm_reward_coef)
+        if self.lm_reward_coef != 1.0 and not self.use_lm_rewards:
+            raise ValueError("`lm_reward_coef` weighs the reward of `use_lm_rewards`: set `use_lm_rewards=True`.")
+        _check_finite("reward_scale", self.reward_scale)
+        if self.reward_scale <= 0:
+            raise ValueError(f"`reward_scale` must be > 0, got {self.reward_scale!r}.")
+        if self.reward_clip is not None:
+            _check_finite("reward_clip", self.reward_clip)
+            if self.reward_clip <= 0:
+                raise ValueError(f"`reward_clip` must be > 0 (or None for no clipping), got {self.reward_clip!r}.")
+        if isinstance(self.reward_normalization, str) and self.reward_normalization.lower() == "none":
+            self.reward_normalization = None  # the command line spells None as a string
+        if self.reward_normalization not in REWARD_NORMALIZATIONS:
+            raise ValueError(
+                f"`reward_normalization` must be one of {REWARD_NORMALIZATIONS}, got {self.reward_normalization!r}."
+            )
+        if not isinstance(self.completion_only_loss, bool):
+            raise ValueError(f"`completion_only_loss` must be True or False, got {self.completion_only_loss!r}.")
         if self.packing_strategy not in PACKING_STRATEGIES:
             raise ValueError(f"`packing_strategy` must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}.")
         if not self.dataset_text_field:
@@ -128,3 +193,8 @@ class QHeadConfig(TrainingArguments):
 def _check_range(name: str, value, low: float, high: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low <= value <= high):
         raise ValueError(f"`{name}` must be a number in [{low}, {high}], got {value!r}.")
+
+
+def _check_finite(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")

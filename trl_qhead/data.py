@@ -1,14 +1,24 @@
 """Datasets to training rows, and rows to padded batches.
 
-A training row is `input_ids` (at least two tokens, so at least one action), an optional `rewards` list aligned with
-the tokens (`rewards[k]` is earned when token `k` is produced; `rewards[0]` is ignored) and an optional
-`completion_mask` (1 where a token is a training target). A scalar `reward` column (a sequence reward) is folded into
-`rewards` at the row's last token, which makes it the reward of the last action and lets packed rows keep it.
+A training row is `input_ids` (at least two tokens, so at least one action) with optional columns:
+- `rewards`: a list aligned with the tokens, `rewards[k]` is earned when token `k` is produced (`rewards[0]` is ignored);
+- `reward`: a scalar sequence reward, earned by the row's last action. Packing folds it into `rewards` at the
+  document's last token, which is the same thing and survives packing;
+- `completion_mask`: 1 where a token is a training target (with `completion_only_loss`, the default);
+- `prompt_length`: how many leading tokens are the prompt (0 when absent). Reward functions see the tokens after it as
+  the completion.
+With `reward_columns=True` a row also keeps the original `prompt` and every column that is not a format column, so
+that reward functions receive them as TRL's `GRPOTrainer` passes them (`prompts`, `**dataset_columns`).
 
-Formats recognised, the way TRL's trainers recognise them:
-- pre-tokenised: `input_ids`, optionally `rewards` and/or `reward`;
-- plain text: the `dataset_text_field` column (default `"text"`), optionally `reward`. Each document gets EOS appended,
-  so a document that fits ends with a terminal action, and one that is cut bootstraps where it was cut.
+Formats recognised, the way TRL's trainers recognise them (first match wins):
+- pre-tokenised: `input_ids`, optionally `rewards`, `reward`, `completion_mask` and a `prompt` for reward functions;
+- prompt/completion: `prompt` and `completion`, both strings (the completion gets EOS appended, so its last action
+  is terminal) or both lists of messages (rendered with the tokenizer's chat template, which ends the turn itself);
+- conversational: `messages`, a list of messages rendered with the chat template; the loss covers the whole
+  conversation, and reward functions see the last message as the completion and the ones before it as the prompt;
+- plain text: the `dataset_text_field` column (default `"text"`). Each document gets EOS appended, so a document that
+  fits ends with a terminal action, and one that is cut bootstraps where it was cut. The prompt is empty.
+Every format may carry a scalar `reward`; the tokenised one a per-token `rewards` list too.
 """
 
 from __future__ import annotations
@@ -19,19 +29,38 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
-from trl.data_utils import get_dataset_column_names, pack_dataset
+from trl.data_utils import apply_chat_template, common_prefix_length, get_dataset_column_names, pack_dataset
 from trl.trainer.utils import pad
 
+# Columns a format consumes; every other column is an extra one, handed to reward functions as a keyword argument.
+FORMAT_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "reward", "completion_mask", "prompt_length")
+FORMAT_COLUMNS += ("prompt", "completion", "messages", "completion_ids")  # the last is a reward-function argument
+# Row keys the collator turns into tensors; the rest travel as lists in `batch["reward_inputs"]`.
+ROW_TENSOR_KEYS = ("input_ids", "rewards", "reward", "completion_mask", "prompt_length")
 
-def detect_format(column_names: list[str], text_field: str) -> str:
-    """`"tokenized"` or `"text"`; a `ValueError` listing the columns found and expected otherwise."""
-    if "input_ids" in column_names:
+
+def detect_format(column_names: list[str], text_field: str = "text") -> str:
+    """`"tokenized"`, `"prompt_completion"`, `"messages"` or `"text"`; a `ValueError` listing the columns found and
+    the ones expected otherwise."""
+    columns = set(column_names)
+    if "input_ids" in columns:
         return "tokenized"
-    if text_field in column_names:
+    if {"prompt", "completion"} <= columns:
+        return "prompt_completion"
+    if "messages" in columns:
+        return "messages"
+    if text_field in columns:
         return "text"
+    hint = ""
+    if "prompt" in columns:
+        hint = (
+            " A dataset of prompts alone has nothing to train on: sample completions for it with "
+            "`trl_qhead.generate_and_score`."
+        )
     raise ValueError(
-        f"The dataset has columns {sorted(column_names)}; expected `input_ids` (pre-tokenised, optionally with "
-        f"`rewards` and `reward`) or the text column `{text_field}` (set `dataset_text_field` to change it)."
+        f"The dataset has columns {sorted(columns)}; expected one of: `input_ids` (pre-tokenised, optionally with "
+        f"`rewards`, `reward` and `completion_mask`), `prompt` and `completion`, `messages`, or the text column "
+        f"`{text_field}` (set `dataset_text_field` to change it).{hint}"
     )
 
 
@@ -45,35 +74,103 @@ def _check_rewards(rewards: list[float], n_tokens: int, where: str) -> None:
         raise ValueError(f"`rewards` of {where} holds NaN or inf.")
 
 
-def _to_row(example: dict[str, Any], idx: int, *, fmt: str, tokenizer, text_field: str, max_length: int) -> dict:
-    """Tokenise (text), check, truncate to `max_length` and fold a scalar `reward` into `rewards`."""
-    where = f"example {idx}"
+def _is_messages(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # Chat templates write their special tokens into the text; plain text gets none, as before (EOS is added as an id).
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _tokenize(example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_field: str) -> tuple[list, int, Any]:
+    """`(input_ids, prompt_length, prompt)` of one example; `prompt` is what reward functions get as the prompt."""
+    if fmt == "tokenized":
+        input_ids = list(example["input_ids"])
+        mask = example.get("completion_mask")
+        prompt_length = next((i for i, m in enumerate(mask) if m), len(mask)) if mask is not None else 0
+        return input_ids, prompt_length, example.get("prompt")
     if fmt == "text":
         text = example[text_field]
         if not isinstance(text, str):
             raise TypeError(f"`{text_field}` of {where} must be a string, got {type(text).__name__}.")
-        input_ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return _encode(tokenizer, text) + [tokenizer.eos_token_id], 0, ""
+    if fmt == "messages":
+        messages = example["messages"]
+        if not _is_messages(messages) or not messages:
+            raise TypeError(f"`messages` of {where} must be a non-empty list of {{'role', 'content'}} dicts.")
+        input_ids = _encode(tokenizer, apply_chat_template({"messages": messages}, tokenizer)["text"])
+        prompt_length = 0
+        if len(messages) > 1:
+            prompt_text = tokenizer.apply_chat_template(
+                messages[:-1], tokenize=False, add_generation_prompt=messages[-1]["role"] == "assistant"
+            )
+            prompt_length = common_prefix_length(_encode(tokenizer, prompt_text), input_ids)
+        return input_ids, prompt_length, messages[:-1]
+    prompt, completion = example["prompt"], example["completion"]
+    if _is_messages(prompt) and _is_messages(completion):
+        rendered = apply_chat_template({"prompt": prompt, "completion": completion}, tokenizer)
+        prompt_text, completion_text, eos = rendered["prompt"], rendered["completion"], []
+    elif isinstance(prompt, str) and isinstance(completion, str):
+        prompt_text, completion_text, eos = prompt, completion, [tokenizer.eos_token_id]
     else:
-        input_ids = list(example["input_ids"])
+        raise TypeError(
+            f"`prompt` and `completion` of {where} must both be strings or both be lists of messages, got "
+            f"{type(prompt).__name__} and {type(completion).__name__}."
+        )
+    prompt_ids = _encode(tokenizer, prompt_text)
+    input_ids = _encode(tokenizer, prompt_text + completion_text)
+    if eos and input_ids[-1:] != eos:
+        input_ids += eos
+    # Tokens can merge across the boundary: the completion starts where the two tokenisations part, as in TRL's SFT.
+    return input_ids, common_prefix_length(prompt_ids, input_ids), prompt
+
+
+def _to_row(
+    example: dict[str, Any],
+    idx: int,
+    *,
+    fmt: str,
+    tokenizer,
+    text_field: str,
+    max_length: int,
+    fold_reward: bool,
+    completion_only_loss: bool,
+    reward_columns: bool,
+) -> dict:
+    """Tokenise, check, truncate to `max_length`; keep `reward` apart, or fold it into `rewards` (packing)."""
+    where = f"example {idx}"
+    input_ids, prompt_length, prompt = _tokenize(example, where, fmt=fmt, tokenizer=tokenizer, text_field=text_field)
     rewards = example.get("rewards")
     if rewards is not None:
         _check_rewards(list(rewards), len(input_ids), where)
         rewards = [float(r) for r in rewards]
-    if example.get("completion_mask") is not None and len(example["completion_mask"]) != len(input_ids):
+    mask = example.get("completion_mask")
+    if mask is not None and len(mask) != len(input_ids):
         raise ValueError(f"`completion_mask` of {where} must have one entry per token of `input_ids`.")
+    if fmt == "prompt_completion":
+        mask = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
     row = {"input_ids": input_ids[:max_length]}
-    if example.get("completion_mask") is not None:
-        row["completion_mask"] = list(example["completion_mask"])[:max_length]
+    if fmt in ("prompt_completion", "messages") or mask is not None:  # formats without a prompt: 0, the default
+        row["prompt_length"] = min(prompt_length, max_length)
+    if mask is not None and completion_only_loss:
+        row["completion_mask"] = list(mask)[:max_length]
+    # Every row of a dataset must have the same keys: a column that exists gives a key, `None` where it is empty.
     reward = example.get("reward")
     if reward is not None:
         reward = float(reward)
         if not math.isfinite(reward):
-            raise ValueError(f"`reward` of {where} is {reward}: it must be finite.")
-        rewards = rewards if rewards is not None else [0.0] * len(input_ids)
-        rewards = rewards[:max_length]
-        rewards[-1] += reward  # the reward of the last action of the row as trained
-    if rewards is not None:
-        row["rewards"] = rewards[:max_length]
+            raise ValueError(f"`reward` of {where} is {reward}: it must be finite (leave it empty for no reward).")
+    if fold_reward and ("reward" in example or "rewards" in example):
+        rewards = (rewards if rewards is not None else [0.0] * len(input_ids))[:max_length]
+        if reward is not None:
+            rewards[-1] += reward  # the reward of the last action of the row as trained
+    elif "reward" in example:
+        row["reward"] = reward
+    if rewards is not None or "rewards" in example:
+        row["rewards"] = None if rewards is None else rewards[:max_length]
+    if reward_columns:
+        row["prompt"] = prompt
     return row
 
 
@@ -86,31 +183,59 @@ def prepare_dataset(
     packing: bool = False,
     packing_strategy: str = "wrapped",
     num_proc: int | None = None,
+    completion_only_loss: bool = True,
+    reward_columns: bool = False,
 ) -> Dataset | IterableDataset:
     """Turn a dataset in any supported format into training rows (see the module docstring).
 
     Args:
         dataset: a `Dataset` or a streaming `IterableDataset`.
-        tokenizer: the model's tokenizer (needs `eos_token_id` for text).
+        tokenizer: the model's tokenizer (needs `eos_token_id`, and a chat template for conversational data).
         text_field: the plain-text column.
         max_length: tokens per row: longer rows are truncated, or packed rows are this long.
         packing: pack rows into `max_length`-token rows with TRL's `pack_dataset`.
         packing_strategy: `"wrapped"`, `"bfd"` or `"bfd_split"` (see `trl.pack_dataset`).
         num_proc: processes for `map` (map-style datasets only).
+        completion_only_loss: train on completion tokens only where the data separates a completion (prompt/
+            completion formats, or a `completion_mask` column); `False` trains on the prompt too.
+        reward_columns: keep the prompt and the extra columns for reward functions (not with `packing`).
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> rows = prepare_dataset(Dataset.from_dict({"prompt": ["2+2="], "completion": ["4"]}), tokenizer)
+    >>> rows[0]["completion_mask"]  # GPT-2: "2", "+", "2", "=" are not targets; "4" and EOS are
+    [0, 0, 0, 0, 1, 1]
+    ```
     """
     columns = get_dataset_column_names(dataset)
     fmt = detect_format(columns, text_field)
-    if fmt == "text" and tokenizer is None:
-        raise ValueError("A plain-text dataset needs a tokenizer: pass `processing_class`.")
+    if fmt != "tokenized" and tokenizer is None:
+        raise ValueError(f"A dataset in the {fmt!r} format needs a tokenizer: pass `processing_class`.")
+    if reward_columns and packing:
+        raise ValueError(
+            "Reward functions score one completion per row, and packing puts several in a row: set `packing=False`."
+        )
     map_kwargs = {"num_proc": num_proc} if isinstance(dataset, Dataset) and num_proc else {}
-    fn_kwargs = {"fmt": fmt, "tokenizer": tokenizer, "text_field": text_field}
-    # Packing cuts rows itself; truncating first would throw tokens away.
-    fn_kwargs["max_length"] = 2**62 if packing else max_length
-    dataset = dataset.map(_to_row, fn_kwargs=fn_kwargs, with_indices=True, remove_columns=columns, **map_kwargs)
+    fn_kwargs = {
+        "fmt": fmt,
+        "tokenizer": tokenizer,
+        "text_field": text_field,
+        # Packing cuts rows itself; truncating first would throw tokens away.
+        "max_length": 2**62 if packing else max_length,
+        "fold_reward": packing,
+        "completion_only_loss": completion_only_loss,
+        "reward_columns": reward_columns,
+    }
+    consumed = [c for c in columns if c in FORMAT_COLUMNS or c == text_field]
+    remove = consumed if reward_columns else columns
+    dataset = dataset.map(_to_row, fn_kwargs=fn_kwargs, with_indices=True, remove_columns=remove, **map_kwargs)
     if fmt == "text" and not packing:
         # Blank lines are normal in text files; alone they are a lone EOS with no action to learn from.
         dataset = dataset.filter(lambda row: len(row["input_ids"]) >= 2)
     if packing:
+        if "prompt_length" in get_dataset_column_names(dataset):
+            dataset = dataset.remove_columns("prompt_length")
         dataset = pack_dataset(dataset, max_length, strategy=packing_strategy)
         if "seq_lengths" in get_dataset_column_names(dataset):
             dataset = dataset.remove_columns("seq_lengths")
@@ -120,7 +245,9 @@ def prepare_dataset(
 @dataclass
 class DataCollatorForQHead:
     """Pads training rows into a batch: `input_ids`, `attention_mask`, `labels` (-100 where a token is not a target)
-    and, when any row has them, token-aligned `rewards` (0 on padding).
+    and, when any row has them, token-aligned `rewards` (0 on padding), `reward` (`[B]`, NaN where a row has none)
+    and `prompt_length` (`[B]`). Other row keys (the prompt and extra columns kept for reward functions) travel as
+    lists in `batch["reward_inputs"]`.
 
     Args:
         pad_token_id: id written into padding (masked out by `attention_mask`, so EOS is fine).
@@ -132,7 +259,7 @@ class DataCollatorForQHead:
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
 
-    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         for i, example in enumerate(examples):
             if len(example["input_ids"]) < 2:
                 raise ValueError(
@@ -161,4 +288,12 @@ class DataCollatorForQHead:
                 for e in examples
             ]
             batch["rewards"] = pad(rewards, 0.0, side, multiple)
+        if any(e.get("reward") is not None for e in examples):
+            values = [math.nan if e.get("reward") is None else float(e["reward"]) for e in examples]
+            batch["reward"] = torch.tensor(values, dtype=torch.float32)
+        if any("prompt_length" in e for e in examples):
+            batch["prompt_length"] = torch.tensor([int(e.get("prompt_length", 0)) for e in examples])
+        extra = [key for key in examples[0] if key not in ROW_TENSOR_KEYS]
+        if extra:
+            batch["reward_inputs"] = {key: [e.get(key) for e in examples] for key in extra}
         return batch

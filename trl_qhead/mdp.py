@@ -56,3 +56,21 @@ def token_rewards_to_actions(token_rewards: torch.Tensor) -> torch.Tensor:
     rewards = torch.zeros_like(token_rewards, dtype=torch.float32)
     rewards[:, :-1] = token_rewards[:, 1:]
     return rewards
+
+
+def sequence_rewards_to_actions(sequence_rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """A scalar reward per row onto the row's last action: `r[b, t_last(b)] = R_b`, 0 elsewhere (DESIGN.md section 2).
+
+    Rows without an action, and NaN entries (no reward source applied to the row), get nothing.
+
+    Args:
+        sequence_rewards: `[B]` float.
+        action_mask: `[B, T]` bool, where a position holds an action.
+    """
+    positions = torch.arange(action_mask.shape[1], device=action_mask.device).expand_as(action_mask)
+    last = torch.where(action_mask, positions, -1).amax(dim=1)
+    rows = torch.arange(action_mask.shape[0], device=action_mask.device)
+    keep = (last >= 0) & torch.isfinite(sequence_rewards)
+    rewards = torch.zeros(action_mask.shape, dtype=torch.float32, device=action_mask.device)
+    rewards[rows[keep], last[keep]] = sequence_rewards[keep].float()
+    return rewards

@@ -18,12 +18,23 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
+from trl.trainer.utils import selective_log_softmax
 
-from .losses import gather_action_q, state_values
+from .losses import action_logprobs_and_values, gather_action_q, state_values
+from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
 
 Q_HEAD_WEIGHTS_NAME = "q_head.safetensors"
 Q_HEAD_CONFIG_NAME = "q_head_config.json"
 Q_HEAD_INITS = ("zeros", "normal", "lm_head")
+# Config fields with which an LM head post-processes its logits (the ones TRL's fused LM head handles): a head with any
+# of them set is not a plain `W h + b`, so its log-probs are taken from the full logits.
+_LOGIT_TRANSFORMS = (
+    "final_logit_softcapping",
+    "logit_scale",
+    "output_multiplier",
+    "lm_head_multiplier",
+    "logits_scaling",
+)
 
 
 @dataclass
@@ -35,6 +46,8 @@ class CausalLMWithQHeadOutput(ModelOutput):
         hidden_states: `[B, T, H]` final hidden states `h_t` (what both heads read).
         q_values: `[B, T, |V|]` full Q values, only when `return_q=True`.
         action_q: `[B, T]` `Q(s_t, a_t)` for the `actions` passed in, only when asked.
+        action_logprobs: `[B, T]` `log pi(a_t|s_t)` (with grad) where `logprob_mask` is set, zero elsewhere, only when
+            asked.
         state_values: `[B, T]` `V(s_t)` (no grad) where `value_mask` is set, zero elsewhere, only when asked.
         past_key_values: the backbone's cache, when it returns one.
     """
@@ -43,6 +56,7 @@ class CausalLMWithQHeadOutput(ModelOutput):
     hidden_states: torch.Tensor | None = None
     q_values: torch.Tensor | None = None
     action_q: torch.Tensor | None = None
+    action_logprobs: torch.Tensor | None = None
     state_values: torch.Tensor | None = None
     past_key_values: object | None = None
 
@@ -53,6 +67,51 @@ def _is_peft_model(model: nn.Module) -> bool:
     except ImportError:  # peft is a dependency, but keep the core importable without it
         return False
     return isinstance(model, PeftModel)
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    base = model.get_base_model() if _is_peft_model(model) else model
+    return set(inspect.signature(base.forward).parameters)
+
+
+def plain_lm_head(model: nn.Module) -> nn.Linear | None:
+    """The LM head of a causal LM when its logits are exactly `W h + b` (a float `nn.Linear`, no softcapping or logit
+    scaling in the config), so that log-probs can be computed from the hidden states in chunks; `None` otherwise
+    (quantised, adapted or post-processed heads), in which case the full logits are used."""
+    head = model.get_output_embeddings()
+    if type(head) is not nn.Linear or not head.weight.is_floating_point():  # not a bnb or PEFT-wrapped subclass
+        return None
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
+        return None
+    return head
+
+
+def causal_lm_forward(
+    model: nn.Module,
+    input_ids: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    *,
+    full_logits: bool = True,
+    **kwargs,
+):
+    """Run a causal LM (optionally PEFT-wrapped); returns `(final hidden state [B, T, H], outputs)`.
+
+    Positions count real tokens only when the model takes `position_ids` (as `generate` does), so a left-padded row
+    equals its right-padded twin. With `full_logits=False` the LM head runs on the last position only
+    (`logits_to_keep=1`, when the model takes it): the caller projects the hidden states itself, in chunks.
+    """
+    parameters = _forward_parameters(model)
+    if attention_mask is not None and "position_ids" not in kwargs and "position_ids" in parameters:
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        kwargs["position_ids"] = positions[:, -input_ids.shape[1] :] if input_ids is not None else positions
+    if not full_logits and "logits_to_keep" in parameters:
+        kwargs.setdefault("logits_to_keep", 1)
+    outputs = model(
+        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **kwargs
+    )
+    # Every transformers causal LM returns the final, normed hidden state last: exactly what its LM head reads.
+    return outputs.hidden_states[-1], outputs
 
 
 class AutoModelForCausalLMWithQHead(nn.Module):
@@ -92,7 +151,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         self.q_head = nn.Linear(hidden_size, vocab_size, bias=True, dtype=torch.float32, device=lm_head.weight.device)
         self.q_head_init = q_head_init
         self.reset_q_head(q_head_init)
-        self._takes_position_ids = "position_ids" in inspect.signature(self.base_model.forward).parameters
+        if is_kbit_model(pretrained_model):
+            disable_cpu_inference_repacking(pretrained_model)  # train -> generate -> train on CPU (quantization.py)
 
     # ---- shape and identity ---------------------------------------------------------------------------------------
 
@@ -122,6 +182,24 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         model = self.pretrained_model
         return model.get_base_model() if _is_peft_model(model) else model
 
+    # transformers' Trainer reads these to leave a bitsandbytes model where it was loaded (no `.to(device)`).
+    @property
+    def is_loaded_in_4bit(self) -> bool:
+        return bool(getattr(self.base_model, "is_loaded_in_4bit", False))
+
+    @property
+    def is_loaded_in_8bit(self) -> bool:
+        return bool(getattr(self.base_model, "is_loaded_in_8bit", False))
+
+    @property
+    def quantization_method(self):
+        return getattr(self.base_model, "quantization_method", None)
+
+    @property
+    def _no_split_modules(self) -> list[str] | None:
+        # The transformer blocks FSDP's TRANSFORMER_BASED_WRAP shards one by one (read by accelerate).
+        return getattr(self.base_model, "_no_split_modules", None)
+
     def reset_q_head(self, q_head_init: str = "zeros") -> None:
         """(Re)initialise the Q head in place. See the class docstring for the options."""
         with torch.no_grad():
@@ -145,7 +223,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         return_q: bool = False,
         actions: torch.LongTensor | None = None,
         value_mask: torch.Tensor | None = None,
-        value_chunk_size: int = 1024,
+        value_chunk_size: int = 256,
+        logprob_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> CausalLMWithQHeadOutput:
         """Run the backbone once and read the Q head off its final hidden state.
@@ -157,26 +236,48 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 `W_q` (O(T*H), no `|V|`-sized product).
             value_mask: `[B, T]`; returns `state_values`, `V(s_t) = sum_a pi(a|s_t) Q(s_t, a)` without grad at the
                 marked positions only, in chunks of `value_chunk_size` positions.
+            logprob_mask: `[B, T]` bool, with `actions`: returns `action_logprobs`, `log pi(a_t|s_t)` with grad at the
+                marked positions, and no logits (`logits` is `None`): the LM head runs over `value_chunk_size`
+                positions at a time and again in the backward, so no `[B, T, |V|]` logits, log-softmax or logits
+                gradient is held (the training path). `state_values` then reuse the same softmax. Models whose LM
+                head is not a plain linear map (softcapping, logit scaling, quantised or adapted heads), or that do
+                not take `logits_to_keep`, compute the same values from their full logits.
+            value_chunk_size: positions per chunk wherever a product over the vocabulary is taken.
         """
         kwargs.pop("num_items_in_batch", None)  # transformers' Trainer passes it to models that take **kwargs
-        if attention_mask is not None and "position_ids" not in kwargs and self._takes_position_ids:
-            # As `generate` does: positions count real tokens only, so a left-padded row equals its right-padded twin.
-            positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-            kwargs["position_ids"] = positions[:, -input_ids.shape[1] :] if input_ids is not None else positions
-        outputs = self.pretrained_model(
-            input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **kwargs
+        if logprob_mask is not None and actions is None:
+            raise ValueError("`logprob_mask` needs `actions`: the log-probs are those of the actions.")
+        lm_head = plain_lm_head(self.pretrained_model) if logprob_mask is not None and not return_q else None
+        hidden, outputs = causal_lm_forward(
+            self.pretrained_model, input_ids, attention_mask, full_logits=lm_head is None, **kwargs
         )
-        # Every transformers causal LM returns the final, normed hidden state last: exactly what its LM head reads.
-        hidden = outputs.hidden_states[-1]
+        logits = outputs.logits
+        full_logits = logits is not None and logits.shape[-2] == hidden.shape[-2]
         result = CausalLMWithQHeadOutput(
-            logits=outputs.logits, hidden_states=hidden, past_key_values=getattr(outputs, "past_key_values", None)
+            logits=logits if full_logits else None,
+            hidden_states=hidden,
+            past_key_values=getattr(outputs, "past_key_values", None),
         )
         if return_q:
             result.q_values = self.q_head(hidden.to(self.q_head.weight.dtype))
         if actions is not None:
             result.action_q = gather_action_q(hidden, self.q_head, actions)
+        if logprob_mask is not None and not full_logits:
+            result.action_logprobs, result.state_values = action_logprobs_and_values(
+                hidden,
+                lm_head,
+                actions,
+                logprob_mask,
+                q_head=self.q_head,
+                value_mask=value_mask,
+                chunk_size=value_chunk_size,
+            )
+            return result
+        if logprob_mask is not None:
+            logprobs = selective_log_softmax(logits.float(), actions)
+            result.action_logprobs = torch.where(logprob_mask.bool(), logprobs, 0.0)
         if value_mask is not None:
-            result.state_values = state_values(hidden, outputs.logits, self.q_head, value_mask, value_chunk_size)
+            result.state_values = state_values(hidden, logits, self.q_head, value_mask, value_chunk_size)
         return result
 
     def compute_q(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -189,19 +290,37 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
     # ---- Trainer plumbing: delegate to the backbone -------------------------------------------------------------------
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.pretrained_model.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs=gradient_checkpointing_kwargs
-        )
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """What transformers >= 5.2's `Trainer` calls for `gradient_checkpointing=True` (`every_n_layers`, `offload`
+        and the like in `kwargs` go to the backbone)."""
+        backbone = self.pretrained_model
+        if hasattr(backbone, "activation_checkpointing_enable"):
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs, **kwargs)
+        else:  # older transformers
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs=activation_checkpointing_kwargs)
         if self.is_peft_model:  # PEFT's frozen embeddings need inputs that require grad for checkpointing to work
-            self.pretrained_model.enable_input_require_grads()
+            backbone.enable_input_require_grads()
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        backbone = self.pretrained_model
+        if hasattr(backbone, "activation_checkpointing_disable"):
+            backbone.activation_checkpointing_disable()
+        else:
+            backbone.gradient_checkpointing_disable()
 
     def gradient_checkpointing_disable(self) -> None:
-        self.pretrained_model.gradient_checkpointing_disable()
+        self.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.base_model.modules())
 
     @property
     def is_gradient_checkpointing(self) -> bool:
-        return getattr(self.base_model, "is_gradient_checkpointing", False)
+        return self.is_activation_checkpointing
 
     def get_input_embeddings(self) -> nn.Module:
         return self.pretrained_model.get_input_embeddings()
@@ -209,21 +328,50 @@ class AutoModelForCausalLMWithQHead(nn.Module):
     def get_output_embeddings(self) -> nn.Module:
         return self.pretrained_model.get_output_embeddings()
 
+    def merge_and_unload(self, **kwargs) -> AutoModelForCausalLMWithQHead:
+        """Merge the LoRA adapters into the base weights and return a plain (non-PEFT) model with the same Q head.
+
+        Like PEFT's `merge_and_unload`, the merge happens in place in the base model, so this wrapper should not be
+        used afterwards; the returned model shares its Q head module (no copy). `save_pretrained` on the result writes
+        a full model plus `q_head.safetensors`, which any `from_pretrained` reloads without PEFT.
+
+        Args:
+            kwargs: passed to `PeftModel.merge_and_unload` (`safe_merge`, `adapter_names`, `progressbar`).
+        """
+        if not self.is_peft_model:
+            raise ValueError("`merge_and_unload` needs a PEFT model; this model has no adapters to merge.")
+        merged = self.pretrained_model.merge_and_unload(**kwargs)
+        model = type(self)(merged)
+        model.q_head, model.q_head_init = self.q_head, self.q_head_init
+        return model
+
     # ---- save / load ------------------------------------------------------------------------------------------------
 
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
         """Save the backbone with its own `save_pretrained` (adapters only for PEFT) and the Q head beside it.
 
         The Q head goes to `q_head.safetensors` (fp32) with its shape and init in `q_head_config.json`.
+
+        Args:
+            save_directory: the folder to write.
+            is_main_process: only the main process writes (the others return at once).
+            kwargs: passed to the backbone's `save_pretrained`. A `state_dict` of this whole model (keys
+                `pretrained_model.*` and `q_head.*`, as `Trainer` gathers it under FSDP `FULL_STATE_DICT` or DeepSpeed)
+                is split between the backbone and the Q head; without one, the modules' own tensors are saved.
         """
-        kwargs.pop("state_dict", None)  # our parameters are saved from the modules themselves
-        os.makedirs(save_directory, exist_ok=True)
-        self.pretrained_model.save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        state_dict = kwargs.pop("state_dict", None)
         if not is_main_process:
             return
-        tensors = {
-            name: p.detach().to("cpu", torch.float32).contiguous() for name, p in self.q_head.named_parameters()
-        }
+        q_tensors = dict(self.q_head.named_parameters())
+        if state_dict is not None:
+            backbone_prefix, q_prefix = "pretrained_model.", "q_head."
+            kwargs["state_dict"] = {
+                k[len(backbone_prefix) :]: v for k, v in state_dict.items() if k.startswith(backbone_prefix)
+            }
+            q_tensors = {k[len(q_prefix) :]: v for k, v in state_dict.items() if k.startswith(q_prefix)} or q_tensors
+        os.makedirs(save_directory, exist_ok=True)
+        self.pretrained_model.save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in q_tensors.items()}
         save_file(tensors, os.path.join(save_directory, Q_HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
         q_config = {
             "hidden_size": self.q_head.in_features,
@@ -261,7 +409,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 self.pretrained_model, load_peft_weights(str(directory), device=str(self.device))
             )
         else:
-            from transformers.modeling_utils import load_sharded_checkpoint
+            from transformers.trainer_utils import load_sharded_checkpoint
 
             single = os.path.join(directory, "model.safetensors")
             if os.path.isfile(single):
@@ -294,31 +442,54 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             peft_config: a `peft.PeftConfig`; when given, the backbone is wrapped with `get_peft_model`.
             q_head_init: init of a fresh Q head (ignored when one is loaded).
             is_trainable: for a saved PEFT folder, load its adapters trainable (default) or frozen.
-            kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `quantization_config`).
+            kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `device_map`). A bitsandbytes
+                `quantization_config` (4 or 8 bits) needs the `quant` extra; the LM head is kept unquantised (added to
+                `llm_int8_skip_modules` when that list is given), the Q head is never quantised, and with a
+                `peft_config` the backbone goes through `peft.prepare_model_for_kbit_training` first (QLoRA).
         """
         path = pretrained_model_name_or_path
         saved_q_head = isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, Q_HEAD_WEIGHTS_NAME))
         if isinstance(path, nn.Module):
             backbone = path
         elif isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, "adapter_config.json")):
-            from peft import AutoPeftModelForCausalLM
+            from peft import AutoPeftModelForCausalLM, PeftConfig
+
+            if kwargs.get("quantization_config") is not None:
+                base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
+                kwargs["quantization_config"] = _quantization_config(kwargs, base_name)
 
             backbone = AutoPeftModelForCausalLM.from_pretrained(path, *model_args, is_trainable=is_trainable, **kwargs)
         elif isinstance(path, (str, os.PathLike)):
+            if kwargs.get("quantization_config") is not None:
+                kwargs["quantization_config"] = _quantization_config(kwargs, path)
             backbone = AutoModelForCausalLM.from_pretrained(path, *model_args, **kwargs)
         else:
             raise TypeError(
                 f"`pretrained_model_name_or_path` must be a name, a path or a causal LM, got {type(path).__name__}."
             )
         if peft_config is not None:
-            if _is_peft_model(backbone):
-                raise ValueError("`peft_config` was given but the model already has PEFT adapters.")
-            from peft import get_peft_model
-
-            backbone = get_peft_model(backbone, peft_config)
+            backbone = add_adapters(backbone, peft_config)
         model = cls(backbone, q_head_init=q_head_init)
         if saved_q_head:
             model.load_q_head(path)
             with open(os.path.join(path, Q_HEAD_CONFIG_NAME)) as f:
                 model.q_head_init = json.load(f).get("q_head_init", q_head_init)
         return model
+
+
+def add_adapters(backbone: PreTrainedModel, peft_config) -> nn.Module:
+    """Wrap a transformers causal LM with PEFT adapters (`get_peft_model`), preparing a 4/8-bit one for QLoRA first."""
+    if _is_peft_model(backbone):
+        raise ValueError("`peft_config` was given but the model already has PEFT adapters.")
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if is_kbit_model(backbone):
+        # As TRL does for QLoRA: freeze, upcast the non-quantised fp16/bf16 weights to fp32. Gradient checkpointing
+        # stays the trainer's choice (`gradient_checkpointing_enable` above handles PEFT).
+        backbone = prepare_model_for_kbit_training(backbone, use_gradient_checkpointing=False)
+    return get_peft_model(backbone, peft_config)
+
+
+def _quantization_config(kwargs: dict, model_name_or_path) -> object:
+    config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in kwargs}
+    return prepare_quantization_config(kwargs["quantization_config"], model_name_or_path, **config_kwargs)

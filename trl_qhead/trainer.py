@@ -3,10 +3,14 @@
 
 from __future__ import annotations
 
+import json
+import math
+import os
 from collections import defaultdict
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, IterableDataset, load_dataset
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
@@ -15,8 +19,10 @@ from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .losses import qhead_loss
 from .mdp import action_mask_from_labels, bootstrap_mask, episode_dones, next_tokens
-from .modeling import AutoModelForCausalLMWithQHead
-from .rewards import action_rewards, as_reference, frozen_copy, reference_logprobs
+from .modeling import AutoModelForCausalLMWithQHead, add_adapters
+from .rewards import RewardComputer, RewardFunc, RewardFunctions, as_reference, frozen_copy, reference_logprobs
+
+REWARD_MOMENTS_NAME = "reward_moments.json"
 
 
 class QHeadTrainer(Trainer):
@@ -34,6 +40,13 @@ class QHeadTrainer(Trainer):
             the reference pass); for other models, a frozen copy is made when it is `None`.
         peft_config: wrap the model's backbone with these PEFT adapters.
         callbacks, optimizers: as for `transformers.Trainer`.
+        reward_funcs: reward functions and models, as for TRL's `GRPOTrainer`: a callable
+            `f(prompts=..., completions=..., completion_ids=..., **dataset_columns)` (sync or async) returning one
+            float per completion (a sequence reward on the last action), `None` (does not apply), or a list of floats
+            aligned with `completion_ids` (per-token rewards); a `PreTrainedModel` scoring prompt + completion with
+            `logits[:, 0]`; a name or path loaded with `AutoModelForSequenceClassification` (`num_labels=1`); or a
+            list of these, weighted by `args.reward_weights`. See `trl_qhead.rewards`.
+        reward_processing_classes: tokenizers of the reward models (one, or a list aligned with `reward_funcs`).
 
     Example:
     ```python
@@ -59,6 +72,8 @@ class QHeadTrainer(Trainer):
         peft_config=None,
         callbacks: list[TrainerCallback] | None = None,
         optimizers: tuple = (None, None),
+        reward_funcs: RewardFunc | list[RewardFunc] | None = None,
+        reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase] | None = None,
     ):
         model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         if args is None:
@@ -74,6 +89,11 @@ class QHeadTrainer(Trainer):
         if getattr(processing_class, "pad_token_id", None) is None:
             processing_class.pad_token = processing_class.eos_token
         _check_vocabulary(processing_class, model)
+        reward_functions = None
+        if reward_funcs is not None:
+            reward_functions = RewardFunctions(reward_funcs, reward_processing_classes, args.reward_weights)
+        elif args.reward_weights is not None:
+            raise ValueError("`reward_weights` was set but the trainer has no `reward_funcs` to weigh.")
 
         if train_dataset is None:
             if args.dataset_name is None:
@@ -85,9 +105,14 @@ class QHeadTrainer(Trainer):
                 split=args.dataset_split,
                 streaming=args.streaming,
             )
-        train_dataset = self._prepare(train_dataset, processing_class, args)
+        with_rewards = reward_functions is not None
+        train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards)
         if eval_dataset is not None:
-            eval_dataset = self._prepare(eval_dataset, processing_class, args)
+            eval_dataset = self._prepare(eval_dataset, processing_class, args, with_rewards)
+        if with_rewards and any(isinstance(d, IterableDataset) for d in (train_dataset, eval_dataset)):
+            # Batches of a stream are collated on one process and concatenated by Accelerate, which fails on the
+            # prompt and column lists reward functions need; each process reads its own shard instead (as TRL's GRPO).
+            args.accelerator_config.dispatch_batches = False
         if data_collator is None:
             data_collator = DataCollatorForQHead(pad_token_id=processing_class.pad_token_id)
 
@@ -111,33 +136,52 @@ class QHeadTrainer(Trainer):
         self.model_accepts_loss_kwargs = True
         self.ref_model = None if ref_model is None else self.accelerator.prepare_model(ref_model, evaluation_mode=True)
         self.eos_token_id = processing_class.eos_token_id
-        self._metrics: dict[str, dict[str, list[float]]] = {"train": defaultdict(list), "eval": defaultdict(list)}
+        if reward_functions is not None:
+            for i, reward_model in reward_functions.models:
+                reward_functions.funcs[i] = self.accelerator.prepare_model(
+                    reward_model, evaluation_mode=True, device_placement=True
+                )
+        self.reward_computer = RewardComputer(
+            processing_class,
+            reward_functions,
+            lm_reward_coef=args.lm_reward_coef,
+            reward_scale=args.reward_scale,
+            reward_clip=args.reward_clip,
+            reward_normalization=args.reward_normalization,
+        )
+        self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod
     def _build_model(model, peft_config) -> AutoModelForCausalLMWithQHead:
         if isinstance(model, AutoModelForCausalLMWithQHead):
             if peft_config is not None:
-                from peft import get_peft_model
-
-                if model.is_peft_model:
-                    raise ValueError("`peft_config` was given but the model already has PEFT adapters.")
-                model.pretrained_model = get_peft_model(model.pretrained_model, peft_config)
-            return model
-        if isinstance(model, (str, nn.Module)):
-            return AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config)
-        raise TypeError(f"`model` must be a model, a name or a path, got {type(model).__name__}.")
+                model.pretrained_model = add_adapters(model.pretrained_model, peft_config)
+        elif isinstance(model, (str, nn.Module)):
+            model = AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config)
+        else:
+            raise TypeError(f"`model` must be a model, a name or a path, got {type(model).__name__}.")
+        if (model.is_loaded_in_4bit or model.is_loaded_in_8bit) and not model.is_peft_model:
+            raise ValueError(
+                "The model is loaded in 4 or 8 bits and has no adapters: quantised weights cannot be trained. Pass a "
+                "`peft_config` (e.g. `LoraConfig`) to train LoRA adapters and the Q head on top of it (QLoRA)."
+            )
+        return model
 
     @staticmethod
-    def _prepare(dataset, tokenizer, args: QHeadConfig):
-        return prepare_dataset(
-            dataset,
-            tokenizer,
-            text_field=args.dataset_text_field,
-            max_length=args.max_length,
-            packing=args.packing,
-            packing_strategy=args.packing_strategy,
-            num_proc=args.dataset_num_proc,
-        )
+    def _prepare(dataset, tokenizer, args: QHeadConfig, reward_columns: bool = False):
+        # Under `accelerate launch` the main process fills the datasets cache first; the others then read it.
+        with PartialState().main_process_first():
+            return prepare_dataset(
+                dataset,
+                tokenizer,
+                text_field=args.dataset_text_field,
+                max_length=args.max_length,
+                packing=args.packing,
+                packing_strategy=args.packing_strategy,
+                num_proc=args.dataset_num_proc,
+                completion_only_loss=args.completion_only_loss,
+                reward_columns=reward_columns,
+            )
 
     # ---- loss -------------------------------------------------------------------------------------------------------
 
@@ -160,11 +204,23 @@ class QHeadTrainer(Trainer):
             attention_mask=attention_mask,
             actions=actions,
             value_mask=value_mask,
+            logprob_mask=action_mask,  # log pi(a_t|s_t) in chunks: no [B, T, |V|] logits (DESIGN.md section 3)
             value_chunk_size=args.value_chunk_size,
+            use_cache=False,  # as SFTTrainer: a training forward keeps no KV cache
         )
-        rewards = action_rewards(inputs)
-        if args.use_lm_rewards:
-            rewards = rewards + self._reference_logprobs(model, input_ids, attention_mask, actions)
+        lm_logprobs = (
+            self._reference_logprobs(model, input_ids, attention_mask, actions, action_mask)
+            if args.use_lm_rewards
+            else None
+        )
+        rewards, reward_metrics = self.reward_computer(
+            inputs,
+            action_mask,
+            lm_logprobs=lm_logprobs,
+            training=model.training,
+            gather=self._gather_rows,
+            trainer_state=self.state,
+        )
         dones = episode_dones(actions, action_mask, self.eos_token_id)
         loss, stats = qhead_loss(
             outputs.logits,
@@ -178,6 +234,7 @@ class QHeadTrainer(Trainer):
             gae_lambda=args.gae_lambda,
             q_weight=args.q_weight,
             num_items=num_items_in_batch,
+            action_logprobs=outputs.action_logprobs,
         )
         if (
             num_items_in_batch is not None
@@ -190,15 +247,21 @@ class QHeadTrainer(Trainer):
         n_values = value_mask.sum().clamp(min=1)
         stats["v_mean"] = outputs.state_values.sum() / n_values
         self._record(stats)
+        self._record_floats(reward_metrics)
         return (loss, outputs) if return_outputs else loss
 
+    def _gather_rows(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-row values of every process (NaN pads uneven batches, and NaN rows are left out of the statistics)."""
+        return self.accelerator.gather(self.accelerator.pad_across_processes(values, pad_index=math.nan))
+
     @torch.no_grad()
-    def _reference_logprobs(self, model, input_ids, attention_mask, actions) -> torch.Tensor:
+    def _reference_logprobs(self, model, input_ids, attention_mask, actions, action_mask=None) -> torch.Tensor:
+        chunk_size = self.args.value_chunk_size
         if self.ref_model is not None:
-            return reference_logprobs(self.ref_model, input_ids, attention_mask, actions)
+            return reference_logprobs(self.ref_model, input_ids, attention_mask, actions, action_mask, chunk_size)
         backbone = self.accelerator.unwrap_model(model).pretrained_model
         with as_reference(backbone):
-            return reference_logprobs(backbone, input_ids, attention_mask, actions)
+            return reference_logprobs(backbone, input_ids, attention_mask, actions, action_mask, chunk_size)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -222,29 +285,56 @@ class QHeadTrainer(Trainer):
     # ---- logging and saving -------------------------------------------------------------------------------------
 
     def _record(self, stats: dict[str, torch.Tensor]) -> None:
+        # Kept on the device and reduced when logged: no host sync or collective in every step.
         mode = "train" if self.model.training else "eval"
         for name, value in stats.items():
-            self._metrics[mode][name].append(self.accelerator.gather(value.detach().reshape(1)).float().mean().item())
+            self._metrics[mode][name].append(value.detach().float().reshape(()))
+
+    def _record_floats(self, metrics: dict[str, float]) -> None:
+        """Metrics already gathered over processes (the reward statistics); `log` averages identical copies."""
+        mode = "train" if self.model.training else "eval"
+        for name, value in metrics.items():
+            self._metrics[mode][name].append(torch.tensor(float(value), device=self.accelerator.device))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {name: sum(values) / len(values) for name, values in self._metrics[mode].items() if values}
+        metrics = {
+            name: self.accelerator.gather(torch.stack(values)).mean().item()
+            for name, values in self._metrics[mode].items()
+            if values
+        }
         if mode == "eval":
             metrics = {f"eval_{name}": value for name, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Every process gets here (after any collective gather of `state_dict`); only the main one writes, once.
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         if not self.args.should_save:
             return
-        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir)
+        # `state_dict` is the whole model's, gathered by `save_model` under FSDP (FULL_STATE_DICT) and DeepSpeed, where
+        # the modules' own parameters may be shards; `save_pretrained` splits it between backbone and Q head.
+        self.accelerator.unwrap_model(self.model).save_pretrained(output_dir, state_dict=state_dict)
+        if self.args.reward_normalization == "running":
+            with open(os.path.join(output_dir, REWARD_MOMENTS_NAME), "w") as f:
+                json.dump(self.reward_computer.moments.state_dict(), f)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if self.is_fsdp_enabled:
+            # Loading into the unwrapped modules would write into FSDP's shards; not supported yet.
+            raise NotImplementedError(
+                "Resuming a QHeadTrainer run under FSDP is not supported yet: resume with DDP or DeepSpeed, or load "
+                "the checkpoint with `AutoModelForCausalLMWithQHead.from_pretrained` and start a new run."
+            )
         model = self.accelerator.unwrap_model(model if model is not None else self.model)
         model.load_checkpoint(resume_from_checkpoint)
+        moments = os.path.join(resume_from_checkpoint, REWARD_MOMENTS_NAME)
+        if self.args.reward_normalization == "running" and os.path.isfile(moments):
+            with open(moments) as f:
+                self.reward_computer.moments.load_state_dict(json.load(f))
 
 
 def _check_vocabulary(tokenizer: Any, model: AutoModelForCausalLMWithQHead) -> None:

@@ -1,0 +1,153 @@
+# Copyright the trl-qhead authors. Licensed under the Apache License, Version 2.0.
+"""Train a causal LM (GPT-2 by default) with LoRA adapters, optionally on a 4-bit base, and a Q head.
+
+Runs as a plain script on one process, or under `accelerate launch` on several (DDP, FSDP, DeepSpeed ZeRO-2; configs in
+`recipes/configs/accelerate/`). Arguments are `QHeadConfig` (all of `transformers.TrainingArguments` plus the Q-head
+and dataset fields), TRL's `ModelConfig` (model, LoRA, 4/8-bit) and the script arguments below, from flags and/or
+`--config file.yaml` (flags win). The seed's flag names are accepted as aliases (see `--help`).
+
+```bash
+# one process, a local text file
+python recipes/qhead_lora.py --config recipes/configs/qhead_lora.yaml \
+    --dataset_name text --dataset_data_files corpus.txt --save_dir out --steps 1000
+
+# 4 GPUs, DDP; QLoRA with --load_in_4bit
+accelerate launch --config_file recipes/configs/accelerate/multi_gpu.yaml --num_processes 4 \
+    recipes/qhead_lora.py --config recipes/configs/qhead_lora.yaml --load_in_4bit
+
+# the seed's flags
+python recipes/qhead_lora.py --gamma 0.99 --gae_lambda 0.95 --use_lm_rewards --q_weight 1.0 --seed 0 \
+    --steps 1000 --save_interval 200 --save_dir out --wandb --dataset_name text --dataset_data_files corpus.txt
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
+from transformers.pytorch_utils import Conv1D
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
+from trl_qhead.launch import ensure_cpu_processes
+
+DEFAULT_MODEL = "gpt2"
+# GPT-2's attention and MLP projections; PEFT's own default for GPT-2 is `c_attn` alone.
+GPT2_LORA_TARGETS = ["c_attn", "c_proj", "c_fc"]
+
+
+@dataclass
+class ScriptArguments:
+    """Arguments of this script that are neither training nor model arguments.
+
+    Args:
+        tokenizer_name_or_path: tokenizer to load; defaults to `--model_name_or_path`.
+        q_head_init: init of the fresh Q head: `"zeros"` (default), `"normal"` or `"lm_head"`.
+    """
+
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer name or path; defaults to --model_name_or_path."}
+    )
+    q_head_init: str = field(
+        default="zeros", metadata={"help": "Init of a fresh Q head.", "choices": ["zeros", "normal", "lm_head"]}
+    )
+
+
+class _SeedAlias(argparse.Action):
+    """A flag of the seed's command line that sets one or more `TrainingArguments` fields."""
+
+    def __init__(self, option_strings, dest, sets: dict, **kwargs):
+        self.sets = sets
+        super().__init__(option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for name, value in self.sets.items():
+            setattr(namespace, name, values if value is None else value)
+
+
+def make_parser() -> TrlParser:
+    """TRL's parser over `(ScriptArguments, QHeadConfig, ModelConfig)`, with the seed's flags as aliases."""
+    parser = TrlParser((ScriptArguments, QHeadConfig, ModelConfig), description=__doc__.split("\n\n")[0])
+    # A LoRA recipe: adapters on by default (`--use_peft false` trains the full model), on GPT-2 unless told otherwise.
+    parser.set_defaults(model_name_or_path=DEFAULT_MODEL, use_peft=True)
+    seed = parser.add_argument_group(
+        "seed flags",
+        "The seed's flag names, accepted as aliases. --gamma, --q_weight, --gae_lambda, --use_lm_rewards and --seed "
+        "are QHeadConfig fields of the same name (listed above). Aliases are for the command line; a --config file "
+        "uses the names they stand for.",
+    )
+    aliases = [
+        ("--save_dir", {"output_dir": None}, str, "DIR", "same as --output_dir DIR"),
+        ("--steps", {"max_steps": None}, int, "N", "same as --max_steps N"),
+        (
+            "--save_interval",
+            {"save_steps": None, "save_strategy": "steps"},
+            int,
+            "N",
+            "--save_steps N (every N steps)",
+        ),
+    ]
+    for flag, sets, type_, metavar, help_ in aliases:
+        seed.add_argument(flag, action=_SeedAlias, sets=sets, type=type_, metavar=metavar, help=help_)
+    seed.add_argument("--wandb", action=_SeedAlias, sets={"report_to": ["wandb"]}, nargs=0, help="--report_to wandb")
+    return parser
+
+
+def lora_config(model_args: ModelConfig, model_name_or_path: str, **config_kwargs):
+    """TRL's `LoraConfig` from `model_args`, with GPT-2's targets and `fan_in_fan_out` for `Conv1D` projections.
+
+    Targets: `--lora_target_modules` when given; for GPT-2 `c_attn`, `c_proj` and `c_fc`; otherwise PEFT's default
+    for the architecture.
+    """
+    config = AutoConfig.from_pretrained(model_name_or_path, **config_kwargs)
+    targets = model_args.lora_target_modules
+    if targets is None and config.model_type == "gpt2":
+        targets = GPT2_LORA_TARGETS
+    peft_config = get_peft_config(dataclasses.replace(model_args, lora_target_modules=targets))
+    with torch.device("meta"):  # only to look at the module types; nothing is allocated
+        skeleton = AutoModelForCausalLM.from_config(config)
+    # Conv1D stores its weight as (in, out), transposed against nn.Linear: LoRA must know.
+    peft_config.fan_in_fan_out = any(isinstance(module, Conv1D) for module in skeleton.modules())
+    return peft_config
+
+
+def load_model(script_args: ScriptArguments, model_args: ModelConfig) -> AutoModelForCausalLMWithQHead:
+    """The backbone from `--model_name_or_path` (4/8-bit when asked), LoRA when `--use_peft`, and a fresh Q head."""
+    name = model_args.model_name_or_path
+    quantization_config = get_quantization_config(model_args)
+    model_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if model_args.attn_implementation is not None:
+        model_kwargs["attn_implementation"] = model_args.attn_implementation
+    if quantization_config is not None:
+        model_kwargs["quantization_config"] = quantization_config
+        if torch.cuda.is_available():
+            from accelerate import PartialState
+
+            # bitsandbytes weights are placed at load time: each process loads onto its own GPU.
+            model_kwargs["device_map"] = {"": PartialState().local_process_index}
+    peft_config = lora_config(model_args, name, revision=model_args.model_revision) if model_args.use_peft else None
+    return AutoModelForCausalLMWithQHead.from_pretrained(
+        name, peft_config=peft_config, q_head_init=script_args.q_head_init, **model_kwargs
+    )
+
+
+def main(script_args: ScriptArguments, training_args: QHeadConfig, model_args: ModelConfig) -> QHeadTrainer:
+    """Build the model and tokenizer, train (resuming when asked), save the final model; returns the trainer."""
+    set_seed(training_args.seed)  # LoRA's random init happens before the Trainer seeds anything
+    model = load_model(script_args, model_args)
+    tokenizer = AutoTokenizer.from_pretrained(script_args.tokenizer_name_or_path or model_args.model_name_or_path)
+    trainer = QHeadTrainer(model, training_args, processing_class=tokenizer)
+
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"Saved adapters and Q head to {training_args.output_dir}.")
+    return trainer
+
+
+if __name__ == "__main__":
+    ensure_cpu_processes()  # `accelerate launch --cpu --num_processes N` really starts N gloo processes
+    main(*make_parser().parse_args_and_config())

@@ -1,0 +1,65 @@
+"""`trl_qhead.launch`: reading the process count off an `accelerate launch` command line, and setting up a
+`torchrun`-style world on a machine without GPUs. (The full `accelerate launch --cpu` path runs in
+tests/test_multiprocess.py.)"""
+
+import os
+
+import pytest
+
+from trl_qhead.launch import ensure_cpu_processes, requested_num_processes
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (
+            [
+                "/venv/bin/python",
+                "/venv/bin/accelerate",
+                "launch",
+                "--num_processes",
+                "2",
+                "--cpu",
+                "t.py",
+                "--steps",
+                "3",
+            ],
+            2,
+        ),
+        (["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes=3", "t.py"], 3),
+        (["/venv/bin/python", "/venv/bin/accelerate-launch", "--cpu", "--num_processes", "4", "t.py"], 4),
+        (["python", "-m", "accelerate.commands.launch", "--num_processes", "5", "--cpu", "t.py", "launch"], 5),
+        (["python", "train.py", "launch", "--num_processes", "2"], None),  # not accelerate
+        (["bash"], None),
+    ],
+)
+def test_requested_num_processes(argv, expected):
+    assert requested_num_processes(argv) == expected
+
+
+def test_requested_num_processes_from_a_config_file(tmp_path):
+    config = tmp_path / "cpu.yaml"
+    config.write_text(
+        "compute_environment: LOCAL_MACHINE\ndistributed_type: MULTI_CPU\nnum_processes: 3\nuse_cpu: true\n"
+    )
+    argv = ["python", "/venv/bin/accelerate", "launch", "--config_file", str(config), "--cpu", "t.py"]
+    assert requested_num_processes(argv) == 3
+
+
+def test_torchrun_world_without_gpus_uses_the_cpu(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    ensure_cpu_processes()
+    assert os.environ["ACCELERATE_USE_CPU"] == "true"
+
+
+def test_single_process_runs_are_left_alone(monkeypatch):
+    for name in ("WORLD_SIZE", "MASTER_ADDR", "LOCAL_RANK", "ACCELERATE_USE_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    for cpu_flag in (None, "True"):  # plain `python`, then `accelerate launch --cpu` with one process (no MASTER_ADDR)
+        if cpu_flag:
+            monkeypatch.setenv("ACCELERATE_USE_CPU", cpu_flag)
+        before = dict(os.environ)
+        ensure_cpu_processes()  # would replace this process if it decided to relaunch
+        assert dict(os.environ) == before

@@ -1,0 +1,203 @@
+"""Rewards on generated data: sample completions for a prompt dataset, score them, and return a training dataset.
+
+This is the data step of the offline-RL loop of Controlled Decoding and Value-Augmented Sampling: sample from the
+current (or base) policy, score with reward functions, fit the Q head on the scored samples with `QHeadTrainer`,
+sample again from the Q-tilted policy, and so on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset
+from tqdm.auto import tqdm
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from trl.data_utils import maybe_apply_chat_template
+
+from .rewards import RewardFunc, RewardFunctions, _is_messages
+
+
+def generate_and_score(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Dataset | IterableDataset | Iterable[dict[str, Any]],
+    reward_funcs: RewardFunc | list[RewardFunc] | None = None,
+    *,
+    reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase] | None = None,
+    reward_weights: list[float] | None = None,
+    num_generations: int = 4,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    generation_kwargs: dict[str, Any] | None = None,
+    logits_processor: list[LogitsProcessor] | None = None,
+    show_progress: bool = True,
+) -> Dataset:
+    """Sample `num_generations` completions per prompt and score them: a dataset ready for `QHeadTrainer`.
+
+    Args:
+        model: an `AutoModelForCausalLMWithQHead` or any transformers causal LM (anything with `generate`).
+        tokenizer: the model's tokenizer (a chat template for conversational prompts).
+        prompts: rows with a `prompt` column (a string, or a list of messages rendered with the chat template and a
+            generation prompt); other columns are kept, repeated for each completion, and passed to the reward
+            functions as keyword arguments (e.g. a reference `solution`).
+        reward_funcs, reward_processing_classes, reward_weights: as for `QHeadTrainer` / TRL's `GRPOTrainer`. `None`
+            only samples.
+        num_generations: completions per prompt.
+        max_new_tokens: a completion ends with EOS (a terminal action) or is cut here (it bootstraps).
+        batch_size: prompts per `generate` call (each yields `num_generations` sequences).
+        generation_kwargs: more arguments for `generate`; sampling (`do_sample=True`) unless they say otherwise.
+        logits_processor: processors for `generate`, e.g. `[QTiltLogitsProcessor(model, beta)]` to sample from the
+            Q-tilted policy.
+        show_progress: show a progress bar over the prompts.
+
+    Returns:
+        A `Dataset` with, per completion: `prompt`, `completion` (text, or a one-message list for conversational
+        prompts), `input_ids` (prompt + completion tokens), `completion_mask`, `reward` (the weighted sum of the
+        sequence rewards, `None` where no function applied), `rewards` (token-aligned, when a function returns
+        per-token rewards), one `reward_<name>` column per reward function (its raw output) and the prompt's other
+        columns. `QHeadTrainer` trains on it as a pre-tokenised dataset.
+
+    Example:
+    ```python
+    >>> from datasets import Dataset
+    >>> from trl.rewards import get_soft_overlong_punishment
+    >>> prompts = Dataset.from_dict({"prompt": ["The capital of France is", "2 + 2 ="]})
+    >>> data = generate_and_score(model, tokenizer, prompts, get_soft_overlong_punishment(32, 8), num_generations=4)
+    >>> QHeadTrainer(model, QHeadConfig(output_dir="out"), train_dataset=data, processing_class=tokenizer).train()
+    ```
+    """
+    if not isinstance(num_generations, int) or num_generations < 1:
+        raise ValueError(f"`num_generations` must be a positive integer, got {num_generations!r}.")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    column_names = getattr(prompts, "column_names", None)
+    if column_names is not None and "prompt" not in column_names:
+        raise ValueError(f"The prompt dataset has columns {sorted(column_names)}; expected a `prompt` column.")
+    functions = None
+    if reward_funcs is not None:
+        functions = RewardFunctions(reward_funcs, reward_processing_classes, reward_weights)
+    elif reward_weights is not None:
+        raise ValueError("`reward_weights` was given without `reward_funcs` to weigh.")
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_token_id is None:
+        raise ValueError("The tokenizer has neither a pad nor an EOS token to pad prompts with.")
+    eos_ids = _eos_ids(model, tokenizer)
+    kwargs = {"do_sample": True, **(generation_kwargs or {})}
+    kwargs.update(max_new_tokens=max_new_tokens, num_return_sequences=num_generations, pad_token_id=pad_token_id)
+    if logits_processor:
+        kwargs["logits_processor"] = LogitsProcessorList(logits_processor)
+
+    total = len(prompts) if hasattr(prompts, "__len__") else None
+    rows: list[dict[str, Any]] = []
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with tqdm(total=total, desc="Generating and scoring", unit="prompt", disable=not show_progress) as bar:
+            for examples in _batches(prompts, batch_size):
+                rows.extend(_generate_batch(model, tokenizer, examples, functions, eos_ids, kwargs, num_generations))
+                bar.update(len(examples))
+    finally:
+        model.train(was_training)
+    if not rows:
+        raise ValueError("The prompt dataset is empty.")
+    # A batch where no function returned per-token rewards has no `rewards` key: every row gets every column.
+    keys = list(dict.fromkeys(key for row in rows for key in row))
+    return Dataset.from_list([{key: row.get(key) for key in keys} for row in rows])
+
+
+def _eos_ids(model, tokenizer) -> set[int]:
+    config = getattr(model, "generation_config", None)
+    if config is None and hasattr(model, "pretrained_model"):
+        config = getattr(model.pretrained_model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def _batches(prompts, batch_size: int):
+    batch = []
+    for index, example in enumerate(prompts):
+        if "prompt" not in example:
+            raise ValueError(f"Prompt example {index} has columns {sorted(example)}; expected a `prompt` column.")
+        batch.append(dict(example))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+@torch.no_grad()
+def _generate_batch(model, tokenizer, examples, functions, eos_ids, kwargs, num_generations) -> list[dict]:
+    texts = [maybe_apply_chat_template({"prompt": e["prompt"]}, tokenizer)["prompt"] for e in examples]
+    # Chat templates carry their own special tokens, plain prompts get none: as the training data is tokenised.
+    encoded = tokenizer(text=texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+    for text, ids in zip(texts, encoded["attention_mask"].sum(1).tolist(), strict=True):
+        if ids == 0:
+            raise ValueError(f"Prompt {text!r} has no tokens: generation needs at least one.")
+    device = next(model.parameters()).device
+    sequences = model.generate(
+        input_ids=encoded["input_ids"].to(device), attention_mask=encoded["attention_mask"].to(device), **kwargs
+    ).cpu()
+    prompt_width = encoded["input_ids"].shape[1]
+
+    prompts, prompt_ids, completion_ids, columns = [], [], [], {}
+    for row, sequence in enumerate(sequences):
+        example = examples[row // num_generations]
+        mask = encoded["attention_mask"][row // num_generations].bool()
+        prompt_ids.append(encoded["input_ids"][row // num_generations][mask].tolist())
+        completion = sequence[prompt_width:].tolist()
+        # A completion ends at its first EOS (kept: it is the terminal action); what follows is padding.
+        end = next((k + 1 for k, token in enumerate(completion) if token in eos_ids), len(completion))
+        completion_ids.append(completion[:end])
+        prompts.append(example["prompt"])
+        for key, value in example.items():
+            if key != "prompt":
+                columns.setdefault(key, []).append(value)
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    completions = [
+        [{"role": "assistant", "content": text}] if _is_messages(prompt) else text
+        for prompt, text in zip(prompts, texts, strict=True)
+    ]
+    rows = [
+        {
+            "prompt": prompt,
+            "completion": completion,
+            "input_ids": p_ids + c_ids,
+            "completion_mask": [0] * len(p_ids) + [1] * len(c_ids),
+            **{key: values[row] for key, values in columns.items()},
+        }
+        for row, (prompt, completion, p_ids, c_ids) in enumerate(
+            zip(prompts, completions, prompt_ids, completion_ids, strict=True)
+        )
+    ]
+    if functions is None:
+        return rows
+
+    scored = functions.score(prompts, completions, completion_ids, **columns)
+    weights = functions.weights
+    sequence = scored.sequence
+    has_sequence = ~torch.isnan(sequence).all(dim=1)
+    total = (sequence * weights).nansum(dim=1)
+    has_per_token = any(v is not None for column in scored.per_token for v in column)
+    for row, data in enumerate(rows):
+        data["reward"] = float(total[row]) if has_sequence[row] else None
+        n_prompt = len(prompt_ids[row])
+        if has_per_token:
+            token_rewards = torch.zeros(len(data["input_ids"]))
+            for i, column in enumerate(scored.per_token):
+                if column[row] is not None:
+                    token_rewards[n_prompt:] += weights[i] * column[row]
+            data["rewards"] = token_rewards.tolist()
+        for i, name in enumerate(functions.names):
+            values = scored.per_token[i][row]
+            value = sequence[row, i].item()
+            data[f"reward_{name}"] = values.tolist() if values is not None else None if math.isnan(value) else value
+    return rows
