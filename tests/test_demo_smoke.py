@@ -150,5 +150,49 @@ def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
         assert row["kl"] >= 0.0 and row["n"] == 2 * 2 and row["samples_per_output"] == 1
     for row in rows:
         assert -1.0 <= row["reward"] <= 1.0 and 0.0 <= row["distinct_2"] <= 1.0 and row["perplexity"] > 1.0
-    assert results["policy_drift_kl_lora_vs_pretrained"] >= 0.0
+    assert results["policy_drift_kl_lora_vs_pretrained"] >= -1e-5  # a KL, up to float rounding
     assert "| best-of-N | N=16 |" in (out / "results.md").read_text()
+
+
+def test_frontier_comparison_interpolates_best_of_n():
+    def row(method, setting, kl, reward):
+        return demo.Row(method, setting, reward, 0.0, kl, 1, 0.0, 1.0, 10.0, 1)
+
+    rows = [
+        row("base sampling", "", 0.0, 0.1),
+        row("best-of-N", "N=2", demo.best_of_n_kl(2), 0.3),
+        row("best-of-N", "N=4", demo.best_of_n_kl(4), 0.5),
+        row("Q-tilted", "beta=1", demo.best_of_n_kl(2) / 2, 0.25),
+        row("Q-tilted", "beta=0.1", 5.0, 0.9),
+    ]
+    inside, beyond = demo.frontier_comparison(rows)
+    assert inside["best_of_n_at_kl"] == pytest.approx(0.2) and inside["difference"] == pytest.approx(0.05)
+    assert beyond["best_of_n_at_kl"] is None and beyond["difference"] is None
+
+
+def test_policy_drift_kl_is_zero_without_drift_and_matches_a_direct_sum(gpt2_tokenizer):
+    from peft import LoraConfig
+
+    from trl_qhead import AutoModelForCausalLMWithQHead
+
+    lora = LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=True)
+    model = AutoModelForCausalLMWithQHead.from_pretrained(make_tiny_gpt2(), peft_config=lora).eval()
+    prompts, completions = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9]]
+    assert demo.policy_drift_kl(model, prompts, completions, pad_token_id=0) == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    expected = 0.0
+    backbone = model.pretrained_model
+    for p, c in zip(prompts, completions, strict=True):  # one unpadded sequence at a time
+        ids = torch.tensor([p + c])
+        adapted = torch.log_softmax(backbone(ids).logits[0].float(), -1)
+        with backbone.disable_adapter():
+            pretrained = torch.log_softmax(backbone(ids).logits[0].float(), -1)
+        steps = range(len(p) - 1, len(p) + len(c) - 1)  # the states that drew a completion token
+        expected += sum((adapted[t].exp() * (adapted[t] - pretrained[t])).sum().item() for t in steps)
+    drift = demo.policy_drift_kl(model, prompts, completions, pad_token_id=0, batch_size=2)
+    assert drift > 0.0
+    assert drift == pytest.approx(expected / 2, rel=1e-4)
