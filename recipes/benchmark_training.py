@@ -21,7 +21,8 @@ other work it is the steadier figure of the two. The first `--warmup` steps of e
 reversed every other round so that slow drift of the machine does not favour one row; a row's figure is the median of
 all its timed steps over all rounds.
 
-Memory, CPU: a background thread samples the process's resident set size (`/proc/self/statm`) every millisecond. The
+Memory, CPU: a separate sampler process reads this process's resident set size (`/proc/<pid>/statm`) every
+millisecond (a thread would compete for the GIL with the training loop and slow the rows that run more Python code). The
 RSS high-water mark of the kernel never goes down, so it cannot compare rows in one process; instead, before each run
 everything of the previous run is freed (`gc.collect()`, `malloc_trim`) and the run's figures are increases over the
 RSS at its own start:
@@ -45,11 +46,13 @@ import argparse
 import ctypes
 import gc
 import json
+import mmap
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import tempfile
-import threading
 import time
 import warnings
 
@@ -140,24 +143,44 @@ def _free_memory(device: torch.device) -> None:
         pass
 
 
+# Runs in its own process, so that sampling never takes this process's GIL (a sampler thread would delay the training
+# loop's Python code, and more so for rows that run more of it, whenever the machine is busy).
+_SAMPLER = """
+import mmap, os, sys, time
+pid, path, interval = int(sys.argv[1]), sys.argv[2], float(sys.argv[3])
+page = os.sysconf("SC_PAGE_SIZE")
+with open(path, "r+b") as f:
+    peak = mmap.mmap(f.fileno(), 8)
+statm = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
+while True:
+    try:
+        rss = int(os.pread(statm, 128, 0).split()[1]) * page
+    except (OSError, IndexError, ValueError):
+        break
+    if rss > int.from_bytes(peak[:8], "little"):
+        peak[:8] = rss.to_bytes(8, "little")
+    time.sleep(interval)
+"""
+
+
 class MemoryMeter:
-    """Peak memory since `reset()`: sampled RSS on CPU, `max_memory_allocated` on CUDA."""
+    """Peak memory since `reset()`: RSS sampled by a separate process on CPU, `max_memory_allocated` on CUDA."""
 
     def __init__(self, device: torch.device, interval_s: float = 0.001):
-        self.device, self.interval_s = device, interval_s
-        self._peak = 0
-        self._stop = threading.Event()
-        self._thread = None
+        self.device = device
+        self._process = None
         if device.type == "cpu":
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
+            self._file = tempfile.NamedTemporaryFile(
+                prefix="rss-peak-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None
+            )
+            self._file.write(b"\0" * 8)
+            self._file.flush()
+            self._peak = mmap.mmap(self._file.fileno(), 8)
+            command = [sys.executable, "-c", _SAMPLER, str(os.getpid()), self._file.name, str(interval_s)]
+            self._process = subprocess.Popen(command)
 
-    def _sample(self) -> None:
-        while not self._stop.is_set():
-            rss = _rss_bytes()
-            if rss > self._peak:
-                self._peak = rss
-            time.sleep(self.interval_s)
+    def _read(self) -> int:
+        return int.from_bytes(self._peak[:8], "little")
 
     def current(self) -> int:
         return torch.cuda.memory_allocated(self.device) if self.device.type == "cuda" else _rss_bytes()
@@ -166,18 +189,21 @@ class MemoryMeter:
         """Start a new peak from now; returns the current level."""
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+            return self.current()
         level = self.current()
-        self._peak = level
+        self._peak[:8] = level.to_bytes(8, "little")
         return level
 
     def peak(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
-        self._peak = max(self._peak, _rss_bytes())
-        return self._peak
+        return max(self._read(), _rss_bytes())
 
     def close(self) -> None:
-        self._stop.set()
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait()
+            self._file.close()
 
 
 class StepMeter(TrainerCallback):
