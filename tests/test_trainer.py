@@ -230,3 +230,24 @@ def test_q_head_learning_rate_moves_only_the_head_fast(tmp_path, gpt2_tokenizer)
         (p - b).abs().max().item() for p, b in zip(model.pretrained_model.parameters(), backbone_before, strict=True)
     )
     assert 0 < moved < 1.1e-6
+
+
+def test_logged_losses_are_token_weighted_over_accumulated_micro_batches(tmp_path, gpt2_tokenizer):
+    # Rows of very different lengths in micro-batches of one: a mean of per-micro-batch means would weigh a 3-token row
+    # like a 30-token one, and `loss_lm + q_weight * loss_q` would then differ from the `loss` transformers logs (the
+    # loss optimised: a mean over every target token of the accumulated batch).
+    lengths = [3, 30, 5, 24, 2, 17, 9, 28]
+    rows = [[(7 * i + 3 * k) % 500 + 10 for k in range(n)] for i, n in enumerate(lengths)]
+    data = Dataset.from_dict({"input_ids": rows, "reward": [float(i % 3) - 1.0 for i in range(len(rows))]})
+    config = _config(
+        tmp_path, per_device_train_batch_size=1, gradient_accumulation_steps=4, max_steps=4, q_weight=0.7,
+        gamma=0.9, learning_rate=1e-3,
+    )  # fmt: skip
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_init="normal")
+    trainer = QHeadTrainer(model, config, train_dataset=data, processing_class=gpt2_tokenizer)
+    trainer.train()
+    history = [entry for entry in trainer.state.log_history if "loss_lm" in entry]
+    assert len(history) == 4
+    for entry in history:
+        assert entry["loss_lm"] + 0.7 * entry["loss_q"] == pytest.approx(entry["loss"], rel=1e-4)
+    assert len({round(entry["loss_q"], 4) for entry in history}) > 1  # a nonzero, moving Q loss

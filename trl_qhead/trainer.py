@@ -244,9 +244,9 @@ class QHeadTrainer(Trainer):
             # `num_items_in_batch` counts every process's targets while DDP averages gradients: undo the average.
             loss = loss * self.accelerator.num_processes
 
-        n_values = value_mask.sum().clamp(min=1)
-        stats["v_mean"] = outputs.state_values.sum() / n_values
-        self._record(stats)
+        n_values = value_mask.sum()
+        self._record(stats, weight=action_mask.sum())
+        self._record({"v_mean": outputs.state_values.sum() / n_values.clamp(min=1)}, weight=n_values)
         self._record_floats(reward_metrics)
         return (loss, outputs) if return_outputs else loss
 
@@ -284,25 +284,30 @@ class QHeadTrainer(Trainer):
 
     # ---- logging and saving -------------------------------------------------------------------------------------
 
-    def _record(self, stats: dict[str, torch.Tensor]) -> None:
-        # Kept on the device and reduced when logged: no host sync or collective in every step.
+    def _record(self, stats: dict[str, torch.Tensor], weight: torch.Tensor | float = 1.0) -> None:
+        """Keep `(mean * weight, weight)` per metric: the logged value is the mean over every token of every micro-batch
+        and process since the last log (as TRL's SFTTrainer logs its token metrics), not a mean of per-batch means.
+
+        Kept on the device and reduced when logged: no host sync or collective in every step.
+        """
         mode = "train" if self.model.training else "eval"
+        weight = torch.as_tensor(weight, dtype=torch.float32, device=self.accelerator.device).reshape(())
         for name, value in stats.items():
-            self._metrics[mode][name].append(value.detach().float().reshape(()))
+            value = value.detach().float().reshape(()).to(weight.device)
+            self._metrics[mode][name].append(torch.stack([value * weight, weight]))
 
     def _record_floats(self, metrics: dict[str, float]) -> None:
-        """Metrics already gathered over processes (the reward statistics); `log` averages identical copies."""
-        mode = "train" if self.model.training else "eval"
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(torch.tensor(float(value), device=self.accelerator.device))
+        """Metrics already gathered over processes (the reward statistics): one weight per step and process, so `log`
+        averages the steps (over identical copies)."""
+        self._record({name: torch.tensor(float(value)) for name, value in metrics.items()})
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         mode = "train" if self.model.training else "eval"
-        metrics = {
-            name: self.accelerator.gather(torch.stack(values)).mean().item()
-            for name, values in self._metrics[mode].items()
-            if values
-        }
+        metrics = {}
+        for name, values in self._metrics[mode].items():
+            if values:
+                total, weight = self.accelerator.gather(torch.stack(values)).sum(0).tolist()
+                metrics[name] = total / weight if weight > 0 else float("nan")
         if mode == "eval":
             metrics = {f"eval_{name}": value for name, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
