@@ -9,8 +9,8 @@ machine that other jobs were half using):
    ancestral sampling at temperature 1), scored by VADER's compound sentiment in [-1, 1] (`vaderSentiment`, which
    ships its own lexicon).
 3. Training: LoRA adapters on the top layers plus the Q head, with `QHeadTrainer`: Monte Carlo returns with gamma 1,
-   the sequence reward on the final action (a completion cut at `--max_new_tokens` is the whole scored episode, so it
-   gets EOS appended: its last action is terminal). Rewards are centred per prompt (the mean of its completions is
+   the sequence reward on the final action (a completion cut at `--max_new_tokens` is the whole scored episode, so its
+   last action is terminal: `generate_and_score` marks it `done`, its default `truncated_completions="terminal"`). Rewards are centred per prompt (the mean of its completions is
    subtracted): this does not change the tilt, since a per-state constant drops out of the softmax, but tokens the head
    never saw keep `Q = 0` = "average" instead of "worse than every seen token".
 4. Evaluation on held-out prompts, one table and one plot of mean reward against KL to the base policy:
@@ -269,25 +269,23 @@ def score(samples: Samples, reward_fn: Callable = sentiment_reward) -> Samples:
 # ---- training -------------------------------------------------------------------------------------------------------
 
 
-def training_rows(data: Dataset, num_generations: int, eos_token_id: int, *, center: bool = True) -> Dataset:
+def training_rows(data: Dataset, num_generations: int, *, center: bool = True) -> Dataset:
     """Training rows for `QHeadTrainer` from `generate_and_score`'s output (prompt-major, `num_generations` rows per
-    prompt): `input_ids` = prompt + completion, `completion_mask` on the completion, and the sequence `reward`, centred
-    per prompt (the mean of the prompt's completions subtracted), which `QHeadTrainer` puts on the last action.
+    prompt): `input_ids` = prompt + completion, `completion_mask` on the completion, `done`, and the sequence `reward`,
+    centred per prompt (the mean of the prompt's completions subtracted), which `QHeadTrainer` puts on the last action.
 
-    A completion cut at the token limit gets EOS appended: the scored text is the whole episode, so its last action
-    must be terminal (otherwise the return would bootstrap `V` beyond a reward that was already paid in full).
+    `done` is kept as `generate_and_score` wrote it: a completion cut at the token limit is the whole scored episode,
+    so its last action is terminal (otherwise the return would bootstrap `V` beyond a reward already paid in full).
     """
     if len(data) % num_generations:
         raise ValueError(f"{len(data)} rows are not a whole number of groups of {num_generations} completions.")
     rewards = [float(r) for r in data["reward"]]
     rows = []
-    for i, (input_ids, mask) in enumerate(zip(data["input_ids"], data["completion_mask"], strict=True)):
+    columns = zip(data["input_ids"], data["completion_mask"], data["done"], strict=True)
+    for i, (input_ids, mask, done) in enumerate(columns):
         start = (i // num_generations) * num_generations
         baseline = sum(rewards[start : start + num_generations]) / num_generations if center else 0.0
-        input_ids, mask = list(input_ids), list(mask)
-        if input_ids[-1] != eos_token_id or mask[-1] == 0:
-            input_ids, mask = input_ids + [eos_token_id], mask + [1]
-        rows.append({"input_ids": input_ids, "completion_mask": mask, "reward": rewards[i] - baseline})
+        rows.append({"input_ids": input_ids, "completion_mask": mask, "done": done, "reward": rewards[i] - baseline})
     return Dataset.from_list(rows)
 
 
@@ -705,7 +703,6 @@ def run(args: argparse.Namespace) -> dict:
 
     print(f"[1/5] Loading {args.model} ...", flush=True)
     model, tokenizer = load_model(args.model, args.lora_r, args.lora_layers)
-    eos_id = tokenizer.eos_token_id
     train_prompts, eval_prompts = split_prompts(load_prompts(), args.n_train_prompts, args.n_eval_prompts, args.seed)
 
     print(
@@ -724,7 +721,7 @@ def run(args: argparse.Namespace) -> dict:
         batch_size=max(1, args.gen_batch_size // args.num_generations),
         generation_kwargs=SAMPLING,
     )
-    dataset = training_rows(scored, args.num_generations, eos_id)
+    dataset = training_rows(scored, args.num_generations)
     train_reward = sum(scored["reward"]) / len(scored)
     print(f"      training reward: mean {train_reward:+.3f}", flush=True)
 

@@ -61,20 +61,22 @@ def test_sentiment_reward_is_vader_compound():
     assert scores[0] > 0.5 and scores[1] < -0.5
 
 
-def test_training_rows_centre_per_prompt_and_end_with_eos():
+def test_training_rows_centre_per_prompt_and_keep_done():
     data = Dataset.from_dict(  # generate_and_score's layout: two prompts, two completions each
         {
             "input_ids": [[5, 6, 1, 2], [5, 6, 3, 99], [7, 4], [7, 8, 9]],
             "completion_mask": [[0, 0, 1, 1], [0, 0, 1, 1], [0, 1], [0, 1, 1]],
+            "done": [True, True, False, True],
             "reward": [0.5, -0.5, 1.0, 0.0],
         }
     )
-    rows = demo.training_rows(data, 2, eos_token_id=99).to_list()
-    assert [r["input_ids"] for r in rows] == [[5, 6, 1, 2, 99], [5, 6, 3, 99], [7, 4, 99], [7, 8, 9, 99]]
-    assert [r["completion_mask"] for r in rows] == [[0, 0, 1, 1, 1], [0, 0, 1, 1], [0, 1, 1], [0, 1, 1, 1]]
+    rows = demo.training_rows(data, 2).to_list()
+    assert [r["input_ids"] for r in rows] == data["input_ids"]  # no EOS appended: `done` marks the episode's end
+    assert [r["completion_mask"] for r in rows] == data["completion_mask"]
+    assert [r["done"] for r in rows] == [True, True, False, True]
     assert [r["reward"] for r in rows] == pytest.approx([0.5, -0.5, 0.5, -0.5])
     with pytest.raises(ValueError, match="whole number"):
-        demo.training_rows(data.select(range(3)), 2, eos_token_id=99)
+        demo.training_rows(data.select(range(3)), 2)
 
 
 def test_completion_nll_matches_per_sequence_reference(tiny_gpt2):
@@ -147,7 +149,8 @@ def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
     rewards = [r["reward"] for r in (base, *bon)]
     assert rewards == sorted(rewards)  # a group of 2N is two groups of N: the mean of the maxima cannot drop
     for row in tilted:
-        assert row["kl"] >= 0.0 and row["n"] == 2 * 2 and row["samples_per_output"] == 1
+        # A KL, up to float32 rounding: the tiny model's Q head barely tilts, so it sits at ~1e-7 either side of 0.
+        assert row["kl"] >= -1e-5 and row["n"] == 2 * 2 and row["samples_per_output"] == 1
     for row in rows:
         assert -1.0 <= row["reward"] <= 1.0 and 0.0 <= row["distinct_2"] <= 1.0 and row["perplexity"] > 1.0
     assert results["policy_drift_kl_lora_vs_pretrained"] >= -1e-5  # a KL, up to float rounding

@@ -6,7 +6,11 @@ A training row is `input_ids` (at least two tokens, so at least one action) with
   document's last token, which is the same thing and survives packing;
 - `completion_mask`: 1 where a token is a training target (with `completion_only_loss`, the default);
 - `prompt_length`: how many leading tokens are the prompt (0 when absent). Reward functions see the tokens after it as
-  the completion.
+  the completion;
+- `done`: a boolean (`None` is `False`), the row's last action ends the episode even without EOS: a completion cut at a
+  generation limit whose reward judged it as finished. A row that `max_length` truncates loses it (its last trained
+  action is no longer the episode's end, so it bootstraps). Packing folds it into a token-aligned `dones` list (1 at
+  the document's last token), which survives the cuts and reorderings of every packing strategy.
 With `reward_columns=True` a row also keeps the original `prompt` and every column that is not a format column, so
 that reward functions receive them as TRL's `GRPOTrainer` passes them (`prompts`, `**dataset_columns`).
 
@@ -18,7 +22,7 @@ Formats recognised, the way TRL's trainers recognise them (first match wins):
   conversation, and reward functions see the last message as the completion and the ones before it as the prompt;
 - plain text: the `dataset_text_field` column (default `"text"`). Each document gets EOS appended, so a document that
   fits ends with a terminal action, and one that is cut bootstraps where it was cut. The prompt is empty.
-Every format may carry a scalar `reward`; the tokenised one a per-token `rewards` list too.
+Every format may carry a scalar `reward` and a `done` flag; the tokenised one a per-token `rewards` list too.
 """
 
 from __future__ import annotations
@@ -34,9 +38,10 @@ from trl.trainer.utils import pad
 
 # Columns a format consumes; every other column is an extra one, handed to reward functions as a keyword argument.
 FORMAT_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "reward", "completion_mask", "prompt_length")
+FORMAT_COLUMNS += ("done", "dones")
 FORMAT_COLUMNS += ("prompt", "completion", "messages", "completion_ids")  # the last is a reward-function argument
 # Row keys the collator turns into tensors; the rest travel as lists in `batch["reward_inputs"]`.
-ROW_TENSOR_KEYS = ("input_ids", "rewards", "reward", "completion_mask", "prompt_length")
+ROW_TENSOR_KEYS = ("input_ids", "rewards", "reward", "completion_mask", "prompt_length", "done", "dones")
 
 
 def detect_format(column_names: list[str], text_field: str = "text") -> str:
@@ -72,6 +77,20 @@ def _check_rewards(rewards: list[float], n_tokens: int, where: str) -> None:
         )
     if not all(math.isfinite(r) for r in rewards):
         raise ValueError(f"`rewards` of {where} holds NaN or inf.")
+
+
+def check_done(value: Any, where: str) -> bool:
+    """The `done` flag of a row as a bool: `True`/`False`, 0/1 (also as numpy or tensor scalars), `None` is `False`."""
+    if value is None:
+        return False
+    if hasattr(value, "item") and getattr(value, "ndim", 0) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, (bool, int)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(
+        f"`done` of {where} is {value!r}: it must be a bool (or 0/1, or None for False), True when the row's last "
+        "action ends the episode."
+    )
 
 
 def _is_messages(value: Any) -> bool:
@@ -138,7 +157,8 @@ def _to_row(
     completion_only_loss: bool,
     reward_columns: bool,
 ) -> dict:
-    """Tokenise, check, truncate to `max_length`; keep `reward` apart, or fold it into `rewards` (packing)."""
+    """Tokenise, check, truncate to `max_length`; keep `reward` and `done` apart, or fold them into the token-aligned
+    `rewards` and `dones` (packing)."""
     where = f"example {idx}"
     input_ids, prompt_length, prompt = _tokenize(example, where, fmt=fmt, tokenizer=tokenizer, text_field=text_field)
     rewards = example.get("rewards")
@@ -161,6 +181,12 @@ def _to_row(
         reward = float(reward)
         if not math.isfinite(reward):
             raise ValueError(f"`reward` of {where} is {reward}: it must be finite (leave it empty for no reward).")
+    if "done" in example:
+        done = check_done(example["done"], where)
+        if fold_reward:  # packing: a token-aligned flag on the document's last token survives the cuts
+            row["dones"] = [0] * (len(input_ids) - 1) + [int(done)]
+        else:  # a truncated row ends where it was cut, not where the episode ended: it bootstraps there
+            row["done"] = done and len(input_ids) <= max_length
     if fold_reward and ("reward" in example or "rewards" in example):
         rewards = (rewards if rewards is not None else [0.0] * len(input_ids))[:max_length]
         if reward is not None:
@@ -245,9 +271,10 @@ def prepare_dataset(
 @dataclass
 class DataCollatorForQHead:
     """Pads training rows into a batch: `input_ids`, `attention_mask`, `labels` (-100 where a token is not a target)
-    and, when any row has them, token-aligned `rewards` (0 on padding), `reward` (`[B]`, NaN where a row has none)
-    and `prompt_length` (`[B]`). Other row keys (the prompt and extra columns kept for reward functions) travel as
-    lists in `batch["reward_inputs"]`.
+    and, when any row has them, token-aligned `rewards` (0 on padding), `reward` (`[B]`, NaN where a row has none),
+    `prompt_length` (`[B]`), `done` (`[B]` bool, `False` where a row has none) and the packed form of `done`,
+    token-aligned `dones` (`[B, T]` bool, `False` on padding). Other row keys (the prompt and extra columns kept for
+    reward functions) travel as lists in `batch["reward_inputs"]`.
 
     Args:
         pad_token_id: id written into padding (masked out by `attention_mask`, so EOS is fine).
@@ -291,6 +318,15 @@ class DataCollatorForQHead:
         if any(e.get("reward") is not None for e in examples):
             values = [math.nan if e.get("reward") is None else float(e["reward"]) for e in examples]
             batch["reward"] = torch.tensor(values, dtype=torch.float32)
+        if any(e.get("done") is not None for e in examples):
+            done = [check_done(e.get("done"), f"batch row {i}") for i, e in enumerate(examples)]
+            batch["done"] = torch.tensor(done, dtype=torch.bool)
+        if any(e.get("dones") is not None for e in examples):
+            dones = [
+                torch.as_tensor(e["dones"] if e.get("dones") is not None else [0] * len(e["input_ids"])).bool()
+                for e in examples
+            ]
+            batch["dones"] = pad(dones, False, side, multiple)
         if any("prompt_length" in e for e in examples):
             batch["prompt_length"] = torch.tensor([int(e.get("prompt_length", 0)) for e in examples])
         extra = [key for key in examples[0] if key not in ROW_TENSOR_KEYS]

@@ -31,17 +31,48 @@ def next_tokens(input_ids: torch.Tensor) -> torch.Tensor:
 
 
 def episode_dones(
-    actions: torch.Tensor, action_mask: torch.Tensor, eos_token_id: int | list[int] | None
+    actions: torch.Tensor,
+    action_mask: torch.Tensor,
+    eos_token_id: int | list[int] | None,
+    *,
+    done: torch.Tensor | None = None,
+    token_dones: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`d[b, t] = 1` where action `a_t` emits EOS: the episode really ends there and nothing after it counts.
+    """`d[b, t] = 1` where the episode really ends with action `a_t`, so nothing after it counts (DESIGN.md section 2).
 
-    A packed document ends with EOS, so its last action is terminal too. Padding never counts (it has no action),
-    even when the pad token is the EOS token, as for GPT-2.
+    An action ends the episode when it emits EOS, when its row is marked `done` and it is the row's last action, or
+    when `token_dones` flags the token it produces. A packed document ends with EOS (or a flag in `token_dones`), so
+    its last action is terminal too. Padding never counts (it has no action), even when the pad token is the EOS
+    token, as for GPT-2.
+
+    Args:
+        actions: `[B, T]` the token taken at each position (`next_tokens`).
+        action_mask: `[B, T]` bool, where a position holds an action.
+        eos_token_id: the EOS id(s); `None` for none.
+        done: optional `[B]` bool, the row's `done` column: its last action ends the episode even without EOS (a
+            completion cut at a generation limit whose reward judged it as finished).
+        token_dones: optional `[B, T]` token-aligned flags, `token_dones[b, k]` set when producing token `k` ends the
+            episode (a `done` folded into packed rows); `d_t = token_dones[t + 1]`.
+
+    Returns:
+        `[B, T]` float32, 1 where an episode ends, 0 elsewhere.
     """
-    if eos_token_id is None:
-        return torch.zeros_like(action_mask, dtype=torch.float32)
-    eos = torch.as_tensor(eos_token_id, device=actions.device).reshape(-1)
-    return (torch.isin(actions, eos) & action_mask).float()
+    dones = torch.zeros_like(action_mask, dtype=torch.bool)
+    if eos_token_id is not None:
+        eos = torch.as_tensor(eos_token_id, device=actions.device).reshape(-1)
+        dones |= torch.isin(actions, eos)
+    if done is not None:
+        dones |= last_action_mask(action_mask) & done.to(device=action_mask.device, dtype=torch.bool)[:, None]
+    if token_dones is not None:
+        dones[:, :-1] |= token_dones[:, 1:].to(device=action_mask.device) != 0
+    return (dones & action_mask.bool()).float()
+
+
+def last_action_mask(action_mask: torch.Tensor) -> torch.Tensor:
+    """`True` at each row's last action (the rightmost position holding one); rows without an action get none."""
+    positions = torch.arange(action_mask.shape[1], device=action_mask.device).expand_as(action_mask)
+    last = torch.where(action_mask.bool(), positions, -1).amax(dim=1, keepdim=True)
+    return positions == last
 
 
 def bootstrap_mask(action_mask: torch.Tensor) -> torch.Tensor:

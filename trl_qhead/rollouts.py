@@ -34,6 +34,7 @@ def generate_and_score(
     generation_kwargs: dict[str, Any] | None = None,
     logits_processor: list[LogitsProcessor] | None = None,
     show_progress: bool = True,
+    truncated_completions: str = "terminal",
 ) -> Dataset:
     """Sample `num_generations` completions per prompt and score them: a dataset ready for `QHeadTrainer`.
 
@@ -46,19 +47,28 @@ def generate_and_score(
         reward_funcs, reward_processing_classes, reward_weights: as for `QHeadTrainer` / TRL's `GRPOTrainer`. `None`
             only samples.
         num_generations: completions per prompt.
-        max_new_tokens: a completion ends with EOS (a terminal action) or is cut here (it bootstraps).
+        max_new_tokens: a completion ends with EOS (a terminal action) or is cut here (see `truncated_completions`).
         batch_size: prompts per `generate` call (each yields `num_generations` sequences).
         generation_kwargs: more arguments for `generate`; sampling (`do_sample=True`) unless they say otherwise.
         logits_processor: processors for `generate`, e.g. `[QTiltLogitsProcessor(model, beta)]` to sample from the
             Q-tilted policy.
         show_progress: show a progress bar over the prompts.
+        truncated_completions: what a completion cut at `max_new_tokens` is to the trainer, written to the `done`
+            column (a completion that emits EOS is always `done`):
+            - `"terminal"` (default): the episode ends where it was cut (`done=True`). The horizon is
+              `max_new_tokens` and the sequence rewards judged the completion as it is, so the return of its last
+              action is its reward, with nothing bootstrapped on top (which would count the future twice).
+            - `"bootstrap"`: the episode goes on (`done=False`), so the trainer adds `gamma * V(s)` of the state
+              where it was cut. For rewards that only judge the tokens seen so far: per-token rewards, or
+              reference log-prob rewards (`use_lm_rewards`) with no sequence reward.
 
     Returns:
         A `Dataset` with, per completion: `prompt`, `completion` (text, or a one-message list for conversational
-        prompts), `input_ids` (prompt + completion tokens), `completion_mask`, `reward` (the weighted sum of the
-        sequence rewards, `None` where no function applied), `rewards` (token-aligned, when a function returns
-        per-token rewards), one `reward_<name>` column per reward function (its raw output) and the prompt's other
-        columns. `QHeadTrainer` trains on it as a pre-tokenised dataset.
+        prompts), `input_ids` (prompt + completion tokens), `completion_mask`, `done` (the last action ends the
+        episode: the completion emitted EOS, or was cut under `truncated_completions="terminal"`), `reward` (the
+        weighted sum of the sequence rewards, `None` where no function applied), `rewards` (token-aligned, when a
+        function returns per-token rewards), one `reward_<name>` column per reward function (its raw output) and the
+        prompt's other columns. `QHeadTrainer` trains on it as a pre-tokenised dataset.
 
     Example:
     ```python
@@ -75,6 +85,8 @@ def generate_and_score(
         raise ValueError(f"`max_new_tokens` must be a positive integer, got {max_new_tokens!r}.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+    if truncated_completions not in ("terminal", "bootstrap"):
+        raise ValueError(f"`truncated_completions` must be 'terminal' or 'bootstrap', got {truncated_completions!r}.")
     column_names = getattr(prompts, "column_names", None)
     if column_names is not None and "prompt" not in column_names:
         raise ValueError(f"The prompt dataset has columns {sorted(column_names)}; expected a `prompt` column.")
@@ -92,6 +104,7 @@ def generate_and_score(
     if logits_processor:
         kwargs["logits_processor"] = LogitsProcessorList(logits_processor)
 
+    terminal_cuts = truncated_completions == "terminal"
     total = len(prompts) if hasattr(prompts, "__len__") else None
     rows: list[dict[str, Any]] = []
     was_training = getattr(model, "training", False)
@@ -99,7 +112,11 @@ def generate_and_score(
     try:
         with tqdm(total=total, desc="Generating and scoring", unit="prompt", disable=not show_progress) as bar:
             for examples in _batches(prompts, batch_size):
-                rows.extend(_generate_batch(model, tokenizer, examples, functions, eos_ids, kwargs, num_generations))
+                rows.extend(
+                    _generate_batch(
+                        model, tokenizer, examples, functions, eos_ids, kwargs, num_generations, terminal_cuts
+                    )
+                )
                 bar.update(len(examples))
     finally:
         model.train(was_training)
@@ -135,7 +152,9 @@ def _batches(prompts, batch_size: int):
 
 
 @torch.no_grad()
-def _generate_batch(model, tokenizer, examples, functions, eos_ids, kwargs, num_generations) -> list[dict]:
+def _generate_batch(
+    model, tokenizer, examples, functions, eos_ids, kwargs, num_generations, cut_is_terminal: bool
+) -> list[dict]:
     texts = [maybe_apply_chat_template({"prompt": e["prompt"]}, tokenizer)["prompt"] for e in examples]
     # Chat templates carry their own special tokens, plain prompts get none: as the training data is tokenised.
     encoded = tokenizer(text=texts, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
@@ -148,7 +167,7 @@ def _generate_batch(model, tokenizer, examples, functions, eos_ids, kwargs, num_
     ).cpu()
     prompt_width = encoded["input_ids"].shape[1]
 
-    prompts, prompt_ids, completion_ids, columns = [], [], [], {}
+    prompts, prompt_ids, completion_ids, dones, columns = [], [], [], [], {}
     for row, sequence in enumerate(sequences):
         example = examples[row // num_generations]
         mask = encoded["attention_mask"][row // num_generations].bool()
@@ -157,6 +176,8 @@ def _generate_batch(model, tokenizer, examples, functions, eos_ids, kwargs, num_
         # A completion ends at its first EOS (kept: it is the terminal action); what follows is padding.
         end = next((k + 1 for k, token in enumerate(completion) if token in eos_ids), len(completion))
         completion_ids.append(completion[:end])
+        # Cut at `max_new_tokens` when it emitted no EOS: its end is terminal or not as the caller says.
+        dones.append(cut_is_terminal or (end > 0 and completion[end - 1] in eos_ids))
         prompts.append(example["prompt"])
         for key, value in example.items():
             if key != "prompt":
@@ -172,10 +193,11 @@ def _generate_batch(model, tokenizer, examples, functions, eos_ids, kwargs, num_
             "completion": completion,
             "input_ids": p_ids + c_ids,
             "completion_mask": [0] * len(p_ids) + [1] * len(c_ids),
+            "done": done,
             **{key: values[row] for key, values in columns.items()},
         }
-        for row, (prompt, completion, p_ids, c_ids) in enumerate(
-            zip(prompts, completions, prompt_ids, completion_ids, strict=True)
+        for row, (prompt, completion, p_ids, c_ids, done) in enumerate(
+            zip(prompts, completions, prompt_ids, completion_ids, dones, strict=True)
         )
     ]
     if functions is None:

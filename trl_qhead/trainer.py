@@ -221,7 +221,10 @@ class QHeadTrainer(Trainer):
             gather=self._gather_rows,
             trainer_state=self.state,
         )
-        dones = episode_dones(actions, action_mask, self.eos_token_id)
+        # EOS ends an episode; so does a row's `done` flag at its last action (a scored completion cut at a limit).
+        dones = episode_dones(
+            actions, action_mask, self.eos_token_id, done=inputs.get("done"), token_dones=inputs.get("dones")
+        )
         loss, stats = qhead_loss(
             outputs.logits,
             outputs.action_q,
