@@ -33,10 +33,11 @@ RSS at its own start:
 Memory, CUDA: the same two figures from `torch.cuda.max_memory_allocated` (reset at the same points).
 Each figure is the median over the rounds.
 
-Usage (the README's table):
-    python recipes/benchmark_training.py --batch_size 4 --seq_len 256 --dtype fp32 --json bench_fp32.json
-    python recipes/benchmark_training.py --batch_size 4 --seq_len 256 --dtype bf16 --json bench_bf16.json
-    python recipes/benchmark_training.py --batch_size 1 --seq_len 1024 --rows a,b,e --json bench_t1024.json
+Usage (the README's tables):
+    python recipes/benchmark_training.py --threads 1 --dtype fp32 --rows a,b,c,e,lm,a-lora,d --json bench_fp32.json
+    python recipes/benchmark_training.py --threads 1 --dtype bf16 --rows a,b,c,e,lm,a-lora,d --json bench_bf16.json
+    python recipes/benchmark_training.py --threads 1 --batch_size 1 --seq_len 1024 --rounds 1 --rows a,b,e,lm
+    python recipes/benchmark_training.py --threads 1 --batch_size 1 --seq_len 2048 --rounds 1 --rows a,b,e,lm
 Quick smoke run: `--n_layer 2 --n_embd 64 --n_head 2 --steps 2 --warmup 1 --rounds 1`.
 """
 

@@ -1,0 +1,79 @@
+"""The benchmark scripts run end to end on tiny shapes and report what the README's tables are made of.
+
+They are run as the README runs them (`python recipes/benchmark_*.py ...`), in a subprocess, so that their thread and
+warning settings stay out of the test process. The figures of such tiny runs mean nothing; the tables' structure, the
+baselines and the checks the scripts make do.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(script: str, *args: str, timeout: int = 300) -> str:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, f"recipes/{script}", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_training_benchmark_prints_and_writes_every_row(tmp_path):
+    rows = ["a", "b", "c", "e", "lm", "a-lora", "d"]
+    out = tmp_path / "bench.json"
+    tiny = ["--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--batch_size", "2", "--seq_len", "16"]
+    stdout = _run(
+        "benchmark_training.py", *tiny, "--steps", "2", "--warmup", "1", "--rounds", "1", "--threads", "1",
+        "--rows", ",".join(rows), "--json", str(out),
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    summary = result["summary"]
+    assert list(summary) == rows
+    for row, entry in summary.items():
+        assert entry["n_steps_timed"] == 2, row
+        assert entry["seconds_per_step"] > 0 and entry["peak_bytes"] > 0, row
+        base = summary[entry["baseline"]]
+        assert entry["time_ratio"] == pytest.approx(entry["seconds_per_step"] / base["seconds_per_step"])
+        assert entry["peak_ratio"] == pytest.approx(entry["peak_bytes"] / base["peak_bytes"])
+        assert f"| {row} | {entry['description']} |" in stdout
+    assert summary["a"]["time_ratio"] == summary["a-lora"]["time_ratio"] == 1.0
+    assert summary["d"]["baseline"] == "a-lora" and summary["b"]["baseline"] == "a"
+    # LoRA rows train the adapters (and, for `d`, the Q head), not the whole backbone.
+    assert summary["a-lora"]["trainable_params"] < summary["a"]["trainable_params"]
+    assert summary["e"]["logits_buffers"].startswith("dense") and summary["b"]["logits_buffers"] == "chunked"
+
+
+def test_training_benchmark_rejects_a_row_without_its_baseline():
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(
+        [sys.executable, "recipes/benchmark_training.py", "--rows", "b,d"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode != 0 and "add it to --rows" in done.stderr
+
+
+@pytest.mark.slow
+def test_generation_benchmark_runs_and_the_folded_model_matches_the_processor(tmp_path):
+    out = tmp_path / "gen.json"
+    stdout = _run(
+        "benchmark_generation.py", "--rounds", "1", "--batch", "1", "--prompt_length", "4", "--new_tokens", "2",
+        "--threads", "1", "--json", str(out),
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert result["processor_equals_folded_greedy"] is True
+    assert set(result["wall"]) == {"plain", "processor", "processor, no KL", "processor, top_k=50", "folded"}
+    assert result["wall"]["plain"]["ratio"] == 1.0
+    assert "| generation |" in stdout
