@@ -10,9 +10,10 @@ machine that other jobs were half using):
    ships its own lexicon).
 3. Training: LoRA adapters on the top layers plus the Q head, with `QHeadTrainer`: Monte Carlo returns with gamma 1,
    the sequence reward on the final action (a completion cut at `--max_new_tokens` is the whole scored episode, so its
-   last action is terminal: `generate_and_score` marks it `done`, its default `truncated_completions="terminal"`). Rewards are centred per prompt (the mean of its completions is
-   subtracted): this does not change the tilt, since a per-state constant drops out of the softmax, but tokens the head
-   never saw keep `Q = 0` = "average" instead of "worse than every seen token".
+   last action is terminal: `generate_and_score` marks it `done`, its default `truncated_completions="terminal"`).
+   Rewards are centred per prompt (the mean of its completions is subtracted): this does not change the tilt, since
+   a per-state constant drops out of the softmax, but tokens the head never saw keep `Q = 0` = "average" instead of
+   "worse than every seen token".
 4. Evaluation on held-out prompts, one table and one plot of mean reward against KL to the base policy:
    - base sampling (KL 0);
    - best-of-N with the same reward, N in {2, 4, 8, 16}: `KL = log N - (N - 1) / N`, N times the sampling compute;
