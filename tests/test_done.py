@@ -2,12 +2,13 @@
 limit). The episode-end helper against a loop, the column through every format, truncation and packing, the trainer's
 return targets, and `generate_and_score`'s `truncated_completions`."""
 
+import copy
 import math
 
 import pytest
 import torch
 from datasets import Dataset, IterableDataset
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
 import trl_qhead.losses
 from tests.conftest import make_tiny_gpt2
@@ -152,6 +153,38 @@ def test_generate_and_score_marks_done_by_eos_and_truncated_completions(word_tok
         assert [bool(d[m][-1]) for d, m in zip(dones, action_mask, strict=True)] == expected
     with pytest.raises(ValueError, match="`truncated_completions` must be 'terminal' or 'bootstrap', got 'cut'"):
         generate_and_score(model, word_tokenizer, prompts, truncated_completions="cut", show_progress=False)
+
+
+class StopAfter(StoppingCriteria):
+    """Stops row `i` once it has generated `counts[i]` tokens (`None`: never), as `stop_strings` would."""
+
+    def __init__(self, counts, prompt_width):
+        self.counts, self.prompt_width = counts, prompt_width
+
+    def __call__(self, input_ids, scores, **kwargs):
+        n = input_ids.shape[1] - self.prompt_width
+        return torch.tensor([c is not None and n >= c for c in self.counts], device=input_ids.device)
+
+
+def test_generate_and_score_drops_the_padding_of_rows_a_stopping_criterion_ended(word_tokenizer):  # noqa: F811
+    # A pad token that is not EOS: `generate` fills the rows that stopped early with it.
+    tokenizer = copy.deepcopy(word_tokenizer)
+    tokenizer.pad_token = "e"
+    pad = tokenizer.pad_token_id
+    model = make_word_model().pretrained_model
+    b = 2
+    data = generate_and_score(
+        model, tokenizer, Dataset.from_dict({"prompt": ["a", "c"]}), one_point, num_generations=2, max_new_tokens=3,
+        batch_size=2, logits_processor=[ScriptedTokens([[b], [b], [b], [EOS]], prompt_width=1)],
+        generation_kwargs={"stopping_criteria": StoppingCriteriaList([StopAfter([1, None, 2, None], 1)])},
+        show_progress=False, truncated_completions="bootstrap",
+    )  # fmt: skip
+    completions = [ids[1:] for ids in data["input_ids"]]
+    assert completions == [[b], [b, b, b], [b, b], [EOS]]
+    assert all(pad not in ids for ids in completions)
+    # Stopped early: generation ended them. Cut at the limit: it bootstraps under "bootstrap".
+    assert data["done"] == [True, False, True, True]
+    assert data["completion_mask"][0] == [0, 1]
 
 
 def test_trainer_targets_stop_at_done_and_bootstrap_otherwise(gpt2_tokenizer, monkeypatch):

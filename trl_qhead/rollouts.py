@@ -151,6 +151,25 @@ def _batches(prompts, batch_size: int):
         yield batch
 
 
+def completion_tokens(
+    generated: list[int], eos_ids: set[int], pad_token_id: int, max_new_tokens: int
+) -> tuple[list[int], bool]:
+    """A completion's own tokens among what `generate` returned for its row, and whether generation ended it.
+
+    A completion ends at its first EOS (kept: it is the terminal action). Without EOS, it was either cut at
+    `max_new_tokens` (`ended` is False) or stopped earlier by a stopping criterion such as `stop_strings` (`ended` is
+    True), and `generate` padded the rest of its row: trailing pad tokens are not part of it. (When the pad token is an
+    EOS token, as for GPT-2, a row stopped early reads as one that emitted EOS.)
+    """
+    for k, token in enumerate(generated):
+        if token in eos_ids:
+            return generated[: k + 1], True
+    end = len(generated)
+    while end > 0 and generated[end - 1] == pad_token_id:
+        end -= 1
+    return generated[:end], end < max_new_tokens
+
+
 @torch.no_grad()
 def _generate_batch(
     model, tokenizer, examples, functions, eos_ids, kwargs, num_generations, cut_is_terminal: bool
@@ -172,12 +191,12 @@ def _generate_batch(
         example = examples[row // num_generations]
         mask = encoded["attention_mask"][row // num_generations].bool()
         prompt_ids.append(encoded["input_ids"][row // num_generations][mask].tolist())
-        completion = sequence[prompt_width:].tolist()
-        # A completion ends at its first EOS (kept: it is the terminal action); what follows is padding.
-        end = next((k + 1 for k, token in enumerate(completion) if token in eos_ids), len(completion))
-        completion_ids.append(completion[:end])
-        # Cut at `max_new_tokens` when it emitted no EOS: its end is terminal or not as the caller says.
-        dones.append(cut_is_terminal or (end > 0 and completion[end - 1] in eos_ids))
+        completion, ended = completion_tokens(
+            sequence[prompt_width:].tolist(), eos_ids, kwargs["pad_token_id"], kwargs["max_new_tokens"]
+        )
+        completion_ids.append(completion)
+        # Cut at `max_new_tokens`: its end is terminal or not as the caller says.
+        dones.append(ended or cut_is_terminal)
         prompts.append(example["prompt"])
         for key, value in example.items():
             if key != "prompt":
