@@ -290,28 +290,6 @@ def training_rows(data: Dataset, num_generations: int, *, center: bool = True) -
     return Dataset.from_list(rows)
 
 
-def build_optimizer(
-    model: AutoModelForCausalLMWithQHead, lr: float, q_lr: float, q_bias_lr: float
-) -> torch.optim.Optimizer:
-    """AdamW with three learning rates: the adapters (`lr`), the Q head's weight (`q_lr`) and its bias (`q_bias_lr`).
-
-    Why: Adam moves every parameter by about its learning rate per step, and `Q(s, a) = W_q[a] . h + b_q[a]` sums
-    `H` weight terms against one bias term. With a normed final hidden state (`sum |h|` is in the hundreds for
-    SmolLM2), a weight step moves Q hundreds of times further than a bias step: the weight needs a small rate, the
-    bias a large one. The bias is the part that generalises across prompts from little data (a learned lexicon:
-    "great", "wonderful" up, "avoid", "destroying" down), the weight the context-dependent part.
-    """
-    q_ids = {id(model.q_head.weight), id(model.q_head.bias)}
-    other = [p for p in model.parameters() if p.requires_grad and id(p) not in q_ids]
-    groups = [
-        {"params": [model.q_head.weight], "lr": q_lr, "weight_decay": 0.0},
-        {"params": [model.q_head.bias], "lr": q_bias_lr, "weight_decay": 0.0},
-    ]
-    if other:
-        groups.append({"params": other, "lr": lr, "weight_decay": 0.0})
-    return torch.optim.AdamW(groups)
-
-
 def train_qhead(
     model: AutoModelForCausalLMWithQHead,
     tokenizer: PreTrainedTokenizerBase,
@@ -326,7 +304,15 @@ def train_qhead(
     q_weight: float,
     seed: int,
 ) -> list[dict]:
-    """Train the adapters and the Q head on the scored samples (Monte Carlo returns, gamma 1); returns the log."""
+    """Train the adapters and the Q head on the scored samples (Monte Carlo returns, gamma 1); returns the log.
+
+    Three learning rates: the adapters (`lr`), the Q head's weight (`q_lr`) and its bias (`q_bias_lr`). Adam moves every
+    parameter by about its learning rate per step, and `Q(s, a) = W_q[a] . h + b_q[a]` sums `H` weight terms against one
+    bias term. With a normed final hidden state (`sum |h|` is in the hundreds for SmolLM2), a weight step moves Q
+    hundreds of times further than a bias step: the weight needs a small rate, the bias a large one. The bias is the
+    part that generalises across prompts from little data (a learned lexicon: "great", "wonderful" up, "avoid",
+    "destroying" down), the weight the context-dependent part.
+    """
     args = QHeadConfig(
         output_dir=output_dir,
         gamma=1.0,
@@ -335,6 +321,9 @@ def train_qhead(
         num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
         learning_rate=lr,
+        q_head_learning_rate=q_lr,
+        q_head_bias_learning_rate=q_bias_lr,
+        weight_decay=0.0,
         lr_scheduler_type="constant_with_warmup",
         warmup_steps=0.05,
         logging_steps=max(1, math.ceil(len(dataset) / batch_size / 4)),
@@ -345,13 +334,7 @@ def train_qhead(
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = QHeadTrainer(
-        model,
-        args,
-        train_dataset=dataset,
-        processing_class=tokenizer,
-        optimizers=(build_optimizer(model, lr, q_lr, q_bias_lr), None),
-    )
+    trainer = QHeadTrainer(model, args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry or "loss_q" in entry]
 

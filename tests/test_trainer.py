@@ -232,6 +232,26 @@ def test_q_head_learning_rate_moves_only_the_head_fast(tmp_path, gpt2_tokenizer)
     assert 0 < moved < 1.1e-6
 
 
+def test_q_head_bias_gets_its_own_learning_rate(tmp_path, gpt2_tokenizer):
+    config = _config(
+        tmp_path, use_lm_rewards=True, max_steps=1, learning_rate=1e-6, q_head_learning_rate=1e-3,
+        q_head_bias_learning_rate=0.1,
+    )  # fmt: skip
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2())
+    backbone_before = [p.detach().clone() for p in model.pretrained_model.parameters()]
+    trainer = QHeadTrainer(model, config, Dataset.from_dict({"text": CORPUS}), processing_class=gpt2_tokenizer)
+    trainer.train()
+    # Adam's first step moves each parameter with a gradient by about its group's rate; the head started at zero.
+    assert model.q_head.bias.detach().abs().max().item() == pytest.approx(0.1, rel=0.05)
+    assert model.q_head.weight.detach().abs().max().item() == pytest.approx(1e-3, rel=0.05)
+    moved = max(
+        (p - b).abs().max().item() for p, b in zip(model.pretrained_model.parameters(), backbone_before, strict=True)
+    )
+    assert 0 < moved < 1.1e-6
+    rates = sorted(group["initial_lr"] for group in trainer.optimizer.param_groups)
+    assert rates == [1e-6, 1e-6, 1e-3, 0.1]  # backbone (decay, no decay), Q weight, Q bias: one schedule for all
+
+
 def test_logged_losses_are_token_weighted_over_accumulated_micro_batches(tmp_path, gpt2_tokenizer):
     # Rows of very different lengths in micro-batches of one: a mean of per-micro-batch means would weigh a 3-token row
     # like a 30-token one, and `loss_lm + q_weight * loss_q` would then differ from the `loss` transformers logs (the

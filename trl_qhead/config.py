@@ -32,6 +32,11 @@ class QHeadConfig(TrainingArguments):
             Learning rate of the Q head (same schedule, no weight decay); `None` uses `learning_rate`. Adam moves
             each parameter by about the learning rate per step, so returns of magnitude R need about R / lr steps:
             a head that starts at zero often wants a larger rate than a LoRA backbone.
+        q_head_bias_learning_rate (`float` or `None`, *optional*, defaults to `None`):
+            Learning rate of the Q head's bias alone; `None` uses the Q head's rate. `Q(s, a) = W_q[a] . h + b_q[a]`
+            sums `hidden_size` weight terms against one bias term, so a weight step moves Q far more than a bias step
+            of the same rate: a bias rate 10-1000x the weight's lets the bias (a per-token value that generalises
+            across states from little data) learn at the pace of the weight.
         value_chunk_size (`int`, *optional*, defaults to `256`):
             Positions per chunk wherever the loss takes a product over the vocabulary (the LM log-softmax of `L_LM` and
             its gradient, `V(s)`, the reference log-probs): bounds those buffers to a few `value_chunk_size * |V|`
@@ -98,6 +103,9 @@ class QHeadConfig(TrainingArguments):
     q_head_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the Q head; None uses learning_rate."}
     )
+    q_head_bias_learning_rate: float | None = field(
+        default=None, metadata={"help": "Learning rate of the Q head's bias; None uses the Q head's rate."}
+    )
     value_chunk_size: int = field(
         default=256, metadata={"help": "Positions per chunk of the products over the vocabulary (log pi, V(s))."}
     )
@@ -145,10 +153,12 @@ class QHeadConfig(TrainingArguments):
             raise ValueError(
                 f"`max_length` must be an integer >= 2 (one action needs two tokens), got {self.max_length!r}."
             )
-        if self.q_head_learning_rate is not None and not (
-            isinstance(self.q_head_learning_rate, (int, float)) and self.q_head_learning_rate > 0
-        ):
-            raise ValueError(f"`q_head_learning_rate` must be > 0 or None, got {self.q_head_learning_rate!r}.")
+        for name in ("q_head_learning_rate", "q_head_bias_learning_rate"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+            ):
+                raise ValueError(f"`{name}` must be a finite number > 0 or None, got {value!r}.")
         if not isinstance(self.value_chunk_size, int) or self.value_chunk_size < 1:
             raise ValueError(f"`value_chunk_size` must be a positive integer, got {self.value_chunk_size!r}.")
         if self.reward_weights is not None:

@@ -274,15 +274,25 @@ class QHeadTrainer(Trainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.args.q_head_learning_rate is None:
+        args: QHeadConfig = self.args
+        if args.q_head_learning_rate is None and args.q_head_bias_learning_rate is None:
             return optimizer
-        # Move the Q head into its own group before the scheduler is built, so it follows the same schedule.
-        q_params = {id(p) for p in self.accelerator.unwrap_model(self.model).q_head.parameters()}
-        moved = [p for group in optimizer.param_groups for p in group["params"] if id(p) in q_params]
+        # Move the Q head into its own group(s) before the scheduler is built, so it follows the same schedule.
+        q_head = self.accelerator.unwrap_model(self.model).q_head
+        weight_lr = args.q_head_learning_rate if args.q_head_learning_rate is not None else args.learning_rate
+        bias_lr = args.q_head_bias_learning_rate if args.q_head_bias_learning_rate is not None else weight_lr
+        q_ids = {id(q_head.weight), id(q_head.bias)} & {id(p) for g in optimizer.param_groups for p in g["params"]}
         for group in optimizer.param_groups:
-            group["params"] = [p for p in group["params"] if id(p) not in q_params]
+            group["params"] = [p for p in group["params"] if id(p) not in q_ids]
         optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
-        optimizer.add_param_group({"params": moved, "lr": self.args.q_head_learning_rate, "weight_decay": 0.0})
+        if bias_lr == weight_lr:
+            q_groups = [([q_head.weight, q_head.bias], weight_lr)]
+        else:
+            q_groups = [([q_head.weight], weight_lr), ([q_head.bias], bias_lr)]
+        for params, lr in q_groups:
+            params = [p for p in params if id(p) in q_ids]  # a frozen head has nothing to optimise
+            if params:
+                optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
         return optimizer
 
     # ---- logging and saving -------------------------------------------------------------------------------------
