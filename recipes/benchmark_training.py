@@ -299,16 +299,11 @@ def run_row(row: str, args, dataset: Dataset, tokenizer, device: torch.device, m
         backbone = GPT2LMHeadModel(_model_config(args))  # the same random init for every row
         step_meter = StepMeter(meter, device)
         if row in ("a", "a-lora"):
+            trainer_cls, model = SFTTrainer, backbone
             config = SFTConfig(**common, packing=False, dataset_num_proc=None)
-            trainer = SFTTrainer(
-                model=backbone,
-                args=config,
-                train_dataset=dataset,
-                processing_class=tokenizer,
-                peft_config=_lora_config(args) if lora else None,
-                callbacks=[step_meter],
-            )
         else:
+            trainer_cls = {"e": DenseQHeadTrainer, "lm": LMOnlyTrainer}.get(row, QHeadTrainer)
+            model = AutoModelForCausalLMWithQHead(backbone)
             config = QHeadConfig(
                 **common,
                 gamma=0.99,
@@ -316,22 +311,18 @@ def run_row(row: str, args, dataset: Dataset, tokenizer, device: torch.device, m
                 gae_lambda=0.95 if row == "c" else None,
                 use_lm_rewards=row == "d",
             )
-            model = AutoModelForCausalLMWithQHead(backbone)
-            trainer_cls = {"e": DenseQHeadTrainer, "lm": LMOnlyTrainer}.get(row, QHeadTrainer)
-            trainer = trainer_cls(
-                model=model,
-                args=config,
-                train_dataset=dataset,
-                processing_class=tokenizer,
-                peft_config=_lora_config(args) if lora else None,
-                callbacks=[step_meter],
-            )
+        trainer = trainer_cls(
+            model=model,
+            args=config,
+            train_dataset=dataset,
+            processing_class=tokenizer,
+            peft_config=_lora_config(args) if lora else None,
+            callbacks=[step_meter],
+        )
         trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
         trainer.train()
         run_peak = max(step_meter.run_peak, meter.peak())
-        del trainer, backbone, config
-        if row not in ("a", "a-lora"):
-            del model
+        del trainer, model, backbone, config
     _free_memory(device)
     timed = args.warmup
     return {
