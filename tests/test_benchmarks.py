@@ -16,16 +16,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, *args: str, timeout: int = 300) -> str:
+def _launch(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, f"recipes/{script}", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    command = [sys.executable, f"recipes/{script}", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _run(script: str, *args: str) -> str:
+    done = _launch(script, *args)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 
@@ -57,11 +55,7 @@ def test_training_benchmark_prints_and_writes_every_row(tmp_path):
 
 
 def test_training_benchmark_rejects_a_row_without_its_baseline():
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "recipes/benchmark_training.py", "--rows", "b,d"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+    done = _launch("benchmark_training.py", "--rows", "b,d", timeout=120)
     assert done.returncode != 0 and "add it to --rows" in done.stderr
 
 
