@@ -281,18 +281,14 @@ class QHeadTrainer(Trainer):
         q_head = self.accelerator.unwrap_model(self.model).q_head
         weight_lr = args.q_head_learning_rate if args.q_head_learning_rate is not None else args.learning_rate
         bias_lr = args.q_head_bias_learning_rate if args.q_head_bias_learning_rate is not None else weight_lr
-        q_ids = {id(q_head.weight), id(q_head.bias)} & {id(p) for g in optimizer.param_groups for p in g["params"]}
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}  # a frozen head is not
+        q_rates = [(p, lr) for p, lr in ((q_head.weight, weight_lr), (q_head.bias, bias_lr)) if id(p) in in_optimizer]
+        q_ids = {id(p) for p, _ in q_rates}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in q_ids]
         optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
-        if bias_lr == weight_lr:
-            q_groups = [([q_head.weight, q_head.bias], weight_lr)]
-        else:
-            q_groups = [([q_head.weight], weight_lr), ([q_head.bias], bias_lr)]
-        for params, lr in q_groups:
-            params = [p for p in params if id(p) in q_ids]  # a frozen head has nothing to optimise
-            if params:
-                optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+        for lr in dict.fromkeys(lr for _, lr in q_rates):  # one group per distinct rate
+            optimizer.add_param_group({"params": [p for p, r in q_rates if r == lr], "lr": lr, "weight_decay": 0.0})
         return optimizer
 
     # ---- logging and saving -------------------------------------------------------------------------------------
