@@ -109,3 +109,21 @@ def test_generate_is_the_backbones(tiny_gpt2):
     ours = model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     theirs = tiny_gpt2.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
     assert torch.equal(ours, theirs) and ours.shape == (1, 9)
+
+
+@pytest.mark.parametrize("make", [make_tiny_gpt2, make_tiny_llama])
+def test_the_kv_cache_comes_back_and_continues_the_sequence(make):
+    # transformers 5.24 renamed `past_key_values` to `cache` (trl_qhead.compat bridges both): a forward must still
+    # return the backbone's cache, and handing it back must give the logits of the full sequence.
+    from trl_qhead.compat import cache_kwargs
+
+    model = AutoModelForCausalLMWithQHead(make().eval(), q_head_init="normal")
+    input_ids = torch.randint(0, 500, (2, 7))
+    full = model(input_ids, return_q=True)
+    prefix = model(input_ids[:, :5], use_cache=True)
+    assert prefix.cache is not None
+    rest = model(
+        input_ids[:, 5:], attention_mask=torch.ones_like(input_ids), return_q=True, **cache_kwargs(prefix.cache)
+    )
+    torch.testing.assert_close(rest.logits, full.logits[:, 5:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(rest.q_values, full.q_values[:, 5:], rtol=1e-4, atol=1e-5)

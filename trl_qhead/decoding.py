@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor, PreTrainedModel
 
+from .compat import cache_kwargs, output_cache
 from .losses import gather_action_q
 from .modeling import AutoModelForCausalLMWithQHead, _is_peft_model
 
@@ -360,14 +361,14 @@ class ImplicitQ(QSource):
         try:
             out = self.policy(
                 input_ids=new_tokens.to(device),
-                past_key_values=self._cache,
+                **cache_kwargs(self._cache),
                 use_cache=True,
                 return_dict=True,
                 **kwargs,
             )
         finally:
             self._capture.paused = False
-        self._cache = out.past_key_values
+        self._cache = output_cache(out)
         policy_logprobs = torch.log_softmax(out.logits[:, -1].float(), dim=-1).to(ref_logits.device)
         q = self.c * (policy_logprobs - torch.log_softmax(ref_logits.float(), dim=-1))
         return q if token_ids is None else q.gather(-1, token_ids.to(q.device))

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 from trl.trainer.utils import selective_log_softmax
 
+from .compat import output_cache
 from .losses import action_logprobs_and_values, gather_action_q, state_values
 from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
 
@@ -49,7 +50,8 @@ class CausalLMWithQHeadOutput(ModelOutput):
         action_logprobs: `[B, T]` `log pi(a_t|s_t)` (with grad) where `logprob_mask` is set, zero elsewhere, only when
             asked.
         state_values: `[B, T]` `V(s_t)` (no grad) where `value_mask` is set, zero elsewhere, only when asked.
-        past_key_values: the backbone's cache, when it returns one.
+        cache: the backbone's KV cache, when it returns one (named `past_key_values` before transformers 5.24;
+            the newer releases still answer to that name).
     """
 
     logits: torch.Tensor | None = None
@@ -58,7 +60,7 @@ class CausalLMWithQHeadOutput(ModelOutput):
     action_q: torch.Tensor | None = None
     action_logprobs: torch.Tensor | None = None
     state_values: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
 
 
 def _is_peft_model(model: nn.Module) -> bool:
@@ -256,7 +258,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         result = CausalLMWithQHeadOutput(
             logits=logits if full_logits else None,
             hidden_states=hidden,
-            past_key_values=getattr(outputs, "past_key_values", None),
+            cache=output_cache(outputs),
         )
         if return_q:
             result.q_values = self.q_head(hidden.to(self.q_head.weight.dtype))
