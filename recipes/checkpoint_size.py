@@ -4,7 +4,9 @@
 The weights are random (no model hub here) but the shapes, hence the file sizes, are GPT-2's: 12 layers, 768 hidden,
 50257 tokens, LoRA r=16 on `c_attn`, `c_proj`, `c_fc` as `recipes/configs/qhead_lora.yaml` sets it. Prints a table:
 
-    python recipes/checkpoint_size.py [--r 16]
+    python recipes/checkpoint_size.py [--r 16] [--n_layer 12]
+
+(`--n_layer 1` is a quick smoke run; the README's table uses the default, GPT-2 small's 12 blocks.)
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ def folder_size(folder: Path, names: tuple[str, ...]) -> int:
     return sum(os.path.getsize(folder / name) for name in names if (folder / name).is_file())
 
 
-def main(r: int) -> None:
+def main(r: int, n_layer: int = 12) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        base = GPT2LMHeadModel(GPT2Config())
+        base = GPT2LMHeadModel(GPT2Config(n_layer=n_layer))
         n_full = sum(p.numel() for p in base.parameters())  # before PEFT injects its layers into `base`
         base.save_pretrained(tmp / "full")  # what a full fine-tune would save (fp32, tied embeddings stored once)
         lora = LoraConfig(r=r, lora_alpha=2 * r, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True)
@@ -43,7 +45,7 @@ def main(r: int) -> None:
         n_q = sum(p.numel() for p in model.q_head.parameters())
 
     mb = 1024**2
-    print(f"GPT-2 small shapes, LoRA r={r} on c_attn/c_proj/c_fc, fp32 files\n")
+    print(f"GPT-2 small shapes ({n_layer} blocks), LoRA r={r} on c_attn/c_proj/c_fc, fp32 files\n")
     print("| file | parameters | size (MiB) | vs full model |")
     print("| --- | ---: | ---: | ---: |")
     print(f"| full model (`model.safetensors`) | {n_full:,} | {full / mb:.1f} | 1.000 |")
@@ -58,4 +60,6 @@ def main(r: int) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--r", type=int, default=16, help="LoRA rank")
-    main(parser.parse_args().r)
+    parser.add_argument("--n_layer", type=int, default=12, help="transformer blocks (GPT-2 small has 12)")
+    args = parser.parse_args()
+    main(args.r, args.n_layer)

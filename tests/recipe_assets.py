@@ -62,9 +62,9 @@ def recipe_args(model_dir: Path, corpus: Path, output_dir: Path, **flags) -> lis
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """The environment for a recipe subprocess: the repository importable, offline, quiet."""
+    """The environment for a script subprocess: this one's, offline and quiet. Nothing is added to PYTHONPATH: scripts
+    run as the README shows them, from the repository root of a fresh clone, and must find what they import."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.update(HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false", **extra)
     return env
 

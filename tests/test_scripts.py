@@ -1,0 +1,85 @@
+"""Every script a README command runs works from the repository root of a fresh clone, with nothing on PYTHONPATH.
+
+Each script in `recipes/` and `tools/` is run here, or in the test file named in `RUN_BY`, as a subprocess with
+minimal arguments (tiny models, a few steps). A script that no test runs fails `test_every_script_is_run_by_a_test`.
+"""
+
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import make_tiny_gpt2
+from tests.recipe_assets import REPO, run
+
+# The test file that runs each script as a subprocess (its name appears there as the command runs it).
+RUN_BY = {
+    "recipes/benchmark_generation.py": "tests/test_benchmarks.py",
+    "recipes/benchmark_training.py": "tests/test_benchmarks.py",
+    "recipes/checkpoint_size.py": "tests/test_scripts.py",
+    "recipes/demo_sentiment.py": "tests/test_scripts.py",
+    "recipes/offline_assets.py": "tests/test_scripts.py",
+    "recipes/qhead_lora.py": "tests/test_recipe.py",
+    "tools/lower_bounds.py": "tests/test_scripts.py",
+}
+
+
+def test_every_script_is_run_by_a_test():
+    scripts = {
+        path.relative_to(REPO).as_posix()
+        for folder in ("recipes", "tools")
+        for path in (REPO / folder).glob("*.py")
+        if path.name != "__init__.py"
+    }
+    assert scripts == set(RUN_BY)
+    for script, test_file in RUN_BY.items():
+        text = (REPO / test_file).read_text()
+        assert Path(script).name in text or "RECIPE" in text, (script, test_file)
+
+
+def _python(script: str, *args: str, timeout: float = 300) -> str:
+    return run([sys.executable, script, *map(str, args)], timeout=timeout).stdout
+
+
+def test_checkpoint_size_prints_its_table():
+    out = _python("recipes/checkpoint_size.py", "--r", "2", "--n_layer", "1")
+    assert "GPT-2 small shapes (1 blocks), LoRA r=2" in out
+    for row in ("full model", "LoRA adapters", "Q head", "checkpoint = adapters + Q head"):
+        assert f"| {row}" in out, row
+
+
+def test_offline_assets_fetches_the_tokenizer():
+    from transformers import AutoTokenizer
+
+    folder = Path(_python("recipes/offline_assets.py", "gpt2-tokenizer").strip())
+    assert AutoTokenizer.from_pretrained(folder)("Hello world").input_ids == [15496, 995]  # GPT-2's real BPE
+
+
+def test_demo_runs_end_to_end_as_a_script(tmp_path, gpt2_tokenizer):
+    model_dir = tmp_path / "tiny-gpt2"
+    make_tiny_gpt2().save_pretrained(model_dir)
+    gpt2_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    stdout = _python(
+        "recipes/demo_sentiment.py", "--model", model_dir, "--output_dir", out, "--n_train_prompts", 4,
+        "--n_eval_prompts", 2, "--num_generations", 2, "--max_new_tokens", 4, "--epochs", 1, "--train_batch_size", 4,
+        "--lora_r", 2, "--tilted_samples", 1, "--betas", 1.0, "--gen_batch_size", 16, "--threads", 1,
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    assert [row["method"] for row in results["rows"]][:2] == ["base sampling", "best-of-N"]
+    assert "| best-of-N | N=16 |" in stdout
+
+
+def test_lower_bounds_pins_every_bound_but_torch():
+    pins = _python("tools/lower_bounds.py", "dev", "quant", "demo").split()
+    with open(REPO / "pyproject.toml", "rb") as f:
+        project = tomllib.load(f)["project"]
+    bounds = [req for req in project["dependencies"] if ">=" in req]
+    bounds += [req for extra in ("dev", "quant", "demo") for req in project["optional-dependencies"][extra]]
+    expected = {req.split(">=")[0].strip(): req.split(">=")[1].split()[0].split(",")[0].rstrip('"') for req in bounds}
+    expected.pop("torch")
+    assert sorted(set(pins)) == sorted({f"{name}=={version}" for name, version in expected.items()})
+    with pytest.raises(AssertionError, match="unknown extra"):
+        run([sys.executable, "tools/lower_bounds.py", "gpu"], timeout=60)
