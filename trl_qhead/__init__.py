@@ -3,6 +3,7 @@
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
+from .exclusion import TokenExclusionLogitsProcessor, exclusion_logprobs, sequence_ban
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .returns import compute_returns
 from .rewards import RewardFunctions
@@ -23,9 +24,12 @@ __all__ = [
     "QTiltLogitsProcessor",
     "RerankOutput",
     "RewardFunctions",
+    "TokenExclusionLogitsProcessor",
     "compute_returns",
+    "exclusion_logprobs",
     "fold_tilt",
     "generate_and_score",
     "prepare_dataset",
     "rerank",
+    "sequence_ban",
 ]
