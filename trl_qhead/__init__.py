@@ -3,6 +3,7 @@
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
+from .gvpo import GVPOConfig, GVPOTrainer, gvpo_loss, gvpo_loss_on_groups
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .returns import compute_returns
 from .rewards import RewardFunctions
@@ -15,6 +16,8 @@ __all__ = [
     "AutoModelForCausalLMWithQHead",
     "CausalLMWithQHeadOutput",
     "DataCollatorForQHead",
+    "GVPOConfig",
+    "GVPOTrainer",
     "ImplicitQ",
     "QHeadConfig",
     "QHeadSource",
@@ -26,6 +29,8 @@ __all__ = [
     "compute_returns",
     "fold_tilt",
     "generate_and_score",
+    "gvpo_loss",
+    "gvpo_loss_on_groups",
     "prepare_dataset",
     "rerank",
 ]
