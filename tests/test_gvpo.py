@@ -299,11 +299,22 @@ def test_trainer_end_to_end_full_model(tmp_path, tiny_gpt2_dir, gpt2_tokenizer):
     (steps_per_generation=2, so the second micro-batch trains on samples of the previous policy)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_gpt2_dir)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = _args(tmp_path, steps_per_generation=2, max_steps=4)
-    trainer = GVPOTrainer(model, count_a, args, train_dataset=PROMPTS, processing_class=gpt2_tokenizer)
+    args = _args(
+        tmp_path,
+        steps_per_generation=2,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=4,
+        per_device_eval_batch_size=4,
+    )
+    trainer = GVPOTrainer(
+        model, count_a, args, train_dataset=PROMPTS, eval_dataset=PROMPTS.select([0]), processing_class=gpt2_tokenizer
+    )
     assert trainer.ref_model is not None
     trainer.train()
     _check_logs(trainer, 4)
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    assert len(evals) == 1 and math.isfinite(evals[0]["eval_loss"]) and "eval_gvpo/residual_std" in evals[0]
     assert any(not torch.equal(before[n], p) for n, p in trainer.model.named_parameters())
     ref = trainer.ref_model
     assert all(torch.equal(before[n], p) for n, p in ref.named_parameters())
@@ -403,6 +414,7 @@ def test_trainer_loss_matches_the_direct_formula(tmp_path, tiny_gpt2_dir, gpt2_t
         ({"entropy_coef": 0.01}, "entropy_coef"),
         ({"top_entropy_quantile": 0.5}, "top_entropy_quantile"),
         ({"off_policy_mask_threshold": 0.5}, "off_policy_mask_threshold"),
+        ({"eval_strategy": "steps", "per_device_eval_batch_size": 6}, "per_device_eval_batch_size"),
     ],
 )
 def test_bad_config_raises_naming_the_field(tmp_path, overrides, field_name):

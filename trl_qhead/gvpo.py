@@ -314,14 +314,14 @@ class GVPOConfig(GRPOConfig):
                     f"`{name}` ({getattr(self, name)!r}) is a GRPO loss option that GVPO does not support (it would "
                     "change the optimum); leave it at its default."
                 )
+        evaluates = self.do_eval or str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no"
+        k_eval = self.num_generations_eval or k
+        if evaluates and (k_eval < 2 or self.per_device_eval_batch_size % k_eval):
+            raise ValueError(
+                f"`per_device_eval_batch_size` ({self.per_device_eval_batch_size}) must be a multiple of "
+                f"`num_generations_eval` or `num_generations` ({k_eval}, at least 2) for GVPO: whole groups per batch."
+            )
         super().__post_init__()
-        if self.do_eval and self.eval_strategy != "no":
-            k_eval = self.num_generations_eval or k
-            if k_eval < 2 or self.per_device_eval_batch_size % k_eval:
-                raise ValueError(
-                    f"`per_device_eval_batch_size` ({self.per_device_eval_batch_size}) must be a multiple of "
-                    f"`num_generations_eval` or `num_generations` ({k_eval}, at least 2) for GVPO."
-                )
 
 
 def _shuffle_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:
