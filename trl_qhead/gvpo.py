@@ -149,8 +149,9 @@ def sequence_logprobs(
     """`[B]`: `sum_t completion_mask[t] * log pi(input_ids[t] | input_ids[:t])` for a causal LM.
 
     `input_ids`, `attention_mask`, `completion_mask`: `[B, T]` (any padding side; position ids follow the attention
-    mask). The log-softmax is taken one row at a time over the completion positions only, so the peak buffer is one
-    `[T, |V|]` row, not `[B, T, |V|]`.
+    mask). The model returns `[B, T, |V|]` logits; the fp32 log-softmax is taken one row at a time, so it adds one
+    `[T, |V|]` buffer, not another `[B, T, |V|]`. Put dropout off (or the model in eval mode) for the reference pass
+    to match: with dropout on, `Delta` is noisy even where the weights agree.
     """
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
