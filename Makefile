@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS := dev,quant,demo
+comma := ,
 # The CPU build of torch that lies on this machine's disk; an unpinned torch pulls GBs of CUDA.
 TORCH := torch==2.13.0
 export HF_HUB_OFFLINE := 1
@@ -54,12 +55,13 @@ test-latest:
 	.venv-latest/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|bitsandbytes|safetensors|huggingface.hub)=='
 	.venv-latest/bin/python -m pytest -q
 
-# The suite on the lower bounds that pyproject.toml states (each `name>=X` installed as `name==X`).
+# The suite on the lower bounds that pyproject.toml states (each `name>=X` installed as `name==X`), setuptools in pip's
+# build environment included.
 test-oldest:
 	test -d .venv-oldest || $(PYTHON) -m venv .venv-oldest
-	.venv-oldest/bin/python -m pip install -q --upgrade pip
-	$(PYTHON) tools/lower_bounds.py dev quant demo > .venv-oldest/lower-bounds.txt
-	.venv-oldest/bin/python -m pip install -q "$(TORCH)" -c .venv-oldest/lower-bounds.txt -e ".[$(EXTRAS)]"
+	$(PYTHON) tools/lower_bounds.py --build-system $(subst $(comma), ,$(EXTRAS)) > .venv-oldest/lower-bounds.txt
+	PIP_CONSTRAINT=$(CURDIR)/.venv-oldest/lower-bounds.txt .venv-oldest/bin/python -m pip install -q --upgrade pip setuptools
+	PIP_CONSTRAINT=$(CURDIR)/.venv-oldest/lower-bounds.txt .venv-oldest/bin/python -m pip install -q "$(TORCH)" -e ".[$(EXTRAS)]"
 	.venv-oldest/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|bitsandbytes|safetensors|huggingface.hub)=='
 	.venv-oldest/bin/python -m pytest -q
 

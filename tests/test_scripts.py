@@ -73,13 +73,18 @@ def test_demo_runs_end_to_end_as_a_script(tmp_path, gpt2_tokenizer):
 
 
 def test_lower_bounds_pins_every_bound_but_torch():
-    pins = _python("tools/lower_bounds.py", "dev", "quant", "demo").split()
     with open(REPO / "pyproject.toml", "rb") as f:
-        project = tomllib.load(f)["project"]
+        pyproject = tomllib.load(f)
+    project = pyproject["project"]
     bounds = [req for req in project["dependencies"] if ">=" in req]
     bounds += [req for extra in ("dev", "quant", "demo") for req in project["optional-dependencies"][extra]]
-    expected = {req.split(">=")[0].strip(): req.split(">=")[1].split()[0].split(",")[0].rstrip('"') for req in bounds}
+    expected = {req.split(">=")[0].strip(): req.split(">=")[1].split()[0].split(",")[0] for req in bounds}
     expected.pop("torch")
+    pins = _python("tools/lower_bounds.py", "dev", "quant", "demo").split()
     assert sorted(set(pins)) == sorted({f"{name}=={version}" for name, version in expected.items()})
+    # --build-system adds the build requirement's lower bound (setuptools, for pip's build environment).
+    (build_requirement,) = pyproject["build-system"]["requires"]
+    with_build = _python("tools/lower_bounds.py", "--build-system", "dev", "quant", "demo").split()
+    assert sorted(set(with_build) - set(pins)) == [build_requirement.replace(">=", "==")]
     with pytest.raises(AssertionError, match="unknown extra"):
         run([sys.executable, "tools/lower_bounds.py", "gpu"], timeout=60)
