@@ -759,3 +759,18 @@ def test_compute_returns_rejects_a_bad_beta(bad):
     mask = torch.tensor([[1, 1, 0]])
     with pytest.raises(ValueError, match="`beta`"):
         compute_returns(rewards, rewards, mask, gamma=1.0, gae_lambda=0.5, beta=bad)
+
+
+def test_chunked_soft_state_values_with_low_precision_heads():
+    """A bf16 LM head is used as it is (no fp32 copy of the weight); the result is fp32 and close to the fp64 value."""
+    gen = torch.Generator().manual_seed(9)
+    B, T, H, V = 2, 5, 8, 13
+    hidden = torch.randn(B, T, H, generator=gen).to(torch.bfloat16)
+    wz = torch.randn(V, H, generator=gen).to(torch.bfloat16)
+    wq, bq = torch.randn(V, H, generator=gen), torch.randn(V, generator=gen)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    got = chunked_soft_state_values(hidden, mask, 0.5, q_weight=wq, q_bias=bq, lm_weight=wz, chunk_size=4)
+    assert got.dtype == torch.float32
+    h64 = hidden.double()
+    want = soft_state_values(h64 @ wz.double().T, h64 @ wq.double().T + bq.double(), 0.5)
+    torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.05)

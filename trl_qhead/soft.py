@@ -91,8 +91,9 @@ def chunked_soft_state_values(
     from `logits` (`[B, T, V]`, when the caller already holds them, as `state_values` takes them) or, when `logits` is
     None, from `hidden @ lm_weight.T + lm_bias`, also per chunk (the fused path of `action_logprobs_and_values`: no
     `[B, T, V]` buffer at all). Only the masked positions of `hidden` (and `logits`) are read; the rest may hold
-    anything, NaN included. Products run in `hidden`'s dtype promoted to float32 (a target needs no grad and little
-    precision, but `q / beta` with small beta magnifies rounding, so no lower precision is used).
+    anything, NaN included. Each product runs in its weight's own dtype, as the model's heads do (no copy of a
+    `[V, H]` weight is made; the Q head is normally fp32), and the log-softmax / log-sum-exp in float32 or higher
+    (`q / beta` with small beta magnifies rounding).
 
     Args:
         hidden: `[B, T, H]` final hidden states.
@@ -106,7 +107,7 @@ def chunked_soft_state_values(
         chunk_size: positions per chunk; bounds the extra memory to a few `[chunk_size, V]` buffers.
 
     Returns:
-        `[B, T]` detached soft values, 0 where `value_mask` is 0, in `hidden`'s dtype promoted to float32.
+        `[B, T]` detached soft values, 0 where `value_mask` is 0, in the promotion of float32 and the inputs' dtypes.
     """
     beta = _check_beta(beta)
     if (logits is None) == (lm_weight is None):
@@ -119,19 +120,20 @@ def chunked_soft_state_values(
         )
     if logits is not None and logits.shape[:2] != hidden.shape[:2]:
         raise ValueError(f"`logits` must be [B, T, V] on `hidden`'s grid, got {tuple(logits.shape)}")
-    dtype = _float_dtype(hidden)
-    wq = q_weight.detach().to(dtype)
-    bq = None if q_bias is None else q_bias.detach().to(dtype)
-    wz = None if lm_weight is None else lm_weight.detach().to(dtype)
-    bz = None if lm_bias is None else lm_bias.detach().to(dtype)
+    policy_source = logits if logits is not None else lm_weight
+    dtype = _float_dtype(hidden, q_weight, policy_source)
+    wq = q_weight.detach()
+    bq = None if q_bias is None else q_bias.detach().to(wq.dtype)
+    wz = None if lm_weight is None else lm_weight.detach()
+    bz = None if lm_bias is None or wz is None else lm_bias.detach().to(wz.dtype)
     values = torch.zeros(value_mask.shape, dtype=dtype, device=hidden.device)
     rows, cols = (value_mask != 0).nonzero(as_tuple=True)
     for start in range(0, rows.numel(), chunk_size):
         r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
-        h = hidden[r, c].to(dtype)
-        q = F.linear(h, wq, bq)
-        z = logits[r, c].to(dtype) if logits is not None else F.linear(h, wz, bz)
-        values[r, c] = soft_state_values(z, q, beta)
+        h = hidden[r, c]
+        q = F.linear(h.to(wq.dtype), wq, bq).to(dtype)
+        z = logits[r, c] if logits is not None else F.linear(h.to(wz.dtype), wz, bz)
+        values[r, c] = soft_state_values(z.to(dtype), q, beta)
     return values
 
 
