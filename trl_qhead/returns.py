@@ -99,8 +99,9 @@ def compute_returns(
         float64); it lives on ``rewards.device``.
 
     Raises:
-        ValueError: on a bad ``gamma`` / ``gae_lambda`` / ``beta`` (not finite and > 0), tensors that are not 2-D or whose shapes differ,
-            non-finite ``rewards`` at action positions, or an ``action_mask`` action at position T - 1.
+        ValueError: on a bad ``gamma`` / ``gae_lambda`` / ``beta`` (not finite and > 0), tensors that are not 2-D
+            or whose shapes differ, non-finite ``rewards`` at action positions, or an ``action_mask`` action at
+            position T - 1.
 
     Example:
         >>> rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
