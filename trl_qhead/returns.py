@@ -13,7 +13,24 @@ G_t = sum_{k=t}^{n-2} gamma^(k-t) r_k + gamma^(n-1-t) V(s_{n-1}) when no d_t is 
 bootstrap state. lam = 0 is TD(0): G_t = r_t + gamma * (1 - d_t) * V(s_{t+1}). In between it is the
 lambda-return, which equals GAE advantages plus values. The targets are constants: no gradient flows
 through them.
+
+Soft returns (``beta`` set, DESIGN.md section 6): ``values`` holds the soft values
+V*(s) = beta * log sum_a pi(a|s) exp(Q*(s, a) / beta) (``trl_qhead.soft.soft_state_values``) and the blend of the
+bootstrap and the continuation happens in exp space:
+
+    G_{n-2} = r_{n-2} + gamma * (1 - d_{n-2}) * V*(s_{n-1})
+    G_t     = r_t + gamma * (1 - d_t) * beta * log((1 - lam) * exp(V*(s_{t+1}) / beta) + lam * exp(G_{t+1} / beta))
+
+so that, on-policy (actions sampled from pi, the policy whose V* it is) and with gamma = 1,
+E[exp(G_t / beta) | s_t, a_t] = exp(Q*(s_t, a_t) / beta) for every lam: the LINEX loss
+(``trl_qhead.soft.linex_loss``) regressed on G_t is minimised by Q*. lam = 1 is the Monte Carlo return (the same
+numbers as ``beta=None``), lam = 0 soft TD(0) r_t + gamma * (1 - d_t) * V*(s_{t+1}) (also the same numbers as
+``beta=None``: only the values differ). With gamma < 1 and 0 < lam the exp-moment is biased low (Jensen:
+E[X^gamma] <= E[X]^gamma), so only lam = 0 is consistent for the discounted soft Bellman equation
+Q*(s, a) = r + gamma * (1 - d) * V*(s').
 """
+
+import math
 
 import torch
 
@@ -29,6 +46,17 @@ def _check_2d(name: str, x: torch.Tensor, shape: torch.Size | None) -> None:
         raise ValueError(f"`{name}` must have the shape of `rewards` {tuple(shape)}, got {tuple(x.shape)}")
 
 
+def _check_beta(beta: float) -> float:
+    """``beta`` as a float, or a ValueError unless it is a finite number > 0."""
+    try:
+        value = float(beta)
+    except (TypeError, ValueError):
+        raise ValueError(f"`beta` must be a finite number > 0 (or None), got {beta!r}") from None
+    if not (math.isfinite(value) and value > 0.0):
+        raise ValueError(f"`beta` must be a finite number > 0 (or None), got {beta!r}")
+    return value
+
+
 @torch.no_grad()
 def compute_returns(
     rewards: torch.Tensor,
@@ -38,6 +66,7 @@ def compute_returns(
     gamma: float,
     gae_lambda: float | None = None,
     dones: torch.Tensor | None = None,
+    beta: float | None = None,
 ) -> torch.Tensor:
     """Computes lambda-return targets G_t on the model's position grid.
 
@@ -57,6 +86,12 @@ def compute_returns(
         gae_lambda: lambda in [0, 1]; None means 1 (Monte Carlo with a bootstrap), 0 is TD(0).
         dones: optional [B, T] bool or 0/1 tensor, 1 where the episode ends with the action at t (no
             bootstrap, nothing after t counts). Defaults to all zeros: every row bootstraps at its end.
+        beta: None (the default) for the ordinary lambda-return above. A finite float > 0 for the soft
+            lambda-return of the module docstring, with ``values`` then holding the soft values V*(s_t); the blend
+            is computed as ``m + beta * logaddexp(log(1 - lam) + (V - m) / beta, log(lam) + (G - m) / beta)`` with
+            ``m = max(V, G)``, so no exponential is ever taken of a large number: it stays finite and accurate
+            for small beta (0.05) and large returns (100). lam = 0 and lam = 1 skip the blend and give exactly
+            the numbers of ``beta=None``.
 
     Returns:
         [B, T] detached tensor of targets G_t, zero where ``action_mask`` is 0. Its dtype is the promotion of
@@ -64,8 +99,9 @@ def compute_returns(
         float64); it lives on ``rewards.device``.
 
     Raises:
-        ValueError: on a bad ``gamma`` / ``gae_lambda``, tensors that are not 2-D or whose shapes differ,
-            non-finite ``rewards`` at action positions, or an ``action_mask`` action at position T - 1.
+        ValueError: on a bad ``gamma`` / ``gae_lambda`` / ``beta`` (not finite and > 0), tensors that are not 2-D
+            or whose shapes differ, non-finite ``rewards`` at action positions, or an ``action_mask`` action at
+            position T - 1.
 
     Example:
         >>> rewards = torch.tensor([[0.0, 0.0, 1.0, 0.0]])
@@ -79,6 +115,8 @@ def compute_returns(
     if gae_lambda is not None and not 0.0 <= gae_lambda <= 1.0:
         raise ValueError(f"`gae_lambda` must be in [0, 1] or None, got {gae_lambda}")
     lam = 1.0 if gae_lambda is None else float(gae_lambda)
+    if beta is not None:
+        beta = _check_beta(beta)
     _check_2d("rewards", rewards, None)
     _check_2d("values", values, rewards.shape)
     _check_2d("action_mask", action_mask, rewards.shape)
@@ -99,12 +137,22 @@ def compute_returns(
     B, T = r.shape
     # The last action of a run is one whose next position holds no action: it bootstraps from V(s_{t+1}).
     last = act & ~torch.cat([act[:, 1:], act.new_zeros(B, 1)], dim=1)
+    if beta is not None and 0.0 < lam < 1.0:
+        log_lam, log_keep = math.log(lam), math.log1p(-lam)
     returns = torch.zeros_like(r)
     g_next = r.new_zeros(B)  # G_{t+1}; zero off actions
     for t in range(T - 2, -1, -1):  # position T-1 holds no action (checked above)
         v_next = v[:, t + 1]
         # torch.where, not arithmetic masking: with lam == 1 a NaN in an unread V must not leak in as 0 * NaN.
-        blend = g_next if lam == 1.0 else lam * g_next + (1.0 - lam) * v_next
+        if lam == 1.0:
+            blend = g_next
+        elif beta is None:
+            blend = lam * g_next + (1.0 - lam) * v_next
+        elif lam == 0.0:
+            blend = v_next
+        else:  # beta * log((1 - lam) exp(V/beta) + lam exp(G/beta)), shifted by the larger of the two
+            m = torch.maximum(v_next, g_next)
+            blend = m + beta * torch.logaddexp(log_keep + (v_next - m) / beta, log_lam + (g_next - m) / beta)
         cont = torch.where(last[:, t], v_next, blend)
         g = r[:, t] + torch.where(done[:, t], 0.0, gamma * cont)
         g_next = torch.where(act[:, t], g, 0.0)
