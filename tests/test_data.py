@@ -4,9 +4,9 @@ import pytest
 import torch
 from datasets import Dataset, IterableDataset
 
+from tests.oracles import action_rewards
 from trl_qhead import DataCollatorForQHead, prepare_dataset
 from trl_qhead.mdp import action_mask_from_labels, episode_dones, next_tokens
-from trl_qhead.rewards import action_rewards
 
 
 def test_text_is_tokenised_with_eos_and_blank_lines_dropped(gpt2_tokenizer):

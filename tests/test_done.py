@@ -10,7 +10,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from transformers import LogitsProcessor, StoppingCriteria, StoppingCriteriaList
 
-import trl_qhead.losses
+import trl_qhead.trainer
 from tests.conftest import make_tiny_gpt2
 from tests.test_data_formats import _datasets, chat_tokenizer  # noqa: F401 (a fixture)
 from tests.test_rewards_training import make_word_model, word_tokenizer  # noqa: F401 (a fixture)
@@ -209,13 +209,13 @@ def test_trainer_targets_stop_at_done_and_bootstrap_otherwise(gpt2_tokenizer, mo
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
 
     targets = []
-    compute_returns = trl_qhead.losses.compute_returns
+    compute_returns = trl_qhead.trainer.compute_returns
 
     def spy(*args, **kwargs):
         targets.append(compute_returns(*args, **kwargs))
         return targets[-1]
 
-    monkeypatch.setattr(trl_qhead.losses, "compute_returns", spy)
+    monkeypatch.setattr(trl_qhead.trainer, "compute_returns", spy)
     model.eval()
     trainer.compute_loss(model, batch)
     (returns,) = targets

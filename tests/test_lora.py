@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.recipe_assets import save_tiny_gpt2
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
-from trl_qhead.rewards import reference_logprobs
+from trl_qhead.reference import reference_logprobs
 
 GPT2_LORA = dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, r=4, lora_alpha=8)
 STEPS = 3

@@ -14,11 +14,15 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from tests.conftest import make_tiny_gpt2
+from tests.oracles import dense_qhead_loss
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
-from trl_qhead.losses import action_logprobs_and_values, dense_qhead_loss, qhead_loss, state_values
+from trl_qhead.backbone import plain_lm_head
+from trl_qhead.chunked_lm_head import action_logprobs_and_values
+from trl_qhead.losses import qhead_loss
 from trl_qhead.mdp import action_mask_from_labels, bootstrap_mask, episode_dones, next_tokens
-from trl_qhead.modeling import plain_lm_head
-from trl_qhead.rewards import reference_logprobs
+from trl_qhead.q_values import state_values
+from trl_qhead.reference import reference_logprobs
+from trl_qhead.returns import compute_returns
 
 EOS = 7
 
@@ -74,10 +78,11 @@ def _efficient_loss(model, input_ids, attention_mask, labels, rewards, *, lam, c
     )  # fmt: skip
     fused = chunked_lm and plain_lm_head(model.pretrained_model) is not None
     assert (out.logits is None) == fused, "the training path builds no [B, T, |V|] logits unless it falls back"
-    loss, _ = qhead_loss(
-        out.logits, out.action_q, out.state_values, actions, action_mask, rewards, dones,
-        gamma=gamma, gae_lambda=lam, q_weight=0.7, action_logprobs=out.action_logprobs,
-    )  # fmt: skip
+    action_logprobs = out.action_logprobs
+    if action_logprobs is None:  # the plain forward: log pi(a_t|s_t) from its full logits
+        action_logprobs = torch.log_softmax(out.logits.float(), -1).gather(-1, actions[..., None])[..., 0]
+    returns = compute_returns(rewards, out.state_values, action_mask, gamma=gamma, gae_lambda=lam, dones=dones)
+    loss, _ = qhead_loss(action_logprobs, out.action_q, returns, action_mask, q_weight=0.7)
     return loss
 
 

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassificatio
 from trl.rewards import get_repetition_penalty_reward, get_soft_overlong_punishment, think_format_reward
 from trl.trainer.utils import nanstd
 
+from tests.oracles import action_rewards
 from tests.test_data_formats import CHAT_TEMPLATE, COMPLETION, PROMPT
 from trl_qhead import QHeadConfig, RewardFunctions
 from trl_qhead.data import DataCollatorForQHead, prepare_dataset
@@ -20,7 +21,6 @@ from trl_qhead.mdp import action_mask_from_labels, sequence_rewards_to_actions
 from trl_qhead.rewards import (
     RewardComputer,
     RunningMoments,
-    action_rewards,
     combine_sequence_rewards,
     scale_and_clip,
     scatter_completion_rewards,

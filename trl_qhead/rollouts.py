@@ -17,7 +17,9 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
 from trl.data_utils import maybe_apply_chat_template
 
-from .rewards import RewardFunc, RewardFunctions, _is_messages
+from .chat import completions_like
+from .reward_functions import RewardFunc, RewardFunctions
+from .stop_tokens import eos_token_ids
 
 
 def generate_and_score(
@@ -98,7 +100,7 @@ def generate_and_score(
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_token_id is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token to pad prompts with.")
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     kwargs = {"do_sample": True, **(generation_kwargs or {})}
     kwargs.update(max_new_tokens=max_new_tokens, num_return_sequences=num_generations, pad_token_id=pad_token_id)
     if logits_processor:
@@ -125,17 +127,6 @@ def generate_and_score(
     # A batch where no function returned per-token rewards has no `rewards` key: every row gets every column.
     keys = list(dict.fromkeys(key for row in rows for key in row))
     return Dataset.from_list([{key: row.get(key) for key in keys} for row in rows])
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    config = getattr(model, "generation_config", None)
-    if config is None and hasattr(model, "pretrained_model"):
-        config = getattr(model.pretrained_model, "generation_config", None)
-    ids = getattr(config, "eos_token_id", None)
-    ids = set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def _batches(prompts, batch_size: int):
@@ -202,10 +193,7 @@ def _generate_batch(
             if key != "prompt":
                 columns.setdefault(key, []).append(value)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    completions = [
-        [{"role": "assistant", "content": text}] if _is_messages(prompt) else text
-        for prompt, text in zip(prompts, texts, strict=True)
-    ]
+    completions = completions_like(prompts, texts)
     rows = [
         {
             "prompt": prompt,
@@ -223,19 +211,16 @@ def _generate_batch(
         return rows
 
     scored = functions.score(prompts, completions, completion_ids, **columns)
-    weights = functions.weights
     sequence = scored.sequence
-    has_sequence = ~torch.isnan(sequence).all(dim=1)
-    total = (sequence * weights).nansum(dim=1)
-    has_per_token = any(v is not None for column in scored.per_token for v in column)
+    total = scored.weighted_sequence(functions.weights)  # NaN where no function returned a sequence reward
+    per_token = scored.weighted_per_token(functions.weights)
+    has_per_token = any(values is not None for values in per_token)
     for row, data in enumerate(rows):
-        data["reward"] = float(total[row]) if has_sequence[row] else None
-        n_prompt = len(prompt_ids[row])
+        data["reward"] = None if math.isnan(total[row]) else float(total[row])
         if has_per_token:
             token_rewards = torch.zeros(len(data["input_ids"]))
-            for i, column in enumerate(scored.per_token):
-                if column[row] is not None:
-                    token_rewards[n_prompt:] += weights[i] * column[row]
+            if per_token[row] is not None:
+                token_rewards[len(prompt_ids[row]) :] += per_token[row]
             data["rewards"] = token_rewards.tolist()
         for i, name in enumerate(functions.names):
             values = scored.per_token[i][row]
