@@ -50,7 +50,6 @@ def combine_sequence_rewards(per_source: torch.Tensor, weights: torch.Tensor) ->
     return total.masked_fill(torch.isnan(per_source).all(dim=1), math.nan)
 
 
-
 @dataclass
 class FunctionRewards:
     """What the reward functions returned for a batch of completions.

@@ -142,7 +142,6 @@ def scatter_completion_rewards(
     return rewards
 
 
-
 # ---- the trainer's per-batch pipeline -----------------------------------------------------------------------------
 
 
