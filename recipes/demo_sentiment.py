@@ -63,7 +63,8 @@ if str(REPO_ROOT) not in sys.path:  # `python recipes/demo_sentiment.py` from an
 
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, generate_and_score  # noqa: E402
 from trl_qhead.decoding import QTiltLogitsProcessor  # noqa: E402
-from trl_qhead.rewards import as_reference  # noqa: E402
+from trl_qhead.reference import as_reference  # noqa: E402
+from trl_qhead.stop_tokens import eos_token_ids  # noqa: E402
 
 PROMPTS_FILE = REPO_ROOT / "recipes" / "data" / "review_openings.txt"
 BEST_OF_NS = (2, 4, 8, 16)
@@ -157,15 +158,6 @@ class Samples:
             "nll": [self.nll[i] for i in indices] if self.nll else [],
             "n_tokens": [self.n_tokens[i] for i in indices] if self.n_tokens else [],
         }
-
-
-def eos_token_ids(model, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """The ids that end a completion: the generation config's EOS ids and the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 @torch.no_grad()
@@ -394,7 +386,7 @@ def completion_nll(
 ) -> tuple[list[float], list[int]]:
     """Per sequence: the summed negative log-likelihood of its completion tokens given its prompt, and their count.
 
-    `model` is any causal LM (call it inside `trl_qhead.rewards.as_reference` for the pretrained model of a PEFT model).
+    `model` is any causal LM (call it inside `trl_qhead.reference.as_reference` for the pretrained model of a PEFT model).
     """
     nlls, counts = [], []
     device = next(model.parameters()).device

@@ -182,6 +182,19 @@ class RewardComputer:
         self.normalization = reward_normalization
         self.moments = RunningMoments()
 
+    @classmethod
+    def from_config(cls, tokenizer: PreTrainedTokenizerBase, reward_functions: RewardFunctions | None, args):
+        """The reward pipeline a `QHeadConfig` describes (`lm_reward_coef`, `reward_scale`, `reward_clip`,
+        `reward_normalization`)."""
+        return cls(
+            tokenizer,
+            reward_functions,
+            lm_reward_coef=args.lm_reward_coef,
+            reward_scale=args.reward_scale,
+            reward_clip=args.reward_clip,
+            reward_normalization=args.reward_normalization,
+        )
+
     def __call__(
         self,
         batch: dict[str, Any],

@@ -144,14 +144,7 @@ class QHeadTrainer(Trainer):
                 reward_functions.funcs[i] = self.accelerator.prepare_model(
                     reward_model, evaluation_mode=True, device_placement=True
                 )
-        self.reward_computer = RewardComputer(
-            processing_class,
-            reward_functions,
-            lm_reward_coef=args.lm_reward_coef,
-            reward_scale=args.reward_scale,
-            reward_clip=args.reward_clip,
-            reward_normalization=args.reward_normalization,
-        )
+        self.reward_computer = RewardComputer.from_config(processing_class, reward_functions, args)
         self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod
