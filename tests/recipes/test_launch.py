@@ -1,6 +1,6 @@
 """`recipes/launch.py`: reading the process count off an `accelerate launch` command line, and setting up a
 `torchrun`-style world on a machine without GPUs. (The full `accelerate launch --cpu` path runs in
-tests/test_multiprocess.py.)"""
+tests/recipes/test_qhead_lora_multiprocess.py.)"""
 
 import os
 
