@@ -14,7 +14,7 @@ from trl.rewards import get_soft_overlong_punishment
 
 from tests.conftest import make_tiny_gpt2
 from tests.test_data_formats import CHAT_TEMPLATE, example_datasets
-from tests.test_rewards import reward_model_dir  # noqa: F401 (fixtures)
+from tests.test_reward_functions import reward_model_dir  # noqa: F401 (fixtures)
 from trl_qhead import (
     AutoModelForCausalLMWithQHead,
     QHeadConfig,

@@ -1,4 +1,4 @@
-"""Where actions, rewards and episode ends sit on the model's position grid (DESIGN.md section 2).
+"""Where actions, rewards and episode ends sit on the model's position grid (docs/DESIGN.md section 1).
 
 Position `t` of a `[B, T]` batch holds the state `s_t` (the prefix up to token `t`) and, when token `t + 1` is a
 training target, the action `a_t = x_{t+1}`. These helpers turn a collated batch (token ids, attention mask, labels with
@@ -38,7 +38,7 @@ def episode_dones(
     done: torch.Tensor | None = None,
     token_dones: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`d[b, t] = 1` where the episode really ends with action `a_t`, so nothing after it counts (DESIGN.md section 2).
+    """`d[b, t] = 1` where the episode really ends with action `a_t`, so nothing after it counts (docs/DESIGN.md section 1).
 
     An action ends the episode when it emits EOS, when its row is marked `done` and it is the row's last action, or
     when `token_dones` flags the token it produces. A packed document ends with EOS (or a flag in `token_dones`), so
@@ -102,7 +102,7 @@ def token_rewards_to_actions(token_rewards: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_rewards_to_actions(sequence_rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-    """A scalar reward per row onto the row's last action: `r[b, t_last(b)] = R_b`, 0 elsewhere (DESIGN.md section 2).
+    """A scalar reward per row onto the row's last action: `r[b, t_last(b)] = R_b`, 0 elsewhere (docs/DESIGN.md section 2).
 
     Rows without an action, and NaN entries (no reward source applied to the row), get nothing.
 

@@ -1,4 +1,4 @@
-"""Reading the Q head without multiplying it out over the vocabulary (docs/DESIGN.md, "Cost").
+"""Reading the Q head without multiplying it out over the vocabulary (docs/DESIGN.md section 4).
 
 - `Q(s_t, a_t)` needs one row of `W_q` per position: gather it and take a dot product with `h_t` (O(T*H)).
 - `V(s) = sum_a pi(a|s) Q(s, a)` is a target, so it needs no grad, and only where the returns read it, in chunks so

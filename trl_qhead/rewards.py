@@ -1,4 +1,4 @@
-"""Reward sources, summed into `r_t` on the action grid (DESIGN.md section 2).
+"""Reward sources, summed into `r_t` on the action grid (docs/DESIGN.md section 2).
 
 Sources:
 - zero: the default for plain text.

@@ -29,7 +29,7 @@ REWARD_MOMENTS_NAME = "reward_moments.json"
 
 
 class QHeadTrainer(Trainer):
-    """Trains a causal LM and its Q head on `L = L_LM + q_weight * L_Q` (see `QHeadConfig` and DESIGN.md).
+    """Trains a causal LM and its Q head on `L = L_LM + q_weight * L_Q` (see `QHeadConfig` and docs/DESIGN.md).
 
     Args:
         model: an `AutoModelForCausalLMWithQHead`, a transformers causal LM (a fresh Q head is added), or a name or
@@ -190,7 +190,7 @@ class QHeadTrainer(Trainer):
     ):
         """One training step's loss, top to bottom: masks, one forward, rewards, episode ends, returns, loss.
 
-        Every tensor below is on the `(B, T)` position grid of docs/DESIGN.md ("Positions"): position `t` holds the
+        Every tensor below is on the `(B, T)` position grid of docs/DESIGN.md section 1: position `t` holds the
         state `s_t` and, where `action_mask` is set, the action `a_t = x_{t+1}`.
         """
         args: QHeadConfig = self.args
