@@ -1,5 +1,5 @@
 """The chunked LM-head kernel: `log pi(a_t|s_t)` (with grad) and `V(s_t)` (no grad) from the final hidden states,
-a chunk of positions at a time, so that training never holds `[B, T, |V|]` logits (docs/DESIGN.md section 4).
+a chunk of positions at a time, so that training never holds `(B, T, V)` logits (docs/DESIGN.md section 4).
 
 The forward projects each chunk through the LM head and keeps only its log-sum-exp; the backward recomputes the chunk
 and turns it into its gradient in place (TRL's fused-LM-head idea). When `V` is needed at every position (lambda < 1)
@@ -133,7 +133,7 @@ def action_logprobs_and_values(
     value_mask: torch.Tensor | None = None,
     chunk_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`log pi(a_t|s_t)` (with grad) and `V(s_t)` (no grad) without a `[B, T, |V|]` buffer (docs/DESIGN.md section 4).
+    """`log pi(a_t|s_t)` (with grad) and `V(s_t)` (no grad) without a `(B, T, V)` buffer (docs/DESIGN.md section 4).
 
     Args:
         hidden: `[B, T, H]` final hidden states.

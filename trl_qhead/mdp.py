@@ -38,7 +38,7 @@ def episode_dones(
     done: torch.Tensor | None = None,
     token_dones: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`d[b, t] = 1` where the episode really ends with action `a_t`, so nothing after it counts (docs/DESIGN.md section 1).
+    """`d[b, t] = 1` where the episode really ends with action `a_t`: nothing after it counts (docs/DESIGN.md section 1).
 
     An action ends the episode when it emits EOS, when its row is marked `done` and it is the row's last action, or
     when `token_dones` flags the token it produces. A packed document ends with EOS (or a flag in `token_dones`), so
