@@ -194,3 +194,25 @@ def test_generate_and_score_passes_logits_processors_and_chat_templates(gpt2_tok
     assert data["reward"] == [0.0, 0.0]
     with pytest.raises(ValueError, match="expected a `prompt` column"):
         generate_and_score(make_tiny_gpt2(), tokenizer, Dataset.from_dict({"text": ["x"]}), show_progress=False)
+
+
+def test_sample_completions_cuts_at_eos_and_reads_the_processor_kl(gpt2_tokenizer):
+    from trl_qhead import AutoModelForCausalLMWithQHead, QTiltLogitsProcessor
+    from trl_qhead.rollouts import sample_completions
+
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_init="normal").eval()
+    prompts = ["Hello there", "A"]
+    base = sample_completions(model, gpt2_tokenizer, prompts, 3, max_new_tokens=5, batch_size=4, seed=0)
+    assert base.kl is None and len(base.completion_ids) == len(base.texts) == 6
+    assert base.prompt_ids == [gpt2_tokenizer(p)["input_ids"] for p in prompts]
+    eos = gpt2_tokenizer.eos_token_id
+    for ids in base.completion_ids:
+        assert 1 <= len(ids) <= 5 and eos not in ids[:-1]  # up to and including the first EOS
+    assert base.prompt_of(4) == "A"
+    again = sample_completions(model, gpt2_tokenizer, prompts, 3, max_new_tokens=5, batch_size=4, seed=0)
+    assert again.completion_ids == base.completion_ids  # seeded
+    tilted = sample_completions(
+        model, gpt2_tokenizer, prompts, 3, max_new_tokens=5, batch_size=6, seed=0,
+        logits_processor_factory=lambda: QTiltLogitsProcessor(model, beta=0.5),
+    )  # fmt: skip
+    assert len(tilted.kl) == 6 and all(k >= -1e-5 for k in tilted.kl)

@@ -186,14 +186,8 @@ class RewardComputer:
     def from_config(cls, tokenizer: PreTrainedTokenizerBase, reward_functions: RewardFunctions | None, args):
         """The reward pipeline a `QHeadConfig` describes (`lm_reward_coef`, `reward_scale`, `reward_clip`,
         `reward_normalization`)."""
-        return cls(
-            tokenizer,
-            reward_functions,
-            lm_reward_coef=args.lm_reward_coef,
-            reward_scale=args.reward_scale,
-            reward_clip=args.reward_clip,
-            reward_normalization=args.reward_normalization,
-        )
+        fields = ("lm_reward_coef", "reward_scale", "reward_clip", "reward_normalization")  # same names in both
+        return cls(tokenizer, reward_functions, **{name: getattr(args, name) for name in fields})
 
     def __call__(
         self,
