@@ -10,7 +10,7 @@ same batch, precision, gradient checkpointing, optimizer and `max_grad_norm`):
 - `d`: `QHeadTrainer` with the same LoRA config and `use_lm_rewards=True`: the reference log-probs come from the same
   network with its adapters disabled (no second model copy).
 - `e`: the naive dense Q head (full `[B, T, |V|]` Q values, dense back-propagation through
-  `trl_qhead.losses.dense_qhead_loss`), kept as a reference row only.
+  `tests/oracles.py::dense_qhead_loss`), kept as a reference row only.
 - `lm` (optional, not in the default rows): `L_LM` alone through trl-qhead's chunked LM loss, the Q head present but
   untrained: `b` against `lm` is the Q head's own cost, free of the difference between the two LM-loss kernels.
 
@@ -56,6 +56,7 @@ import sys
 import tempfile
 import time
 import warnings
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -70,10 +71,11 @@ from peft import LoraConfig  # noqa: E402
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # this repo's package, and the test oracles (row `e`)
+
+from tests.oracles import action_rewards, dense_qhead_loss  # noqa: E402
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer  # noqa: E402
-from trl_qhead.losses import dense_qhead_loss  # noqa: E402
 from trl_qhead.mdp import action_mask_from_labels, episode_dones, next_tokens  # noqa: E402
-from trl_qhead.rewards import action_rewards  # noqa: E402
 
 ROWS = {
     "a": ("SFTTrainer, L_LM only", "a"),

@@ -42,7 +42,6 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -54,8 +53,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from tqdm.auto import tqdm  # noqa: E402
-from transformers import AutoTokenizer, LogitsProcessorList, PreTrainedTokenizerBase, set_seed  # noqa: E402
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `python recipes/demo_sentiment.py` from anywhere
@@ -63,14 +61,26 @@ if str(REPO_ROOT) not in sys.path:  # `python recipes/demo_sentiment.py` from an
 
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, generate_and_score  # noqa: E402
 from trl_qhead.decoding import QTiltLogitsProcessor  # noqa: E402
-from trl_qhead.rewards import as_reference  # noqa: E402
+from trl_qhead.evaluation import (  # noqa: E402
+    BEST_OF_NS,
+    FrontierRow,
+    base_and_best_of_n_rows,
+    frontier_comparison,
+    frontier_json,
+    markdown_table,
+    plot_frontier,
+    policy_drift_kl,
+    score_likelihood,
+    tilted_row,
+)
+from trl_qhead.reference import as_reference  # noqa: E402
+from trl_qhead.rollouts import PURE_SAMPLING, Samples, sample_completions  # noqa: E402
 
 PROMPTS_FILE = REPO_ROOT / "recipes" / "data" / "review_openings.txt"
-BEST_OF_NS = (2, 4, 8, 16)
 DEFAULT_BETAS = (1.0, 0.5, 0.3, 0.2, 0.15)
 # Pure ancestral sampling (transformers' defaults would add top-k 50): the sampled policy is exactly the softmax that
 # the tilt's KL and best-of-N's KL are measured against.
-SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
+SAMPLING = PURE_SAMPLING
 
 
 # ---- reward -------------------------------------------------------------------------------------------------------
@@ -114,150 +124,6 @@ def split_prompts(prompts: Sequence[str], n_train: int, n_eval: int, seed: int) 
     order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
     shuffled = [prompts[i] for i in order]
     return shuffled[n_eval : n_eval + n_train], shuffled[:n_eval]
-
-
-@dataclass
-class Samples:
-    """Completions of a list of prompts, `num_samples` per prompt, prompt-major (`prompt_index[i] = i // num_samples`).
-
-    Attributes:
-        prompts: the prompts, once each.
-        num_samples: completions per prompt.
-        prompt_ids: token ids of each prompt (no padding).
-        completion_ids: token ids of each completion, up to and including its first EOS (nothing after it).
-        texts: the decoded completions (special tokens skipped).
-        kl: per-completion KL(pi' || pi) summed over its steps, from the tilt processor; `None` for base samples.
-        seconds: wall time of the `generate` calls.
-        rewards: per-completion rewards, once scored (`score`).
-        nll, n_tokens: per-completion NLL under the pretrained model and token count (`score_likelihood`).
-    """
-
-    prompts: list[str]
-    num_samples: int
-    prompt_ids: list[list[int]]
-    completion_ids: list[list[int]]
-    texts: list[str]
-    kl: list[float] | None = None
-    seconds: float = 0.0
-    rewards: list[float] = field(default_factory=list)
-    nll: list[float] = field(default_factory=list)
-    n_tokens: list[int] = field(default_factory=list)
-
-    def prompt_of(self, i: int) -> str:
-        return self.prompts[i // self.num_samples]
-
-    def select(self, indices: Sequence[int]) -> dict[str, list]:
-        """The rows `indices` as plain lists (prompt, completion text and ids, reward)."""
-        return {
-            "prompts": [self.prompt_of(i) for i in indices],
-            "prompt_ids": [self.prompt_ids[i // self.num_samples] for i in indices],
-            "completion_ids": [self.completion_ids[i] for i in indices],
-            "texts": [self.texts[i] for i in indices],
-            "rewards": [self.rewards[i] for i in indices] if self.rewards else [],
-            "nll": [self.nll[i] for i in indices] if self.nll else [],
-            "n_tokens": [self.n_tokens[i] for i in indices] if self.n_tokens else [],
-        }
-
-
-def eos_token_ids(model, tokenizer: PreTrainedTokenizerBase) -> set[int]:
-    """The ids that end a completion: the generation config's EOS ids and the tokenizer's."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
-
-
-@torch.no_grad()
-def sample_completions(
-    model,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
-    num_samples: int,
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    seed: int,
-    logits_processor_factory: Callable[[], object] | None = None,
-    desc: str = "sampling",
-) -> Samples:
-    """The evaluation sampler: `num_samples` completions per prompt with `generate` (pure ancestral sampling, see
-    `SAMPLING`), with a fresh logits processor per `generate` call so that its per-sequence KL can be read, and the
-    time spent in `generate` (the training data comes from `trl_qhead.generate_and_score` instead).
-
-    Args:
-        model: an `AutoModelForCausalLMWithQHead` (or any causal LM with `generate`).
-        tokenizer: its tokenizer; prompts are tokenised without special tokens and left-padded.
-        prompts: the prompts.
-        num_samples: completions per prompt.
-        max_new_tokens: a completion ends at EOS or after this many tokens.
-        batch_size: sequences per `generate` call (a multiple of `num_samples` is fastest; prompts are never split).
-        seed: `transformers.set_seed` before sampling, so a run is reproducible.
-        logits_processor_factory: builds a fresh logits processor for each `generate` call (e.g. a
-            `QTiltLogitsProcessor`); its per-sequence `kl` is read after the call.
-        desc: progress-bar label.
-    """
-    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
-        raise ValueError("`num_samples`, `max_new_tokens` and `batch_size` must all be >= 1.")
-    set_seed(seed)
-    eos = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    prompts_per_call = max(1, batch_size // num_samples)
-    prompt_ids, completion_ids, kls = [], [], []
-    seconds = 0.0
-    model.eval()
-    device = next(model.parameters()).device
-    with tqdm(total=len(prompts) * num_samples, desc=desc, unit="sample", dynamic_ncols=True) as bar:
-        for start in range(0, len(prompts), prompts_per_call):
-            chunk = list(prompts[start : start + prompts_per_call])
-            enc = tokenizer(chunk, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
-            if (enc["attention_mask"].sum(1) == 0).any():
-                raise ValueError("A prompt has no tokens: generation needs at least one.")
-            kwargs = {}
-            processor = None
-            if logits_processor_factory is not None:
-                processor = logits_processor_factory()
-                kwargs["logits_processor"] = LogitsProcessorList([processor])
-            began = time.perf_counter()
-            out = model.generate(
-                input_ids=enc["input_ids"].to(device),
-                attention_mask=enc["attention_mask"].to(device),
-                **SAMPLING,
-                max_new_tokens=max_new_tokens,
-                num_return_sequences=num_samples,
-                pad_token_id=pad_id,
-                **kwargs,
-            ).cpu()
-            seconds += time.perf_counter() - began
-            width = enc["input_ids"].shape[1]
-            for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True):
-                prompt_ids.append(row[mask.bool()].tolist())
-            for sequence in out:
-                completion = sequence[width:].tolist()
-                end = next((k + 1 for k, token in enumerate(completion) if token in eos), len(completion))
-                completion_ids.append(completion[:end])
-            if processor is not None:
-                kls.extend(float(k) for k in processor.kl.reshape(-1).tolist())
-                if hasattr(processor, "remove"):  # QTiltLogitsProcessor: take its hook off the model now
-                    processor.remove()
-            bar.update(len(out))
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Samples(
-        prompts=list(prompts),
-        num_samples=num_samples,
-        prompt_ids=prompt_ids,
-        completion_ids=completion_ids,
-        texts=texts,
-        kl=kls if logits_processor_factory is not None else None,
-        seconds=seconds,
-    )
-
-
-def score_likelihood(samples: Samples, model, pad_token_id: int) -> Samples:
-    """Fill `samples.nll` and `samples.n_tokens` with the completions' likelihood under `model`."""
-    prompts = [samples.prompt_ids[i // samples.num_samples] for i in range(len(samples.completion_ids))]
-    samples.nll, samples.n_tokens = completion_nll(model, prompts, samples.completion_ids, pad_token_id=pad_token_id)
-    return samples
 
 
 def score(samples: Samples, reward_fn: Callable = sentiment_reward) -> Samples:
@@ -337,268 +203,6 @@ def train_qhead(
     trainer = QHeadTrainer(model, args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry or "loss_q" in entry]
-
-
-# ---- evaluation -----------------------------------------------------------------------------------------------------
-
-
-def best_of_n_kl(n: int) -> float:
-    """KL(best-of-N || base) of best-of-N sampling with a continuous reward: `log N - (N - 1) / N` (Beirami et al.)."""
-    return math.log(n) - (n - 1) / n
-
-
-def best_of_n_indices(rewards: Sequence[float], num_samples: int, n: int) -> list[int]:
-    """For each prompt (rows `num_samples` apart), split its samples into `num_samples // n` disjoint groups of `n` in
-    order and keep the highest-reward sample of each group (the first on ties)."""
-    if n < 1 or num_samples % n:
-        raise ValueError(f"`n` ({n}) must divide the samples per prompt ({num_samples}).")
-    if len(rewards) % num_samples:
-        raise ValueError(f"{len(rewards)} rewards are not a whole number of groups of {num_samples}.")
-    chosen = []
-    for start in range(0, len(rewards), n):
-        group = range(start, start + n)
-        chosen.append(max(group, key=lambda i: (rewards[i], -i)))
-    return chosen
-
-
-def distinct_2(texts: Sequence[str]) -> float:
-    """Distinct word bigrams / word bigrams over `texts` (lower-cased, whitespace-split); 0 when there are none."""
-    seen, total = set(), 0
-    for text in texts:
-        words = text.lower().split()
-        pairs = list(zip(words, words[1:], strict=False))
-        seen.update(pairs)
-        total += len(pairs)
-    return len(seen) / total if total else 0.0
-
-
-def distinct_2_per_prompt_set(texts: Sequence[str], num_prompts: int) -> float:
-    """Mean distinct-2 over sets of one completion per prompt (`texts` prompt-major, the same count per prompt): every
-    row of the table is measured on sets of the same size, so the numbers compare."""
-    per_prompt = len(texts) // num_prompts
-    if per_prompt * num_prompts != len(texts) or per_prompt == 0:
-        raise ValueError(f"{len(texts)} texts do not split evenly over {num_prompts} prompts.")
-    sets = [[texts[p * per_prompt + j] for p in range(num_prompts)] for j in range(per_prompt)]
-    return sum(distinct_2(s) for s in sets) / len(sets)
-
-
-@torch.no_grad()
-def completion_nll(
-    model,
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    *,
-    pad_token_id: int,
-    batch_size: int = 32,
-    desc: str = "scoring",
-) -> tuple[list[float], list[int]]:
-    """Per sequence: the summed negative log-likelihood of its completion tokens given its prompt, and their count.
-
-    `model` is any causal LM (call it inside `trl_qhead.rewards.as_reference` for the pretrained model of a PEFT model).
-    """
-    nlls, counts = [], []
-    device = next(model.parameters()).device
-    pairs = [(list(p), list(c)) for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
-        chunk = pairs[start : start + batch_size]
-        width = max(len(p) + len(c) for p, c in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        target = torch.full_like(ids, -100)
-        for row, (p, c) in enumerate(chunk):  # right padding; positions follow the real tokens
-            n = len(p) + len(c)
-            ids[row, :n] = torch.tensor(p + c)
-            attn[row, :n] = 1
-            target[row, len(p) : n] = torch.tensor(c, dtype=torch.long)
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
-        labels = target[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        nlls.extend(nll.sum(1).tolist())
-        counts.extend((labels != -100).sum(1).tolist())
-    return nlls, counts
-
-
-def perplexity(nlls: Sequence[float], counts: Sequence[int]) -> float:
-    """`exp(total NLL / total tokens)` over a set of sequences."""
-    total = sum(counts)
-    return math.exp(sum(nlls) / total) if total else float("nan")
-
-
-@torch.no_grad()
-def policy_drift_kl(
-    qmodel: AutoModelForCausalLMWithQHead,
-    prompt_ids: Sequence[Sequence[int]],
-    completion_ids: Sequence[Sequence[int]],
-    *,
-    pad_token_id: int,
-    batch_size: int = 32,
-) -> float:
-    """Mean per-sequence KL(pi_adapted || pi_pretrained) over the completions (states sampled from pi_adapted, the
-    per-step KL exact over the vocabulary). 0 for a model without adapters."""
-    if not qmodel.is_peft_model:
-        return 0.0
-    backbone = qmodel.pretrained_model
-    device = next(qmodel.parameters()).device
-    total, n_seq = 0.0, 0
-    pairs = [(list(p), list(c)) for p, c in zip(prompt_ids, completion_ids, strict=True) if len(c) > 0]
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        width = max(len(p) + len(c) for p, c in chunk)
-        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
-        attn, steps = torch.zeros_like(ids), torch.zeros(ids.shape, dtype=torch.bool)
-        for row, (p, c) in enumerate(chunk):
-            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
-            attn[row, : len(p) + len(c)] = 1
-            steps[row, len(p) - 1 : len(p) + len(c) - 1] = True  # the states at which a completion token was drawn
-        ids, attn, steps = ids.to(device), attn.to(device), steps.to(device)
-        adapted = torch.log_softmax(backbone(input_ids=ids, attention_mask=attn).logits.float(), -1)
-        with as_reference(backbone):
-            pretrained = torch.log_softmax(backbone(input_ids=ids, attention_mask=attn).logits.float(), -1)
-        kl = (adapted.exp() * (adapted - pretrained)).sum(-1)
-        total += float((kl * steps).sum())
-        n_seq += len(chunk)
-    return total / max(n_seq, 1)
-
-
-@dataclass
-class Row:
-    """One line of the results table."""
-
-    method: str
-    setting: str
-    reward: float
-    reward_sem: float
-    kl: float
-    samples_per_output: int
-    seconds_per_output: float
-    distinct_2: float
-    perplexity: float
-    n: int
-
-
-def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
-    n = len(values)
-    mean = sum(values) / n
-    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return mean, math.sqrt(var / n)
-
-
-def base_and_best_of_n_rows(base: Samples, best_of: Sequence[int] = BEST_OF_NS) -> list[Row]:
-    """Rows for base sampling (every sample) and best-of-N (disjoint groups of N of the same samples); `base` must be
-    scored (`score`) and its likelihood measured (`score_likelihood`)."""
-    per_sample_seconds = base.seconds / len(base.texts)
-    rows = []
-    for n in (1, *best_of):
-        chosen = best_of_n_indices(base.rewards, base.num_samples, n)
-        picked = base.select(chosen)
-        reward, sem = _mean_sem(picked["rewards"])
-        rows.append(
-            Row(
-                method="base sampling" if n == 1 else "best-of-N",
-                setting="" if n == 1 else f"N={n}",
-                reward=reward,
-                reward_sem=sem,
-                kl=0.0 if n == 1 else best_of_n_kl(n),
-                samples_per_output=n,
-                seconds_per_output=n * per_sample_seconds,
-                distinct_2=distinct_2_per_prompt_set(picked["texts"], len(base.prompts)),
-                perplexity=perplexity(picked["nll"], picked["n_tokens"]),
-                n=len(chosen),
-            )
-        )
-    return rows
-
-
-def tilted_row(samples: Samples, beta: float) -> Row:
-    """The row of Q-tilted sampling at `beta` (KL from the processor, mean over samples)."""
-    reward, sem = _mean_sem(samples.rewards)
-    return Row(
-        method="Q-tilted",
-        setting=f"beta={beta:g}",
-        reward=reward,
-        reward_sem=sem,
-        kl=sum(samples.kl) / len(samples.kl),
-        samples_per_output=1,
-        seconds_per_output=samples.seconds / len(samples.texts),
-        distinct_2=distinct_2_per_prompt_set(samples.texts, len(samples.prompts)),
-        perplexity=perplexity(samples.nll, samples.n_tokens),
-        n=len(samples.texts),
-    )
-
-
-def frontier_comparison(rows: Sequence[Row]) -> list[dict]:
-    """For each Q-tilted row, the best-of-N reward at the same KL (linear interpolation between the measured
-    best-of-N points, base sampling at KL 0; `None` beyond N = 16) and the difference."""
-    curve = sorted([(r.kl, r.reward) for r in rows if r.method in ("base sampling", "best-of-N")])
-    out = []
-    for r in rows:
-        if r.method != "Q-tilted":
-            continue
-        ref = None
-        for (k0, v0), (k1, v1) in zip(curve, curve[1:], strict=False):
-            if k0 <= r.kl <= k1:
-                ref = v0 + (v1 - v0) * (r.kl - k0) / (k1 - k0) if k1 > k0 else max(v0, v1)
-                break
-        out.append(
-            {
-                "setting": r.setting,
-                "kl": r.kl,
-                "reward": r.reward,
-                "best_of_n_at_kl": ref,
-                "difference": None if ref is None else r.reward - ref,
-            }
-        )
-    return out
-
-
-def markdown_table(rows: Sequence[Row]) -> str:
-    lines = [
-        "| method | setting | mean reward (± s.e.) | KL to base (nats) | samples per output | s per output | distinct-2 | "
-        "base-model ppl | n |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.method} | {r.setting} | {r.reward:+.3f} ± {r.reward_sem:.3f} | {r.kl:.3f} | {r.samples_per_output} "
-            f"| {r.seconds_per_output:.2f} | {r.distinct_2:.3f} | {r.perplexity:.1f} | {r.n} |"
-        )
-    return "\n".join(lines)
-
-
-def plot_frontier(rows: Sequence[Row], path: str | os.PathLike, title: str) -> None:
-    """Mean reward against KL to the base policy: best-of-N (with base at KL 0) and Q-tilted sampling."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
-    base = [r for r in rows if r.method == "base sampling"]
-    # Both curves start at base sampling: best-of-1, and the tilt at beta = infinity, are the base policy itself.
-    for method, style, label in (("best-of-N", "o-", "best-of-N (N x compute)"), ("Q-tilted", "s-", "Q-tilted (1x)")):
-        pts = sorted(base + [r for r in rows if r.method == method], key=lambda r: r.kl)
-        ax.errorbar(
-            [r.kl for r in pts],
-            [r.reward for r in pts],
-            yerr=[r.reward_sem for r in pts],
-            fmt=style,
-            capsize=3,
-            label=label,
-        )
-        for r in pts:
-            if r.method != "base sampling":
-                tag = r.setting.replace("beta=", "β=")
-                ax.annotate(tag, (r.kl, r.reward), textcoords="offset points", xytext=(4, -10), fontsize=7)
-    for r in base:
-        ax.annotate("base", (r.kl, r.reward), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.set_xlabel("KL(policy || base policy), nats per completion")
-    ax.set_ylabel("mean VADER compound sentiment (held-out prompts)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------------
@@ -735,6 +339,7 @@ def run(args: argparse.Namespace) -> dict:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.gen_batch_size,
             seed=args.seed + 1,
+            generation_kwargs=SAMPLING,
             desc="base samples",
         )
     )
@@ -750,6 +355,7 @@ def run(args: argparse.Namespace) -> dict:
                 batch_size=args.gen_batch_size,
                 seed=args.seed + 2,
                 logits_processor_factory=lambda beta=beta: QTiltLogitsProcessor(model, beta=beta),
+                generation_kwargs=SAMPLING,
                 desc=f"Q-tilted beta={beta:g}",
             )
         )
@@ -773,7 +379,7 @@ def run(args: argparse.Namespace) -> dict:
     results = {
         "model": args.model,
         "args": vars(args),
-        "rows": [asdict(r) for r in rows],
+        "rows": frontier_json(rows),
         "tilted_vs_best_of_n_at_equal_kl": comparison,
         "policy_drift_kl_lora_vs_pretrained": drift,
         "train_log": log,
@@ -805,7 +411,7 @@ def _sample_pairs(base: Samples, tilted: dict[float, Samples], betas: Sequence[f
     return pairs
 
 
-def write_outputs(results: dict, rows: Sequence[Row], out_dir: Path, args: argparse.Namespace) -> None:
+def write_outputs(results: dict, rows: Sequence[FrontierRow], out_dir: Path, args: argparse.Namespace) -> None:
     table = markdown_table(rows)
     comparison = "\n".join(
         f"- {c['setting']}: KL {c['kl']:.3f}, reward {c['reward']:+.3f}; best-of-N at that KL "
@@ -833,7 +439,12 @@ def write_outputs(results: dict, rows: Sequence[Row], out_dir: Path, args: argpa
         )
     (out_dir / "samples.md").write_text("\n".join(samples_md))
     name = "SmolLM2-135M-Instruct" if args.model == "smollm2" else args.model
-    plot_frontier(rows, out_dir / "frontier.png", f"{name}: reward vs KL on {args.n_eval_prompts} held-out prompts")
+    plot_frontier(
+        rows,
+        out_dir / "frontier.png",
+        f"{name}: reward vs KL on {args.n_eval_prompts} held-out prompts",
+        reward_label="mean VADER compound sentiment (held-out prompts)",
+    )
     print("\n" + md)
     print("\n".join(samples_md))
     print(f"Outputs in {out_dir}/: results.md, results.json, samples.md, frontier.png")

@@ -25,15 +25,21 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
 from transformers.pytorch_utils import Conv1D
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
-from trl_qhead.launch import ensure_cpu_processes
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `python recipes/qhead_lora.py` or `accelerate launch` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+from recipes.launch import ensure_cpu_processes  # noqa: E402
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer  # noqa: E402
 
 DEFAULT_MODEL = "gpt2"
 # GPT-2's attention and MLP projections; PEFT's own default for GPT-2 is `c_attn` alone.

@@ -4,9 +4,19 @@ import pytest
 import torch
 from datasets import Dataset, IterableDataset
 
-from trl_qhead import DataCollatorForQHead, prepare_dataset
+from tests.oracles import action_rewards
+from tests.test_data_formats import (
+    chat_tokenizer,  # noqa: F401 (fixtures)
+    example_datasets,
+)
+from trl_qhead import (
+    DataCollatorForQHead,
+    prepare_dataset,
+)
+from trl_qhead.data import DataCollatorForQHead, prepare_dataset
 from trl_qhead.mdp import action_mask_from_labels, episode_dones, next_tokens
-from trl_qhead.rewards import action_rewards
+
+EOS = 0  # the EOS id of the `done` tests' hand-made rows
 
 
 def test_text_is_tokenised_with_eos_and_blank_lines_dropped(gpt2_tokenizer):
@@ -106,3 +116,57 @@ def test_collator_pads_either_side_and_masks_targets():
 def test_empty_and_one_token_rows_are_rejected(ids):
     with pytest.raises(ValueError, match="`input_ids` of batch row 1"):
         DataCollatorForQHead(pad_token_id=0)([{"input_ids": [1, 2]}, {"input_ids": ids}])
+
+
+def _done_at_last_action(rows, pad_token_id=EOS):
+    """Per row: whether the collated batch makes its last action terminal, for rows with no EOS in them."""
+    batch = DataCollatorForQHead(pad_token_id=pad_token_id)(list(rows))
+    action_mask = action_mask_from_labels(batch["labels"], batch["attention_mask"])
+    dones = episode_dones(next_tokens(batch["input_ids"]), action_mask, None, done=batch.get("done"))
+    return [bool(d[m].any()) for d, m in zip(dones, action_mask, strict=True)]
+
+
+def test_done_column_in_every_format_and_dropped_by_truncation(gpt2_tokenizer, chat_tokenizer):  # noqa: F811
+    tokenized = Dataset.from_dict({"input_ids": [[5, 6, 7, 8], [9, 10, 11], [12, 13]], "done": [True, True, None]})
+    rows = prepare_dataset(tokenized, None, max_length=3)
+    assert rows["done"] == [False, True, False]  # row 0 was cut by max_length: it bootstraps; None is False
+    assert _done_at_last_action(rows) == [False, True, False]
+    assert prepare_dataset(tokenized, None, max_length=4)["done"] == [True, True, False]
+
+    for fmt, data in example_datasets().items():
+        tokenizer = chat_tokenizer if fmt in ("conversational", "messages") else gpt2_tokenizer
+        data = data.add_column("done", [True, False])
+        rows = prepare_dataset(data, tokenizer, max_length=64)
+        assert rows["done"] == [True, False], fmt
+        cut = prepare_dataset(data, tokenizer, max_length=2)
+        assert cut["done"] == [False, False], fmt
+        streamed = prepare_dataset(IterableDataset.from_generator(data.__iter__), tokenizer, max_length=64)
+        assert [row["done"] for row in streamed] == [True, False], fmt
+
+
+def test_done_survives_packing_at_the_document_end():
+    docs = [[1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    data = Dataset.from_dict({"input_ids": docs, "done": [True, False, True]})
+    rows = prepare_dataset(data, None, max_length=5, packing=True)  # wrapped: [1 2 3 4 5], [6 7 8 9]
+    assert rows["input_ids"] == [[1, 2, 3, 4, 5], [6, 7, 8, 9]]
+    batch = DataCollatorForQHead(pad_token_id=EOS)(list(rows))
+    action_mask = action_mask_from_labels(batch["labels"], batch["attention_mask"])
+    dones = episode_dones(next_tokens(batch["input_ids"]), action_mask, None, token_dones=batch["dones"])
+    # Terminal: the actions producing 3 and 9 (the ends of the `done` documents); 7 ends a document that is not.
+    assert dones.tolist() == [[0, 1, 0, 0, 0], [0, 0, 1, 0, 0]]
+
+    # bfd truncates the 4-token document to 3 (its end is gone) and keeps the others whole.
+    bfd = prepare_dataset(data, None, max_length=3, packing=True, packing_strategy="bfd")
+    ends = {tuple(ids): flags for ids, flags in zip(bfd["input_ids"], bfd["dones"], strict=True)}
+    assert ends == {(1, 2, 3): [0, 0, 1], (4, 5, 6): [0, 0, 0], (8, 9): [0, 1]}
+
+
+@pytest.mark.parametrize("value", ["yes", 2, 0.5])
+def test_bad_done_values_raise_naming_the_field_and_row(value):
+    data = Dataset.from_dict({"input_ids": [[1, 2, 3]], "done": [value]})  # Arrow columns hold one type
+    with pytest.raises(ValueError, match=r"`done` of example 0 is .*bool"):
+        prepare_dataset(data, None)
+    with pytest.raises(ValueError, match=r"`done` of batch row 1 is .*bool"):
+        DataCollatorForQHead(pad_token_id=0)(
+            [{"input_ids": [1, 2], "done": True}, {"input_ids": [4, 5], "done": value}]
+        )

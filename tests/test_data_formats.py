@@ -29,7 +29,7 @@ def chat_tokenizer(gpt2_tokenizer):
     return tokenizer
 
 
-def _datasets() -> dict[str, Dataset]:
+def example_datasets() -> dict[str, Dataset]:
     return {
         "text": Dataset.from_dict({"text": ["The cat sat.", "A dog barked loudly."], "reward": [1.0, -1.0]}),
         "prompt_completion": Dataset.from_dict(
@@ -81,7 +81,7 @@ def test_missing_columns_error_lists_found_and_expected(gpt2_tokenizer, columns,
 
 
 def test_prompt_completion_masks_prompt_and_ends_with_terminal_eos(gpt2_tokenizer):
-    rows = prepare_dataset(_datasets()["prompt_completion"], gpt2_tokenizer)
+    rows = prepare_dataset(example_datasets()["prompt_completion"], gpt2_tokenizer)
     eos = gpt2_tokenizer.eos_token_id
     for row, (prompt, completion) in zip(rows, [("2+2=", "4"), ("Hello", " world")], strict=True):
         prompt_ids = gpt2_tokenizer(prompt)["input_ids"]
@@ -100,7 +100,7 @@ def test_prompt_completion_masks_prompt_and_ends_with_terminal_eos(gpt2_tokenize
 
 def test_completion_only_loss_false_trains_on_the_prompt(gpt2_tokenizer):
     for fmt in ("prompt_completion", "tokenized"):
-        rows = prepare_dataset(_datasets()[fmt], gpt2_tokenizer, completion_only_loss=False)
+        rows = prepare_dataset(example_datasets()[fmt], gpt2_tokenizer, completion_only_loss=False)
         assert "completion_mask" not in rows.column_names
         batch = DataCollatorForQHead(gpt2_tokenizer.eos_token_id)(list(rows))
         mask = action_mask_from_labels(batch["labels"], batch["attention_mask"])
@@ -112,20 +112,20 @@ def test_conversational_formats_use_the_chat_template(chat_tokenizer):
     rendered = "user:\nSay hi\nassistant:\n<think>greet</think>hi" + chat_tokenizer.eos_token
     prompt_text = "user:\nSay hi\nassistant:\n"
     for fmt in ("conversational", "messages"):
-        row = prepare_dataset(_datasets()[fmt], chat_tokenizer, reward_columns=True)[0]
+        row = prepare_dataset(example_datasets()[fmt], chat_tokenizer, reward_columns=True)[0]
         assert chat_tokenizer.decode(row["input_ids"]) == rendered
         assert chat_tokenizer.decode(row["input_ids"][: row["prompt_length"]]) == prompt_text
         assert row["input_ids"][-1] == chat_tokenizer.eos_token_id  # the template closes the turn with EOS
         assert row["prompt"] == PROMPT
-    conversational = prepare_dataset(_datasets()["conversational"], chat_tokenizer)[0]
+    conversational = prepare_dataset(example_datasets()["conversational"], chat_tokenizer)[0]
     assert sum(conversational["completion_mask"]) == len(conversational["input_ids"]) - conversational["prompt_length"]
     # `messages` trains on the whole conversation, as TRL's SFT does.
-    assert "completion_mask" not in prepare_dataset(_datasets()["messages"], chat_tokenizer).column_names
+    assert "completion_mask" not in prepare_dataset(example_datasets()["messages"], chat_tokenizer).column_names
 
 
 def test_conversational_without_chat_template_fails_clearly(gpt2_tokenizer):
     with pytest.raises(ValueError, match="chat template"):
-        prepare_dataset(_datasets()["messages"], gpt2_tokenizer)
+        prepare_dataset(example_datasets()["messages"], gpt2_tokenizer)
 
 
 def test_mixed_prompt_completion_types_are_rejected(gpt2_tokenizer):
@@ -135,7 +135,7 @@ def test_mixed_prompt_completion_types_are_rejected(gpt2_tokenizer):
 
 
 def test_tokenized_rewards_and_sequence_reward_are_kept_apart(gpt2_tokenizer):
-    rows = prepare_dataset(_datasets()["tokenized"], gpt2_tokenizer, max_length=3)
+    rows = prepare_dataset(example_datasets()["tokenized"], gpt2_tokenizer, max_length=3)
     assert rows[0] == {
         "input_ids": [5, 6, 7],
         "prompt_length": 2,
@@ -147,29 +147,29 @@ def test_tokenized_rewards_and_sequence_reward_are_kept_apart(gpt2_tokenizer):
     batch = DataCollatorForQHead(0)(list(rows))
     assert batch["reward"][0].item() == 3.0 and math.isnan(batch["reward"][1].item())
     # Packing keeps the sequence reward by folding it onto the document's last token.
-    packed = prepare_dataset(_datasets()["tokenized"], gpt2_tokenizer, max_length=7, packing=True)
+    packed = prepare_dataset(example_datasets()["tokenized"], gpt2_tokenizer, max_length=7, packing=True)
     assert packed[0]["rewards"] == [0.0, 0.5, 0.0, 4.0, 0.0, 0.0, 2.0]
 
 
 def test_text_reward_column_becomes_a_sequence_reward(gpt2_tokenizer):
-    rows = prepare_dataset(_datasets()["text"], gpt2_tokenizer)
+    rows = prepare_dataset(example_datasets()["text"], gpt2_tokenizer)
     assert rows["reward"] == [1.0, -1.0] and "prompt_length" not in rows.column_names  # no prompt: 0
 
 
 def test_reward_columns_keep_the_prompt_and_extra_columns(gpt2_tokenizer):
-    rows = prepare_dataset(_datasets()["prompt_completion"], gpt2_tokenizer, reward_columns=True)
+    rows = prepare_dataset(example_datasets()["prompt_completion"], gpt2_tokenizer, reward_columns=True)
     assert rows["prompt"] == ["2+2=", "Hello"] and rows["solution"] == ["4", "x"]
     assert "completion" not in rows.column_names
     batch = DataCollatorForQHead(gpt2_tokenizer.eos_token_id)(list(rows))
     assert batch["reward_inputs"] == {"prompt": ["2+2=", "Hello"], "solution": ["4", "x"]}
-    assert "solution" not in prepare_dataset(_datasets()["prompt_completion"], gpt2_tokenizer).column_names
+    assert "solution" not in prepare_dataset(example_datasets()["prompt_completion"], gpt2_tokenizer).column_names
     with pytest.raises(ValueError, match="packing"):
-        prepare_dataset(_datasets()["prompt_completion"], gpt2_tokenizer, reward_columns=True, packing=True)
+        prepare_dataset(example_datasets()["prompt_completion"], gpt2_tokenizer, reward_columns=True, packing=True)
 
 
 @pytest.mark.parametrize("fmt", ["text", "prompt_completion", "conversational", "messages", "tokenized"])
 def test_streaming_gives_the_same_rows(chat_tokenizer, fmt):
-    dataset = _datasets()[fmt]
+    dataset = example_datasets()[fmt]
     expected = list(prepare_dataset(dataset, chat_tokenizer, reward_columns=True, max_length=12))
     streamed = list(prepare_dataset(dataset.to_iterable_dataset(), chat_tokenizer, reward_columns=True, max_length=12))
     assert streamed == expected

@@ -405,7 +405,7 @@ def test_rerank_scores_the_final_action_of_each_sample():
 
 @pytest.mark.parametrize("top_k", [None, 7])
 def test_fast_kl_equals_the_definition(top_k):
-    from trl_qhead.decoding import _tilt, tilt_kl, tilt_logprobs
+    from trl_qhead.decoding import tilt_kl, tilt_logprobs, tilt_logprobs_and_kl
 
     g = torch.Generator().manual_seed(0)
     scores = torch.randn(5, 300, generator=g) * 3
@@ -413,7 +413,7 @@ def test_fast_kl_equals_the_definition(top_k):
     q = torch.randn(5, 300, generator=g) * 4 + 50.0  # a large common offset must not hurt
     indices = None if top_k is None else scores.topk(top_k, dim=-1).indices
     q_used = q if indices is None else q.gather(-1, indices)
-    logprobs, kl = _tilt(scores, q_used, 0.7, indices, with_kl=True)
+    logprobs, kl = tilt_logprobs_and_kl(scores, q_used, 0.7, indices, with_kl=True)
     tilted = scores + q / 0.7
     if indices is not None:
         tilted = torch.full_like(tilted, float("-inf")).scatter(-1, indices, tilted.gather(-1, indices))

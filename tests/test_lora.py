@@ -12,7 +12,6 @@ from safetensors.torch import load_file
 
 from tests.recipe_assets import save_tiny_gpt2
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
-from trl_qhead.rewards import reference_logprobs
 
 GPT2_LORA = dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, r=4, lora_alpha=8)
 STEPS = 3
@@ -55,7 +54,7 @@ def trained(tmp_path_factory, gpt2_tokenizer):
     return dict(model=model, trainer=trainer, before=before, base_dir=base_dir, checkpoint=checkpoint, batch=batch)
 
 
-def _outputs(model, batch):
+def outputs_of(model, batch):
     with torch.no_grad():
         out = model(batch["input_ids"], batch["attention_mask"], return_q=True)
     return out.logits, out.q_values
@@ -88,48 +87,23 @@ def test_checkpoint_holds_adapters_and_q_head_only(trained):
 def test_checkpoint_reloads_to_identical_q_values_and_logits(trained):
     reloaded = AutoModelForCausalLMWithQHead.from_pretrained(str(trained["checkpoint"])).eval()
     assert reloaded.is_peft_model
-    logits, q = _outputs(trained["model"], trained["batch"])
-    logits_2, q_2 = _outputs(reloaded, trained["batch"])
+    logits, q = outputs_of(trained["model"], trained["batch"])
+    logits_2, q_2 = outputs_of(reloaded, trained["batch"])
     assert q.abs().max() > 0  # the Q head was trained away from its zero init
     torch.testing.assert_close(logits_2, logits, rtol=0, atol=0)
     torch.testing.assert_close(q_2, q, rtol=0, atol=0)
 
 
-def test_reference_rewards_use_the_adapter_disabled_base(trained, gpt2_tokenizer):
-    model, trainer = trained["model"], trained["trainer"]
-    assert trainer.ref_model is None  # no second copy of the network
-    model.train()  # as in training: the reference pass must still be the deterministic base
-    # Left padding: the reference pass must use the same positions as the policy pass.
-    gpt2_tokenizer.padding_side = "left"
-    batch = gpt2_tokenizer(["the big dog ran under the tree.", "a cat sat."], return_tensors="pt", padding=True)
-    gpt2_tokenizer.padding_side = "right"
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    actions = torch.zeros_like(ids)
-    actions[:, :-1] = ids[:, 1:]
-    policy_logits, _ = _outputs(model, batch)
-
-    reference = trainer._reference_logprobs(model, ids, mask, actions)
-
-    base = AutoModelForCausalLMWithQHead.from_pretrained(str(trained["base_dir"])).eval()
-    expected = reference_logprobs(base, ids, mask, actions)
-    real = (mask[:, :-1] * mask[:, 1:]).bool()  # positions holding an action
-    torch.testing.assert_close(reference[:, :-1][real], expected[:, :-1][real], rtol=1e-5, atol=1e-5)
-    model.eval()
-    policy = reference_logprobs(model, ids, mask, actions)
-    assert (policy - expected)[:, :-1][real].abs().max() > 1e-3  # the adapters matter: this compares something
-    torch.testing.assert_close(_outputs(model, batch)[0], policy_logits, rtol=0, atol=0)  # adapters back on
-
-
 def test_merge_and_unload_keeps_the_q_head(trained, tmp_path):
     peft_model = AutoModelForCausalLMWithQHead.from_pretrained(str(trained["checkpoint"])).eval()
-    logits, q = _outputs(peft_model, trained["batch"])
+    logits, q = outputs_of(peft_model, trained["batch"])
     q_head = peft_model.q_head
 
     merged = peft_model.merge_and_unload()
 
     assert not merged.is_peft_model and merged.q_head is q_head
     assert not any("lora_" in name for name, _ in merged.named_parameters())
-    logits_m, q_m = _outputs(merged, trained["batch"])
+    logits_m, q_m = outputs_of(merged, trained["batch"])
     torch.testing.assert_close(logits_m, logits, rtol=1e-4, atol=1e-4)  # merged weights: another summation order
     torch.testing.assert_close(q_m, q, rtol=1e-4, atol=1e-4)
 
@@ -138,7 +112,7 @@ def test_merge_and_unload_keeps_the_q_head(trained, tmp_path):
     assert not (tmp_path / "merged" / "adapter_model.safetensors").exists()
     reloaded = AutoModelForCausalLMWithQHead.from_pretrained(str(tmp_path / "merged")).eval()
     assert not reloaded.is_peft_model
-    logits_r, q_r = _outputs(reloaded, trained["batch"])
+    logits_r, q_r = outputs_of(reloaded, trained["batch"])
     torch.testing.assert_close(logits_r, logits_m, rtol=0, atol=0)
     torch.testing.assert_close(q_r, q_m, rtol=0, atol=0)
 

@@ -14,16 +14,17 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from tests.conftest import make_tiny_gpt2
+from tests.oracles import dense_qhead_loss
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
-from trl_qhead.losses import action_logprobs_and_values, dense_qhead_loss, qhead_loss, state_values
+from trl_qhead.backbone import plain_lm_head
+from trl_qhead.losses import qhead_loss
 from trl_qhead.mdp import action_mask_from_labels, bootstrap_mask, episode_dones, next_tokens
-from trl_qhead.modeling import plain_lm_head
-from trl_qhead.rewards import reference_logprobs
+from trl_qhead.returns import compute_returns
 
 EOS = 7
 
 
-def _batch(padding_side: str, vocab: int = 60, seed: int = 0):
+def padded_batch(padding_side: str, vocab: int = 60, seed: int = 0):
     """Rows of different lengths, one with an EOS inside and one ending with EOS, padded with EOS on one side."""
     gen = torch.Generator().manual_seed(seed)
     lengths = [11, 8, 5, 2]
@@ -43,7 +44,7 @@ def _batch(padding_side: str, vocab: int = 60, seed: int = 0):
     return input_ids, attention_mask, labels, rewards
 
 
-def _model(lm_bias: bool = False):
+def tiny_qhead_model(lm_bias: bool = False):
     model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=64), q_head_init="normal").eval()  # no dropout
     with torch.no_grad():
         model.q_head.bias.normal_(0, 0.5)
@@ -57,7 +58,7 @@ def _model(lm_bias: bool = False):
     return model
 
 
-def _mdp(input_ids, attention_mask, labels, lam):
+def grid_of(input_ids, attention_mask, labels, lam):
     action_mask = action_mask_from_labels(labels, attention_mask)
     actions = next_tokens(input_ids)
     monte_carlo = lam is None or lam == 1
@@ -65,31 +66,32 @@ def _mdp(input_ids, attention_mask, labels, lam):
     return action_mask, actions, value_mask, episode_dones(actions, action_mask, EOS)
 
 
-def _efficient_loss(model, input_ids, attention_mask, labels, rewards, *, lam, chunk, gamma=0.9, chunked_lm=True):
+def efficient_loss(model, input_ids, attention_mask, labels, rewards, *, lam, chunk, gamma=0.9, chunked_lm=True):
     """`chunked_lm=False` is the model's plain forward (full logits for `L_LM`, gathered `Q`, `V` where needed)."""
-    action_mask, actions, value_mask, dones = _mdp(input_ids, attention_mask, labels, lam)
+    action_mask, actions, value_mask, dones = grid_of(input_ids, attention_mask, labels, lam)
     out = model(
         input_ids, attention_mask, actions=actions, value_mask=value_mask,
         logprob_mask=action_mask if chunked_lm else None, value_chunk_size=chunk,
     )  # fmt: skip
     fused = chunked_lm and plain_lm_head(model.pretrained_model) is not None
     assert (out.logits is None) == fused, "the training path builds no [B, T, |V|] logits unless it falls back"
-    loss, _ = qhead_loss(
-        out.logits, out.action_q, out.state_values, actions, action_mask, rewards, dones,
-        gamma=gamma, gae_lambda=lam, q_weight=0.7, action_logprobs=out.action_logprobs,
-    )  # fmt: skip
+    action_logprobs = out.action_logprobs
+    if action_logprobs is None:  # the plain forward: log pi(a_t|s_t) from its full logits
+        action_logprobs = torch.log_softmax(out.logits.float(), -1).gather(-1, actions[..., None])[..., 0]
+    returns = compute_returns(rewards, out.state_values, action_mask, gamma=gamma, gae_lambda=lam, dones=dones)
+    loss, _ = qhead_loss(action_logprobs, out.action_q, returns, action_mask, q_weight=0.7)
     return loss
 
 
-def _dense_loss(model, input_ids, attention_mask, labels, rewards, *, lam, gamma=0.9):
-    action_mask, actions, _, dones = _mdp(input_ids, attention_mask, labels, lam)
+def dense_loss(model, input_ids, attention_mask, labels, rewards, *, lam, gamma=0.9):
+    action_mask, actions, _, dones = grid_of(input_ids, attention_mask, labels, lam)
     out = model(input_ids, attention_mask, return_q=True)
     return dense_qhead_loss(
         out.logits, out.q_values, actions, action_mask, rewards, dones, gamma=gamma, gae_lambda=lam, q_weight=0.7
     )
 
 
-def _assert_same_loss_and_grads(model, loss_fast, loss_dense, rtol=1e-5, atol=1e-6):
+def assert_same_loss_and_grads(model, loss_fast, loss_dense, rtol=1e-5, atol=1e-6):
     names, params = zip(*((n, p) for n, p in model.named_parameters() if p.requires_grad), strict=True)
     grads_fast = torch.autograd.grad(loss_fast, params, allow_unused=True)
     grads_dense = torch.autograd.grad(loss_dense, params, allow_unused=True)
@@ -106,99 +108,37 @@ def _assert_same_loss_and_grads(model, loss_fast, loss_dense, rtol=1e-5, atol=1e
 @pytest.mark.parametrize("chunk", [3, 256])
 @pytest.mark.parametrize("chunked_lm", [True, False])
 def test_efficient_loss_and_gradients_equal_dense(padding_side, lam, chunk, chunked_lm):
-    model = _model()
-    batch = _batch(padding_side)
-    loss_fast = _efficient_loss(model, *batch, lam=lam, chunk=chunk, chunked_lm=chunked_lm)
-    grads = _assert_same_loss_and_grads(model, loss_fast, _dense_loss(model, *batch, lam=lam))
+    model = tiny_qhead_model()
+    batch = padded_batch(padding_side)
+    loss_fast = efficient_loss(model, *batch, lam=lam, chunk=chunk, chunked_lm=chunked_lm)
+    grads = assert_same_loss_and_grads(model, loss_fast, dense_loss(model, *batch, lam=lam))
     assert grads["q_head.weight"].abs().sum() > 0 and grads["pretrained_model.transformer.wte.weight"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("lam", [None, 0.5])
 def test_chunked_path_with_an_lm_head_bias(lam):
-    model = _model(lm_bias=True)
-    batch = _batch("right")
-    grads = _assert_same_loss_and_grads(
-        model, _efficient_loss(model, *batch, lam=lam, chunk=4), _dense_loss(model, *batch, lam=lam)
+    model = tiny_qhead_model(lm_bias=True)
+    batch = padded_batch("right")
+    grads = assert_same_loss_and_grads(
+        model, efficient_loss(model, *batch, lam=lam, chunk=4), dense_loss(model, *batch, lam=lam)
     )
     assert grads["pretrained_model.lm_head.bias"].abs().sum() > 0
 
 
 def test_chunked_path_under_bf16_autocast_stays_close_to_fp32_dense():
-    model = _model()
-    batch = _batch("left")
+    model = tiny_qhead_model()
+    batch = padded_batch("left")
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss_fast = _efficient_loss(model, *batch, lam=0.95, chunk=5)
-    loss_dense = _dense_loss(model, *batch, lam=0.95)
+        loss_fast = efficient_loss(model, *batch, lam=0.95, chunk=5)
+    loss_dense = dense_loss(model, *batch, lam=0.95)
     torch.testing.assert_close(loss_fast, loss_dense, rtol=3e-2, atol=3e-2)
     grad_fast = torch.autograd.grad(loss_fast, model.q_head.weight)[0]
     grad_dense = torch.autograd.grad(loss_dense, model.q_head.weight)[0]
     assert torch.nn.functional.cosine_similarity(grad_fast.flatten(), grad_dense.flatten(), dim=0) > 0.99
 
 
-def test_no_logits_sized_tensor_is_kept_for_the_backward():
-    model = _model()
-    input_ids, attention_mask, labels, rewards = _batch("right")
-    chunk, vocab = 4, model.vocab_size
-    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = []  # the shapes of what autograd keeps for the backward, besides the parameters themselves
-
-    def pack(tensor):
-        if tensor.untyped_storage().data_ptr() not in parameters:
-            saved.append(tuple(tensor.shape))
-        return tensor
-
-    def logits_sized(shapes):
-        return [
-            shape for shape in shapes if shape and shape[-1] == vocab and torch.Size(shape).numel() > chunk * vocab
-        ]
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _efficient_loss(model, input_ids, attention_mask, labels, rewards, lam=0.95, chunk=chunk)
-    assert saved and not logits_sized(saved)
-    saved.clear()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        _dense_loss(model, input_ids, attention_mask, labels, rewards, lam=0.95)
-    assert logits_sized(saved)  # the check does see a logits-sized buffer when there is one
-
-
-def test_action_logprobs_and_values_in_float64_are_exact():
-    torch.manual_seed(0)
-    hidden = torch.randn(3, 7, 16, dtype=torch.float64, requires_grad=True)
-    lm_head, q_head = nn.Linear(16, 50).double(), nn.Linear(16, 50).double()
-    actions = torch.randint(0, 50, (3, 7))
-    logprob_mask, value_mask = torch.rand(3, 7) > 0.3, torch.rand(3, 7) > 0.5
-    logprobs, values = action_logprobs_and_values(
-        hidden, lm_head, actions, logprob_mask, q_head=q_head, value_mask=value_mask, chunk_size=4
-    )
-    z = lm_head(hidden)
-    dense = torch.log_softmax(z, -1).gather(-1, actions[..., None])[..., 0] * logprob_mask
-    torch.testing.assert_close(logprobs, dense, rtol=0, atol=1e-12)
-    torch.testing.assert_close(
-        values, (torch.softmax(z, -1) * q_head(hidden)).sum(-1) * value_mask, rtol=0, atol=1e-12
-    )
-    weights = torch.randn(3, 7, dtype=torch.float64)
-    params = [hidden, lm_head.weight, lm_head.bias]
-    for g_fast, g_dense in zip(
-        torch.autograd.grad((logprobs * weights).sum(), params),
-        torch.autograd.grad((dense * weights).sum(), params),
-        strict=True,
-    ):
-        torch.testing.assert_close(g_fast, g_dense, rtol=0, atol=1e-12)
-    assert not values.requires_grad
-
-
-def test_reference_logprobs_match_the_full_logits_with_left_padding():
-    model = _model()
-    input_ids, attention_mask, labels, _ = _batch("left")
-    action_mask, actions, _, _ = _mdp(input_ids, attention_mask, labels, None)
-    chunked = reference_logprobs(model.pretrained_model, input_ids, attention_mask, actions, action_mask, chunk_size=3)
-    logits = model(input_ids, attention_mask).logits  # the wrapper's positions: counted over real tokens
-    dense = torch.log_softmax(logits, -1).gather(-1, actions[..., None])[..., 0]
-    torch.testing.assert_close(chunked, dense * action_mask, rtol=1e-5, atol=1e-5)
-
-
 def test_heads_that_are_not_a_plain_linear_map_fall_back_to_full_logits():
-    model = _model()
+    model = tiny_qhead_model()
     assert plain_lm_head(model.pretrained_model) is model.pretrained_model.lm_head
     model.pretrained_model.config.final_logit_softcapping = 30.0
     assert plain_lm_head(model.pretrained_model) is None
@@ -206,11 +146,11 @@ def test_heads_that_are_not_a_plain_linear_map_fall_back_to_full_logits():
     lora = LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False)
     peft_model = AutoModelForCausalLMWithQHead(get_peft_model(make_tiny_gpt2(vocab_size=64), lora)).eval()
     assert plain_lm_head(peft_model.pretrained_model) is None
-    batch = _batch("right")
-    _assert_same_loss_and_grads(
+    batch = padded_batch("right")
+    assert_same_loss_and_grads(
         peft_model,
-        _efficient_loss(peft_model, *batch, lam=0.0, chunk=4),
-        _dense_loss(peft_model, *batch, lam=0.0),
+        efficient_loss(peft_model, *batch, lam=0.0, chunk=4),
+        dense_loss(peft_model, *batch, lam=0.0),
     )
 
 
@@ -242,41 +182,11 @@ def test_trainer_compute_loss_equals_dense(gpt2_tokenizer, lam):
         out.logits, out.q_values, actions, action_mask, rewards, episode_dones(actions, action_mask, eos),
         gamma=0.9, gae_lambda=lam, q_weight=0.7,
     )  # fmt: skip
-    _assert_same_loss_and_grads(model, loss_fast, loss_dense)
+    assert_same_loss_and_grads(model, loss_fast, loss_dense)
 
 
 def test_left_and_right_padding_give_the_same_loss():
-    model = _model()
-    left = _efficient_loss(model, *_batch("left"), lam=0.5, chunk=4)
-    right = _efficient_loss(model, *_batch("right"), lam=0.5, chunk=4)
+    model = tiny_qhead_model()
+    left = efficient_loss(model, *padded_batch("left"), lam=0.5, chunk=4)
+    right = efficient_loss(model, *padded_batch("right"), lam=0.5, chunk=4)
     torch.testing.assert_close(left, right, rtol=1e-5, atol=1e-5)
-
-
-def test_state_values_match_dense_softmax_expectation():
-    model = _model()
-    input_ids, attention_mask, _, _ = _batch("right")
-    out = model(input_ids, attention_mask, return_q=True)
-    mask = attention_mask.bool()
-    values = state_values(out.hidden_states, out.logits, model.q_head, mask, chunk_size=5)
-    dense = (torch.softmax(out.logits, -1) * out.q_values).sum(-1) * mask
-    torch.testing.assert_close(values, dense, rtol=1e-5, atol=1e-5)
-    assert not values.requires_grad
-
-
-def test_action_q_is_the_gathered_full_q():
-    model = _model()
-    input_ids, attention_mask, _, _ = _batch("left")
-    actions = next_tokens(input_ids)
-    out = model(input_ids, attention_mask, return_q=True, actions=actions)
-    torch.testing.assert_close(out.action_q, out.q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1))
-
-
-def test_mdp_grid_of_a_left_padded_row():
-    input_ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9]])
-    attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    labels = input_ids.masked_fill(attention_mask == 0, -100)
-    mask = action_mask_from_labels(labels, attention_mask)
-    assert mask.tolist() == [[False, False, True, True, False], [True, True, True, True, False]]
-    assert bootstrap_mask(mask).tolist() == [[False] * 4 + [True], [False] * 4 + [True]]
-    dones = episode_dones(next_tokens(input_ids), mask, eos_token_id=7)
-    assert dones.tolist() == [[0, 0, 0, 1, 0], [0, 1, 0, 0, 0]]

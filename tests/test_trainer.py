@@ -7,9 +7,10 @@ import torch
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig
 
+import trl_qhead.trainer
 from tests.conftest import make_tiny_gpt2
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
-from trl_qhead.mdp import next_tokens
+from trl_qhead.mdp import action_mask_from_labels, next_tokens
 
 CORPUS = [
     "The cat sat on the mat and looked at the door.",
@@ -271,3 +272,50 @@ def test_logged_losses_are_token_weighted_over_accumulated_micro_batches(tmp_pat
     for entry in history:
         assert entry["loss_lm"] + 0.7 * entry["loss_q"] == pytest.approx(entry["loss"], rel=1e-4)
     assert len({round(entry["loss_q"], 4) for entry in history}) > 1  # a nonzero, moving Q loss
+
+
+def test_trainer_targets_stop_at_done_and_bootstrap_otherwise(gpt2_tokenizer, monkeypatch):
+    """gamma = 1, Monte Carlo, one sequence reward per row and a nonzero Q head: the target of every action of a `done`
+    row is its reward exactly; a cut row without `done` adds V of the state where it was cut."""
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_init="normal")
+    with torch.no_grad():
+        # An offset, so that V(s) (a policy average of q) is far from 0 and a wrong bootstrap would show.
+        model.q_head.bias.normal_(1.5, 0.5, generator=torch.Generator().manual_seed(0))
+    rows = [[5, 9, 11, 40, 41], [3, 4, 5, 6, 7, 8], [8, 9, 10, 12, 13, 14]]  # no EOS (50256) anywhere
+    data = Dataset.from_dict(
+        {
+            "input_ids": rows,
+            "completion_mask": [[0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]],
+            "reward": [0.75, -1.25, 2.0],
+            "done": [True, False, True],
+        }
+    )
+    args = QHeadConfig(output_dir="/tmp/unused", gamma=1.0, report_to=[], use_cpu=True, max_length=5)
+    trainer = QHeadTrainer(model, args, train_dataset=data, processing_class=gpt2_tokenizer)
+    assert trainer.train_dataset["done"] == [True, False, False]  # the third row is cut by max_length=5
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+
+    targets = []
+    compute_returns = trl_qhead.trainer.compute_returns
+
+    def spy(*args, **kwargs):
+        targets.append(compute_returns(*args, **kwargs))
+        return targets[-1]
+
+    monkeypatch.setattr(trl_qhead.trainer, "compute_returns", spy)
+    model.eval()
+    trainer.compute_loss(model, batch)
+    (returns,) = targets
+
+    action_mask = action_mask_from_labels(batch["labels"], batch["attention_mask"])
+    with torch.no_grad():
+        out = model(batch["input_ids"], batch["attention_mask"], return_q=True)
+    values = (torch.softmax(out.logits.float(), -1) * out.q_values).sum(-1)  # V(s) = sum_a pi(a|s) q(s, a)
+    for row, reward in enumerate([0.75, -1.25, 2.0]):
+        g = returns[row][action_mask[row]]
+        if row == 0:
+            assert torch.equal(g, torch.full_like(g, reward))  # r on the last action, nothing bootstrapped
+        else:
+            v_cut = values[row, action_mask[row].nonzero().max() + 1]
+            assert v_cut.abs() > 0.1  # a bootstrap that would show
+            torch.testing.assert_close(g, torch.full_like(g, reward) + v_cut, rtol=1e-5, atol=1e-5)

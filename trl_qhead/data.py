@@ -36,6 +36,8 @@ from datasets import Dataset, IterableDataset
 from trl.data_utils import apply_chat_template, common_prefix_length, get_dataset_column_names, pack_dataset
 from trl.trainer.utils import pad
 
+from .chat import is_messages
+
 # Columns a format consumes; every other column is an extra one, handed to reward functions as a keyword argument.
 FORMAT_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "reward", "completion_mask", "prompt_length")
 FORMAT_COLUMNS += ("done", "dones")
@@ -93,10 +95,6 @@ def check_done(value: Any, where: str) -> bool:
     )
 
 
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
-
-
 def _encode(tokenizer, text: str) -> list[int]:
     # Chat templates write their special tokens into the text; plain text gets none, as before (EOS is added as an id).
     return tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -116,7 +114,7 @@ def _tokenize(example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_
         return _encode(tokenizer, text) + [tokenizer.eos_token_id], 0, ""
     if fmt == "messages":
         messages = example["messages"]
-        if not _is_messages(messages) or not messages:
+        if not is_messages(messages) or not messages:
             raise TypeError(f"`messages` of {where} must be a non-empty list of {{'role', 'content'}} dicts.")
         input_ids = _encode(tokenizer, apply_chat_template({"messages": messages}, tokenizer)["text"])
         prompt_length = 0
@@ -127,7 +125,7 @@ def _tokenize(example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_
             prompt_length = common_prefix_length(_encode(tokenizer, prompt_text), input_ids)
         return input_ids, prompt_length, messages[:-1]
     prompt, completion = example["prompt"], example["completion"]
-    if _is_messages(prompt) and _is_messages(completion):
+    if is_messages(prompt) and is_messages(completion):
         rendered = apply_chat_template({"prompt": prompt, "completion": completion}, tokenizer)
         prompt_text, completion_text, eos = rendered["prompt"], rendered["completion"], []
     elif isinstance(prompt, str) and isinstance(completion, str):

@@ -1,297 +1,60 @@
-"""The training loss `L = L_LM + q_weight * L_Q`, computed without multiplying the Q head out (DESIGN.md section 3).
+"""The training loss `L = L_LM + q_weight * L_Q`, a pure function of tensors on the position grid.
 
-- `Q(s_t, a_t)` needs one row of `W_q` per position: gather it and take a dot product with `h_t` (O(T*H)).
-- `V(s) = sum_a pi(a|s) Q(s, a)` is a target, so it needs no grad, and only where the returns read it: the bootstrap
-  state of each row for Monte Carlo, every state for lambda < 1, in chunks so that no `[B, T, |V|]` buffer is made.
-- `L_LM` needs `log pi(a_t|s_t)` only: `action_logprobs_and_values` projects the hidden states through the LM head a
-  chunk of positions at a time and recomputes each chunk in the backward (TRL's fused-LM-head idea), so no
-  `[B, T, |V|]` logits, log-softmax or logits gradient is ever held. When `V` is needed at every position (lambda < 1)
-  it is folded into the same pass, reusing each chunk's softmax: one Q-head product per chunk, no second LM head.
-
-`dense_qhead_loss` is the obvious implementation (full Q at every position) kept as the reference the tests and the
-benchmark compare against.
+Everything it needs is computed before it is called (`QHeadTrainer.compute_loss` reads in that order): the log-probs
+of the actions and `Q(s_t, a_t)` from one forward pass (`AutoModelForCausalLMWithQHead.forward`), the rewards, the
+episode ends and the return targets (`trl_qhead.returns.compute_returns`). The efficient forward that produces
+`action_logprobs` and `action_q` without `[B, T, |V|]` buffers lives in `trl_qhead.chunked_lm_head` and
+`trl_qhead.q_values`; both names are re-exported here, where they used to live.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from .returns import compute_returns
+from .chunked_lm_head import action_logprobs_and_values
+from .q_values import gather_action_q, state_values
 
-# `torch.addmm(..., out_dtype=torch.float32)` from bf16/fp16 inputs, CUDA only.
-_MM_OUT_DTYPE = torch.__version__ >= "2.8"
-
-
-def gather_action_q(hidden: torch.Tensor, q_head: nn.Linear, actions: torch.LongTensor) -> torch.Tensor:
-    """`Q(s_t, a_t) = W_q[a_t] . h_t + b_q[a_t]` for every position, `[B, T]` in fp32; grad reaches only those rows."""
-    weight_rows = q_head.weight[actions]  # [B, T, H]
-    return (hidden.to(weight_rows.dtype) * weight_rows).sum(-1) + q_head.bias[actions]
-
-
-@torch.no_grad()
-def state_values(
-    hidden: torch.Tensor, logits: torch.Tensor, q_head: nn.Linear, value_mask: torch.Tensor, chunk_size: int = 1024
-) -> torch.Tensor:
-    """`V(s_t) = sum_a softmax(z_t)[a] * q_t[a]` at the positions where `value_mask` is set; 0 elsewhere; no grad.
-
-    Args:
-        hidden: `[B, T, H]` final hidden states.
-        logits: `[B, T, |V|]` LM logits (the policy `pi`).
-        q_head: the Q head.
-        value_mask: `[B, T]` bool, where `V` is needed.
-        chunk_size: positions per chunk; bounds the extra memory to two `[chunk_size, |V|]` fp32 buffers.
-    """
-    values = torch.zeros(value_mask.shape, dtype=torch.float32, device=hidden.device)
-    rows, cols = value_mask.nonzero(as_tuple=True)
-    for start in range(0, rows.numel(), chunk_size):
-        r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
-        policy = torch.softmax(logits[r, c].float(), dim=-1)
-        q = q_head(hidden[r, c].to(q_head.weight.dtype))
-        values[r, c] = (policy * q).sum(-1)
-    return values
-
-
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    device_type = x.device.type
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
-
-
-def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """`acc += a @ b` into an fp32 `acc`, without rounding `a @ b` to a low precision first (as TRL's fused head)."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif _MM_OUT_DTYPE and acc.device.type == "cuda":
-        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
-    else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
-
-
-class _ChunkedLogProbs(torch.autograd.Function):
-    """`log softmax(h W^T + b)[target]` for `N` rows of `h`, `chunk_size` rows at a time, and optionally (no grad)
-    `V = sum_a softmax(z)_a q_a` with `q = h W_q^T + b_q` for the rows in `value_rows`, from the same softmax.
-
-    Memory: a few `[chunk_size, |V|]` buffers, never `[N, |V|]`. The backward recomputes each chunk's logits and turns
-    them into their gradient in place (`d log p_t / dz = onehot(t) - softmax(z)`), as TRL's `ChunkedLogProbFunction`
-    does; here the chunks are positions with the whole vocabulary, so the log-sum-exp is exact in one pass and the
-    softmax is there to be reused for `V`. Under autocast the products run in the autocast dtype and the softmax in
-    fp32; weight gradients accumulate in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, q_weight, q_bias, value_rows, chunk_size):
-        ctx.set_materialize_grads(False)
-        dtype = _compute_dtype(hidden)
-        fp = torch.promote_types(dtype, torch.float32)  # the softmax's precision: fp32, or fp64 for fp64 inputs
-        n_rows = hidden.shape[0]
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
-        log_z = hidden.new_empty(n_rows, dtype=fp)
-        logprobs = hidden.new_empty(n_rows, dtype=fp)
-        values = None
-        if value_rows is not None:
-            values = hidden.new_zeros(n_rows, dtype=fp)
-            # Under autocast the Q product runs in the autocast dtype, as an `nn.Linear` would: V is only a target.
-            q_dtype = dtype if torch.is_autocast_enabled(hidden.device.type) else q_weight.dtype
-            wq, bq = q_weight.to(q_dtype), q_bias.to(q_dtype)
-        for start in range(0, n_rows, chunk_size):
-            end = min(start + chunk_size, n_rows)
-            h = hidden[start:end].to(dtype)
-            z = torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
-            z = z.to(fp)
-            lz = torch.logsumexp(z, dim=-1)
-            log_z[start:end] = lz
-            logprobs[start:end] = z.gather(1, targets[start:end, None]).squeeze(1) - lz
-            if value_rows is None:
-                continue
-            rows = value_rows[start:end].nonzero().squeeze(1)
-            if rows.numel() == 0:
-                continue
-            every_row = rows.numel() == end - start
-            # The softmax of the rows that need V, in place when that is all of them (lambda < 1).
-            policy = (z if every_row else z[rows]).sub_(lz[rows, None]).exp_()
-            h_v = hidden[start:end] if every_row else hidden[start:end][rows]
-            q = torch.addmm(bq, h_v.to(wq.dtype), wq.t()).to(fp)
-            values[start + rows] = q.mul_(policy).sum(-1)
-        ctx.save_for_backward(hidden, weight, bias, targets, log_z)
-        ctx.compute_dtype, ctx.chunk_size = dtype, chunk_size
-        if values is not None:
-            ctx.mark_non_differentiable(values)
-        return logprobs, values
-
-    @staticmethod
-    def backward(ctx, grad_logprobs, grad_values):
-        hidden, weight, bias, targets, log_z = ctx.saved_tensors
-        needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        if grad_logprobs is None:
-            return (None,) * 8
-        dtype, chunk_size = ctx.compute_dtype, ctx.chunk_size
-        w = weight.to(dtype)
-        b = None if bias is None else bias.to(dtype)
-        fp = log_z.dtype
-        g = grad_logprobs.to(fp)
-        grad_hidden = torch.empty_like(hidden) if needs_hidden else None
-        grad_weight = torch.zeros(weight.shape, dtype=fp, device=weight.device) if needs_weight else None
-        grad_bias = torch.zeros(bias.shape, dtype=fp, device=bias.device) if needs_bias else None
-        for start in range(0, hidden.shape[0], chunk_size):
-            end = min(start + chunk_size, hidden.shape[0])
-            h = hidden[start:end].to(dtype)
-            z = torch.mm(h, w.t()) if b is None else torch.addmm(b, h, w.t())
-            g_chunk = g[start:end, None]
-            # dL/dz = g * (onehot(target) - softmax(z)), built in the logits' own buffer.
-            grad_z = z.to(fp).sub_(log_z[start:end, None]).exp_().mul_(-g_chunk)
-            grad_z.scatter_add_(1, targets[start:end, None], g_chunk)
-            grad_z = grad_z.to(dtype)
-            if grad_hidden is not None:
-                grad_hidden[start:end] = torch.mm(grad_z, w)
-            if grad_weight is not None:
-                _accumulate_mm(grad_weight, grad_z.t(), h)
-            if grad_bias is not None:
-                grad_bias += grad_z.sum(0, dtype=fp)
-        return (
-            grad_hidden,
-            None if grad_weight is None else grad_weight.to(weight.dtype),
-            None if grad_bias is None else grad_bias.to(bias.dtype),
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
-
-
-def action_logprobs_and_values(
-    hidden: torch.Tensor,
-    lm_head: nn.Linear,
-    actions: torch.LongTensor,
-    logprob_mask: torch.Tensor,
-    *,
-    q_head: nn.Linear | None = None,
-    value_mask: torch.Tensor | None = None,
-    chunk_size: int = 256,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`log pi(a_t|s_t)` (with grad) and `V(s_t)` (no grad) without a `[B, T, |V|]` buffer (DESIGN.md section 3).
-
-    Args:
-        hidden: `[B, T, H]` final hidden states.
-        lm_head: the LM head, a plain `nn.Linear` (`z = W h + b`); heads that post-process their logits need the
-            full logits instead (`AutoModelForCausalLMWithQHead` falls back by itself).
-        actions: `[B, T]` the token taken at each position.
-        logprob_mask: `[B, T]` bool, where the log-probs are wanted; 0 elsewhere.
-        q_head: the Q head, needed with `value_mask`.
-        value_mask: `[B, T]` bool, where `V(s)` is wanted; 0 elsewhere. Computed in the same pass as the log-probs.
-        chunk_size: positions per chunk: bounds the logits-sized buffers to a few `[chunk_size, |V|]`.
-
-    Returns:
-        `(logprobs, values)`, both `[B, T]` fp32; `values` is `None` without `value_mask`.
-    """
-    if value_mask is not None and q_head is None:
-        raise ValueError("`value_mask` needs the `q_head` to compute V(s).")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}.")
-    logprob_mask = logprob_mask.bool()
-    rows = logprob_mask if value_mask is None else logprob_mask | value_mask.bool()
-    h = hidden[rows]
-    # Rows that only need V (the bootstrap state) get any valid target; their log-prob is masked out below.
-    targets = torch.where(logprob_mask, actions, 0)[rows]
-    value_rows = None if value_mask is None else value_mask.bool()[rows]
-    q_weight = q_bias = None
-    if q_head is not None and value_mask is not None:
-        q_weight = q_head.weight.detach()
-        q_bias = q_head.bias.detach() if q_head.bias is not None else q_weight.new_zeros(q_weight.shape[0])
-    row_logprobs, row_values = _ChunkedLogProbs.apply(
-        h, lm_head.weight, lm_head.bias, targets, q_weight, q_bias, value_rows, chunk_size
-    )
-    logprobs = row_logprobs.new_zeros(rows.shape).masked_scatter(rows, row_logprobs)
-    logprobs = torch.where(logprob_mask, logprobs, 0.0)
-    values = None
-    if row_values is not None:
-        values = row_values.new_zeros(rows.shape).masked_scatter(rows, row_values)
-        values = torch.where(value_mask.bool(), values, 0.0)
-    return logprobs, values
-
-
-def lm_loss_sum(logits: torch.Tensor, actions: torch.LongTensor, action_mask: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of `z_t` against `a_t` over the action positions (no shifted copy of the logits)."""
-    targets = actions.masked_fill(~action_mask, -100)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+__all__ = ["action_logprobs_and_values", "gather_action_q", "qhead_loss", "state_values"]
 
 
 def qhead_loss(
-    logits: torch.Tensor,
+    action_logprobs: torch.Tensor,
     action_q: torch.Tensor,
-    values: torch.Tensor,
-    actions: torch.LongTensor,
+    returns: torch.Tensor,
     action_mask: torch.Tensor,
-    rewards: torch.Tensor,
-    dones: torch.Tensor,
     *,
-    gamma: float,
-    gae_lambda: float | None,
     q_weight: float,
     num_items: torch.Tensor | int | None = None,
-    action_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`L = L_LM + q_weight * L_Q` over the action positions, and detached statistics for logging.
+    """`L = L_LM + q_weight * L_Q` summed over the action positions and divided by the number of actions.
+
+    `L_LM = -log pi(a_t|s_t)` and `L_Q = (Q(s_t, a_t) - G_t)^2`, both summed over the positions where `action_mask` is
+    set (whatever the other positions hold is ignored).
 
     Args:
-        logits: `[B, T, |V|]` LM logits; may be `None` when `action_logprobs` is given.
-        action_q: `[B, T]` `Q(s_t, a_t)` (with grad).
-        values: `[B, T]` `V(s_t)` (no grad), filled at least where `compute_returns` reads it.
-        actions, action_mask, rewards, dones: the MDP on the position grid (see `trl_qhead.mdp`).
-        gamma, gae_lambda: as in `compute_returns`.
+        action_logprobs: `(B, T)` `log pi(a_t|s_t)`, with grad.
+        action_q: `(B, T)` `Q(s_t, a_t)`, with grad.
+        returns: `(B, T)` targets `G_t` (constants, e.g. from `compute_returns`).
+        action_mask: `(B, T)` bool, where a position holds an action.
         q_weight: weight of `L_Q`.
         num_items: the number of actions the loss is averaged over; defaults to this batch's. The trainer passes the
             count over all gradient-accumulation micro-batches and processes, as transformers does for `L_LM`.
-        action_logprobs: `[B, T]` `log pi(a_t|s_t)` (with grad) at the action positions, e.g. from
-            `action_logprobs_and_values`; `L_LM` is then read from them instead of `logits`.
 
     Returns:
-        `(loss, stats)`: `stats` holds `loss_lm`, `loss_q` (means over this batch's actions), `q_mean`, `g_mean`.
+        `(loss, stats)`: `loss` a scalar; `stats` holds detached scalars `loss_lm`, `loss_q` (means over this batch's
+        actions), `q_mean` and `g_mean`.
     """
-    mask = action_mask.float()
+    is_action = action_mask.bool()
+    mask = is_action.float()
     local_items = mask.sum().clamp(min=1)
     denominator = local_items if num_items is None else num_items
-    returns = compute_returns(rewards, values, action_mask, gamma=gamma, gae_lambda=gae_lambda, dones=dones)
-    if action_logprobs is not None:
-        lm_sum = -torch.where(action_mask.bool(), action_logprobs, 0.0).sum()
-    elif logits is not None:
-        lm_sum = lm_loss_sum(logits, actions, action_mask)
-    else:
-        raise ValueError("`qhead_loss` needs `logits` or `action_logprobs` for L_LM.")
+    lm_sum = -torch.where(is_action, action_logprobs, 0.0).sum()
     q_sum = (((action_q - returns) ** 2) * mask).sum()
     loss = (lm_sum + q_weight * q_sum) / denominator
     stats = {
         "loss_lm": lm_sum.detach() / local_items,
         "loss_q": q_sum.detach() / local_items,
         "q_mean": (action_q.detach() * mask).sum() / local_items,
-        "g_mean": (returns * mask).sum() / local_items,
+        "g_mean": (returns.detach() * mask).sum() / local_items,
     }
     return loss, stats
-
-
-def dense_qhead_loss(
-    logits: torch.Tensor,
-    q_values: torch.Tensor,
-    actions: torch.LongTensor,
-    action_mask: torch.Tensor,
-    rewards: torch.Tensor,
-    dones: torch.Tensor,
-    *,
-    gamma: float,
-    gae_lambda: float | None,
-    q_weight: float,
-) -> torch.Tensor:
-    """The naive reference: full `[B, T, |V|]` Q values, `V` from the dense softmax, plain means.
-
-    Slow and memory-hungry on purpose: it is the obvious reading of DESIGN.md section 2, used to check the fast path.
-    """
-    mask = action_mask.float()
-    n = mask.sum().clamp(min=1)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    lm = -(log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1) * mask).sum() / n
-    values = (log_probs.exp() * q_values).sum(-1).detach()
-    returns = compute_returns(rewards, values, action_mask, gamma=gamma, gae_lambda=gae_lambda, dones=dones)
-    action_q = q_values.gather(-1, actions.unsqueeze(-1)).squeeze(-1)
-    return lm + q_weight * (((action_q - returns) ** 2) * mask).sum() / n

@@ -1,4 +1,4 @@
-"""Where actions, rewards and episode ends sit on the model's position grid (DESIGN.md section 2).
+"""Where actions, rewards and episode ends sit on the model's position grid (docs/DESIGN.md section 1).
 
 Position `t` of a `[B, T]` batch holds the state `s_t` (the prefix up to token `t`) and, when token `t + 1` is a
 training target, the action `a_t = x_{t+1}`. These helpers turn a collated batch (token ids, attention mask, labels with
@@ -38,7 +38,7 @@ def episode_dones(
     done: torch.Tensor | None = None,
     token_dones: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`d[b, t] = 1` where the episode really ends with action `a_t`, so nothing after it counts (DESIGN.md section 2).
+    """`d[b, t] = 1` where the episode really ends with action `a_t`: nothing after it counts (docs/DESIGN.md section 1).
 
     An action ends the episode when it emits EOS, when its row is marked `done` and it is the row's last action, or
     when `token_dones` flags the token it produces. A packed document ends with EOS (or a flag in `token_dones`), so
@@ -70,9 +70,14 @@ def episode_dones(
 
 def last_action_mask(action_mask: torch.Tensor) -> torch.Tensor:
     """`True` at each row's last action (the rightmost position holding one); rows without an action get none."""
+    positions = torch.arange(action_mask.shape[1], device=action_mask.device)
+    return positions == last_action_index(action_mask)[:, None]
+
+
+def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
+    """`(B,)` the position of each row's last action, -1 for a row without one."""
     positions = torch.arange(action_mask.shape[1], device=action_mask.device).expand_as(action_mask)
-    last = torch.where(action_mask.bool(), positions, -1).amax(dim=1, keepdim=True)
-    return positions == last
+    return torch.where(action_mask.bool(), positions, -1).amax(dim=1)
 
 
 def bootstrap_mask(action_mask: torch.Tensor) -> torch.Tensor:
@@ -80,6 +85,13 @@ def bootstrap_mask(action_mask: torch.Tensor) -> torch.Tensor:
     mask = torch.zeros_like(action_mask, dtype=torch.bool)
     mask[:, 1:] = action_mask[:, :-1] & ~action_mask[:, 1:]
     return mask
+
+
+def value_mask(action_mask: torch.Tensor, attention_mask: torch.Tensor, gae_lambda: float | None) -> torch.Tensor:
+    """`(B, T)` bool, where `compute_returns` reads `V(s)`: each row's bootstrap state for Monte Carlo returns
+    (`gae_lambda` None or 1), every real state otherwise."""
+    monte_carlo = gae_lambda is None or gae_lambda == 1
+    return bootstrap_mask(action_mask) if monte_carlo else attention_mask.bool()
 
 
 def token_rewards_to_actions(token_rewards: torch.Tensor) -> torch.Tensor:
@@ -90,7 +102,7 @@ def token_rewards_to_actions(token_rewards: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_rewards_to_actions(sequence_rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
-    """A scalar reward per row onto the row's last action: `r[b, t_last(b)] = R_b`, 0 elsewhere (DESIGN.md section 2).
+    """A scalar reward per row onto the row's last action: `r[b, t_last(b)] = R_b`, 0 elsewhere (docs/DESIGN.md section 2).
 
     Rows without an action, and NaN entries (no reward source applied to the row), get nothing.
 
@@ -98,8 +110,7 @@ def sequence_rewards_to_actions(sequence_rewards: torch.Tensor, action_mask: tor
         sequence_rewards: `[B]` float.
         action_mask: `[B, T]` bool, where a position holds an action.
     """
-    positions = torch.arange(action_mask.shape[1], device=action_mask.device).expand_as(action_mask)
-    last = torch.where(action_mask, positions, -1).amax(dim=1)
+    last = last_action_index(action_mask)
     rows = torch.arange(action_mask.shape[0], device=action_mask.device)
     keep = (last >= 0) & torch.isfinite(sequence_rewards)
     rewards = torch.zeros(action_mask.shape, dtype=torch.float32, device=action_mask.device)

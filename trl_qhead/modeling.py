@@ -8,7 +8,6 @@ plus `q_head.safetensors` and `q_head_config.json` beside it.
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 from dataclasses import dataclass
@@ -20,22 +19,15 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput
 from trl.trainer.utils import selective_log_softmax
 
+from .backbone import causal_lm_forward, is_peft_model, plain_lm_head, unwrap_peft
+from .chunked_lm_head import action_logprobs_and_values
 from .compat import output_cache
-from .losses import action_logprobs_and_values, gather_action_q, state_values
+from .q_values import gather_action_q, state_values
 from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
 
 Q_HEAD_WEIGHTS_NAME = "q_head.safetensors"
 Q_HEAD_CONFIG_NAME = "q_head_config.json"
 Q_HEAD_INITS = ("zeros", "normal", "lm_head")
-# Config fields with which an LM head post-processes its logits (the ones TRL's fused LM head handles): a head with any
-# of them set is not a plain `W h + b`, so its log-probs are taken from the full logits.
-_LOGIT_TRANSFORMS = (
-    "final_logit_softcapping",
-    "logit_scale",
-    "output_multiplier",
-    "lm_head_multiplier",
-    "logits_scaling",
-)
 
 
 @dataclass
@@ -63,57 +55,11 @@ class CausalLMWithQHeadOutput(ModelOutput):
     cache: object | None = None
 
 
-def _is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # peft is a dependency, but keep the core importable without it
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _forward_parameters(model: nn.Module) -> set[str]:
-    base = model.get_base_model() if _is_peft_model(model) else model
-    return set(inspect.signature(base.forward).parameters)
-
-
-def plain_lm_head(model: nn.Module) -> nn.Linear | None:
-    """The LM head of a causal LM when its logits are exactly `W h + b` (a float `nn.Linear`, no softcapping or logit
-    scaling in the config), so that log-probs can be computed from the hidden states in chunks; `None` otherwise
-    (quantised, adapted or post-processed heads), in which case the full logits are used."""
-    head = model.get_output_embeddings()
-    if type(head) is not nn.Linear or not head.weight.is_floating_point():  # not a bnb or PEFT-wrapped subclass
-        return None
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in _LOGIT_TRANSFORMS):
-        return None
-    return head
-
-
-def causal_lm_forward(
-    model: nn.Module,
-    input_ids: torch.Tensor | None,
-    attention_mask: torch.Tensor | None,
-    *,
-    full_logits: bool = True,
-    **kwargs,
-):
-    """Run a causal LM (optionally PEFT-wrapped); returns `(final hidden state [B, T, H], outputs)`.
-
-    Positions count real tokens only when the model takes `position_ids` (as `generate` does), so a left-padded row
-    equals its right-padded twin. With `full_logits=False` the LM head runs on the last position only
-    (`logits_to_keep=1`, when the model takes it): the caller projects the hidden states itself, in chunks.
-    """
-    parameters = _forward_parameters(model)
-    if attention_mask is not None and "position_ids" not in kwargs and "position_ids" in parameters:
-        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-        kwargs["position_ids"] = positions[:, -input_ids.shape[1] :] if input_ids is not None else positions
-    if not full_logits and "logits_to_keep" in parameters:
-        kwargs.setdefault("logits_to_keep", 1)
-    outputs = model(
-        input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, return_dict=True, **kwargs
-    )
-    # Every transformers causal LM returns the final, normed hidden state last: exactly what its LM head reads.
-    return outputs.hidden_states[-1], outputs
+def transformers_model(model: nn.Module) -> nn.Module:
+    """The plain transformers model under a Q-head wrapper and PEFT: the one `generate` runs."""
+    if isinstance(model, AutoModelForCausalLMWithQHead):
+        model = model.pretrained_model
+    return unwrap_peft(model)
 
 
 class AutoModelForCausalLMWithQHead(nn.Module):
@@ -176,13 +122,12 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
     @property
     def is_peft_model(self) -> bool:
-        return _is_peft_model(self.pretrained_model)
+        return is_peft_model(self.pretrained_model)
 
     @property
     def base_model(self) -> PreTrainedModel:
         """The plain transformers model under any PEFT wrapping."""
-        model = self.pretrained_model
-        return model.get_base_model() if _is_peft_model(model) else model
+        return unwrap_peft(self.pretrained_model)
 
     # transformers' Trainer reads these to leave a bitsandbytes model where it was loaded (no `.to(device)`).
     @property
@@ -481,7 +426,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
 def add_adapters(backbone: PreTrainedModel, peft_config) -> nn.Module:
     """Wrap a transformers causal LM with PEFT adapters (`get_peft_model`), preparing a 4/8-bit one for QLoRA first."""
-    if _is_peft_model(backbone):
+    if is_peft_model(backbone):
         raise ValueError("`peft_config` was given but the model already has PEFT adapters.")
     from peft import get_peft_model, prepare_model_for_kbit_training
 

@@ -46,7 +46,7 @@ def _check_2d(name: str, x: torch.Tensor, shape: torch.Size | None) -> None:
         raise ValueError(f"`{name}` must have the shape of `rewards` {tuple(shape)}, got {tuple(x.shape)}")
 
 
-def _check_beta(beta: float) -> float:
+def check_beta(beta: float) -> float:
     """``beta`` as a float, or a ValueError unless it is a finite number > 0."""
     try:
         value = float(beta)
@@ -116,7 +116,7 @@ def compute_returns(
         raise ValueError(f"`gae_lambda` must be in [0, 1] or None, got {gae_lambda}")
     lam = 1.0 if gae_lambda is None else float(gae_lambda)
     if beta is not None:
-        beta = _check_beta(beta)
+        beta = check_beta(beta)
     _check_2d("rewards", rewards, None)
     _check_2d("values", values, rewards.shape)
     _check_2d("action_mask", action_mask, rewards.shape)

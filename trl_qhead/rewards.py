@@ -1,4 +1,4 @@
-"""Reward sources, summed into `r_t` on the action grid (DESIGN.md section 2).
+"""Reward sources, summed into `r_t` on the action grid (docs/DESIGN.md section 2).
 
 Sources:
 - zero: the default for plain text.
@@ -28,124 +28,39 @@ How they combine, per batch (`RewardComputer`):
 
 from __future__ import annotations
 
-import asyncio
-import atexit
-import contextlib
-import copy
 import math
-import numbers
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 import torch
-from torch import nn
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
-from trl.data_utils import apply_chat_template
-from trl.trainer.utils import (
-    get_callable_name,
-    get_config_model_id,
-    is_async_callable,
-    nanstd,
-    selective_log_softmax,
-    shutdown_event_loop_in_daemon,
-    start_event_loop_in_daemon,
-)
+from transformers import PreTrainedTokenizerBase
+from trl.trainer.utils import nanstd
 
+from .chat import completions_like
 from .config import REWARD_NORMALIZATIONS
-from .losses import action_logprobs_and_values
 from .mdp import sequence_rewards_to_actions, token_rewards_to_actions
-from .modeling import AutoModelForCausalLMWithQHead, causal_lm_forward, plain_lm_head
+from .reference import as_reference, frozen_copy, reference_logprobs
+from .reward_functions import FunctionRewards, RewardFunc, RewardFunctions, combine_sequence_rewards
 
-RewardFunc = Union[str, PreTrainedModel, Callable[..., list]]  # noqa: UP007 (a runtime alias, as TRL spells it)
-
-
-# ---- reference log-probs ------------------------------------------------------------------------------------------
-
-
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A frozen, eval-mode deep copy to serve as the reference policy of a model without adapters."""
-    reference = copy.deepcopy(model).eval()
-    reference.requires_grad_(False)
-    return reference
-
-
-@torch.no_grad()
-def reference_logprobs(
-    reference: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    actions: torch.Tensor,
-    action_mask: torch.Tensor | None = None,
-    chunk_size: int = 256,
-) -> torch.Tensor:
-    """`log pi_ref(a_t | s_t)` on the position grid, `[B, T]` fp32, without building a `[B, T, |V|]` buffer.
-
-    Args:
-        reference: a causal LM (`logits` in its output), or a PEFT model when called inside `as_reference()`.
-        input_ids, attention_mask: the batch.
-        actions: `[B, T]` next-token ids (`trl_qhead.mdp.next_tokens`).
-        action_mask: `[B, T]`, where the log-probs are needed (0 elsewhere); default: every real token.
-        chunk_size: positions per chunk of the LM head (see `trl_qhead.losses.action_logprobs_and_values`).
-    """
-    mask = (attention_mask if action_mask is None else action_mask).bool()
-    if isinstance(reference, AutoModelForCausalLMWithQHead):  # the reference policy is its backbone
-        reference = reference.pretrained_model
-    lm_head = plain_lm_head(reference)
-    hidden, outputs = causal_lm_forward(
-        reference, input_ids, attention_mask, full_logits=lm_head is None, use_cache=False
-    )
-    if outputs.logits.shape[-2] == hidden.shape[-2]:  # the model gave full logits (no `logits_to_keep`, or T == 1)
-        return torch.where(mask, selective_log_softmax(outputs.logits.float(), actions), 0.0)
-    logprobs, _ = action_logprobs_and_values(hidden, lm_head, actions, mask, chunk_size=chunk_size)
-    return logprobs
-
-
-@contextlib.contextmanager
-def as_reference(model: nn.Module):
-    """Run a PEFT model as its frozen base: adapters disabled and dropout off (the reward must not be noisy).
-
-    The training mode is restored afterwards, so the policy's own forward keeps its dropout.
-    """
-    was_training = model.training
-    model.eval()
-    try:
-        with model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext():
-            yield model
-    finally:
-        model.train(was_training)
-
-
-def action_rewards(batch: dict[str, Any], action_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The data's rewards on the action grid, zeros when the batch carries none.
-
-    `r_t = rewards[t + 1]`, plus the scalar `reward` of each row on its last action (needs `action_mask`; without it,
-    the last real token is taken to be the last target).
-    """
-    input_ids = batch["input_ids"]
-    rewards = torch.zeros(input_ids.shape, dtype=torch.float32, device=input_ids.device)
-    if "rewards" in batch:
-        rewards = rewards + token_rewards_to_actions(batch["rewards"])
-    if "reward" in batch:
-        if action_mask is None:
-            action_mask = torch.zeros_like(input_ids, dtype=torch.bool)
-            action_mask[:, :-1] = batch["attention_mask"][:, :-1].bool() & batch["attention_mask"][:, 1:].bool()
-        rewards = rewards + sequence_rewards_to_actions(batch["reward"], action_mask)
-    return rewards
+# Re-exported: they lived here before `trl_qhead.reference` and `trl_qhead.reward_functions` split off.
+__all__ = [
+    "FunctionRewards",
+    "RewardComputer",
+    "RewardFunc",
+    "RewardFunctions",
+    "RunningMoments",
+    "as_reference",
+    "batch_moments",
+    "combine_sequence_rewards",
+    "frozen_copy",
+    "normalize_rewards",
+    "reference_logprobs",
+    "scale_and_clip",
+    "scatter_completion_rewards",
+]
 
 
 # ---- pure math ----------------------------------------------------------------------------------------------------
-
-
-def combine_sequence_rewards(per_source: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """`R_b = nansum_i(w_i * R_bi)`: a NaN (`None`) source is left out; NaN where every source is NaN.
-
-    Args:
-        per_source: `[B, F]`, NaN where source `i` does not apply to sample `b`.
-        weights: `[F]`.
-    """
-    total = (per_source * weights.to(per_source)).nansum(dim=1)
-    return total.masked_fill(torch.isnan(per_source).all(dim=1), math.nan)
 
 
 def normalize_rewards(rewards: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | float, eps: float = 1e-4):
@@ -227,269 +142,6 @@ def scatter_completion_rewards(
     return rewards
 
 
-# ---- reward functions and models ----------------------------------------------------------------------------------
-
-
-@dataclass
-class FunctionRewards:
-    """What the reward functions returned for a batch of completions.
-
-    Args:
-        sequence: `[B, F]` sequence rewards, NaN where function `i` returned `None` or per-token rewards.
-        per_token: `per_token[i][b]`, the `[n_b]` per-token rewards of function `i` for sample `b`, or `None`.
-    """
-
-    sequence: torch.Tensor
-    per_token: list[list[torch.Tensor | None]]
-
-    def totals(self) -> torch.Tensor:
-        """`[B, F]` one number per function and sample (per-token ones summed), NaN where it did not apply."""
-        totals = self.sequence.clone()
-        for i, column in enumerate(self.per_token):
-            for b, values in enumerate(column):
-                if values is not None:
-                    totals[b, i] = values.sum()
-        return totals
-
-
-def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m for m in value)
-
-
-class RewardFunctions:
-    """TRL-style reward functions and reward models, called together on a batch of completions.
-
-    Args:
-        reward_funcs: one, or a list, of: a callable (sync or async) with TRL's reward-function interface, a
-            `PreTrainedModel` whose `logits[:, 0]` is the reward (e.g. `AutoModelForSequenceClassification` with
-            `num_labels=1`), or a name or path loaded as one.
-        reward_processing_classes: the tokenizer of each reward model (one, or a list aligned with `reward_funcs`,
-            `None` for functions); a reward model without one gets `AutoTokenizer.from_pretrained` of its name.
-        reward_weights: one weight per reward function (default all 1), as `GRPOConfig.reward_weights`.
-        model_init_kwargs: keyword arguments for `AutoModelForSequenceClassification.from_pretrained`.
-
-    Example:
-    ```python
-    >>> from trl.rewards import think_format_reward
-    >>> funcs = RewardFunctions([think_format_reward, lambda completions, **kw: [len(c[0]["content"]) for c in completions]])
-    >>> out = funcs.score(prompts=[[{"role": "user", "content": "hi"}]],
-    ...                   completions=[[{"role": "assistant", "content": "<think>x</think>y"}]], completion_ids=[[1, 2]])
-    >>> out.sequence
-    tensor([[ 1., 16.]])
-    ```
-    """
-
-    def __init__(
-        self,
-        reward_funcs: RewardFunc | list[RewardFunc],
-        reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase | None] | None = None,
-        reward_weights: list[float] | None = None,
-        model_init_kwargs: dict[str, Any] | None = None,
-    ):
-        funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
-        if not funcs:
-            raise ValueError("`reward_funcs` is empty: pass at least one reward function or model.")
-        for i, func in enumerate(funcs):
-            if isinstance(func, str):
-                funcs[i] = AutoModelForSequenceClassification.from_pretrained(
-                    func, num_labels=1, **(model_init_kwargs or {})
-                )
-            elif not (isinstance(func, nn.Module) or callable(func)):
-                raise TypeError(
-                    f"`reward_funcs[{i}]` must be a callable, a model, or a name or path, got {type(func).__name__}."
-                )
-        self.funcs = funcs
-        self.names = _unique([self._name(func) for func in funcs])
-
-        if reward_weights is None:
-            reward_weights = [1.0] * len(funcs)
-        if len(reward_weights) != len(funcs):
-            raise ValueError(
-                f"`reward_weights` has {len(reward_weights)} weights for {len(funcs)} reward functions {self.names}: "
-                "give one weight per reward function."
-            )
-        self.weights = torch.tensor([float(w) for w in reward_weights], dtype=torch.float32)
-
-        if reward_processing_classes is None:
-            reward_processing_classes = [None] * len(funcs)
-        elif not isinstance(reward_processing_classes, (list, tuple)):
-            reward_processing_classes = [reward_processing_classes]
-        if len(reward_processing_classes) != len(funcs):
-            raise ValueError(
-                f"`reward_processing_classes` has {len(reward_processing_classes)} entries for {len(funcs)} reward "
-                "functions: give one per reward function (`None` for callables)."
-            )
-        self.processing_classes = list(reward_processing_classes)
-        for i, func in enumerate(funcs):
-            if not isinstance(func, nn.Module):
-                continue
-            if not hasattr(func, "config"):
-                raise TypeError(f"Reward model '{self.names[i]}' must be a transformers model (it has no `config`).")
-            tokenizer = self.processing_classes[i]
-            if tokenizer is None:
-                model_id = get_config_model_id(func.config)
-                if not model_id:
-                    raise ValueError(
-                        f"Reward model '{self.names[i]}' has no name or path to load its tokenizer from: pass it in "
-                        "`reward_processing_classes`."
-                    )
-                tokenizer = AutoTokenizer.from_pretrained(model_id)
-            if tokenizer.pad_token_id is None:
-                tokenizer = copy.copy(tokenizer)
-                tokenizer.pad_token = tokenizer.eos_token
-            # Sequence classifiers read the score at the last non-padding token, found through `pad_token_id`.
-            func.config.get_text_config().pad_token_id = tokenizer.pad_token_id
-            func.eval().requires_grad_(False)
-            self.processing_classes[i] = tokenizer
-        self._loop = self._loop_thread = None
-
-    @staticmethod
-    def _name(func) -> str:
-        if isinstance(func, nn.Module):
-            name = get_config_model_id(getattr(func, "config", None)) if hasattr(func, "config") else ""
-            return str(name).rstrip("/").split("/")[-1] or type(func).__name__
-        return get_callable_name(func)
-
-    def __len__(self) -> int:
-        return len(self.funcs)
-
-    @property
-    def models(self) -> list[tuple[int, nn.Module]]:
-        return [(i, func) for i, func in enumerate(self.funcs) if isinstance(func, nn.Module)]
-
-    def score(
-        self,
-        prompts: list,
-        completions: list,
-        completion_ids: list[list[int]],
-        **kwargs: Any,
-    ) -> FunctionRewards:
-        """Call every reward function on the batch (async ones concurrently) and check what they return.
-
-        Args:
-            prompts: prompts as strings, or lists of messages.
-            completions: completions as strings, or lists of one assistant message (conversational data).
-            completion_ids: token ids of each completion (what per-token rewards are aligned to).
-            kwargs: dataset columns (one list entry per sample) and anything else passed to every function
-                (`trainer_state`, `log_metric`).
-        """
-        n = len(completions)
-        sequence = torch.full((n, len(self.funcs)), math.nan, dtype=torch.float32)
-        per_token: list[list[torch.Tensor | None]] = [[None] * n for _ in self.funcs]
-        async_funcs = []
-        for i, func in enumerate(self.funcs):
-            if isinstance(func, nn.Module):
-                sequence[:, i] = self._score_with_model(i, prompts, completions)
-            elif is_async_callable(func):
-                async_funcs.append(i)
-            else:
-                output = func(prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
-                self._store(i, output, completion_ids, sequence, per_token)
-        if async_funcs:
-            outputs = self._run_async(async_funcs, prompts, completions, completion_ids, kwargs)
-            for i, output in zip(async_funcs, outputs, strict=True):
-                self._store(i, output, completion_ids, sequence, per_token)
-        return FunctionRewards(sequence=sequence, per_token=per_token)
-
-    @torch.no_grad()
-    def _score_with_model(self, i: int, prompts: list, completions: list) -> torch.Tensor:
-        model, tokenizer = self.funcs[i], self.processing_classes[i]
-        if _is_messages(prompts[0]):
-            if not getattr(tokenizer, "chat_template", None):
-                raise ValueError(
-                    f"Reward model '{self.names[i]}' scores conversational data through its tokenizer's chat template, "
-                    "and its tokenizer has none: set `chat_template` on it."
-                )
-            texts = [
-                apply_chat_template({"messages": p + c}, tokenizer)["text"]
-                for p, c in zip(prompts, completions, strict=True)
-            ]
-        else:
-            texts = [p + c for p, c in zip(prompts, completions, strict=True)]
-        device = next(model.parameters()).device
-        inputs = tokenizer(
-            text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
-        ).to(device)
-        return model(**inputs).logits[:, 0].float().cpu()
-
-    def _run_async(self, indices, prompts, completions, completion_ids, kwargs) -> list:
-        if self._loop is None:
-            self._loop_thread, self._loop, ready = start_event_loop_in_daemon(name="trl-qhead-rewards")
-            ready.wait()
-            atexit.register(shutdown_event_loop_in_daemon, self._loop_thread, self._loop)
-
-        async def run_all():
-            return await asyncio.gather(
-                *(
-                    self.funcs[i](prompts=prompts, completions=completions, completion_ids=completion_ids, **kwargs)
-                    for i in indices
-                )
-            )
-
-        return asyncio.run_coroutine_threadsafe(run_all(), self._loop).result()
-
-    def _store(self, i: int, output, completion_ids, sequence: torch.Tensor, per_token: list) -> None:
-        """Check one function's output and file it as sequence or per-token rewards."""
-        name, n = self.names[i], len(completion_ids)
-        if torch.is_tensor(output):
-            output = output.tolist()
-        if isinstance(output, (str, bytes)) or not isinstance(output, Sequence):
-            raise ValueError(f"The reward function '{name}' must return a list, got {type(output).__name__}.")
-        if len(output) != n:
-            raise ValueError(
-                f"The reward function '{name}' returned {len(output)} rewards, but {n} were expected (one per "
-                "prompt-completion pair)."
-            )
-        kinds = set()
-        for b, value in enumerate(output):
-            if value is None:
-                continue
-            if torch.is_tensor(value) and value.ndim == 0:
-                value = value.item()
-            if isinstance(value, numbers.Real):
-                kinds.add("sequence")
-                if not math.isfinite(value):
-                    raise ValueError(
-                        f"The reward function '{name}' returned {value} for sample {b}: rewards must be finite "
-                        "(return None where the function does not apply)."
-                    )
-                sequence[b, i] = float(value)
-                continue
-            kinds.add("per-token")
-            try:
-                values = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
-            except (TypeError, ValueError, RuntimeError) as error:
-                raise ValueError(
-                    f"The reward function '{name}' returned {type(value).__name__} for sample {b}: expected a float, "
-                    "None, or a list of floats aligned with `completion_ids`."
-                ) from error
-            if values.numel() != len(completion_ids[b]):
-                raise ValueError(
-                    f"The reward function '{name}' returned {values.numel()} per-token rewards for sample {b}, whose "
-                    f"completion has {len(completion_ids[b])} tokens: per-token rewards must be aligned with "
-                    "`completion_ids`."
-                )
-            if not torch.isfinite(values).all():
-                raise ValueError(f"The reward function '{name}' returned NaN or inf per-token rewards for sample {b}.")
-            per_token[i][b] = values
-        if len(kinds) > 1:
-            raise ValueError(
-                f"The reward function '{name}' returned floats for some samples and lists for others: return one "
-                "kind (sequence rewards, or per-token lists), with None where it does not apply."
-            )
-
-
-def _unique(names: list[str]) -> list[str]:
-    """Make repeated names distinct (`f`, `f_1`, ...) so that logs and columns keep every source apart."""
-    seen: dict[str, int] = {}
-    unique = []
-    for name in names:
-        count = seen.get(name, 0)
-        seen[name] = count + 1
-        unique.append(name if count == 0 else f"{name}_{count}")
-    return unique
-
-
 # ---- the trainer's per-batch pipeline -----------------------------------------------------------------------------
 
 
@@ -529,6 +181,13 @@ class RewardComputer:
         self.reward_clip = reward_clip
         self.normalization = reward_normalization
         self.moments = RunningMoments()
+
+    @classmethod
+    def from_config(cls, tokenizer: PreTrainedTokenizerBase, reward_functions: RewardFunctions | None, args):
+        """The reward pipeline a `QHeadConfig` describes (`lm_reward_coef`, `reward_scale`, `reward_clip`,
+        `reward_normalization`)."""
+        fields = ("lm_reward_coef", "reward_scale", "reward_clip", "reward_normalization")  # same names in both
+        return cls(tokenizer, reward_functions, **{name: getattr(args, name) for name in fields})
 
     def __call__(
         self,
@@ -571,14 +230,12 @@ class RewardComputer:
         if self.functions is not None:
             scored, extra_metrics = self._score(batch, trainer_state)
             for i in range(len(self.functions)):
-                weight = float(self.functions.weights[i])
                 sources.append(scored.sequence[:, i].to(device))
-                weights.append(weight)
-                if any(values is not None for values in scored.per_token[i]):
-                    values = scatter_completion_rewards(
-                        scored.per_token[i], batch["attention_mask"], self._prompt_length(batch)
-                    )
-                    token_rewards += weight * token_rewards_to_actions(values) * mask
+                weights.append(float(self.functions.weights[i]))
+            per_token = scored.weighted_per_token(self.functions.weights)
+            if any(values is not None for values in per_token):
+                values = scatter_completion_rewards(per_token, batch["attention_mask"], self._prompt_length(batch))
+                token_rewards += token_rewards_to_actions(values) * mask
             totals = scored.totals().to(device)
             for i, name in enumerate(self.functions.names):
                 self._log(metrics, f"rewards/{name}/mean", f"rewards/{name}/std", totals[:, i], gather)
@@ -635,10 +292,7 @@ class RewardComputer:
         for row, ids in enumerate(prompt_ids):
             given = None if given_prompts is None else given_prompts[row]
             prompts.append(given if given is not None else self.tokenizer.decode(ids, skip_special_tokens=True))
-        completions = [
-            [{"role": "assistant", "content": text}] if _is_messages(prompt) else text
-            for prompt, text in zip(prompts, texts, strict=True)
-        ]
+        completions = completions_like(prompts, texts)
         extra_metrics: dict[str, list[float]] = {}
 
         def log_metric(name: str, value: float) -> None:

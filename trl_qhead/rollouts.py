@@ -1,4 +1,5 @@
-"""Rewards on generated data: sample completions for a prompt dataset, score them, and return a training dataset.
+"""Sampling from a policy: `generate_and_score` (completions for a prompt dataset, scored, as a training dataset) and
+`sample_completions` (the evaluation sampler: timed, with the per-sequence KL of a tilt processor).
 
 This is the data step of the offline-RL loop of Controlled Decoding and Value-Augmented Sampling: sample from the
 current (or base) policy, score with reward functions, fit the Q head on the scored samples with `QHeadTrainer`,
@@ -8,16 +9,23 @@ sample again from the Q-tilted policy, and so on.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
-from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase
+from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, set_seed
 from trl.data_utils import maybe_apply_chat_template
 
-from .rewards import RewardFunc, RewardFunctions, _is_messages
+from .chat import completions_like
+from .reward_functions import RewardFunc, RewardFunctions
+from .stop_tokens import eos_token_ids
+
+# Ancestral sampling from the policy itself: no temperature, top-k or top-p (whatever the generation config says).
+PURE_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
 
 
 def generate_and_score(
@@ -98,7 +106,7 @@ def generate_and_score(
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_token_id is None:
         raise ValueError("The tokenizer has neither a pad nor an EOS token to pad prompts with.")
-    eos_ids = _eos_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     kwargs = {"do_sample": True, **(generation_kwargs or {})}
     kwargs.update(max_new_tokens=max_new_tokens, num_return_sequences=num_generations, pad_token_id=pad_token_id)
     if logits_processor:
@@ -125,17 +133,6 @@ def generate_and_score(
     # A batch where no function returned per-token rewards has no `rewards` key: every row gets every column.
     keys = list(dict.fromkeys(key for row in rows for key in row))
     return Dataset.from_list([{key: row.get(key) for key in keys} for row in rows])
-
-
-def _eos_ids(model, tokenizer) -> set[int]:
-    config = getattr(model, "generation_config", None)
-    if config is None and hasattr(model, "pretrained_model"):
-        config = getattr(model.pretrained_model, "generation_config", None)
-    ids = getattr(config, "eos_token_id", None)
-    ids = set() if ids is None else {ids} if isinstance(ids, int) else set(ids)
-    if tokenizer.eos_token_id is not None:
-        ids.add(tokenizer.eos_token_id)
-    return ids
 
 
 def _batches(prompts, batch_size: int):
@@ -202,10 +199,7 @@ def _generate_batch(
             if key != "prompt":
                 columns.setdefault(key, []).append(value)
     texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    completions = [
-        [{"role": "assistant", "content": text}] if _is_messages(prompt) else text
-        for prompt, text in zip(prompts, texts, strict=True)
-    ]
+    completions = completions_like(prompts, texts)
     rows = [
         {
             "prompt": prompt,
@@ -223,22 +217,150 @@ def _generate_batch(
         return rows
 
     scored = functions.score(prompts, completions, completion_ids, **columns)
-    weights = functions.weights
     sequence = scored.sequence
-    has_sequence = ~torch.isnan(sequence).all(dim=1)
-    total = (sequence * weights).nansum(dim=1)
-    has_per_token = any(v is not None for column in scored.per_token for v in column)
+    total = scored.weighted_sequence(functions.weights)  # NaN where no function returned a sequence reward
+    per_token = scored.weighted_per_token(functions.weights)
+    has_per_token = any(values is not None for values in per_token)
     for row, data in enumerate(rows):
-        data["reward"] = float(total[row]) if has_sequence[row] else None
-        n_prompt = len(prompt_ids[row])
+        data["reward"] = None if math.isnan(total[row]) else float(total[row])
         if has_per_token:
             token_rewards = torch.zeros(len(data["input_ids"]))
-            for i, column in enumerate(scored.per_token):
-                if column[row] is not None:
-                    token_rewards[n_prompt:] += weights[i] * column[row]
+            if per_token[row] is not None:
+                token_rewards[len(prompt_ids[row]) :] += per_token[row]
             data["rewards"] = token_rewards.tolist()
         for i, name in enumerate(functions.names):
             values = scored.per_token[i][row]
             value = sequence[row, i].item()
             data[f"reward_{name}"] = values.tolist() if values is not None else None if math.isnan(value) else value
     return rows
+
+
+@dataclass
+class Samples:
+    """Completions of a list of prompts, `num_samples` per prompt, prompt-major (`prompt_index[i] = i // num_samples`).
+
+    Attributes:
+        prompts: the prompts, once each.
+        num_samples: completions per prompt.
+        prompt_ids: token ids of each prompt (no padding).
+        completion_ids: token ids of each completion, up to and including its first EOS (nothing after it).
+        texts: the decoded completions (special tokens skipped).
+        kl: per-completion KL(pi' || pi) summed over its steps, from the tilt processor; `None` for base samples.
+        seconds: wall time of the `generate` calls.
+        rewards: per-completion rewards, once scored.
+        nll, n_tokens: per-completion NLL under a reference model and token count
+            (`trl_qhead.evaluation.score_likelihood`).
+    """
+
+    prompts: list[str]
+    num_samples: int
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    texts: list[str]
+    kl: list[float] | None = None
+    seconds: float = 0.0
+    rewards: list[float] = field(default_factory=list)
+    nll: list[float] = field(default_factory=list)
+    n_tokens: list[int] = field(default_factory=list)
+
+    def prompt_of(self, i: int) -> str:
+        return self.prompts[i // self.num_samples]
+
+    def select(self, indices: Sequence[int]) -> dict[str, list]:
+        """The rows `indices` as plain lists (prompt, completion text and ids, reward)."""
+        return {
+            "prompts": [self.prompt_of(i) for i in indices],
+            "prompt_ids": [self.prompt_ids[i // self.num_samples] for i in indices],
+            "completion_ids": [self.completion_ids[i] for i in indices],
+            "texts": [self.texts[i] for i in indices],
+            "rewards": [self.rewards[i] for i in indices] if self.rewards else [],
+            "nll": [self.nll[i] for i in indices] if self.nll else [],
+            "n_tokens": [self.n_tokens[i] for i in indices] if self.n_tokens else [],
+        }
+
+
+@torch.no_grad()
+def sample_completions(
+    model,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    num_samples: int,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    seed: int,
+    logits_processor_factory: Callable[[], object] | None = None,
+    generation_kwargs: dict[str, Any] | None = None,
+    desc: str = "sampling",
+) -> Samples:
+    """The evaluation sampler: `num_samples` completions per prompt with `generate` (pure ancestral sampling unless
+    `generation_kwargs` say otherwise), with a fresh logits processor per `generate` call so that its per-sequence KL
+    can be read, and the time spent in `generate` (training data comes from `generate_and_score` instead).
+
+    Args:
+        model: an `AutoModelForCausalLMWithQHead` (or any causal LM with `generate`).
+        tokenizer: its tokenizer; prompts are tokenised without special tokens and left-padded.
+        prompts: the prompts.
+        num_samples: completions per prompt.
+        max_new_tokens: a completion ends at EOS or after this many tokens.
+        batch_size: sequences per `generate` call (a multiple of `num_samples` is fastest; prompts are never split).
+        seed: `transformers.set_seed` before sampling, so a run is reproducible.
+        logits_processor_factory: builds a fresh logits processor for each `generate` call (e.g. a
+            `QTiltLogitsProcessor`); its per-sequence `kl` is read after the call.
+        generation_kwargs: sampling arguments for `generate`; default `PURE_SAMPLING`.
+        desc: progress-bar label.
+    """
+    if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
+        raise ValueError("`num_samples`, `max_new_tokens` and `batch_size` must all be >= 1.")
+    set_seed(seed)
+    eos = eos_token_ids(model, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    prompts_per_call = max(1, batch_size // num_samples)
+    prompt_ids, completion_ids, kls = [], [], []
+    seconds = 0.0
+    model.eval()
+    device = next(model.parameters()).device
+    with tqdm(total=len(prompts) * num_samples, desc=desc, unit="sample", dynamic_ncols=True) as bar:
+        for start in range(0, len(prompts), prompts_per_call):
+            chunk = list(prompts[start : start + prompts_per_call])
+            enc = tokenizer(chunk, add_special_tokens=False, padding=True, padding_side="left", return_tensors="pt")
+            if (enc["attention_mask"].sum(1) == 0).any():
+                raise ValueError("A prompt has no tokens: generation needs at least one.")
+            kwargs = {}
+            processor = None
+            if logits_processor_factory is not None:
+                processor = logits_processor_factory()
+                kwargs["logits_processor"] = LogitsProcessorList([processor])
+            began = time.perf_counter()
+            out = model.generate(
+                input_ids=enc["input_ids"].to(device),
+                attention_mask=enc["attention_mask"].to(device),
+                **(PURE_SAMPLING if generation_kwargs is None else generation_kwargs),
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                pad_token_id=pad_id,
+                **kwargs,
+            ).cpu()
+            seconds += time.perf_counter() - began
+            width = enc["input_ids"].shape[1]
+            for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True):
+                prompt_ids.append(row[mask.bool()].tolist())
+            for sequence in out:
+                completion = sequence[width:].tolist()
+                end = next((k + 1 for k, token in enumerate(completion) if token in eos), len(completion))
+                completion_ids.append(completion[:end])
+            if processor is not None:
+                kls.extend(float(k) for k in processor.kl.reshape(-1).tolist())
+                if hasattr(processor, "remove"):  # QTiltLogitsProcessor: take its hook off the model now
+                    processor.remove()
+            bar.update(len(out))
+    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    return Samples(
+        prompts=list(prompts),
+        num_samples=num_samples,
+        prompt_ids=prompt_ids,
+        completion_ids=completion_ids,
+        texts=texts,
+        kl=kls if logits_processor_factory is not None else None,
+        seconds=seconds,
+    )

@@ -27,7 +27,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .returns import _check_beta
+from .returns import check_beta
 
 __all__ = [
     "candidate_targets",
@@ -63,7 +63,7 @@ def soft_state_values(logits: torch.Tensor, q: torch.Tensor, beta: float) -> tor
     Returns:
         `[...]` soft values in the promotion of the inputs' dtypes and float32; differentiable (detach it for a target).
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     if logits.shape != q.shape:
         raise ValueError(f"`logits` {tuple(logits.shape)} and `q` {tuple(q.shape)} must have the same shape")
     dtype = _float_dtype(logits, q)
@@ -109,7 +109,7 @@ def chunked_soft_state_values(
     Returns:
         `[B, T]` detached soft values, 0 where `value_mask` is 0, in the promotion of float32 and the inputs' dtypes.
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     if (logits is None) == (lm_weight is None):
         raise ValueError("pass exactly one of `logits` (the LM logits) and `lm_weight` (the LM head's weight)")
     if not isinstance(chunk_size, int) or chunk_size < 1:
@@ -179,7 +179,7 @@ def linex_loss(
         reduction: `"mean"` (`sum(w l) / sum(w)`, 0 when `sum(w) == 0`), `"sum"` (`sum(w l)`, for a caller that
             normalises by its own item count across micro-batches) or `"none"` (`w l` per position, 0 off the mask).
     """
-    beta = _check_beta(beta)
+    beta = check_beta(beta)
     if not (math.isfinite(max_exponent) and max_exponent > 0):
         raise ValueError(f"`max_exponent` must be a finite number > 0, got {max_exponent!r}")
     if reduction not in ("mean", "sum", "none"):

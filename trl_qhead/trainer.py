@@ -1,5 +1,5 @@
-"""`QHeadTrainer`: transformers' `Trainer` with the Q-head loss. Wiring only; the math lives in `losses`, `returns`,
-`mdp` and `rewards`."""
+"""`QHeadTrainer`: transformers' `Trainer` with the Q-head loss. Wiring only: `compute_loss` calls, in order, `mdp`
+(masks), the model's forward, `rewards`, `mdp` (episode ends), `returns` and `losses`, where the math lives."""
 
 from __future__ import annotations
 
@@ -18,15 +18,18 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .losses import qhead_loss
-from .mdp import action_mask_from_labels, bootstrap_mask, episode_dones, next_tokens
+from .mdp import action_mask_from_labels, episode_dones, next_tokens, value_mask
 from .modeling import AutoModelForCausalLMWithQHead, add_adapters
-from .rewards import RewardComputer, RewardFunc, RewardFunctions, as_reference, frozen_copy, reference_logprobs
+from .reference import as_reference, frozen_copy, reference_logprobs
+from .returns import compute_returns
+from .reward_functions import RewardFunc, RewardFunctions
+from .rewards import RewardComputer
 
 REWARD_MOMENTS_NAME = "reward_moments.json"
 
 
 class QHeadTrainer(Trainer):
-    """Trains a causal LM and its Q head on `L = L_LM + q_weight * L_Q` (see `QHeadConfig` and DESIGN.md).
+    """Trains a causal LM and its Q head on `L = L_LM + q_weight * L_Q` (see `QHeadConfig` and docs/DESIGN.md).
 
     Args:
         model: an `AutoModelForCausalLMWithQHead`, a transformers causal LM (a fresh Q head is added), or a name or
@@ -141,14 +144,7 @@ class QHeadTrainer(Trainer):
                 reward_functions.funcs[i] = self.accelerator.prepare_model(
                     reward_model, evaluation_mode=True, device_placement=True
                 )
-        self.reward_computer = RewardComputer(
-            processing_class,
-            reward_functions,
-            lm_reward_coef=args.lm_reward_coef,
-            reward_scale=args.reward_scale,
-            reward_clip=args.reward_clip,
-            reward_normalization=args.reward_normalization,
-        )
+        self.reward_computer = RewardComputer.from_config(processing_class, reward_functions, args)
         self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod
@@ -192,52 +188,63 @@ class QHeadTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
+        """One training step's loss, top to bottom: masks, one forward, rewards, episode ends, returns, loss.
+
+        Every tensor below is on the `(B, T)` position grid of docs/DESIGN.md section 1: position `t` holds the
+        state `s_t` and, where `action_mask` is set, the action `a_t = x_{t+1}`.
+        """
         args: QHeadConfig = self.args
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        action_mask = action_mask_from_labels(inputs["labels"], attention_mask)
-        actions = next_tokens(input_ids)
-        monte_carlo = args.gae_lambda is None or args.gae_lambda == 1
-        value_mask = bootstrap_mask(action_mask) if monte_carlo else attention_mask.bool()
 
+        # 1. Masks: which positions hold an action, and where the returns will read V(s).
+        actions = next_tokens(input_ids)  # (B, T)
+        action_mask = action_mask_from_labels(inputs["labels"], attention_mask)  # (B, T) bool
+        values_needed = value_mask(action_mask, attention_mask, args.gae_lambda)  # (B, T) bool
+
+        # 2. One forward: log pi(a_t|s_t) and Q(s_t, a_t) with grad, V(s) without, and no (B, T, V) logits.
         outputs = model(
             input_ids=input_ids,
             attention_mask=attention_mask,
             actions=actions,
-            value_mask=value_mask,
-            logprob_mask=action_mask,  # log pi(a_t|s_t) in chunks: no [B, T, |V|] logits (DESIGN.md section 3)
+            logprob_mask=action_mask,
+            value_mask=values_needed,
             value_chunk_size=args.value_chunk_size,
             use_cache=False,  # as SFTTrainer: a training forward keeps no KV cache
         )
-        lm_logprobs = (
+
+        # 3. Rewards r_t of every source, summed on the action grid.
+        ref_logprobs = (
             self._reference_logprobs(model, input_ids, attention_mask, actions, action_mask)
             if args.use_lm_rewards
             else None
-        )
+        )  # (B, T) or None
         rewards, reward_metrics = self.reward_computer(
             inputs,
             action_mask,
-            lm_logprobs=lm_logprobs,
+            lm_logprobs=ref_logprobs,
             training=model.training,
             gather=self._gather_rows,
             trainer_state=self.state,
-        )
-        # EOS ends an episode; so does a row's `done` flag at its last action (a scored completion cut at a limit).
+        )  # (B, T)
+
+        # 4. Episode ends: EOS, and a row's `done` flag at its last action (a scored completion cut at a limit).
         dones = episode_dones(
             actions, action_mask, self.eos_token_id, done=inputs.get("done"), token_dones=inputs.get("dones")
-        )
+        )  # (B, T)
+
+        # 5. Return targets G_t (constants).
+        returns = compute_returns(
+            rewards, outputs.state_values, action_mask, gamma=args.gamma, gae_lambda=args.gae_lambda, dones=dones
+        )  # (B, T)
+
+        # 6. The loss, a pure function of the tensors above.
         loss, stats = qhead_loss(
-            outputs.logits,
+            outputs.action_logprobs,
             outputs.action_q,
-            outputs.state_values,
-            actions,
+            returns,
             action_mask,
-            rewards,
-            dones,
-            gamma=args.gamma,
-            gae_lambda=args.gae_lambda,
             q_weight=args.q_weight,
             num_items=num_items_in_batch,
-            action_logprobs=outputs.action_logprobs,
         )
         if (
             num_items_in_batch is not None
@@ -247,7 +254,7 @@ class QHeadTrainer(Trainer):
             # `num_items_in_batch` counts every process's targets while DDP averages gradients: undo the average.
             loss = loss * self.accelerator.num_processes
 
-        n_values = value_mask.sum()
+        n_values = values_needed.sum()
         self._record(stats, weight=action_mask.sum())
         self._record({"v_mean": outputs.state_values.sum() / n_values.clamp(min=1)}, weight=n_values)
         self._record_floats(reward_metrics)

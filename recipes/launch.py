@@ -1,4 +1,4 @@
-"""Several training processes on a machine without GPUs, under `accelerate launch`.
+"""Several training processes (for `recipes/qhead_lora.py`) on a machine without GPUs, under `accelerate launch`.
 
 accelerate 1.x has two pitfalls there, both silent:
 

@@ -1,12 +1,12 @@
-"""`trl_qhead.launch`: reading the process count off an `accelerate launch` command line, and setting up a
+"""`recipes/launch.py`: reading the process count off an `accelerate launch` command line, and setting up a
 `torchrun`-style world on a machine without GPUs. (The full `accelerate launch --cpu` path runs in
-tests/test_multiprocess.py.)"""
+tests/recipes/test_qhead_lora_multiprocess.py.)"""
 
 import os
 
 import pytest
 
-from trl_qhead.launch import ensure_cpu_processes, requested_num_processes
+from recipes.launch import ensure_cpu_processes, requested_num_processes
 
 
 @pytest.mark.parametrize(

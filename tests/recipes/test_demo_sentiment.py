@@ -1,0 +1,110 @@
+"""The demo's pipeline (recipes/demo_sentiment.py) end to end on a tiny random GPT-2 with the real GPT-2 tokenizer, and
+its evaluation helpers against obvious references. No SmolLM2 download here."""
+
+import json
+import math
+
+import pytest
+from datasets import Dataset
+
+from recipes import demo_sentiment as demo
+from tests.conftest import make_tiny_gpt2
+
+pytest.importorskip("vaderSentiment", reason="the `demo` extra (make test installs it)")
+
+
+def test_split_prompts_disjoint_and_seeded():
+    prompts = [f"p{i}" for i in range(10)]
+    train, held_out = demo.split_prompts(prompts, 6, 3, seed=1)
+    assert len(train) == 6 and len(held_out) == 3 and not set(train) & set(held_out)
+    assert (train, held_out) == demo.split_prompts(prompts, 6, 3, seed=1)
+    with pytest.raises(ValueError, match="available"):
+        demo.split_prompts(prompts, 8, 3, seed=1)
+
+
+def test_sentiment_reward_is_vader_compound():
+    scores = demo.sentiment_reward(prompts=["x", "x"], completions=["I love it, wonderful!", "Awful and sad."])
+    assert scores[0] > 0.5 and scores[1] < -0.5
+
+
+def test_training_rows_centre_per_prompt_and_keep_done():
+    data = Dataset.from_dict(  # generate_and_score's layout: two prompts, two completions each
+        {
+            "input_ids": [[5, 6, 1, 2], [5, 6, 3, 99], [7, 4], [7, 8, 9]],
+            "completion_mask": [[0, 0, 1, 1], [0, 0, 1, 1], [0, 1], [0, 1, 1]],
+            "done": [True, True, False, True],
+            "reward": [0.5, -0.5, 1.0, 0.0],
+        }
+    )
+    rows = demo.training_rows(data, 2).to_list()
+    assert [r["input_ids"] for r in rows] == data["input_ids"]  # no EOS appended: `done` marks the episode's end
+    assert [r["completion_mask"] for r in rows] == data["completion_mask"]
+    assert [r["done"] for r in rows] == [True, True, False, True]
+    assert [r["reward"] for r in rows] == pytest.approx([0.5, -0.5, 0.5, -0.5])
+    with pytest.raises(ValueError, match="whole number"):
+        demo.training_rows(data.select(range(3)), 2)
+
+
+def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
+    model_dir = tmp_path / "tiny-gpt2"
+    make_tiny_gpt2().save_pretrained(model_dir)
+    gpt2_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    args = demo.parse_args(
+        [
+            "--model",
+            str(model_dir),
+            "--output_dir",
+            str(out),
+            "--n_train_prompts",
+            "4",
+            "--n_eval_prompts",
+            "2",
+            "--num_generations",
+            "2",
+            "--max_new_tokens",
+            "6",
+            "--epochs",
+            "1",
+            "--train_batch_size",
+            "4",
+            "--lora_r",
+            "4",
+            "--tilted_samples",
+            "2",
+            "--betas",
+            "1.0",
+            "0.1",
+            "--gen_batch_size",
+            "16",
+        ]
+    )
+    results = demo.run(args)
+
+    for name in ("results.md", "results.json", "samples.md", "frontier.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0
+    assert json.loads((out / "results.json").read_text())["rows"] == results["rows"]
+    rows = results["rows"]
+    assert [(r["method"], r["setting"]) for r in rows] == [
+        ("base sampling", ""),
+        ("best-of-N", "N=2"),
+        ("best-of-N", "N=4"),
+        ("best-of-N", "N=8"),
+        ("best-of-N", "N=16"),
+        ("Q-tilted", "beta=1"),
+        ("Q-tilted", "beta=0.1"),
+    ]
+    base, bon, tilted = rows[0], rows[1:5], rows[5:]
+    assert base["kl"] == 0.0 and base["n"] == 2 * 16
+    for row, n in zip(bon, (2, 4, 8, 16), strict=True):
+        assert row["kl"] == pytest.approx(math.log(n) - (n - 1) / n)
+        assert row["samples_per_output"] == n and row["n"] == 2 * 16 // n
+    rewards = [r["reward"] for r in (base, *bon)]
+    assert rewards == sorted(rewards)  # a group of 2N is two groups of N: the mean of the maxima cannot drop
+    for row in tilted:
+        # A KL, up to float32 rounding: the tiny model's Q head barely tilts, so it sits at ~1e-7 either side of 0.
+        assert row["kl"] >= -1e-5 and row["n"] == 2 * 2 and row["samples_per_output"] == 1
+    for row in rows:
+        assert -1.0 <= row["reward"] <= 1.0 and 0.0 <= row["distinct_2"] <= 1.0 and row["perplexity"] > 1.0
+    assert results["policy_drift_kl_lora_vs_pretrained"] >= -1e-5  # a KL, up to float rounding
+    assert "| best-of-N | N=16 |" in (out / "results.md").read_text()

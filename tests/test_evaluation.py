@@ -1,0 +1,100 @@
+"""`trl_qhead.evaluation`: best-of-N, distinct-n, likelihood, policy drift and the frontier comparison, against
+obvious references."""
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import make_tiny_gpt2
+from trl_qhead import evaluation
+
+
+def test_best_of_n_kl_formula():
+    assert evaluation.best_of_n_kl(1) == 0.0
+    assert evaluation.best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert evaluation.best_of_n_kl(16) == pytest.approx(math.log(16) - 15 / 16)
+
+
+def test_best_of_n_indices_pick_the_max_of_disjoint_groups():
+    rewards = [0.1, 0.5, -0.2, 0.3, 0.0, 0.0, 0.9, -1.0]  # two prompts, four samples each
+    assert evaluation.best_of_n_indices(rewards, 4, 1) == list(range(8))
+    assert evaluation.best_of_n_indices(rewards, 4, 2) == [1, 3, 4, 6]  # ties keep the first
+    assert evaluation.best_of_n_indices(rewards, 4, 4) == [1, 6]
+    with pytest.raises(ValueError, match="must divide"):
+        evaluation.best_of_n_indices(rewards, 4, 3)
+
+
+def test_best_of_n_mean_matches_a_brute_force_reference():
+    g = torch.Generator().manual_seed(0)
+    rewards = torch.rand(5 * 16, generator=g).tolist()
+    for n in (2, 4, 8, 16):
+        chosen = evaluation.best_of_n_indices(rewards, 16, n)
+        groups = [rewards[i : i + n] for i in range(0, len(rewards), n)]
+        assert [rewards[i] for i in chosen] == [max(group) for group in groups]
+
+
+def test_distinct_2():
+    assert evaluation.distinct_n(["a b c", "a b d"]) == pytest.approx(3 / 4)  # bigrams: ab bc ab bd
+    assert evaluation.distinct_n(["great great great great"]) == pytest.approx(1 / 3)
+    assert evaluation.distinct_n(["one", ""]) == 0.0
+    # sets of one completion per prompt: prompt-major texts of 2 prompts x 2 samples
+    texts = ["a b", "a b", "c d", "c d"]
+    assert evaluation.distinct_n_per_prompt_set(texts, 2) == pytest.approx(1.0)  # each set is {"a b", "c d"}
+
+
+def test_completion_nll_matches_per_sequence_reference(tiny_gpt2):
+    tiny_gpt2.eval()
+    prompts, completions = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9]]
+    nlls, counts = evaluation.completion_nll(tiny_gpt2, prompts, completions, pad_token_id=0, batch_size=2)
+    expected = []
+    for p, c in zip(prompts, completions, strict=True):  # one unpadded sequence at a time
+        logp = torch.log_softmax(tiny_gpt2(torch.tensor([p + c])).logits[0].float(), -1)
+        expected.append(-sum(logp[len(p) - 1 + k, tok].item() for k, tok in enumerate(c)))
+    assert counts == [2, 3]
+    assert nlls == pytest.approx(expected, rel=1e-5)
+    assert evaluation.perplexity(nlls, counts) == pytest.approx(math.exp(sum(expected) / 5), rel=1e-5)
+
+
+def test_frontier_comparison_interpolates_best_of_n():
+    def row(method, setting, kl, reward):
+        return evaluation.FrontierRow(method, setting, reward, 0.0, kl, 1, 0.0, 1.0, 10.0, 1)
+
+    rows = [
+        row("base sampling", "", 0.0, 0.1),
+        row("best-of-N", "N=2", evaluation.best_of_n_kl(2), 0.3),
+        row("best-of-N", "N=4", evaluation.best_of_n_kl(4), 0.5),
+        row("Q-tilted", "beta=1", evaluation.best_of_n_kl(2) / 2, 0.25),
+        row("Q-tilted", "beta=0.1", 5.0, 0.9),
+    ]
+    inside, beyond = evaluation.frontier_comparison(rows)
+    assert inside["best_of_n_at_kl"] == pytest.approx(0.2) and inside["difference"] == pytest.approx(0.05)
+    assert beyond["best_of_n_at_kl"] is None and beyond["difference"] is None
+
+
+def test_policy_drift_kl_is_zero_without_drift_and_matches_a_direct_sum(gpt2_tokenizer):
+    from peft import LoraConfig
+
+    from trl_qhead import AutoModelForCausalLMWithQHead
+
+    lora = LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=True)
+    model = AutoModelForCausalLMWithQHead.from_pretrained(make_tiny_gpt2(), peft_config=lora).eval()
+    prompts, completions = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9]]
+    assert evaluation.policy_drift_kl(model, prompts, completions, pad_token_id=0) == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    expected = 0.0
+    backbone = model.pretrained_model
+    for p, c in zip(prompts, completions, strict=True):  # one unpadded sequence at a time
+        ids = torch.tensor([p + c])
+        adapted = torch.log_softmax(backbone(ids).logits[0].float(), -1)
+        with backbone.disable_adapter():
+            pretrained = torch.log_softmax(backbone(ids).logits[0].float(), -1)
+        steps = range(len(p) - 1, len(p) + len(c) - 1)  # the states that drew a completion token
+        expected += sum((adapted[t].exp() * (adapted[t] - pretrained[t])).sum().item() for t in steps)
+    drift = evaluation.policy_drift_kl(model, prompts, completions, pad_token_id=0, batch_size=2)
+    assert drift > 0.0
+    assert drift == pytest.approx(expected / 2, rel=1e-4)

@@ -1,0 +1,97 @@
+"""`trl_qhead.mdp`: actions, masks, episode ends and rewards on the position grid, against hand-worked rows and loops."""
+
+import math
+
+import pytest
+import torch
+
+from trl_qhead.data import DataCollatorForQHead
+from trl_qhead.mdp import (
+    action_mask_from_labels,
+    bootstrap_mask,
+    episode_dones,
+    next_tokens,
+    sequence_rewards_to_actions,
+)
+from trl_qhead.rewards import (
+    scatter_completion_rewards,
+)
+
+EOS = 0  # the EOS id of these tests' hand-made rows
+
+
+def test_mdp_grid_of_a_left_padded_row():
+    input_ids = torch.tensor([[0, 0, 5, 6, 7], [5, 6, 7, 8, 9]])
+    attention_mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    mask = action_mask_from_labels(labels, attention_mask)
+    assert mask.tolist() == [[False, False, True, True, False], [True, True, True, True, False]]
+    assert bootstrap_mask(mask).tolist() == [[False] * 4 + [True], [False] * 4 + [True]]
+    dones = episode_dones(next_tokens(input_ids), mask, eos_token_id=7)
+    assert dones.tolist() == [[0, 0, 0, 1, 0], [0, 1, 0, 0, 0]]
+
+
+def _dones_by_loop(actions, action_mask, eos, done, token_dones):
+    """The obvious reading: an action ends the episode if it emits EOS, is the last action of a `done` row, or produces
+    a token flagged in `token_dones`."""
+    B, T = actions.shape
+    expected = torch.zeros(B, T)
+    for b in range(B):
+        positions = [t for t in range(T) if action_mask[b, t]]
+        for t in positions:
+            if actions[b, t] == eos or (done[b] and t == positions[-1]) or token_dones[b, t + 1]:
+                expected[b, t] = 1.0
+    return expected
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_episode_dones_match_a_loop(side):
+    gen = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(12):
+        n = int(torch.randint(2, 9, (1,), generator=gen))
+        ids = torch.randint(0, 4, (n,), generator=gen).tolist()  # EOS (0) appears often, mid-row and at the end
+        prompt = int(torch.randint(0, n - 1, (1,), generator=gen))
+        row = {"input_ids": ids, "completion_mask": [0] * prompt + [1] * (n - prompt), "done": bool(i % 3)}
+        row["dones"] = torch.randint(0, 2, (n,), generator=gen).tolist()
+        rows.append(row)
+    batch = DataCollatorForQHead(pad_token_id=EOS, padding_side=side)(rows)
+    action_mask = action_mask_from_labels(batch["labels"], batch["attention_mask"])
+    actions = next_tokens(batch["input_ids"])
+    dones = episode_dones(actions, action_mask, EOS, done=batch["done"], token_dones=batch["dones"])
+    expected = _dones_by_loop(actions, action_mask, EOS, batch["done"], batch["dones"])
+    assert torch.equal(dones, expected) and dones.sum() > 0
+    # Each source alone: EOS only is the old behaviour; padding (EOS as pad) never counts.
+    eos_only = episode_dones(actions, action_mask, EOS)
+    assert torch.equal(eos_only, _dones_by_loop(actions, action_mask, EOS, [False] * 12, torch.zeros_like(actions)))
+    no_eos = episode_dones(actions, action_mask, None, done=batch["done"])
+    assert torch.equal(no_eos, _dones_by_loop(actions, action_mask, -1, batch["done"], torch.zeros_like(actions)))
+
+
+def test_sequence_rewards_land_on_each_rows_last_action():
+    gen = torch.Generator().manual_seed(0)
+    action_mask = torch.rand(5, 9, generator=gen) > 0.4
+    action_mask[3] = False  # a row without actions gets nothing
+    rewards = torch.tensor([1.0, -2.0, math.nan, 4.0, 5.0])
+    grid = sequence_rewards_to_actions(rewards, action_mask)
+    for b in range(5):
+        expected = torch.zeros(9)
+        positions = [t for t in range(9) if action_mask[b, t]]
+        if positions and not math.isnan(rewards[b].item()):
+            expected[positions[-1]] = rewards[b]
+        assert torch.equal(grid[b], expected)
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_per_token_rewards_go_to_the_action_that_produces_the_token(side):
+    rows = [[10, 11, 12, 13, 14], [20, 21, 22]]
+    prompt_length = torch.tensor([2, 1])
+    values = [torch.tensor([1.0, 2.0, 3.0]), torch.tensor([5.0, 6.0])]  # one per completion token
+    batch = DataCollatorForQHead(0, padding_side=side)([{"input_ids": r} for r in rows])
+    token_grid = scatter_completion_rewards(values, batch["attention_mask"], prompt_length)
+    for b, row in enumerate(rows):
+        for k, value in enumerate(values[b].tolist()):
+            token = row[prompt_length[b] + k]
+            position = (batch["input_ids"][b] == token).nonzero().item()
+            assert token_grid[b, position] == value
+    assert token_grid.sum() == sum(v.sum() for v in values)

@@ -1,0 +1,86 @@
+"""The math of the tilt, as pure tensor functions: `log pi' = log_softmax(z + Q / beta)` and its exact KL to `pi`.
+
+`QTiltLogitsProcessor` applies `tilt_logprobs_and_kl` once per generation step; `tilt_logprobs` and `tilt_kl` are the
+plain definitions, for users and tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def check_beta(beta, *, name: str = "beta", allow_inf: bool = True) -> float:
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
+        raise TypeError(f"`{name}` must be a positive number, got {type(beta).__name__}.")
+    beta = float(beta)
+    if math.isnan(beta) or beta <= 0 or (math.isinf(beta) and not allow_inf):
+        allowed = "a positive number (float('inf') disables the tilt)" if allow_inf else "a positive, finite number"
+        raise ValueError(f"`{name}` must be {allowed}, got {beta}.")
+    return beta
+
+
+def check_top_k(top_k) -> int | None:
+    if top_k is None:
+        return None
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1:
+        raise ValueError(f"`top_k` must be a positive integer or None, got {top_k!r}.")
+    return top_k
+
+
+def tilt_logprobs(
+    scores: torch.Tensor, q: torch.Tensor, beta: float, top_k_indices: torch.LongTensor | None = None
+) -> torch.Tensor:
+    """`log pi'(.|s) = log_softmax(scores + q / beta)`, optionally restricted to some tokens.
+
+    Args:
+        scores: `[N, |V|]` base scores `z` (logits or log-probs: `pi = softmax(z)` either way).
+        q: `[N, |V|]` Q values, or `[N, k]` Q values of the tokens in `top_k_indices`.
+        beta: temperature of the tilt, `> 0`; `inf` adds nothing.
+        top_k_indices: `[N, k]`; when given only these tokens keep their (tilted) score, all others get `-inf`.
+
+    Returns:
+        `[N, |V|]` fp32 normalised log-probabilities of the tilted policy.
+    """
+    return tilt_logprobs_and_kl(scores, q, beta, top_k_indices, with_kl=False)[0]
+
+
+def tilt_kl(scores: torch.Tensor, tilted_logprobs: torch.Tensor) -> torch.Tensor:
+    """Exact `KL(pi' || pi) = sum_a pi'(a) (log pi'(a) - log pi(a))` over the whole vocabulary, one value per row.
+
+    The plain definition (the processor uses an equivalent form that reuses what the tilt already computed).
+
+    Args:
+        scores: `[N, |V|]` base scores, `pi = softmax(scores)`.
+        tilted_logprobs: `[N, |V|]` `log pi'` (e.g. from `tilt_logprobs`); tokens with `pi' = 0` contribute 0.
+    """
+    base = torch.log_softmax(scores.float(), dim=-1)
+    terms = tilted_logprobs.exp() * (tilted_logprobs - base)
+    # 0 * (-inf - -inf) is NaN in floating point but 0 in the sum: tokens masked out of pi' add nothing.
+    return torch.where(torch.isfinite(tilted_logprobs), terms, torch.zeros_like(terms)).sum(-1)
+
+
+def tilt_logprobs_and_kl(
+    scores: torch.Tensor, q: torch.Tensor, beta: float, indices: torch.LongTensor | None, with_kl: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`log pi'` `(N, V)` and, if asked, `KL(pi' || pi)` `(N,)` (else `None`); arguments as for `tilt_logprobs`.
+
+    With `t = q / beta` on the tokens `pi'` keeps, `log pi' - log pi = t - log Z' + log Z`, so
+    `KL = sum_a pi'(a) t(a) - log Z' + log Z`: one log-sum-exp of the scores and a dot product on top of the tilt.
+    """
+    scores = scores.float()
+    shift = q.float() / beta if math.isfinite(beta) else torch.zeros_like(q, dtype=torch.float32)
+    if with_kl:  # a per-row constant changes neither pi' nor the KL; removing it avoids cancellation in fp32
+        shift = shift - shift.amax(dim=-1, keepdim=True)
+    if indices is None:
+        tilted = scores + shift
+    else:
+        tilted = torch.full_like(scores, float("-inf")).scatter_(-1, indices, scores.gather(-1, indices) + shift)
+    log_norm = torch.logsumexp(tilted, dim=-1, keepdim=True)
+    logprobs = tilted - log_norm
+    if not with_kl:
+        return logprobs, None
+    kept = logprobs if indices is None else logprobs.gather(-1, indices)
+    expected_shift = (kept.exp() * shift).sum(-1)  # tokens with pi' = 0 and a finite shift add 0
+    return logprobs, expected_shift - log_norm[:, 0] + torch.logsumexp(scores, dim=-1)

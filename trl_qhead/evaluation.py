@@ -1,0 +1,305 @@
+"""Evaluating a tilted policy: reward against KL to the base policy, beside best-of-N, with the diversity and the
+likelihood of the samples so that reward hacking would show.
+
+- best-of-N from the base policy's own samples: `best_of_n_indices` (disjoint groups of N) and its KL,
+  `best_of_n_kl(N) = log N - (N - 1) / N`;
+- diversity: `distinct_n`, `distinct_n_per_prompt_set`;
+- likelihood under a reference model: `completion_nll`, `perplexity`, `score_likelihood`;
+- how far adapters moved the policy: `policy_drift_kl`, `KL(pi_adapted || pi_pretrained)`;
+- the frontier table: `base_and_best_of_n_rows`, `tilted_row`, `frontier_comparison` (the tilt against best-of-N at
+  equal KL), `markdown_table`, `frontier_json`, `plot_frontier`.
+
+Samples come from `trl_qhead.rollouts.sample_completions`; `recipes/demo_sentiment.py` runs the whole evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .modeling import AutoModelForCausalLMWithQHead
+from .reference import as_reference
+from .rollouts import Samples
+
+# The best-of-N settings of the table: the samples per prompt must be a multiple of the largest.
+BEST_OF_NS = (2, 4, 8, 16)
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL(best-of-N || base) of best-of-N sampling with a continuous reward: `log N - (N - 1) / N` (Beirami et al.)."""
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n_indices(rewards: Sequence[float], num_samples: int, n: int) -> list[int]:
+    """For each prompt (rows `num_samples` apart), split its samples into `num_samples // n` disjoint groups of `n` in
+    order and keep the highest-reward sample of each group (the first on ties)."""
+    if n < 1 or num_samples % n:
+        raise ValueError(f"`n` ({n}) must divide the samples per prompt ({num_samples}).")
+    if len(rewards) % num_samples:
+        raise ValueError(f"{len(rewards)} rewards are not a whole number of groups of {num_samples}.")
+    chosen = []
+    for start in range(0, len(rewards), n):
+        group = range(start, start + n)
+        chosen.append(max(group, key=lambda i: (rewards[i], -i)))
+    return chosen
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    """Distinct word n-grams / word n-grams over `texts` (lower-cased, whitespace-split); 0 when there are none."""
+    seen, total = set(), 0
+    for text in texts:
+        words = text.lower().split()
+        grams = list(zip(*(words[k:] for k in range(n)), strict=False))  # the n-grams of one text
+        seen.update(grams)
+        total += len(grams)
+    return len(seen) / total if total else 0.0
+
+
+def distinct_n_per_prompt_set(texts: Sequence[str], num_prompts: int, n: int = 2) -> float:
+    """Mean distinct-n over sets of one completion per prompt (`texts` prompt-major, the same count per prompt): every
+    row of the table is measured on sets of the same size, so the numbers compare."""
+    per_prompt = len(texts) // num_prompts
+    if per_prompt * num_prompts != len(texts) or per_prompt == 0:
+        raise ValueError(f"{len(texts)} texts do not split evenly over {num_prompts} prompts.")
+    sets = [[texts[p * per_prompt + j] for p in range(num_prompts)] for j in range(per_prompt)]
+    return sum(distinct_n(s, n) for s in sets) / len(sets)
+
+
+@torch.no_grad()
+def completion_nll(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 32,
+    desc: str = "scoring",
+) -> tuple[list[float], list[int]]:
+    """Per sequence: the summed negative log-likelihood of its completion tokens given its prompt, and their count.
+
+    `model` is any causal LM (call it inside `trl_qhead.reference.as_reference` for the pretrained model of a PEFT model).
+    """
+    nlls, counts = [], []
+    device = next(model.parameters()).device
+    pairs = [(list(p), list(c)) for p, c in zip(prompt_ids, completion_ids, strict=True)]
+    for start in tqdm(range(0, len(pairs), batch_size), desc=desc, unit="batch", dynamic_ncols=True, leave=False):
+        chunk = pairs[start : start + batch_size]
+        width = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        attn = torch.zeros_like(ids)
+        target = torch.full_like(ids, -100)
+        for row, (p, c) in enumerate(chunk):  # right padding; positions follow the real tokens
+            n = len(p) + len(c)
+            ids[row, :n] = torch.tensor(p + c)
+            attn[row, :n] = 1
+            target[row, len(p) : n] = torch.tensor(c, dtype=torch.long)
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
+        labels = target[:, 1:].to(device)
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        nlls.extend(nll.sum(1).tolist())
+        counts.extend((labels != -100).sum(1).tolist())
+    return nlls, counts
+
+
+def perplexity(nlls: Sequence[float], counts: Sequence[int]) -> float:
+    """`exp(total NLL / total tokens)` over a set of sequences."""
+    total = sum(counts)
+    return math.exp(sum(nlls) / total) if total else float("nan")
+
+
+@torch.no_grad()
+def policy_drift_kl(
+    qmodel: AutoModelForCausalLMWithQHead,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 32,
+) -> float:
+    """Mean per-sequence KL(pi_adapted || pi_pretrained) over the completions (states sampled from pi_adapted, the
+    per-step KL exact over the vocabulary). 0 for a model without adapters."""
+    if not qmodel.is_peft_model:
+        return 0.0
+    backbone = qmodel.pretrained_model
+    device = next(qmodel.parameters()).device
+    total, n_seq = 0.0, 0
+    pairs = [(list(p), list(c)) for p, c in zip(prompt_ids, completion_ids, strict=True) if len(c) > 0]
+    for start in range(0, len(pairs), batch_size):
+        chunk = pairs[start : start + batch_size]
+        width = max(len(p) + len(c) for p, c in chunk)
+        ids = torch.full((len(chunk), width), pad_token_id, dtype=torch.long)
+        attn, steps = torch.zeros_like(ids), torch.zeros(ids.shape, dtype=torch.bool)
+        for row, (p, c) in enumerate(chunk):
+            ids[row, : len(p) + len(c)] = torch.tensor(p + c)
+            attn[row, : len(p) + len(c)] = 1
+            steps[row, len(p) - 1 : len(p) + len(c) - 1] = True  # the states at which a completion token was drawn
+        ids, attn, steps = ids.to(device), attn.to(device), steps.to(device)
+        adapted = torch.log_softmax(backbone(input_ids=ids, attention_mask=attn).logits.float(), -1)
+        with as_reference(backbone):
+            pretrained = torch.log_softmax(backbone(input_ids=ids, attention_mask=attn).logits.float(), -1)
+        kl = (adapted.exp() * (adapted - pretrained)).sum(-1)
+        total += float((kl * steps).sum())
+        n_seq += len(chunk)
+    return total / max(n_seq, 1)
+
+
+@dataclass
+class FrontierRow:
+    """One line of the reward-vs-KL table: a sampling method at one setting, measured on held-out prompts."""
+
+    method: str
+    setting: str
+    reward: float
+    reward_sem: float
+    kl: float
+    samples_per_output: int
+    seconds_per_output: float
+    distinct_2: float
+    perplexity: float
+    n: int
+
+
+def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+def base_and_best_of_n_rows(base: Samples, best_of: Sequence[int] = BEST_OF_NS) -> list[FrontierRow]:
+    """Rows for base sampling (every sample) and best-of-N (disjoint groups of N of the same samples); `base` must be
+    scored (`rewards` filled) and its likelihood measured (`score_likelihood`)."""
+    per_sample_seconds = base.seconds / len(base.texts)
+    rows = []
+    for n in (1, *best_of):
+        chosen = best_of_n_indices(base.rewards, base.num_samples, n)
+        picked = base.select(chosen)
+        reward, sem = _mean_sem(picked["rewards"])
+        rows.append(
+            FrontierRow(
+                method="base sampling" if n == 1 else "best-of-N",
+                setting="" if n == 1 else f"N={n}",
+                reward=reward,
+                reward_sem=sem,
+                kl=0.0 if n == 1 else best_of_n_kl(n),
+                samples_per_output=n,
+                seconds_per_output=n * per_sample_seconds,
+                distinct_2=distinct_n_per_prompt_set(picked["texts"], len(base.prompts)),
+                perplexity=perplexity(picked["nll"], picked["n_tokens"]),
+                n=len(chosen),
+            )
+        )
+    return rows
+
+
+def tilted_row(samples: Samples, beta: float) -> FrontierRow:
+    """The row of Q-tilted sampling at `beta` (KL from the processor, mean over samples)."""
+    reward, sem = _mean_sem(samples.rewards)
+    return FrontierRow(
+        method="Q-tilted",
+        setting=f"beta={beta:g}",
+        reward=reward,
+        reward_sem=sem,
+        kl=sum(samples.kl) / len(samples.kl),
+        samples_per_output=1,
+        seconds_per_output=samples.seconds / len(samples.texts),
+        distinct_2=distinct_n_per_prompt_set(samples.texts, len(samples.prompts)),
+        perplexity=perplexity(samples.nll, samples.n_tokens),
+        n=len(samples.texts),
+    )
+
+
+def frontier_comparison(rows: Sequence[FrontierRow]) -> list[dict]:
+    """For each Q-tilted row, the best-of-N reward at the same KL (linear interpolation between the measured
+    best-of-N points, base sampling at KL 0; `None` beyond N = 16) and the difference."""
+    curve = sorted([(r.kl, r.reward) for r in rows if r.method in ("base sampling", "best-of-N")])
+    out = []
+    for r in rows:
+        if r.method != "Q-tilted":
+            continue
+        ref = None
+        for (k0, v0), (k1, v1) in zip(curve, curve[1:], strict=False):
+            if k0 <= r.kl <= k1:
+                ref = v0 + (v1 - v0) * (r.kl - k0) / (k1 - k0) if k1 > k0 else max(v0, v1)
+                break
+        out.append(
+            {
+                "setting": r.setting,
+                "kl": r.kl,
+                "reward": r.reward,
+                "best_of_n_at_kl": ref,
+                "difference": None if ref is None else r.reward - ref,
+            }
+        )
+    return out
+
+
+def markdown_table(rows: Sequence[FrontierRow]) -> str:
+    """The table as markdown, one line per row (what `results.md` shows)."""
+    lines = [
+        "| method | setting | mean reward (± s.e.) | KL to base (nats) | samples per output | s per output | distinct-2 | "
+        "base-model ppl | n |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.method} | {r.setting} | {r.reward:+.3f} ± {r.reward_sem:.3f} | {r.kl:.3f} | {r.samples_per_output} "
+            f"| {r.seconds_per_output:.2f} | {r.distinct_2:.3f} | {r.perplexity:.1f} | {r.n} |"
+        )
+    return "\n".join(lines)
+
+
+def frontier_json(rows: Sequence[FrontierRow]) -> list[dict]:
+    """The table as JSON-ready dicts, one per row (what `results.json` holds under `rows`)."""
+    return [asdict(row) for row in rows]
+
+
+def plot_frontier(
+    rows: Sequence[FrontierRow], path: str | os.PathLike, title: str, reward_label: str = "mean reward"
+) -> None:
+    """Mean reward against KL to the base policy: best-of-N (with base at KL 0) and Q-tilted sampling, saved to `path`
+    (needs matplotlib, in the `demo` extra)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
+    base = [r for r in rows if r.method == "base sampling"]
+    # Both curves start at base sampling: best-of-1, and the tilt at beta = infinity, are the base policy itself.
+    for method, style, label in (("best-of-N", "o-", "best-of-N (N x compute)"), ("Q-tilted", "s-", "Q-tilted (1x)")):
+        pts = sorted(base + [r for r in rows if r.method == method], key=lambda r: r.kl)
+        ax.errorbar(
+            [r.kl for r in pts],
+            [r.reward for r in pts],
+            yerr=[r.reward_sem for r in pts],
+            fmt=style,
+            capsize=3,
+            label=label,
+        )
+        for r in pts:
+            if r.method != "base sampling":
+                tag = r.setting.replace("beta=", "β=")
+                ax.annotate(tag, (r.kl, r.reward), textcoords="offset points", xytext=(4, -10), fontsize=7)
+    for r in base:
+        ax.annotate("base", (r.kl, r.reward), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xlabel("KL(policy || base policy), nats per completion")
+    ax.set_ylabel(reward_label)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def score_likelihood(samples: Samples, model, pad_token_id: int) -> Samples:
+    """Fill `samples.nll` and `samples.n_tokens` with the completions' likelihood under `model`."""
+    prompts = [samples.prompt_ids[i // samples.num_samples] for i in range(len(samples.completion_ids))]
+    samples.nll, samples.n_tokens = completion_nll(model, prompts, samples.completion_ids, pad_token_id=pad_token_id)
+    return samples

@@ -1,0 +1,41 @@
+"""Reading the Q head without multiplying it out over the vocabulary (docs/DESIGN.md section 4).
+
+- `Q(s_t, a_t)` needs one row of `W_q` per position: gather it and take a dot product with `h_t` (O(T*H)).
+- `V(s) = sum_a pi(a|s) Q(s, a)` is a target, so it needs no grad, and only where the returns read it, in chunks so
+  that no `[B, T, |V|]` buffer is made. (The training path takes `V` from the chunked LM-head kernel instead, which
+  reuses its softmax; this is the path for models whose full logits are at hand.)
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def gather_action_q(hidden: torch.Tensor, q_head: nn.Linear, actions: torch.LongTensor) -> torch.Tensor:
+    """`Q(s_t, a_t) = W_q[a_t] . h_t + b_q[a_t]` for every position, `[B, T]` in fp32; grad reaches only those rows."""
+    weight_rows = q_head.weight[actions]  # [B, T, H]
+    return (hidden.to(weight_rows.dtype) * weight_rows).sum(-1) + q_head.bias[actions]
+
+
+@torch.no_grad()
+def state_values(
+    hidden: torch.Tensor, logits: torch.Tensor, q_head: nn.Linear, value_mask: torch.Tensor, chunk_size: int = 1024
+) -> torch.Tensor:
+    """`V(s_t) = sum_a softmax(z_t)[a] * q_t[a]` at the positions where `value_mask` is set; 0 elsewhere; no grad.
+
+    Args:
+        hidden: `[B, T, H]` final hidden states.
+        logits: `[B, T, |V|]` LM logits (the policy `pi`).
+        q_head: the Q head.
+        value_mask: `[B, T]` bool, where `V` is needed.
+        chunk_size: positions per chunk; bounds the extra memory to two `[chunk_size, |V|]` fp32 buffers.
+    """
+    values = torch.zeros(value_mask.shape, dtype=torch.float32, device=hidden.device)
+    rows, cols = value_mask.nonzero(as_tuple=True)
+    for start in range(0, rows.numel(), chunk_size):
+        r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
+        policy = torch.softmax(logits[r, c].float(), dim=-1)
+        q = q_head(hidden[r, c].to(q_head.weight.dtype))
+        values[r, c] = (policy * q).sum(-1)
+    return values
