@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .tied_head import TiedQHead
+
 # `torch.addmm(..., out_dtype=torch.float32)` from bf16/fp16 inputs, CUDA only.
 _MM_OUT_DTYPE = torch.__version__ >= "2.8"
 
@@ -42,7 +44,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, q_weight, q_bias, value_rows, chunk_size):
+    def forward(ctx, hidden, weight, bias, targets, q_weight, q_bias, value_rows, chunk_size, q_inputs=None):
         ctx.set_materialize_grads(False)
         dtype = _compute_dtype(hidden)
         fp = torch.promote_types(dtype, torch.float32)  # the softmax's precision: fp32, or fp64 for fp64 inputs
@@ -56,7 +58,11 @@ class _ChunkedLogProbs(torch.autograd.Function):
             values = hidden.new_zeros(n_rows, dtype=fp)
             # Under autocast the Q product runs in the autocast dtype, as an `nn.Linear` would: V is only a target.
             q_dtype = dtype if torch.is_autocast_enabled(hidden.device.type) else q_weight.dtype
-            wq, bq = q_weight.to(q_dtype), q_bias.to(q_dtype)
+            if q_inputs is None:
+                wq, bq = q_weight.to(q_dtype), q_bias.to(q_dtype)
+            else:  # tied: reuse the LM head's weight in its compute dtype when it is the same tensor
+                same = q_weight.data_ptr() == weight.data_ptr() and q_weight.shape == weight.shape
+                wq, bq = (w if same else q_weight.to(dtype)), q_bias.to(fp)
         for start in range(0, n_rows, chunk_size):
             end = min(start + chunk_size, n_rows)
             h = hidden[start:end].to(dtype)
@@ -73,6 +79,11 @@ class _ChunkedLogProbs(torch.autograd.Function):
             every_row = rows.numel() == end - start
             # The softmax of the rows that need V, in place when that is all of them (lambda < 1).
             policy = (z if every_row else z[rows]).sub_(lz[rows, None]).exp_()
+            if q_inputs is not None:  # tied: V = (pi^T W_lm) . (U h) + pi^T b, no [rows, |V|] Q buffer
+                g = q_inputs[start:end] if every_row else q_inputs[start:end][rows]
+                mean_row = torch.mm(policy.to(wq.dtype), wq).to(fp)
+                values[start + rows] = (mean_row * g.to(fp)).sum(-1) + policy @ bq
+                continue
             h_v = hidden[start:end] if every_row else hidden[start:end][rows]
             q = torch.addmm(bq, h_v.to(wq.dtype), wq.t()).to(fp)
             values[start + rows] = q.mul_(policy).sum(-1)
@@ -87,7 +98,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
         hidden, weight, bias, targets, log_z = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if grad_logprobs is None:
-            return (None,) * 8
+            return (None,) * 9
         dtype, chunk_size = ctx.compute_dtype, ctx.chunk_size
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -120,6 +131,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             None,
             None,
             None,
+            None,
         )
 
 
@@ -129,7 +141,7 @@ def action_logprobs_and_values(
     actions: torch.LongTensor,
     logprob_mask: torch.Tensor,
     *,
-    q_head: nn.Linear | None = None,
+    q_head: nn.Module | None = None,
     value_mask: torch.Tensor | None = None,
     chunk_size: int = 256,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -141,7 +153,9 @@ def action_logprobs_and_values(
             full logits instead (`AutoModelForCausalLMWithQHead` falls back by itself).
         actions: `[B, T]` the token taken at each position.
         logprob_mask: `[B, T]` bool, where the log-probs are wanted; 0 elsewhere.
-        q_head: the Q head, needed with `value_mask`.
+        q_head: the Q head, needed with `value_mask`: dense (`nn.Linear`, `V = pi . (W_q h + b_q)`) or tied
+            (`TiedQHead`, `V = (pi^T W_lm) . (U h) + pi^T b`, the same cost, an `[rows, H]` buffer instead of a
+            `[rows, |V|]` one).
         value_mask: `[B, T]` bool, where `V(s)` is wanted; 0 elsewhere. Computed in the same pass as the log-probs.
         chunk_size: positions per chunk: bounds the logits-sized buffers to a few `[chunk_size, |V|]`.
 
@@ -158,12 +172,17 @@ def action_logprobs_and_values(
     # Rows that only need V (the bootstrap state) get any valid target; their log-prob is masked out below.
     targets = torch.where(logprob_mask, actions, 0)[rows]
     value_rows = None if value_mask is None else value_mask.bool()[rows]
-    q_weight = q_bias = None
-    if q_head is not None and value_mask is not None:
+    q_weight = q_bias = q_inputs = None
+    if isinstance(q_head, TiedQHead) and value_mask is not None:
+        q_weight, q_bias = q_head.lm_weight(), q_head.bias.detach()
+        with torch.no_grad():
+            q_inputs = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+            q_inputs[value_rows] = q_head.project(h[value_rows].detach())
+    elif q_head is not None and value_mask is not None:
         q_weight = q_head.weight.detach()
         q_bias = q_head.bias.detach() if q_head.bias is not None else q_weight.new_zeros(q_weight.shape[0])
     row_logprobs, row_values = _ChunkedLogProbs.apply(
-        h, lm_head.weight, lm_head.bias, targets, q_weight, q_bias, value_rows, chunk_size
+        h, lm_head.weight, lm_head.bias, targets, q_weight, q_bias, value_rows, chunk_size, q_inputs
     )
     logprobs = row_logprobs.new_zeros(rows.shape).masked_scatter(rows, row_logprobs)
     logprobs = torch.where(logprob_mask, logprobs, 0.0)

@@ -2,7 +2,8 @@
 
 The Q head is `q_t = W_q h_t + b_q`, one value per vocabulary token, read from the backbone's final hidden state
 (the same `h_t` the LM head reads). It is kept in fp32 and, by default, starts at zero so that an untrained head tilts
-nothing. On disk a checkpoint is the backbone's own folder (a full model, or only the LoRA adapters of a PEFT model)
+nothing. `q_head_type="tied"` shares the LM head's rows instead: `q_t = W_lm (U h_t) + b` with `W_lm` the (detached)
+LM head weight and only U (H x H, or rank r) and b trained (`tied_head.py`). On disk a checkpoint is the backbone's own folder (a full model, or only the LoRA adapters of a PEFT model)
 plus `q_head.safetensors` and `q_head_config.json` beside it.
 """
 
@@ -24,6 +25,7 @@ from .chunked_lm_head import action_logprobs_and_values
 from .compat import output_cache
 from .q_values import gather_action_q, state_values
 from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
+from .tied_head import TiedQHead, check_q_head_rank, check_q_head_type
 
 Q_HEAD_WEIGHTS_NAME = "q_head.safetensors"
 Q_HEAD_CONFIG_NAME = "q_head_config.json"
@@ -68,7 +70,12 @@ class AutoModelForCausalLMWithQHead(nn.Module):
     Args:
         pretrained_model: the backbone, any `AutoModelForCausalLM` (optionally wrapped by PEFT).
         q_head_init: `"zeros"` (default: the untrained tilt changes nothing), `"normal"` (std
-            `config.initializer_range`, else 0.02) or `"lm_head"` (a copy of the LM head, so `Q` starts as the logits).
+            `config.initializer_range`, else 0.02) or `"lm_head"` (a copy of the LM head, so `Q` starts as the logits;
+            for the tied head U = I).
+        q_head_type: `"dense"` (default: `W_q`, |V| x H, fp32) or `"tied"` (`Q = W_lm (U h) + b`: U is H x H, or
+            rank `q_head_rank`, about |V|/H times fewer parameters; `W_lm` is read from the LM head and never trained
+            through the Q loss). See `trl_qhead.tied_head`.
+        q_head_rank: for `"tied"` only: `U = A B` with A `H x r`, B `r x H`; `None` (default) for a full `H x H` U.
 
     Example:
     ```python
@@ -83,7 +90,14 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
     main_input_name = "input_ids"
 
-    def __init__(self, pretrained_model: PreTrainedModel, q_head_init: str = "zeros"):
+    def __init__(
+        self,
+        pretrained_model: PreTrainedModel,
+        q_head_init: str = "zeros",
+        *,
+        q_head_type: str = "dense",
+        q_head_rank: int | None = None,
+    ):
         super().__init__()
         if not isinstance(pretrained_model, nn.Module) or not hasattr(pretrained_model, "get_output_embeddings"):
             raise TypeError(
@@ -91,12 +105,22 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             )
         if q_head_init not in Q_HEAD_INITS:
             raise ValueError(f"`q_head_init` must be one of {Q_HEAD_INITS}, got {q_head_init!r}.")
+        check_q_head_type(q_head_type)
+        if q_head_type == "dense" and q_head_rank is not None:
+            raise ValueError("`q_head_rank` is for q_head_type='tied'; the dense head has no rank.")
         self.pretrained_model = pretrained_model
         lm_head = pretrained_model.get_output_embeddings()
         if lm_head is None or getattr(lm_head, "weight", None) is None:
             raise TypeError(f"{type(pretrained_model).__name__} has no output embeddings (LM head) to read.")
         vocab_size, hidden_size = lm_head.weight.shape[0], self._hidden_size()
-        self.q_head = nn.Linear(hidden_size, vocab_size, bias=True, dtype=torch.float32, device=lm_head.weight.device)
+        if q_head_type == "tied":
+            check_q_head_rank(q_head_rank, hidden_size)
+            self.q_head = TiedQHead(hidden_size, vocab_size, q_head_rank, device=lm_head.weight.device)
+            self.q_head.bind(pretrained_model)
+        else:
+            self.q_head = nn.Linear(
+                hidden_size, vocab_size, bias=True, dtype=torch.float32, device=lm_head.weight.device
+            )
         self.q_head_init = q_head_init
         self.reset_q_head(q_head_init)
         if is_kbit_model(pretrained_model):
@@ -118,7 +142,17 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.q_head.weight.device
+        return self.q_head.bias.device
+
+    @property
+    def q_head_type(self) -> str:
+        """`"dense"` or `"tied"`."""
+        return "tied" if isinstance(self.q_head, TiedQHead) else "dense"
+
+    @property
+    def q_head_rank(self) -> int | None:
+        """The rank of a tied head's U (`None`: full rank, or a dense head)."""
+        return self.q_head.rank if isinstance(self.q_head, TiedQHead) else None
 
     @property
     def is_peft_model(self) -> bool:
@@ -149,6 +183,11 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
     def reset_q_head(self, q_head_init: str = "zeros") -> None:
         """(Re)initialise the Q head in place. See the class docstring for the options."""
+        if isinstance(self.q_head, TiedQHead):
+            if q_head_init not in Q_HEAD_INITS:
+                raise ValueError(f"`q_head_init` must be one of {Q_HEAD_INITS}, got {q_head_init!r}.")
+            self.q_head.reset_parameters(q_head_init, getattr(self.config, "initializer_range", 0.02))
+            return
         with torch.no_grad():
             if q_head_init == "zeros":
                 self.q_head.weight.zero_()
@@ -206,7 +245,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             cache=output_cache(outputs),
         )
         if return_q:
-            result.q_values = self.q_head(hidden.to(self.q_head.weight.dtype))
+            result.q_values = self.compute_q(hidden)
         if actions is not None:
             result.action_q = gather_action_q(hidden, self.q_head, actions)
         if logprob_mask is not None and not full_logits:
@@ -228,7 +267,9 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         return result
 
     def compute_q(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Full Q values `W_q h + b_q` (fp32) for hidden states of any leading shape."""
+        """Full Q values `W_q h + b_q` (tied: `W_lm (U h) + b`), fp32, for hidden states of any leading shape."""
+        if isinstance(self.q_head, TiedQHead):
+            return self.q_head(hidden_states)
         return self.q_head(hidden_states.to(self.q_head.weight.dtype))
 
     def generate(self, *args, **kwargs):
@@ -288,8 +329,10 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         if not self.is_peft_model:
             raise ValueError("`merge_and_unload` needs a PEFT model; this model has no adapters to merge.")
         merged = self.pretrained_model.merge_and_unload(**kwargs)
-        model = type(self)(merged)
+        model = type(self)(merged, q_head_type=self.q_head_type, q_head_rank=self.q_head_rank)
         model.q_head, model.q_head_init = self.q_head, self.q_head_init
+        if isinstance(model.q_head, TiedQHead):
+            model.q_head.bind(merged)  # W_lm now comes from the merged LM head
         return model
 
     # ---- save / load ------------------------------------------------------------------------------------------------
@@ -297,7 +340,9 @@ class AutoModelForCausalLMWithQHead(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
         """Save the backbone with its own `save_pretrained` (adapters only for PEFT) and the Q head beside it.
 
-        The Q head goes to `q_head.safetensors` (fp32) with its shape and init in `q_head_config.json`.
+        The Q head goes to `q_head.safetensors` (fp32) with its shape, init, type and rank in `q_head_config.json`.
+        A tied head saves only U (or A and B) and its bias, never the LM head it reads (a few MB instead of
+        `|V| x H`), plus a probe of that LM head's weight so that loading it onto another LM head fails clearly.
 
         Args:
             save_directory: the folder to write.
@@ -324,23 +369,43 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             "hidden_size": self.q_head.in_features,
             "vocab_size": self.q_head.out_features,
             "q_head_init": self.q_head_init,
+            "q_head_type": self.q_head_type,
+            "q_head_rank": self.q_head_rank,
             "peft": self.is_peft_model,
         }
+        if isinstance(self.q_head, TiedQHead):
+            q_config["lm_head_probe"] = _lm_head_probe(self.q_head.lm_weight())
         with open(os.path.join(save_directory, Q_HEAD_CONFIG_NAME), "w") as f:
             json.dump(q_config, f, indent=2)
 
     def load_q_head(self, directory: str | os.PathLike) -> None:
-        """Load `q_head.safetensors` from `directory` into this model's Q head (shapes must match)."""
+        """Load `q_head.safetensors` from `directory` into this model's Q head.
+
+        The head's type and rank (from `q_head_config.json`), tensor names and shapes must match this model's; a tied
+        head must also be loaded onto the LM head it was saved with (same shape, and the same weights up to a dtype
+        change, checked on a probe of `W_lm`): anything else raises a `ValueError`.
+        """
         path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No {Q_HEAD_WEIGHTS_NAME} in {directory}.")
-        state = load_file(path, device=str(self.device))
-        expected = tuple(self.q_head.weight.shape)
-        if tuple(state["weight"].shape) != expected:
+        config = read_q_head_config(directory)
+        saved_type, saved_rank = config.get("q_head_type", "dense"), config.get("q_head_rank")
+        if (saved_type, saved_rank) != (self.q_head_type, self.q_head_rank):
             raise ValueError(
-                f"The Q head in {directory} has shape {tuple(state['weight'].shape)}, this model needs {expected}: "
-                "was it saved from a model with another vocabulary or hidden size?"
+                f"The Q head in {directory} is q_head_type={saved_type!r}, q_head_rank={saved_rank!r}; this model's is "
+                f"q_head_type={self.q_head_type!r}, q_head_rank={self.q_head_rank!r}."
             )
+        state = load_file(path, device=str(self.device))
+        expected = {name: tuple(t.shape) for name, t in self.q_head.state_dict().items()}
+        found = {name: tuple(t.shape) for name, t in state.items()}
+        if found != expected:
+            what = "LM head (vocabulary or hidden size)" if saved_type == "tied" else "vocabulary or hidden size"
+            raise ValueError(
+                f"The Q head in {directory} has shape {found}, this model needs {expected}: was it saved from a model "
+                f"with another {what}?"
+            )
+        if saved_type == "tied" and config.get("lm_head_probe") is not None:
+            _check_lm_head_probe(config["lm_head_probe"], self.q_head.lm_weight(), directory)
         self.q_head.load_state_dict(state)
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
@@ -375,6 +440,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         *model_args,
         peft_config=None,
         q_head_init: str = "zeros",
+        q_head_type: str | None = None,
+        q_head_rank: int | None = None,
         is_trainable: bool = True,
         **kwargs,
     ) -> AutoModelForCausalLMWithQHead:
@@ -388,15 +455,43 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             pretrained_model_name_or_path: a hub name, a local folder or a `PreTrainedModel` / `PeftModel`.
             peft_config: a `peft.PeftConfig`; when given, the backbone is wrapped with `get_peft_model`.
             q_head_init: init of a fresh Q head (ignored when one is loaded).
+            q_head_type: `"dense"` (the default for a fresh head) or `"tied"`; a saved folder's own type is used when
+                this is `None`, and must equal it otherwise.
+            q_head_rank: the tied head's rank (`None`: full rank); a saved folder's own rank is used when this and
+                `q_head_type` are `None`.
             is_trainable: for a saved PEFT folder, load its adapters trainable (default) or frozen.
-            kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `device_map`). A bitsandbytes
+            kwargs: passed to `AutoModelForCausalLM.from_pretrained` (e.g. `dtype`, `device_map`), except names that
+                are ours misspelt: transformers turns any unknown keyword into a config attribute without a word, so a
+                keyword that starts with `q_head` or is close to one of this method's parameter names (`difflib`,
+                e.g. `q_head_typ`, `peft_confg`) raises a `TypeError` instead. With an already loaded model there is
+                nothing to load, so any keyword raises a `TypeError`. A bitsandbytes
                 `quantization_config` (4 or 8 bits) needs the `quant` extra; the LM head is kept unquantised (added to
                 `llm_int8_skip_modules` when that list is given), the Q head is never quantised, and with a
                 `peft_config` the backbone goes through `peft.prepare_model_for_kbit_training` first (QLoRA).
         """
         path = pretrained_model_name_or_path
+        _reject_our_misspelt_kwargs(kwargs)
+        if q_head_type is not None:
+            check_q_head_type(q_head_type)
         saved_q_head = isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, Q_HEAD_WEIGHTS_NAME))
+        if saved_q_head:
+            saved = read_q_head_config(path)
+            saved_type, saved_rank = saved.get("q_head_type", "dense"), saved.get("q_head_rank")
+            if q_head_type is None and q_head_rank is None:
+                q_head_type, q_head_rank = saved_type, saved_rank
+            elif (q_head_type or "dense", q_head_rank) != (saved_type, saved_rank):
+                raise ValueError(
+                    f"{path} holds a q_head_type={saved_type!r}, q_head_rank={saved_rank!r} Q head; got "
+                    f"q_head_type={q_head_type!r}, q_head_rank={q_head_rank!r}. Leave them unset to load it."
+                )
+        q_head_type = q_head_type or "dense"
         if isinstance(path, nn.Module):
+            if kwargs or model_args:
+                raise TypeError(
+                    f"`from_pretrained` got an already loaded model and loading arguments {sorted(kwargs)}"
+                    f"{' and positional ones' if model_args else ''}: they would be ignored; load the model with them "
+                    "first."
+                )
             backbone = path
         elif isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, "adapter_config.json")):
             from peft import AutoPeftModelForCausalLM, PeftConfig
@@ -416,12 +511,55 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             )
         if peft_config is not None:
             backbone = add_adapters(backbone, peft_config)
-        model = cls(backbone, q_head_init=q_head_init)
+        model = cls(backbone, q_head_init=q_head_init, q_head_type=q_head_type, q_head_rank=q_head_rank)
         if saved_q_head:
             model.load_q_head(path)
             with open(os.path.join(path, Q_HEAD_CONFIG_NAME)) as f:
                 model.q_head_init = json.load(f).get("q_head_init", q_head_init)
         return model
+
+
+def read_q_head_config(directory: str | os.PathLike) -> dict:
+    """The `q_head_config.json` of a saved folder (`{}` when there is none: an older dense checkpoint)."""
+    path = os.path.join(directory, Q_HEAD_CONFIG_NAME)
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+_OUR_KWARGS = ("peft_config", "q_head_init", "q_head_type", "q_head_rank", "is_trainable")
+
+
+def _reject_our_misspelt_kwargs(kwargs: dict) -> None:
+    """transformers makes any unknown keyword a config attribute, silently: catch the ones meant for us instead."""
+    import difflib
+
+    for name in kwargs:
+        close = difflib.get_close_matches(name, _OUR_KWARGS, n=1, cutoff=0.8)
+        if name.startswith("q_head") or close:
+            hint = f" Did you mean `{close[0]}`?" if close else ""
+            raise TypeError(
+                f"AutoModelForCausalLMWithQHead.from_pretrained() got an unexpected keyword argument {name!r}.{hint} "
+                f"Its own keywords are {', '.join(_OUR_KWARGS)}; the others go to the backbone."
+            )
+
+
+def _lm_head_probe(weight: torch.Tensor) -> list[float]:
+    """A few entries of `W_lm` (8 rows spread over the vocabulary, 4 columns each): enough to tell LM heads apart."""
+    rows = torch.linspace(0, weight.shape[0] - 1, 8).long().unique().to(weight.device)
+    return [float(x) for x in weight[rows, :4].double().flatten().cpu()]
+
+
+def _check_lm_head_probe(probe: list[float], weight: torch.Tensor, directory) -> None:
+    saved = torch.tensor(probe, dtype=torch.float64)
+    now = torch.tensor(_lm_head_probe(weight), dtype=torch.float64)
+    scale = float(saved.abs().max()) if saved.numel() else 0.0
+    if now.shape != saved.shape or not bool(((now - saved).abs() <= 2e-2 * saved.abs() + 1e-2 * scale).all()):
+        raise ValueError(
+            f"The tied Q head in {directory} was saved with another LM head than this model's (its weights differ): "
+            "Q = W_lm (U h) + b reads the LM head, so it only means something on the LM head it was trained with."
+        )
 
 
 def add_adapters(backbone: PreTrainedModel, peft_config) -> nn.Module:
