@@ -289,7 +289,9 @@ class QHeadTrainer(Trainer):
         weight_lr = args.q_head_learning_rate if args.q_head_learning_rate is not None else args.learning_rate
         bias_lr = args.q_head_bias_learning_rate if args.q_head_bias_learning_rate is not None else weight_lr
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}  # a frozen head is not
-        q_rates = [(p, lr) for p, lr in ((q_head.weight, weight_lr), (q_head.bias, bias_lr)) if id(p) in in_optimizer]
+        # dense: weight, bias; tied: U (or its factors), bias
+        q_params = [(p, bias_lr if name == "bias" else weight_lr) for name, p in q_head.named_parameters()]
+        q_rates = [(p, lr) for p, lr in q_params if id(p) in in_optimizer]
         q_ids = {id(p) for p, _ in q_rates}
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in q_ids]

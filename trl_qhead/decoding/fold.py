@@ -1,5 +1,5 @@
-"""`fold_tilt`: the tilt folded into the LM head, `W_lm + W_q / beta`, an ordinary causal LM (LayerNorm surgery carries
-a nonzero Q-head bias where the LM head has none)."""
+"""`fold_tilt`: the tilt folded into the LM head, `W_lm + W_q / beta` (tied head: `W_lm (I + U / beta)`), an ordinary
+causal LM (LayerNorm surgery carries a nonzero Q-head bias where the LM head has none)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from ..backbone import is_peft_model
 from ..modeling import AutoModelForCausalLMWithQHead
+from ..tied_head import TiedQHead
 from .tilt import check_beta
 
 
@@ -19,7 +20,7 @@ from .tilt import check_beta
 def fold_tilt(model: AutoModelForCausalLMWithQHead, beta: float, *, verify: bool = True) -> PreTrainedModel:
     """An ordinary causal LM whose logits are `z + Q / beta`: the tilt folded into its LM head.
 
-    The LM head becomes `W_lm + W_q / beta` (untied from the input embeddings where they were tied, LoRA adapters
+    The LM head becomes `W_lm + W_q / beta` (for a tied Q head `W_lm (I + U / beta)`, the same thing; untied from the input embeddings where they were tied, LoRA adapters
     merged first). The user's model is not changed: the backbone is deep-copied. The result saves with
     `save_pretrained` and loads with `AutoModelForCausalLM.from_pretrained` without trl_qhead, and any generator
     (transformers, TRL rollouts, vLLM) samples from the tilted policy at the base model's speed. Its greedy output
@@ -53,7 +54,11 @@ def fold_tilt(model: AutoModelForCausalLMWithQHead, beta: float, *, verify: bool
     folded.eval()
     head = folded.get_output_embeddings()
     scale = 0.0 if math.isinf(beta) else 1.0 / beta
-    weight = head.weight.double() + model.q_head.weight.double().to(head.weight.device) * scale
+    if isinstance(model.q_head, TiedQHead):  # W_lm + W_lm U / beta = W_lm (I + U / beta)
+        tilt = model.q_head.lm_weight().double() @ model.q_head.u_matrix().double()
+    else:
+        tilt = model.q_head.weight.double()
+    weight = head.weight.double() + tilt.to(head.weight.device) * scale
     bias = model.q_head.bias.double().to(head.weight.device) * scale
     # Untie: the tilted head must not change the input embeddings, and saving must keep it as its own tensor.
     for config in {id(c): c for c in (folded.config, folded.config.get_text_config())}.values():

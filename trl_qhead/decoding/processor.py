@@ -43,7 +43,12 @@ class QTiltLogitsProcessor(LogitsProcessor):
             `float("inf")` reproduces the base model's generation exactly (nothing is added, no hook is installed).
         top_k: restrict the tilt to the base model's top-k tokens (by the incoming scores) and mask all others
             (ILQL / controlled-decoding style); the Q values of those k tokens only are computed.
-        record_kl: record the exact KL (default); `False` saves one log-softmax per step.
+        record_kl: record the exact KL (default); `False` saves one log-softmax per step. With a tied Q head
+            (`Q = W_lm (U h) + b`) and a plain LM head, `False` also moves the tilt into the LM head: from the second
+            step of a generation on, the LM head reads `h + U h / beta` and adds `b / beta`, so `generate` receives
+            `z + Q / beta` directly at the cost of an H x H product per token (instead of `H x |V|`). Only the forwards
+            that continue this processor's generation (same rows, one new token, the KV cache one step longer) are
+            tilted, and only without grad; built-in processors (repetition penalty, ...) then act on tilted scores.
         eos_token_id: id(s) after which a row counts as finished for the KL record; default: the model's generation
             config `eos_token_id` and `pad_token_id`.
 
@@ -77,8 +82,17 @@ class QTiltLogitsProcessor(LogitsProcessor):
         self._kl: torch.Tensor | None = None
         self._finished: torch.Tensor | None = None
         self._finalizer = None
+        self._head_tilt = (
+            not self.record_kl
+            and self.top_k is None
+            and math.isfinite(self.beta)
+            and isinstance(self.source, QHeadSource)
+            and self.source.supports_head_tilt()
+        )
         if math.isfinite(self.beta):
             self.source.attach()
+            if self._head_tilt:
+                self.source.enable_head_tilt(self.beta)
             # The hook must not keep the processor alive, and must not outlive it.
             self._finalizer = weakref.finalize(self, self.source.detach)
 
@@ -138,7 +152,13 @@ class QTiltLogitsProcessor(LogitsProcessor):
         indices = None
         if self.top_k is not None and self.top_k < scores.shape[-1]:
             indices = scores.topk(self.top_k, dim=-1).indices
-        if math.isinf(self.beta):
+        if self._head_tilt:
+            q = self.source.take_head_tilt(input_ids, parent)
+            self.source.arm(input_ids.shape[0], input_ids.shape[1])
+            if q is None:  # the LM head produced `z + Q / beta` already
+                return torch.log_softmax(scores.float(), dim=-1)
+            q = q.to(scores.device)
+        elif math.isinf(self.beta):
             q = torch.zeros(indices.shape if indices is not None else scores.shape, device=scores.device)
         else:
             q = self.source(input_ids, parent, indices).to(scores.device)

@@ -13,10 +13,11 @@ import math
 import torch
 from torch import nn
 
-from ..backbone import forward_parameters, position_ids
+from ..backbone import forward_parameters, plain_lm_head, position_ids
 from ..compat import cache_kwargs, output_cache
 from ..modeling import AutoModelForCausalLMWithQHead, transformers_model
 from ..q_values import gather_action_q
+from ..tied_head import TiedQHead
 
 
 class QSource:
@@ -122,7 +123,8 @@ class LMHeadCapture:
 class QHeadSource(QSource):
     """Q from the model's own Q head, read off the hidden state the LM head saw in the same forward pass.
 
-    Costs one `H x |V|` product per token (like the LM head itself), or `k x H` with `token_ids` (top-k tilting).
+    Costs one `H x |V|` product per token (like the LM head itself), or `k x H` with `token_ids` (top-k tilting); a
+    tied head adds an `H x H` product (`U h`) to either.
 
     Args:
         model: an `AutoModelForCausalLMWithQHead` (PEFT-wrapped or not).
@@ -136,16 +138,88 @@ class QHeadSource(QSource):
             )
         self.model = model
         self._capture = LMHeadCapture(model.get_output_embeddings())
+        self._head_tilt_beta: float | None = None
+        self._head_tilt_handles: list = []
+        self._armed: tuple[int, int] | None = None  # (rows, cache length) the next step's forward must have
+        self._tilt_next = False  # the backbone's forward is the armed step: tilt its LM head
+        self._tilted = False  # the last LM head forward was tilted
 
     def attach(self) -> None:
         self._capture.attach()
 
     def detach(self) -> None:
         self._capture.detach()
+        for handle in self._head_tilt_handles:
+            handle.remove()
+        self._head_tilt_handles = []
+        self._armed, self._tilt_next, self._tilted = None, False, False
+
+    # ---- the tilt inside the LM head (tied heads, no KL record) ---------------------------------------------------
+
+    def supports_head_tilt(self) -> bool:
+        """A tied head on an LM head whose logits are exactly `W_lm h + b_lm`: `z + Q / beta` is then the LM head
+        applied to `h + U h / beta`, plus `b / beta` (an H x H product per token instead of `H x |V|`)."""
+        return isinstance(self.model.q_head, TiedQHead) and plain_lm_head(transformers_model(self.model)) is not None
+
+    def enable_head_tilt(self, beta: float) -> None:
+        """Tilt inside the LM head at the generation steps this source arms (`arm`), and only those: a pre-hook on
+        the backbone checks that its forward is the next step of the same generation (rows, one new token, a KV cache
+        of the expected length) and the LM head's hooks then read `h + U h / beta` and add `b / beta`."""
+        if self._head_tilt_handles:
+            return
+        self._head_tilt_beta = float(beta)
+        head = self.model.get_output_embeddings()
+        backbone = transformers_model(self.model)
+        self._head_tilt_handles = [
+            backbone.register_forward_pre_hook(self._check_step, with_kwargs=True),
+            head.register_forward_pre_hook(self._tilt_input),
+            head.register_forward_hook(self._tilt_output),
+        ]
+
+    def arm(self, rows: int, length: int) -> None:
+        """The next forward with `rows` rows, one token and a cache of `length` tokens is this generation's next step."""
+        self._armed = (rows, length)
+
+    def _check_step(self, module, args, kwargs):
+        armed, self._armed, self._tilt_next = self._armed, None, False
+        if armed is None or torch.is_grad_enabled():
+            return
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if input_ids is None or cache is None or not hasattr(cache, "get_seq_length"):
+            return
+        self._tilt_next = tuple(input_ids.shape) == (armed[0], 1) and cache.get_seq_length() == armed[1]
+
+    def _tilt_input(self, module, args):
+        if not self._tilt_next:
+            self._tilted = False
+            return None
+        hidden = args[0]
+        tilted = hidden + (self.model.q_head.project(hidden) / self._head_tilt_beta).to(hidden.dtype)
+        return (tilted, *args[1:])
+
+    def _tilt_output(self, module, args, output):
+        if not self._tilt_next:
+            return None
+        self._tilt_next, self._tilted = False, True
+        return output + (self.model.q_head.bias / self._head_tilt_beta).to(output.dtype)
+
+    def take_head_tilt(self, input_ids: torch.LongTensor, parent) -> torch.Tensor | None:
+        """`None` when the LM head already produced this step's tilted scores; else the full Q of this step (the first
+        step of a generation, or any step the check above did not recognise)."""
+        tilted, self._tilted = self._tilted, False
+        if tilted:
+            self._capture.take(input_ids.shape[0], parent is None, "QTiltLogitsProcessor")
+            return None
+        return self(input_ids, parent)
 
     def __call__(self, input_ids, parent, token_ids=None):
         hidden, _ = self._capture.take(input_ids.shape[0], parent is None, "QTiltLogitsProcessor")
         q_head = self.model.q_head
+        if isinstance(q_head, TiedQHead):  # W_lm (U h) + b: an H x H product, then the LM head's own size
+            if token_ids is not None:
+                return q_head.gather(hidden[:, None, :], token_ids.to(q_head.device))
+            return q_head(hidden)
         if token_ids is not None:
             return gather_action_q(hidden[:, None, :], q_head, token_ids.to(q_head.weight.device))
         # `(W_q h^T)^T + b_q` is `F.linear(h, W_q, b_q)`; for a handful of rows MKL runs this layout about twice as
