@@ -112,7 +112,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         lm_head = pretrained_model.get_output_embeddings()
         if lm_head is None or getattr(lm_head, "weight", None) is None:
             raise TypeError(f"{type(pretrained_model).__name__} has no output embeddings (LM head) to read.")
-        vocab_size, hidden_size = lm_head.weight.shape[0], self._hidden_size()
+        # `out_features` first: a quantised head's packed weight does not have the `[|V|, H]` shape
+        vocab_size, hidden_size = getattr(lm_head, "out_features", lm_head.weight.shape[0]), self._hidden_size()
         if q_head_type == "tied":
             check_q_head_rank(q_head_rank, hidden_size)
             self.q_head = TiedQHead(hidden_size, vocab_size, q_head_rank, device=lm_head.weight.device)
