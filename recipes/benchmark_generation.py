@@ -10,6 +10,10 @@ on. Rows:
 - `processor, top_k=50`: the tilt restricted to the base model's top 50 tokens (Q gathered for those only).
 - `folded`: `fold_tilt(model, beta)`, an ordinary GPT-2 with the tilt in its LM head.
 
+`--q_head_type tied` measures a tied Q head (`Q = W_lm (U h) + b`, random U and bias) instead; `both` adds the tied
+rows (`tied: ...`) to the dense ones, on the same backbone in the same run. With a tied head, `processor, no KL` tilts
+inside the LM head (an H x H product per token). `--n_layer`, `--n_embd`, `--n_head` change the model's shape.
+
 Runs are interleaved (one of each per round, alternating the order) so that load on the machine hits all rows alike;
 after a warm-up round the table shows the median time per token and the median of the per-round ratios to `plain`,
 for wall-clock time and for this process's CPU time (`time.process_time`). On a shared machine pass `--threads 1`
@@ -50,17 +54,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default="benchmark_generation.json", help="where to write the results")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--q_head_type", choices=("dense", "tied", "both"), default="dense")
+    parser.add_argument("--n_layer", type=int, default=12)
+    parser.add_argument("--n_embd", type=int, default=768)
+    parser.add_argument("--n_head", type=int, default=12)
     return parser.parse_args(argv)
 
 
-def build_model(device: str, seed: int) -> AutoModelForCausalLMWithQHead:
+def build_model(device: str, seed: int, n_layer=12, n_embd=768, n_head=12, backbone=None, q_head_type="dense"):
     torch.manual_seed(seed)
-    backbone = GPT2LMHeadModel(GPT2Config(n_layer=12, n_embd=768, n_head=12, vocab_size=50257)).eval()
-    backbone.generation_config.eos_token_id = None  # every run generates exactly `new_tokens` tokens
-    backbone.generation_config.pad_token_id = 0
-    model = AutoModelForCausalLMWithQHead(backbone, q_head_init="normal").to(device)
+    if backbone is None:
+        config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, vocab_size=50257)
+        backbone = GPT2LMHeadModel(config).eval()
+        backbone.generation_config.eos_token_id = None  # every run generates exactly `new_tokens` tokens
+        backbone.generation_config.pad_token_id = 0
+    model = AutoModelForCausalLMWithQHead(backbone, q_head_init="normal", q_head_type=q_head_type).to(device)
     with torch.no_grad():
         model.q_head.bias.normal_(0.0, 1.0)
+        if q_head_type == "tied":  # W_lm U then has entries of W_lm's size, as the dense head's normal init
+            model.q_head.u.normal_(0.0, model.q_head.hidden_size**-0.5)
     return model
 
 
@@ -68,7 +80,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = build_model(args.device, args.seed)
+    shape = dict(n_layer=args.n_layer, n_embd=args.n_embd, n_head=args.n_head)
+    first = "tied" if args.q_head_type == "tied" else "dense"
+    model = build_model(args.device, args.seed, q_head_type=first, **shape)
     folded = fold_tilt(model, args.beta)
     generator = torch.Generator().manual_seed(args.seed)
     input_ids = torch.randint(0, 50257, (args.batch, args.prompt_length), generator=generator).to(args.device)
@@ -84,9 +98,23 @@ def main(argv=None) -> dict:
     for name, processor in processors.items():
         runs[name] = lambda p=processor: model.generate(input_ids, logits_processor=[p], **gen_kwargs)
     runs["folded"] = lambda: folded.generate(input_ids, **gen_kwargs)
+    if args.q_head_type == "both":
+        tied = build_model(args.device, args.seed, backbone=model.pretrained_model, q_head_type="tied")
+        tied_folded = fold_tilt(tied, args.beta)
+        for name, processor in {
+            "tied: processor": QTiltLogitsProcessor(tied, args.beta),
+            "tied: processor, no KL": QTiltLogitsProcessor(tied, args.beta, record_kl=False),
+            "tied: processor, top_k=50": QTiltLogitsProcessor(tied, args.beta, top_k=50),
+        }.items():
+            processors[name] = processor
+            runs[name] = lambda p=processor: model.generate(input_ids, logits_processor=[p], **gen_kwargs)
+        runs["tied: folded"] = lambda: tied_folded.generate(input_ids, **gen_kwargs)
 
     outputs = {name: run() for name, run in runs.items()}  # warm-up round
     same_tokens = torch.equal(outputs["processor"], outputs["folded"])
+    if args.q_head_type == "both":
+        same_tokens = same_tokens and torch.equal(outputs["tied: processor"], outputs["tied: folded"])
+        same_tokens = same_tokens and torch.equal(outputs["tied: processor"], outputs["tied: processor, no KL"])
     wall = {name: [] for name in runs}
     cpu = {name: [] for name in runs}
     cuda = args.device.startswith("cuda")
@@ -116,7 +144,8 @@ def main(argv=None) -> dict:
 
     results = {
         "setup": {
-            "model": "GPT-2-small shapes (12 x 768, 12 heads, |V| = 50257), random init, fp32",
+            "model": f"GPT-2 ({args.n_layer} x {args.n_embd}, {args.n_head} heads, |V| = 50257), random init, fp32",
+            "q_head_type": args.q_head_type,
             "device": args.device,
             "threads": torch.get_num_threads(),
             "batch": args.batch,
@@ -132,7 +161,7 @@ def main(argv=None) -> dict:
         "cpu": summary(cpu),
     }
     print(
-        f"GPT-2-small shapes, {args.device}, fp32, batch {args.batch}, prompt {args.prompt_length}, "
+        f"GPT-2 {args.n_layer} x {args.n_embd}, Q head {args.q_head_type}, {args.device}, fp32, batch {args.batch}, prompt {args.prompt_length}, "
         f"{args.new_tokens} new tokens, {torch.get_num_threads()} thread(s); medians over {args.rounds} interleaved "
         "rounds; ratio = median of the per-round ratios to plain"
     )
