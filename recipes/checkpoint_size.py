@@ -43,6 +43,10 @@ def main(r: int, n_layer: int = 12) -> None:
         q_head = folder_size(tmp / "lora", ("q_head.safetensors",))
         n_adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
         n_q = sum(p.numel() for p in model.q_head.parameters())
+        tied = AutoModelForCausalLMWithQHead(model.pretrained_model, q_head_type="tied")  # U (H x H) and b only
+        tied.save_pretrained(tmp / "tied")
+        tied_q_head = folder_size(tmp / "tied", ("q_head.safetensors",))
+        n_tied = sum(p.numel() for p in tied.q_head.parameters())
 
     mb = 1024**2
     print(f"GPT-2 small shapes ({n_layer} blocks), LoRA r={r} on c_attn/c_proj/c_fc, fp32 files\n")
@@ -55,6 +59,9 @@ def main(r: int, n_layer: int = 12) -> None:
     print(f"| Q head (`q_head.safetensors`) | {n_q:,} | {q_head / mb:.1f} | {q_head / full:.3f} |")
     total = adapters + q_head
     print(f"| checkpoint = adapters + Q head | {n_adapter + n_q:,} | {total / mb:.1f} | {total / full:.3f} |")
+    print(f"| tied Q head (`q_head_type='tied'`) | {n_tied:,} | {tied_q_head / mb:.1f} | {tied_q_head / full:.3f} |")
+    total = adapters + tied_q_head
+    print(f"| checkpoint = adapters + tied Q head | {n_adapter + n_tied:,} | {total / mb:.1f} | {total / full:.3f} |")
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def _python(script: str, *args: str, timeout: float = 300) -> str:
 def test_checkpoint_size_prints_its_table():
     out = _python("recipes/checkpoint_size.py", "--r", "2", "--n_layer", "1")
     assert "GPT-2 small shapes (1 blocks), LoRA r=2" in out
-    for row in ("full model", "LoRA adapters", "Q head", "checkpoint = adapters + Q head"):
+    for row in ("full model", "LoRA adapters", "Q head", "checkpoint = adapters + Q head", "tied Q head"):
         assert f"| {row}" in out, row
 
 
