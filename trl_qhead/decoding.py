@@ -116,21 +116,32 @@ def _tilt(
 
     With `t = q / beta` on the tokens `pi'` keeps, `log pi' - log pi = t - log Z' + log Z`, so
     `KL = sum_a pi'(a) t(a) - log Z' + log Z`: one log-sum-exp of the scores and a dot product on top of the tilt.
+
+    Any beta > 0 is safe: the tilt is `(q - max q) / beta`, taken in fp64 (so that beta is not rounded to 0 or a
+    denormal first) and clamped to `[-inf, 0]`, where the max runs over the tokens the scores allow (finite score,
+    kept by top-k). A per-row constant changes neither pi' nor the KL, and this form neither overflows to `+inf`
+    nor forms `inf - inf`: as beta -> 0 it tends to its limit, `pi` restricted to the allowed tokens of largest Q
+    (greedy takes argmax Q, ties broken by the scores). Tokens with `pi' = 0` add 0 to the KL (never `0 * -inf`).
     """
     scores = scores.float()
-    shift = q.float() / beta if math.isfinite(beta) else torch.zeros_like(q, dtype=torch.float32)
-    if with_kl:  # a per-row constant changes neither pi' nor the KL; removing it avoids cancellation in fp32
-        shift = shift - shift.amax(dim=-1, keepdim=True)
+    kept_scores = scores if indices is None else scores.gather(-1, indices)
+    if math.isfinite(beta):
+        q = q.to(torch.float64)
+        q_max = torch.where(kept_scores > float("-inf"), q, float("-inf")).amax(dim=-1, keepdim=True)
+        shift = ((q - q_max) / beta).clamp(max=0.0).float()
+    else:
+        shift = torch.zeros_like(q, dtype=torch.float32)
     if indices is None:
         tilted = scores + shift
     else:
-        tilted = torch.full_like(scores, float("-inf")).scatter_(-1, indices, scores.gather(-1, indices) + shift)
+        tilted = torch.full_like(scores, float("-inf")).scatter_(-1, indices, kept_scores + shift)
     log_norm = torch.logsumexp(tilted, dim=-1, keepdim=True)
     logprobs = tilted - log_norm
     if not with_kl:
         return logprobs, None
     kept = logprobs if indices is None else logprobs.gather(-1, indices)
-    expected_shift = (kept.exp() * shift).sum(-1)  # tokens with pi' = 0 and a finite shift add 0
+    probs = kept.exp()
+    expected_shift = torch.where(probs > 0, probs * shift, 0.0).sum(-1)  # pi' = 0 (shift may be -inf) adds 0
     return logprobs, expected_shift - log_norm[:, 0] + torch.logsumexp(scores, dim=-1)
 
 
@@ -573,6 +584,12 @@ def fold_tilt(model: AutoModelForCausalLMWithQHead, beta: float, *, verify: bool
     scale = 0.0 if math.isinf(beta) else 1.0 / beta
     weight = head.weight.double() + model.q_head.weight.double().to(head.weight.device) * scale
     bias = model.q_head.bias.double().to(head.weight.device) * scale
+    dtype = head.weight.dtype
+    if not (torch.isfinite(weight.to(dtype)).all() and torch.isfinite(bias.to(dtype)).all()):
+        raise ValueError(
+            f"`beta`={beta} is too small to fold: W_q / beta overflows the LM head's {dtype}. Use "
+            "QTiltLogitsProcessor (which handles any beta > 0), or a larger beta."
+        )
     # Untie: the tilted head must not change the input embeddings, and saving must keep it as its own tensor.
     for config in {id(c): c for c in (folded.config, folded.config.get_text_config())}.values():
         if getattr(config, "tie_word_embeddings", False):
@@ -670,7 +687,7 @@ def _verify_fold(model: AutoModelForCausalLMWithQHead, folded: PreTrainedModel, 
     dtype = folded.get_output_embeddings().weight.dtype
     tolerance = (1e-4 if dtype in (torch.float32, torch.float64) else 5e-2) * (1.0 + expected.abs().max().item())
     error = (got - expected).abs().max().item()
-    if error > tolerance:
+    if not error <= tolerance:  # NaN (inf - inf) fails too
         raise RuntimeError(
             f"The folded model's logits differ from z + Q/beta by {error:.3g} (tolerance {tolerance:.3g}): this "
             "architecture post-processes its logits (soft-capping, scaling?), so the tilt cannot be folded into its "
@@ -753,7 +770,9 @@ def rerank(
     if beta is None:
         choice = grouped.argmax(-1)
     else:
-        choice = torch.multinomial(torch.softmax(grouped / beta, dim=-1), 1, generator=generator)[:, 0]
+        # (score - max) / beta in fp64 lies in [-inf, 0]: no overflow to inf or NaN, however small beta is.
+        centred = grouped.double() - grouped.double().amax(-1, keepdim=True)
+        choice = torch.multinomial(torch.softmax(centred / beta, dim=-1), 1, generator=generator)[:, 0]
     indices = torch.arange(grouped.shape[0], device=device) * num_samples + choice
     return RerankOutput(sequences=sequences[indices.to(sequences.device)], indices=indices, scores=grouped)
 
