@@ -229,15 +229,12 @@ def test_b_save_pretrained_replaces_what_a_previous_save_wrote(tmp_path, tiny_ll
 
 # ---- B: trainer checkpoints killed mid-way; resume_from_checkpoint=True takes the newest complete one ----------------
 
-CORPUS = [
-    "The cat sat on the mat and looked at the door.",
-    "A dog ran across the park to find a ball.",
-    "The sun rose over the hills and the birds sang.",
-    "Rain fell on the roof all night long.",
-] * 4
+WORDS = ["<eos>", "the", "cat", "sat", "on", "mat", "a", "dog", "ran", "to", "park", "sun", "rose", "over", "hills"]
+CORPUS = ["the cat sat on the mat", "a dog ran to the park", "the sun rose over the hills", "the dog sat"] * 4
 
 
-def _trainer(tmp_path, tokenizer, out="out", max_steps=4, seed=0):
+def _trainer(tmp_path, out="out", max_steps=4, seed=0):
+    """A 1-layer GPT-2 over a 15-word vocabulary: checkpoints every 2 steps, every state a resume must restore."""
     config = QHeadConfig(
         output_dir=str(tmp_path / out),
         per_device_train_batch_size=2,
@@ -251,11 +248,11 @@ def _trainer(tmp_path, tokenizer, out="out", max_steps=4, seed=0):
         seed=seed,
         disable_tqdm=True,
         gae_lambda=0.9,
-        use_lm_rewards=True,
+        use_lm_rewards=True,  # so the Q head has targets to learn
     )
-    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(seed=seed))
-    dataset = Dataset.from_dict({"text": CORPUS})
-    return QHeadTrainer(model, config, dataset, processing_class=tokenizer)
+    model = AutoModelForCausalLMWithQHead(_word_model(len(WORDS), eos_token_id=0, seed=seed))
+    tokenizer = _word_tokenizer(WORDS, eos_token="<eos>", pad_token="<eos>")
+    return QHeadTrainer(model, config, Dataset.from_dict({"text": CORPUS}), processing_class=tokenizer)
 
 
 def _kill_checkpoint_4(monkeypatch, where):
@@ -285,15 +282,15 @@ def _kill_checkpoint_4(monkeypatch, where):
 
 @pytest.mark.parametrize("where", ["q_head", "optimizer", "rng", "trainer_state"])
 @pytest.mark.parametrize("stale", [False, True], ids=["fresh_dir", "over_an_older_run"])
-def test_b_resume_true_skips_a_checkpoint_killed_mid_save(tmp_path, gpt2_tokenizer, monkeypatch, where, stale):
+def test_b_resume_true_skips_a_checkpoint_killed_mid_save(tmp_path, monkeypatch, where, stale):
     if stale:  # an older, complete run in the same output_dir: its checkpoint-4 gets partly overwritten
-        _trainer(tmp_path, gpt2_tokenizer, seed=1).train()
+        _trainer(tmp_path, seed=1).train()
     with monkeypatch.context() as patch:
         _kill_checkpoint_4(patch, where)
         with pytest.raises(_Killed):
-            _trainer(tmp_path, gpt2_tokenizer).train()
+            _trainer(tmp_path).train()
 
-    resumed = _trainer(tmp_path, gpt2_tokenizer, max_steps=6)
+    resumed = _trainer(tmp_path, max_steps=6)
     picked, original_load = [], resumed._load_from_checkpoint
 
     def load(path, *args, **kwargs):
@@ -305,13 +302,38 @@ def test_b_resume_true_skips_a_checkpoint_killed_mid_save(tmp_path, gpt2_tokeniz
     assert picked == ["checkpoint-2"]
 
     # exactly what resuming from checkpoint-2 by name gives
-    reference = _trainer(tmp_path, gpt2_tokenizer, out="reference", max_steps=6)
+    reference = _trainer(tmp_path, out="reference", max_steps=6)
     reference.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     assert resumed.state.global_step == reference.state.global_step == 6
     assert _same_weights(resumed.model, reference.model)
 
 
-def test_b_resume_true_with_no_complete_checkpoint_fails_clearly(tmp_path, gpt2_tokenizer, monkeypatch):
+def test_b_rotation_keeps_the_previous_checkpoint_until_the_new_one_is_complete(tmp_path, monkeypatch):
+    import trl_qhead.trainer as trainer_module
+
+    original = trainer_module._mark_checkpoint_complete
+
+    def dying(folder, step):
+        if step == 4:
+            raise _Killed("marker")
+        return original(folder, step)
+
+    trainer = _trainer(tmp_path)
+    trainer.args.save_total_limit = 1
+    monkeypatch.setattr(trainer_module, "_mark_checkpoint_complete", dying)
+    with pytest.raises(_Killed):
+        trainer.train()
+    monkeypatch.setattr(trainer_module, "_mark_checkpoint_complete", original)
+    assert trainer_module.checkpoint_problem(tmp_path / "out" / "checkpoint-2") is None  # not rotated away
+    assert trainer_module.last_complete_checkpoint(tmp_path / "out") == str(tmp_path / "out" / "checkpoint-2")
+
+    finished = _trainer(tmp_path, max_steps=6)
+    finished.args.save_total_limit = 1
+    finished.train(resume_from_checkpoint=True)
+    assert sorted(os.listdir(tmp_path / "out")) == ["checkpoint-6"]  # rotation still runs, after the marker
+
+
+def test_b_resume_true_with_no_complete_checkpoint_fails_clearly(tmp_path, monkeypatch):
     from transformers import Trainer
 
     original = Trainer._save_rng_state
@@ -321,10 +343,10 @@ def test_b_resume_true_with_no_complete_checkpoint_fails_clearly(tmp_path, gpt2_
 
     monkeypatch.setattr(Trainer, "_save_rng_state", dying)
     with pytest.raises(_Killed):
-        _trainer(tmp_path, gpt2_tokenizer).train()
+        _trainer(tmp_path).train()
     monkeypatch.setattr(Trainer, "_save_rng_state", original)
     with pytest.raises(ValueError, match=r"complete checkpoint.*checkpoint-2"):
-        _trainer(tmp_path, gpt2_tokenizer).train(resume_from_checkpoint=True)
+        _trainer(tmp_path).train(resume_from_checkpoint=True)
 
 
 # ---- E: tokenizers that do not belong to the model ----------------------------------------------------------------
@@ -336,7 +358,8 @@ def _word_tokenizer(words, **special):
     return PreTrainedTokenizerFast(tokenizer_object=backend, **special)
 
 
-def _word_model(vocab_size, eos_token_id):
+def _word_model(vocab_size, eos_token_id, seed=0):
+    torch.manual_seed(seed)
     config = GPT2Config(
         vocab_size=vocab_size,
         n_layer=1,
@@ -356,7 +379,7 @@ def _config(tmp_path):
 def test_e_a_model_folder_without_tokenizer_files_is_refused(tmp_path):
     make_tiny_gpt2().save_pretrained(tmp_path / "model")
     assert len(AutoTokenizer.from_pretrained(tmp_path / "model")) == 1  # what transformers would silently build
-    dataset = Dataset.from_dict({"text": CORPUS})
+    dataset = Dataset.from_dict({"text": ["The cat sat on the mat."] * 4})
     with pytest.raises(FileNotFoundError, match=r"model.*tokenizer"):
         QHeadTrainer(str(tmp_path / "model"), _config(tmp_path), dataset)
 
@@ -364,7 +387,7 @@ def test_e_a_model_folder_without_tokenizer_files_is_refused(tmp_path):
 def test_e_the_one_token_tokenizer_is_refused_when_handed_over(tmp_path):
     make_tiny_gpt2().save_pretrained(tmp_path / "model")
     one_token = AutoTokenizer.from_pretrained(tmp_path / "model")
-    dataset = Dataset.from_dict({"text": CORPUS})
+    dataset = Dataset.from_dict({"text": ["The cat sat on the mat."] * 4})
     with pytest.raises(ValueError, match=r"`processing_class` has 1 token.*50256"):
         QHeadTrainer(make_tiny_gpt2(), _config(tmp_path), dataset, processing_class=one_token)
 
