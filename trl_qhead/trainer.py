@@ -92,6 +92,7 @@ class QHeadTrainer(Trainer):
         if processing_class is None:
             if not model_id:
                 raise ValueError("`processing_class` is required when the model has no name or path to load it from.")
+            _check_tokenizer_files(model_id)
             processing_class = AutoTokenizer.from_pretrained(model_id)
         if getattr(processing_class, "pad_token_id", None) is None:
             processing_class.pad_token = processing_class.eos_token
@@ -411,12 +412,65 @@ class QHeadTrainer(Trainer):
 
 
 def _check_vocabulary(tokenizer: Any, model: AutoModelForCausalLMWithQHead) -> None:
-    """The tokenizer's ids must all be rows of the model's LM and Q heads."""
+    """The tokenizer must belong to the model: its ids are all rows of the model's LM and Q heads, it covers the
+    special ids the model's config and generation config use (EOS, BOS, pad), and it has an EOS token (episodes
+    end, and documents are closed and padded, with it)."""
     n_tokens = len(tokenizer)
     if n_tokens > model.vocab_size:
         raise ValueError(
             f"`processing_class` has {n_tokens} tokens but the model's vocabulary has {model.vocab_size}: they do not "
             "belong together (resize the model's embeddings, or pass the model's own tokenizer)."
+        )
+    beyond = {name: i for name, i in _model_special_ids(model).items() if n_tokens <= i < model.vocab_size}
+    if beyond:
+        used = ", ".join(f"{name}={i}" for name, i in beyond.items())
+        raise ValueError(
+            f"`processing_class` has {n_tokens} tokens but the model uses ids beyond them ({used}): it is not the "
+            "model's tokenizer (a model folder without tokenizer files loads as a one-token tokenizer). Pass the "
+            "model's own tokenizer."
+        )
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError(
+            "`processing_class` has no EOS token: QHeadTrainer ends every document (an episode) with EOS and pads with "
+            "it. Set `processing_class.eos_token` to the model's end-of-sequence token."
+        )
+
+
+def _model_special_ids(model: AutoModelForCausalLMWithQHead) -> dict[str, int]:
+    """The special token ids of the model's config and generation config (`eos_token_id` may be a list)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    sources = [("", config), ("generation_config.", getattr(model.base_model, "generation_config", None))]
+    ids = {}
+    for prefix, source in sources:
+        for name in ("eos_token_id", "bos_token_id", "pad_token_id", "decoder_start_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for i in values:
+                if isinstance(i, int) and not isinstance(i, bool) and i >= 0:
+                    ids[f"{prefix}{name}"] = max(i, ids.get(f"{prefix}{name}", -1))
+    return ids
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tekken.json",
+)
+
+
+def _check_tokenizer_files(model_id: str | os.PathLike) -> None:
+    """A local model folder must hold a tokenizer: without one, `AutoTokenizer` builds a one-token tokenizer
+    (everything encodes to nothing, and token 0 becomes EOS) instead of failing."""
+    if os.path.isdir(model_id) and not any(os.path.isfile(os.path.join(model_id, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{model_id} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): pass the model's tokenizer as "
+            "`processing_class`, or save it into the folder."
         )
 
 
