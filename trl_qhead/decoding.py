@@ -117,18 +117,19 @@ def _tilt(
     With `t = q / beta` on the tokens `pi'` keeps, `log pi' - log pi = t - log Z' + log Z`, so
     `KL = sum_a pi'(a) t(a) - log Z' + log Z`: one log-sum-exp of the scores and a dot product on top of the tilt.
 
-    Any beta > 0 is safe: the tilt is `(q - max q) / beta`, taken in fp64 (so that beta is not rounded to 0 or a
-    denormal first) and clamped to `[-inf, 0]`, where the max runs over the tokens the scores allow (finite score,
-    kept by top-k). A per-row constant changes neither pi' nor the KL, and this form neither overflows to `+inf`
-    nor forms `inf - inf`: as beta -> 0 it tends to its limit, `pi` restricted to the allowed tokens of largest Q
+    Any beta > 0 is safe: the tilt is `(q - max q) / beta`, exactly 0 at the max (even where beta rounds to 0 in
+    fp32) and clamped to `[-inf, 0]`, where the max runs over the tokens the scores allow (finite score, kept by
+    top-k). A per-row constant changes neither pi' nor the KL, and this form neither overflows to `+inf` nor forms
+    `inf - inf` or `0 / 0`: as beta -> 0 it tends to its limit, `pi` restricted to the allowed tokens of largest Q
     (greedy takes argmax Q, ties broken by the scores). Tokens with `pi' = 0` add 0 to the KL (never `0 * -inf`).
     """
     scores = scores.float()
     kept_scores = scores if indices is None else scores.gather(-1, indices)
     if math.isfinite(beta):
-        q = q.to(torch.float64)
+        q = q.float()
         q_max = torch.where(kept_scores > float("-inf"), q, float("-inf")).amax(dim=-1, keepdim=True)
-        shift = ((q - q_max) / beta).clamp(max=0.0).float()
+        below = q - q_max
+        shift = torch.where(below == 0, 0.0, below / beta).clamp(max=0.0)
     else:
         shift = torch.zeros_like(q, dtype=torch.float32)
     if indices is None:
@@ -770,9 +771,10 @@ def rerank(
     if beta is None:
         choice = grouped.argmax(-1)
     else:
-        # (score - max) / beta in fp64 lies in [-inf, 0]: no overflow to inf or NaN, however small beta is.
-        centred = grouped.double() - grouped.double().amax(-1, keepdim=True)
-        choice = torch.multinomial(torch.softmax(centred / beta, dim=-1), 1, generator=generator)[:, 0]
+        # (score - max) / beta lies in [-inf, 0] (0 at the max): no inf - inf or 0 / 0, however small beta is.
+        below = grouped - grouped.amax(-1, keepdim=True)
+        logits = torch.where(below == 0, 0.0, below / beta)
+        choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
     indices = torch.arange(grouped.shape[0], device=device) * num_samples + choice
     return RerankOutput(sequences=sequences[indices.to(sequences.device)], indices=indices, scores=grouped)
 
