@@ -429,3 +429,24 @@ class _Int8Head(torch.nn.Module):
     def __init__(self):
         super().__init__()
         self.weight = torch.nn.Parameter(torch.zeros(10, 4, dtype=torch.int8), requires_grad=False)
+
+
+def test_damaged_tied_files_and_tiny_beta(tmp_path):
+    from safetensors.torch import save_file
+
+    model = _tied(make_tiny_gpt2().eval(), rank=2)
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / "q_head.safetensors"
+    save_file({"bias": model.q_head.bias.detach().clone(), "u": torch.zeros(32, 32)}, str(path))  # a full-rank U
+    with pytest.raises(ValueError, match="u_left"):
+        model.load_q_head(tmp_path / "ckpt")
+    state = {k: v.detach().clone() for k, v in model.q_head.state_dict().items()}
+    state["u_left"][0, 0] = float("nan")
+    save_file(state, str(path))
+    with pytest.raises(ValueError, match="NaN"):
+        model.load_q_head(tmp_path / "ckpt")
+    # A tiny beta would overflow h + U h / beta: the processor keeps its own overflow-free tilt.
+    with QTiltLogitsProcessor(model, 1e-30, record_kl=False) as processor:
+        assert not processor._head_tilt
+        out = _greedy(model, torch.randint(0, 500, (2, 3)), processor, steps=3)
+    assert out.shape == (2, 6)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -144,11 +144,13 @@ class QHeadConfig(TrainingArguments):
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
 
     def __post_init__(self):
+        _check_float_fields(self)
         _check_range("gamma", self.gamma, 0.0, 1.0)
         if self.gae_lambda is not None:
             _check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        if not isinstance(self.q_weight, (int, float)) or self.q_weight != self.q_weight or self.q_weight < 0:
-            raise ValueError(f"`q_weight` must be a number >= 0, got {self.q_weight!r}.")
+        _check_finite("q_weight", self.q_weight)
+        if self.q_weight < 0:
+            raise ValueError(f"`q_weight` must be a finite number >= 0, got {self.q_weight!r}.")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(
                 f"`max_length` must be an integer >= 2 (one action needs two tokens), got {self.max_length!r}."
@@ -198,6 +200,17 @@ class QHeadConfig(TrainingArguments):
         if self.dataset_data_files is not None and self.dataset_name is None:
             raise ValueError("`dataset_data_files` needs `dataset_name` (e.g. 'text' or 'json').")
         super().__post_init__()
+
+
+def _check_float_fields(config: QHeadConfig) -> None:
+    """No field holds NaN or an infinity: ours and every inherited `TrainingArguments` one (`learning_rate`,
+    `max_grad_norm`, ...). A non-finite weight or rate would train on (or log) NaN without failing."""
+    for spec in fields(config):
+        value = getattr(config, spec.name, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"`{spec.name}` must be a finite number, got {value!r}.")
 
 
 def _check_range(name: str, value, low: float, high: float) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ from trl.trainer.utils import selective_log_softmax
 from .backbone import causal_lm_forward, is_peft_model, plain_lm_head, unwrap_peft
 from .chunked_lm_head import action_logprobs_and_values
 from .compat import output_cache
+from .durable_files import fsync_path, fsync_tree, relative_files
 from .q_values import gather_action_q, state_values
 from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
 from .tied_head import TiedQHead, check_q_head_rank, check_q_head_type
@@ -345,6 +348,20 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         A tied head saves only U (or A and B) and its bias, never the LM head it reads (a few MB instead of
         `|V| x H`), plus a probe of that LM head's weight so that loading it onto another LM head fails clearly.
 
+        The save is atomic: a kill at any moment leaves the previous checkpoint or the new one, or a folder that refuses
+        to load with a clear error, never a partial one that loads. Everything is first written (and fsync'ed) to a
+        temporary sibling folder `.<name>.tmp-*` (the same file system, ignored by `from_pretrained` and by the
+        `checkpoint-N` pattern of transformers). Then:
+
+        - when `save_directory` does not exist or is empty, that folder is renamed into place in one step;
+        - otherwise (a previous save, or a folder holding other things) `q_head_config.json` is the commit marker:
+          the old one is deleted first, `q_head.safetensors` is moved in next, then the backbone's files (each with an
+          atomic `os.replace`), the files the previous save listed and this one did not write are removed, and the new
+          `q_head_config.json` is moved in last. `from_pretrained` refuses a folder with `q_head.safetensors` and no
+          `q_head_config.json`, so while the files are replaced the folder does not load.
+
+        `q_head_config.json` lists the files of the save (`files`); loading checks they are all there.
+
         Args:
             save_directory: the folder to write.
             is_main_process: only the main process writes (the others return at once).
@@ -362,49 +379,85 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 k[len(backbone_prefix) :]: v for k, v in state_dict.items() if k.startswith(backbone_prefix)
             }
             q_tensors = {k[len(q_prefix) :]: v for k, v in state_dict.items() if k.startswith(q_prefix)} or q_tensors
-        os.makedirs(save_directory, exist_ok=True)
-        self.pretrained_model.save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
-        tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in q_tensors.items()}
-        save_file(tensors, os.path.join(save_directory, Q_HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
-        q_config = {
-            "hidden_size": self.q_head.in_features,
-            "vocab_size": self.q_head.out_features,
-            "q_head_init": self.q_head_init,
-            "q_head_type": self.q_head_type,
-            "q_head_rank": self.q_head_rank,
-            "peft": self.is_peft_model,
-        }
-        if isinstance(self.q_head, TiedQHead):
-            q_config["lm_head_probe"] = _lm_head_probe(self.q_head.lm_weight())
-        with open(os.path.join(save_directory, Q_HEAD_CONFIG_NAME), "w") as f:
-            json.dump(q_config, f, indent=2)
+        target = os.path.abspath(os.fspath(save_directory))
+        parent, name = os.path.split(target)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        try:
+            self.pretrained_model.save_pretrained(staging, is_main_process=is_main_process, **kwargs)
+            tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in q_tensors.items()}
+            save_file(tensors, os.path.join(staging, Q_HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
+            files = sorted(relative_files(staging) | {Q_HEAD_CONFIG_NAME})
+            q_config = {
+                "hidden_size": self.q_head.in_features,
+                "vocab_size": self.q_head.out_features,
+                "q_head_init": self.q_head_init,
+                "q_head_type": self.q_head_type,
+                "q_head_rank": self.q_head_rank,
+                "peft": self.is_peft_model,
+                "files": files,
+            }
+            if isinstance(self.q_head, TiedQHead):
+                q_config["lm_head_probe"] = _lm_head_probe(self.q_head.lm_weight())
+            with open(os.path.join(staging, Q_HEAD_CONFIG_NAME), "w") as f:
+                json.dump(q_config, f, indent=2)
+            fsync_tree(staging)
+            _commit_folder(staging, target, files)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when it was renamed into place
 
     def load_q_head(self, directory: str | os.PathLike) -> None:
         """Load `q_head.safetensors` from `directory` into this model's Q head.
 
-        The head's type and rank (from `q_head_config.json`), tensor names and shapes must match this model's; a tied
-        head must also be loaded onto the LM head it was saved with (same shape, and the same weights up to a dtype
-        change, checked on a probe of `W_lm`): anything else raises a `ValueError`.
+        Raises `FileNotFoundError` when the file (or `q_head_config.json`, written last by `save_pretrained`) is
+        missing, and `ValueError` naming the file when it is damaged: not a readable safetensors file, other tensors
+        than this head's (`weight` and `bias`; tied: `u` or `u_left` and `u_right`, and `bias`), another dtype than
+        float32, another shape than this model's head, or non-finite values. The head's type and rank (from
+        `q_head_config.json`) must match this model's, and a tied head must be loaded onto the LM head it was saved
+        with (same shape, and the same weights up to a dtype change, checked on a probe of `W_lm`): `ValueError`.
         """
-        path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {Q_HEAD_WEIGHTS_NAME} in {directory}.")
-        config = read_q_head_config(directory)
+        config = _q_head_files(directory)
+        if not config:
+            raise FileNotFoundError(
+                f"No {Q_HEAD_WEIGHTS_NAME} or {Q_HEAD_CONFIG_NAME} in {directory}: it holds no Q head to load."
+            )
         saved_type, saved_rank = config.get("q_head_type", "dense"), config.get("q_head_rank")
         if (saved_type, saved_rank) != (self.q_head_type, self.q_head_rank):
             raise ValueError(
                 f"The Q head in {directory} is q_head_type={saved_type!r}, q_head_rank={saved_rank!r}; this model's is "
                 f"q_head_type={self.q_head_type!r}, q_head_rank={self.q_head_rank!r}."
             )
-        state = load_file(path, device=str(self.device))
-        expected = {name: tuple(t.shape) for name, t in self.q_head.state_dict().items()}
-        found = {name: tuple(t.shape) for name, t in state.items()}
-        if found != expected:
-            what = "LM head (vocabulary or hidden size)" if saved_type == "tied" else "vocabulary or hidden size"
+        saved_shape = (config["vocab_size"], config["hidden_size"])
+        this_shape = (self.q_head.out_features, self.q_head.in_features)
+        what = "LM head (vocabulary or hidden size)" if saved_type == "tied" else "vocabulary or hidden size"
+        if saved_shape != this_shape:
             raise ValueError(
-                f"The Q head in {directory} has shape {found}, this model needs {expected}: was it saved from a model "
-                f"with another {what}?"
+                f"{os.path.join(directory, Q_HEAD_CONFIG_NAME)} describes a Q head of shape {saved_shape} "
+                f"(vocab_size, hidden_size), this model needs {this_shape}: was it saved from a model with another "
+                f"{what}?"
             )
+        path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
+        try:
+            state = load_file(path, device=str(self.device))
+        except Exception as error:  # safetensors raises its own error type for truncated or garbage files
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({type(error).__name__}: {error}): the file is damaged "
+                "or its save was interrupted."
+            ) from error
+        expected = {name: tuple(t.shape) for name, t in self.q_head.state_dict().items()}
+        if set(state) != set(expected):
+            raise ValueError(f"{path} holds the tensors {sorted(state)}; a Q head is exactly {sorted(expected)}.")
+        for key, shape in expected.items():
+            tensor = state[key]
+            if tensor.dtype != torch.float32:
+                raise ValueError(f"{path}: `{key}` is {tensor.dtype}; the Q head is saved in torch.float32.")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"The Q head in {path} has `{key}` of shape {tuple(tensor.shape)}, this model needs {shape}: "
+                    f"was it saved from a model with another {what}?"
+                )
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{path}: `{key}` holds NaN or infinite values.")
         if saved_type == "tied" and config.get("lm_head_probe") is not None:
             _check_lm_head_probe(config["lm_head_probe"], self.q_head.lm_weight(), directory)
         self.q_head.load_state_dict(state)
@@ -412,8 +465,14 @@ class AutoModelForCausalLMWithQHead(nn.Module):
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Load a folder written by `save_pretrained` into this model in place (adapters or full weights, Q head).
 
-        Used to resume training: the model keeps its identity, so the optimizer's references stay valid.
+        Used to resume training: the model keeps its identity, so the optimizer's references stay valid. The folder is
+        checked first (see `from_pretrained`): one without its Q head, or with half of one, raises before anything
+        is loaded.
         """
+        if not _q_head_files(directory):
+            raise FileNotFoundError(
+                f"No {Q_HEAD_WEIGHTS_NAME} or {Q_HEAD_CONFIG_NAME} in {directory}: it is not a checkpoint of this model."
+            )
         if self.is_peft_model:
             from peft import set_peft_model_state_dict
             from peft.utils import load_peft_weights
@@ -452,6 +511,11 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         LoRA adapter config, plus the adapters) and the Q head. Any other name or path loads with
         `AutoModelForCausalLM.from_pretrained(name, **kwargs)` and gets a fresh Q head.
 
+        A local folder gets a fresh Q head only when it has neither `q_head.safetensors` nor `q_head_config.json`. With
+        one and not the other (a save interrupted before the Q head or its config was written), or with a file that
+        `q_head_config.json` lists missing, it raises `FileNotFoundError` naming the folder and the file; a damaged
+        Q-head file raises `ValueError` naming it (see `load_q_head`). Nothing is loaded before these checks.
+
         Args:
             pretrained_model_name_or_path: a hub name, a local folder or a `PreTrainedModel` / `PeftModel`.
             peft_config: a `peft.PeftConfig`; when given, the backbone is wrapped with `get_peft_model`.
@@ -474,10 +538,10 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         _reject_our_misspelt_kwargs(kwargs)
         if q_head_type is not None:
             check_q_head_type(q_head_type)
-        saved_q_head = isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, Q_HEAD_WEIGHTS_NAME))
-        if saved_q_head:
-            saved = read_q_head_config(path)
-            saved_type, saved_rank = saved.get("q_head_type", "dense"), saved.get("q_head_rank")
+        # Checked before anything loads: a folder with half a Q head is an interrupted save, not a plain model.
+        q_config = _q_head_files(path) if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) else None
+        if q_config:
+            saved_type, saved_rank = q_config.get("q_head_type", "dense"), q_config.get("q_head_rank")
             if q_head_type is None and q_head_rank is None:
                 q_head_type, q_head_rank = saved_type, saved_rank
             elif (q_head_type or "dense", q_head_rank) != (saved_type, saved_rank):
@@ -513,20 +577,10 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         if peft_config is not None:
             backbone = add_adapters(backbone, peft_config)
         model = cls(backbone, q_head_init=q_head_init, q_head_type=q_head_type, q_head_rank=q_head_rank)
-        if saved_q_head:
+        if q_config:
             model.load_q_head(path)
-            with open(os.path.join(path, Q_HEAD_CONFIG_NAME)) as f:
-                model.q_head_init = json.load(f).get("q_head_init", q_head_init)
+            model.q_head_init = q_config.get("q_head_init", q_head_init)
         return model
-
-
-def read_q_head_config(directory: str | os.PathLike) -> dict:
-    """The `q_head_config.json` of a saved folder (`{}` when there is none: an older dense checkpoint)."""
-    path = os.path.join(directory, Q_HEAD_CONFIG_NAME)
-    if not os.path.isfile(path):
-        return {}
-    with open(path) as f:
-        return json.load(f)
 
 
 _OUR_KWARGS = ("peft_config", "q_head_init", "q_head_type", "q_head_rank", "is_trainable")
@@ -579,3 +633,73 @@ def add_adapters(backbone: PreTrainedModel, peft_config) -> nn.Module:
 def _quantization_config(kwargs: dict, model_name_or_path) -> object:
     config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in kwargs}
     return prepare_quantization_config(kwargs["quantization_config"], model_name_or_path, **config_kwargs)
+
+
+def _q_head_files(directory: str | os.PathLike) -> dict | None:
+    """The parsed `q_head_config.json` of a folder holding a complete Q-head save; `None` for a folder with neither
+    Q-head file (a plain model). Anything in between is an interrupted or damaged save and raises, naming the file."""
+    weights = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
+    config_path = os.path.join(directory, Q_HEAD_CONFIG_NAME)
+    has_weights, has_config = os.path.isfile(weights), os.path.isfile(config_path)
+    if not has_weights and not has_config:
+        return None
+    if not has_weights:
+        raise FileNotFoundError(
+            f"{directory} has {Q_HEAD_CONFIG_NAME} but no {Q_HEAD_WEIGHTS_NAME}: the checkpoint is incomplete (was "
+            "its save killed before the Q head was written?). Use an earlier checkpoint."
+        )
+    if not has_config:
+        raise FileNotFoundError(
+            f"{directory} has {Q_HEAD_WEIGHTS_NAME} but no {Q_HEAD_CONFIG_NAME}, which `save_pretrained` writes "
+            "last: the save was interrupted, so the folder may mix two checkpoints. Use an earlier checkpoint."
+        )
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is not readable JSON ({error}): the file is damaged.") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}.")
+    for key in ("hidden_size", "vocab_size"):
+        if not isinstance(config.get(key), int) or isinstance(config.get(key), bool):
+            raise ValueError(f"{config_path}: `{key}` must be an integer, got {config.get(key)!r}.")
+    missing = [name for name in config.get("files", []) if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} lacks {missing}, which its {Q_HEAD_CONFIG_NAME} lists: it is incomplete."
+        )
+    return config
+
+
+def _commit_folder(staging: str, target: str, files: list[str]) -> None:
+    """Move a complete save from `staging` to `target` (see `save_pretrained`)."""
+    try:
+        os.rename(staging, target)  # a new or empty `target`: one atomic step
+        fsync_path(os.path.dirname(target))
+        return
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+    marker = os.path.join(target, Q_HEAD_CONFIG_NAME)
+    previous_files = []
+    if os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                listed = json.load(f).get("files", [])
+            previous_files = [name for name in listed if isinstance(name, str)]
+        except (OSError, ValueError, AttributeError):
+            pass
+        os.remove(marker)  # from here on the folder refuses to load, until the new marker is in place
+        fsync_path(target)
+    order = [Q_HEAD_WEIGHTS_NAME] + [name for name in files if name not in (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME)]
+    for name in order:
+        destination = os.path.join(target, name)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        os.replace(os.path.join(staging, name), destination)
+    for name in set(previous_files) - set(files):  # e.g. adapter files of a PEFT save overwritten by a full model
+        stale = os.path.normpath(os.path.join(target, name))
+        if os.path.dirname(stale).startswith(target) and os.path.isfile(stale):
+            os.remove(stale)
+    fsync_path(target)
+    os.replace(os.path.join(staging, Q_HEAD_CONFIG_NAME), marker)  # the commit
+    fsync_path(target)

@@ -14,6 +14,10 @@ from ..stop_tokens import stop_token_ids
 from .sources import QHeadSource, QSource
 from .tilt import check_beta, check_top_k, tilt_logprobs_and_kl
 
+# The smallest beta for which a tied head tilts inside the LM head (`record_kl=False`); smaller ones use the processor's
+# overflow-free tilt.
+HEAD_TILT_MIN_BETA = 1e-3
+
 
 class QTiltLogitsProcessor(LogitsProcessor):
     r"""Tilt `generate` towards high Q: scores become `log_softmax(scores + Q(s, .) / beta)`.
@@ -49,6 +53,7 @@ class QTiltLogitsProcessor(LogitsProcessor):
             `z + Q / beta` directly at the cost of an H x H product per token (instead of `H x |V|`). Only the forwards
             that continue this processor's generation (same rows, one new token, the KV cache one step longer) are
             tilted, and only without grad; built-in processors (repetition penalty, ...) then act on tilted scores.
+            Not for `beta < 1e-3`, where `U h / beta` could overflow.
         eos_token_id: id(s) after which a row counts as finished for the KL record; default: the model's generation
             config `eos_token_id` and `pad_token_id`.
 
@@ -86,6 +91,7 @@ class QTiltLogitsProcessor(LogitsProcessor):
             not self.record_kl
             and self.top_k is None
             and math.isfinite(self.beta)
+            and self.beta >= HEAD_TILT_MIN_BETA  # below, U h / beta could overflow: the stable tilt of `tilt.py`
             and isinstance(self.source, QHeadSource)
             and self.source.supports_head_tilt()
         )
