@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
+from .decoding.kl_record import SequenceKLRecord
+from .stop_tokens import stop_token_ids
+
 __all__ = ["TokenExclusionLogitsProcessor", "exclusion_logprobs", "sequence_ban"]
 
 BanFn = Callable[[torch.LongTensor], torch.Tensor]
@@ -59,29 +62,12 @@ def _check_token_id(token_id, vocab_size: int, what: str) -> int:
     return token_id
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The plain transformers model under a Q-head wrapper (`pretrained_model`) and PEFT (`get_base_model`)."""
-    model = getattr(model, "pretrained_model", model)
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _model_vocab_size(model: nn.Module) -> int:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is not None and getattr(head, "weight", None) is not None:
         return int(head.weight.shape[0])  # what `generate`'s scores are as wide as
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     return int(config.vocab_size)
-
-
-def _model_stop_ids(model: nn.Module) -> list[int]:
-    config = getattr(_unwrap(model), "generation_config", None)
-    ids: list[int] = []
-    if config is not None:
-        for value in (config.eos_token_id, config.pad_token_id):
-            if value is not None:
-                ids.extend([value] if isinstance(value, int) else list(value))
-    return sorted(set(ids))
 
 
 def sequence_ban(sequences: Iterable[Sequence[int]], vocab_size: int) -> BanFn:
@@ -213,13 +199,10 @@ class TokenExclusionLogitsProcessor(LogitsProcessor):
         self.banned_fn = banned_fn
         self.record_kl = bool(record_kl)
         if eos_token_id is None:
-            eos_token_id = _model_stop_ids(model) if model is not None else []
+            eos_token_id = (stop_token_ids(model) or []) if model is not None else []
         eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        self._stop_ids = torch.tensor([int(t) for t in eos], dtype=torch.long)
+        self._record = SequenceKLRecord(eos)
         self._ids = torch.tensor(ids, dtype=torch.long)
-        self._prev_ids: torch.Tensor | None = None
-        self._kl: torch.Tensor | None = None
-        self._finished: torch.Tensor | None = None
 
     def __repr__(self) -> str:
         n, fn = len(self.banned_token_ids), self.banned_fn
@@ -227,34 +210,12 @@ class TokenExclusionLogitsProcessor(LogitsProcessor):
 
     def reset(self) -> None:
         """Forget the running record: the next call starts a new generation."""
-        self._prev_ids = self._kl = self._finished = None
+        self._record.reset()
 
     @property
     def kl(self) -> torch.Tensor | None:
         """`[rows]` summed exact `KL(q || p)` (nats) of the last generation, or None before any step."""
-        return None if self._kl is None else self._kl.clone()
-
-    def _track(self, input_ids: torch.LongTensor) -> None:
-        """Follow rows from step to step (beam search reorders them); a sequence that does not continue one of the
-        last step's starts a new generation (new record)."""
-        prev, parent = self._prev_ids, None
-        if prev is not None and input_ids.shape[1] == prev.shape[1] + 1:
-            prefix = input_ids[:, :-1]
-            if prefix.shape == prev.shape and torch.equal(prefix, prev):
-                parent = torch.arange(input_ids.shape[0], device=input_ids.device)
-            else:
-                same = (prefix[:, None, :] == prev[None, :, :]).all(-1)  # [rows, previous rows]
-                if bool(same.any(-1).all()):
-                    parent = same.int().argmax(-1)
-        rows = input_ids.shape[0]
-        if parent is None:
-            self._kl = torch.zeros(rows, dtype=torch.float32, device=input_ids.device)
-            self._finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-        else:
-            stop = self._stop_ids.to(input_ids.device)
-            self._kl = self._kl.to(input_ids.device)[parent]
-            self._finished = self._finished.to(input_ids.device)[parent] | torch.isin(input_ids[:, -1], stop)
-        self._prev_ids = input_ids.clone()
+        return None if self._record.kl is None else self._record.kl.clone()
 
     def _banned(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         rows, width = scores.shape
@@ -277,12 +238,12 @@ class TokenExclusionLogitsProcessor(LogitsProcessor):
         return banned | extra.to(scores.device)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._track(input_ids)
+        self._record.step(input_ids)  # beam search reorders rows: follow them
         banned = self._banned(input_ids, scores)
         logprobs, step = exclusion_logprobs(scores, banned)
         stuck = torch.isinf(step)  # no allowed probability mass left
         if bool(stuck.any()):
-            live = stuck & ~self._finished.to(stuck.device)
+            live = stuck & ~self._record.finished.to(stuck.device)
             if bool(live.any()):
                 rows = live.nonzero()[:, 0].tolist()
                 everything = banned.expand_as(scores)[live].all(-1)
@@ -296,6 +257,5 @@ class TokenExclusionLogitsProcessor(LogitsProcessor):
             # finished rows: generate pads them anyway; give them the unrestricted distribution rather than NaN
             logprobs = torch.where(stuck[:, None], torch.log_softmax(scores.float(), dim=-1), logprobs)
         if self.record_kl:
-            counted = ~self._finished.to(step.device)
-            self._kl = self._kl.to(step.device) + torch.where(counted, step, torch.zeros_like(step))
+            self._record.add(step)
         return logprobs

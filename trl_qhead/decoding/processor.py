@@ -11,6 +11,7 @@ from transformers import LogitsProcessor
 
 from ..modeling import AutoModelForCausalLMWithQHead
 from ..stop_tokens import stop_token_ids
+from .kl_record import SequenceKLRecord
 from .sources import QHeadSource, QSource
 from .tilt import check_beta, check_top_k, tilt_logprobs_and_kl
 
@@ -80,12 +81,7 @@ class QTiltLogitsProcessor(LogitsProcessor):
         self.source = model if isinstance(model, QSource) else QHeadSource(model)
         if eos_token_id is None:
             eos_token_id = _default_stop_ids(model)
-        self._stop_ids = torch.tensor(
-            [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id), dtype=torch.long
-        )
-        self._prev_ids: torch.Tensor | None = None
-        self._kl: torch.Tensor | None = None
-        self._finished: torch.Tensor | None = None
+        self._record = SequenceKLRecord([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
         self._finalizer = None
         self._head_tilt = (
             not self.record_kl
@@ -120,39 +116,17 @@ class QTiltLogitsProcessor(LogitsProcessor):
 
     def reset(self) -> None:
         """Forget the running record: the next call starts a new generation (new KL record, new caches)."""
-        self._prev_ids = self._kl = self._finished = None
+        self._record.reset()
 
     @property
     def kl(self) -> torch.Tensor | None:
         """`[rows]` summed exact `KL(pi' || pi)` (nats) of the last generation, or None before any step."""
-        return None if self._kl is None else self._kl.clone()
+        return None if self._record.kl is None else self._record.kl.clone()
 
     # ---- per step ---------------------------------------------------------------------------------------------------
 
-    def _track(self, input_ids: torch.LongTensor) -> torch.LongTensor | None:
-        """Match this step's rows to the last step's (beam search reorders them); None means a new generation."""
-        prev, parent = self._prev_ids, None
-        if prev is not None and input_ids.shape[1] == prev.shape[1] + 1:
-            prefix = input_ids[:, :-1]
-            if prefix.shape == prev.shape and torch.equal(prefix, prev):
-                parent = torch.arange(input_ids.shape[0], device=input_ids.device)
-            else:
-                same = (prefix[:, None, :] == prev[None, :, :]).all(-1)  # [rows, previous rows]
-                if bool(same.any(-1).all()):
-                    parent = same.int().argmax(-1)
-        rows = input_ids.shape[0]
-        if parent is None:
-            self._kl = torch.zeros(rows, dtype=torch.float32, device=input_ids.device)
-            self._finished = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
-        else:
-            stop = self._stop_ids.to(input_ids.device)
-            self._kl = self._kl[parent]
-            self._finished = self._finished[parent] | torch.isin(input_ids[:, -1], stop)
-        self._prev_ids = input_ids.clone()
-        return parent
-
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        parent = self._track(input_ids)
+        parent = self._record.step(input_ids)  # beam search reorders rows: follow them
         if math.isinf(self.beta) and self.top_k is None:
             return scores  # the base model, bit for bit: not even a renormalisation
         indices = None
@@ -175,7 +149,7 @@ class QTiltLogitsProcessor(LogitsProcessor):
                 )
         tilted, step = tilt_logprobs_and_kl(scores, q, self.beta, indices, with_kl=self.record_kl)
         if step is not None:
-            self._kl = self._kl + torch.where(self._finished, torch.zeros_like(step), step)
+            self._record.add(step)
         return tilted
 
 
