@@ -73,7 +73,9 @@ def ensure_cpu_processes() -> None:
     if world_size > 1:
         import torch
 
-        if not torch.cuda.is_available() and not _flag("ACCELERATE_USE_CPU"):
+        if not torch.cuda.is_available() and _flag("ACCELERATE_USE_DEEPSPEED"):
+            start_deepspeed_on_cpu()
+        elif not torch.cuda.is_available() and not _flag("ACCELERATE_USE_CPU"):
             os.environ["ACCELERATE_USE_CPU"] = "true"  # else each process would train alone (module docstring)
         if not torch.cuda.is_available():
             check_sharding_on_cpu()
@@ -165,3 +167,18 @@ def enable_fsdp_on_cpu() -> None:
 
     __init__._fsdp_on_cpu = True
     state.AcceleratorState.__init__ = __init__
+
+
+def start_deepspeed_on_cpu() -> None:
+    """Set up the process group of a DeepSpeed run on processes without GPUs (DeepSpeed's CPU accelerator, gloo).
+
+    `ACCELERATE_USE_CPU` must stay unset: with it accelerate drops DeepSpeed without a word (accelerate/state.py,
+    `elif os.environ.get("ACCELERATE_USE_DEEPSPEED", ...) == "true" and not cpu`, 1.15.0 line 974) and runs DDP.
+    Without it and without a backend, accelerate finds no GPU backend and counts one process (state.py, "No backend
+    == no distributed training", line 288) while DeepSpeed counts them all, and `deepspeed.initialize` fails with
+    "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size". Initialising the process
+    `--ddp_backend gloo` (added to this process's command line unless it names a backend; `TrainingArguments` resets
+    any process state made before it, so the flag is the way in) gives both the same world.
+    """
+    if not any(arg == "--ddp_backend" or arg.startswith("--ddp_backend=") for arg in sys.argv):
+        sys.argv += ["--ddp_backend", "gloo"]

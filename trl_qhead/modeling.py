@@ -95,7 +95,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         lm_head = pretrained_model.get_output_embeddings()
         if lm_head is None or getattr(lm_head, "weight", None) is None:
             raise TypeError(f"{type(pretrained_model).__name__} has no output embeddings (LM head) to read.")
-        vocab_size, hidden_size = lm_head.weight.shape[0], self._hidden_size()
+        # Under DeepSpeed ZeRO-3 (`zero.Init`) a loaded weight is a partition; `ds_shape` is its real shape.
+        vocab_size, hidden_size = getattr(lm_head.weight, "ds_shape", lm_head.weight.shape)[0], self._hidden_size()
         self.q_head = nn.Linear(hidden_size, vocab_size, bias=True, dtype=torch.float32, device=lm_head.weight.device)
         self.q_head_init = q_head_init
         self.reset_q_head(q_head_init)
