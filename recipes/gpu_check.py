@@ -84,13 +84,22 @@ def check_kernel(out_dir: Path) -> dict:
                     log_pi = out.logits.float().log_softmax(-1)
                     logprobs = log_pi.gather(-1, actions[..., None])[..., 0]
                     values = (log_pi.exp() * out.q_values.float()).sum(-1).detach()
-                (logprobs.sum() + (out.action_q if chunked else out.q_values.gather(-1, actions[..., None])).sum()).backward()
+                (
+                    logprobs.sum() + (out.action_q if chunked else out.q_values.gather(-1, actions[..., None])).sum()
+                ).backward()
             lm_grad = model.pretrained_model.get_output_embeddings().weight.grad.clone()
-            results.append((logprobs.detach().float(), values.float(), lm_grad.float(), model.q_head.weight.grad.clone()))
+            results.append(
+                (logprobs.detach().float(), values.float(), lm_grad.float(), model.q_head.weight.grad.clone())
+            )
         (lp, v, g, gq), (lp_ref, v_ref, g_ref, gq_ref) = results
         tol = dict(rtol=1e-4, atol=1e-4) if dtype is None else dict(rtol=2e-2, atol=2e-2)
-        for name, a, b in (("logprobs", lp, lp_ref), ("values", v, v_ref), ("lm_grad", g, g_ref), ("q_grad", gq, gq_ref)):
-            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name: f"{name} ({dtype}): {m}")
+        for name, a, b in (
+            ("logprobs", lp, lp_ref),
+            ("values", v, v_ref),
+            ("lm_grad", g, g_ref),
+            ("q_grad", gq, gq_ref),
+        ):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, name=name, dtype=dtype: f"{name} ({dtype}): {m}")
         figures[str(dtype or torch.float32)] = {"max_abs_logprob_diff": (lp - lp_ref).abs().max().item()}
     return figures
 
@@ -101,8 +110,18 @@ def _trainer(model, tok, out_dir: Path, **config):
     from trl_qhead import QHeadConfig, QHeadTrainer
 
     args = QHeadConfig(
-        output_dir=str(out_dir), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-3, max_length=32,
-        logging_steps=1, report_to=[], disable_tqdm=True, save_strategy="no", use_lm_rewards=True, seed=0, **config,
+        output_dir=str(out_dir),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        max_length=32,
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=True,
+        save_strategy="no",
+        use_lm_rewards=True,
+        seed=0,
+        **config,
     )
     return QHeadTrainer(model, args, train_dataset=Dataset.from_dict({"text": TEXTS}), processing_class=tok)
 
@@ -146,10 +165,17 @@ def check_qlora(out_dir: Path) -> dict:
         ids = prompt["input_ids"]
         for _ in range(4):  # the slow reference: greedy on logits + Q / beta, a full forward per token
             out = model(ids, torch.ones_like(ids), return_q=True)
-            ids = torch.cat([ids, (out.logits[:, -1].float() + out.q_values[:, -1] / 1e-3).argmax(-1, keepdim=True)], -1)
+            ids = torch.cat(
+                [ids, (out.logits[:, -1].float() + out.q_values[:, -1] / 1e-3).argmax(-1, keepdim=True)], -1
+            )
         with QTiltLogitsProcessor(model, beta=1e-3) as processor:
-            generated = model.generate(**prompt, max_new_tokens=4, do_sample=False, logits_processor=[processor],
-                                       pad_token_id=tok.eos_token_id)
+            generated = model.generate(
+                **prompt,
+                max_new_tokens=4,
+                do_sample=False,
+                logits_processor=[processor],
+                pad_token_id=tok.eos_token_id,
+            )
     assert torch.equal(generated, ids), (generated, ids)
     second = trainer.train().training_loss
     assert torch.isfinite(torch.tensor([first, second])).all()
@@ -189,8 +215,9 @@ def check_benchmark_training(out_dir: Path) -> dict:
 
 
 def check_suite(out_dir: Path) -> dict:
-    return _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow", "tests"],
-                timeout=1800)
+    return _run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-m", "not slow", "tests"], timeout=1800
+    )
 
 
 def main(argv=None) -> int:
@@ -221,7 +248,10 @@ def main(argv=None) -> int:
             try:
                 figures, status = functions[name](out_dir), "pass"
             except Exception as error:  # noqa: BLE001 (every check runs; the failure is reported)
-                figures, status = {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()}, "FAIL"
+                figures, status = (
+                    {"error": f"{type(error).__name__}: {error}", "trace": traceback.format_exc()},
+                    "FAIL",
+                )
             seconds = time.perf_counter() - began
             report["checks"][name] = {"status": status, "seconds": round(seconds, 1), **figures}
             print(f"{name:<22} {status:<5} {seconds:7.1f} s", flush=True)

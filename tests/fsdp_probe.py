@@ -7,6 +7,7 @@ import runpy
 import sys
 
 import audit_writes  # noqa: F401  (its file-write patches, before anything imports safetensors' save_file)
+
 import trl_qhead.trainer as trainer_module
 
 _save_model = trainer_module.QHeadTrainer.save_model
@@ -18,7 +19,9 @@ def _probed_save_model(self, *args, **kwargs):
     local = weight.to_local() if hasattr(weight, "to_local") else weight
     local = getattr(weight, "ds_tensor", local)  # DeepSpeed ZeRO-3: this process's flat partition
     with open(os.environ["QHEAD_PROBE_LOG"], "a") as log:
-        log.write(f"{os.environ.get('RANK', '0')}\t{type(weight).__name__}\t{placements}\t{local.shape[0]}\t{local.numel()}\n")
+        log.write(
+            f"{os.environ.get('RANK', '0')}\t{type(weight).__name__}\t{placements}\t{local.shape[0]}\t{local.numel()}\n"
+        )
     return _save_model(self, *args, **kwargs)
 
 

@@ -54,15 +54,22 @@ def reference_logprobs(
     return logprobs
 
 
+@contextlib.contextmanager
 def _gathered_under_zero3(module: nn.Module | None):
     """Under DeepSpeed ZeRO-3, `module`'s parameters gathered (read-only) for the duration: the chunked kernel reads
-    the LM head's weight after the reference's forward, when ZeRO-3 has partitioned it again. A no-op otherwise."""
+    the LM head's weight after the reference's forward, when ZeRO-3 has partitioned it again. A no-op otherwise.
+
+    What `deepspeed.zero.GatheredParameters(params, modifier_rank=None)` does, through the methods ZeRO-3 puts on its
+    parameters (so deepspeed is not imported here)."""
     params = [p for p in (module.parameters() if module is not None else ()) if hasattr(p, "ds_id")]
     if not params:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        yield
+        return
+    params[0].all_gather(param_list=params)
+    try:
+        yield
+    finally:
+        params[0].partition(param_list=params, has_been_updated=False)
 
 
 @contextlib.contextmanager

@@ -353,7 +353,9 @@ class QHeadTrainer(Trainer):
         from accelerate.utils import save_fsdp_optimizer
         from transformers.trainer import SCHEDULER_NAME
 
-        save_fsdp_optimizer(self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir)
+        save_fsdp_optimizer(
+            self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir
+        )
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
 
@@ -376,7 +378,9 @@ def load_sharded_checkpoint(model: nn.Module, directory: str) -> None:
     frozen base) keep their values; a tensor the model has no place for raises `ValueError`."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    inner = model.module if hasattr(model, "module") and not isinstance(model, AutoModelForCausalLMWithQHead) else model
+    inner = (
+        model.module if hasattr(model, "module") and not isinstance(model, AutoModelForCausalLMWithQHead) else model
+    )
     state = inner.checkpoint_state_dict(directory)
     result = set_model_state_dict(inner, state, options=StateDictOptions(full_state_dict=True, strict=False))
     if result.unexpected_keys:

@@ -41,8 +41,13 @@ def test_two_processes_return_the_one_process_dataset(tmp_path):
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
-    run([*launch, "tests/distributed_rollouts.py"], timeout=120, ROLLOUT_OUT=str(out), ROLLOUT_SCORED=str(scored),
-        OMP_NUM_THREADS="1")
+    run(
+        [*launch, "tests/distributed_rollouts.py"],
+        timeout=120,
+        ROLLOUT_OUT=str(out),
+        ROLLOUT_SCORED=str(scored),
+        OMP_NUM_THREADS="1",
+    )
     two = json.loads(out.read_text())
 
     model, tokenizer = make_model_and_tokenizer()

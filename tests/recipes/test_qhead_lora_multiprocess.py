@@ -97,14 +97,22 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tmp_path):
 
     two, write_log, probe_log = tmp_path / "two", tmp_path / "writes.tsv", tmp_path / "probe.tsv"
     args = recipe_args(model_dir, corpus, two, per_device_train_batch_size=GLOBAL_BATCH // 2, **common)
-    run([*launch, "tests/fsdp_probe.py", *args], timeout=240, QHEAD_WRITE_LOG=str(write_log),
-        QHEAD_PROBE_LOG=str(probe_log), **env)
+    run(
+        [*launch, "tests/fsdp_probe.py", *args],
+        timeout=240,
+        QHEAD_WRITE_LOG=str(write_log),
+        QHEAD_PROBE_LOG=str(probe_log),
+        **env,
+    )
     # A second, resumed run writes elsewhere: copy checkpoint-2 there first.
     resumed = tmp_path / "resumed"
     shutil.copytree(two / "checkpoint-2", resumed / "checkpoint-2")
     args = recipe_args(model_dir, corpus, resumed, per_device_train_batch_size=GLOBAL_BATCH // 2, **common)
-    run([*launch, "recipes/qhead_lora.py", *args, "--resume_from_checkpoint", str(resumed / "checkpoint-2")],
-        timeout=240, **env)
+    run(
+        [*launch, "recipes/qhead_lora.py", *args, "--resume_from_checkpoint", str(resumed / "checkpoint-2")],
+        timeout=240,
+        **env,
+    )
 
     one = tmp_path / "one"
     run_in_process(recipe_args(model_dir, corpus, one, per_device_train_batch_size=GLOBAL_BATCH, **common))
@@ -155,21 +163,30 @@ def test_deepspeed_zero_on_two_processes_matches_one_process_and_resumes(tmp_pat
     model_dir, corpus = save_tiny_gpt2(tmp_path / "model"), write_corpus(tmp_path / "corpus.txt")
     common = dict(steps=FSDP_STEPS, save_interval=2, gae_lambda=0.95, use_lm_rewards="true", seed=0, packing=None)
     config = tmp_path / "zero.yaml"
-    config.write_text(Path(f"recipes/configs/accelerate/deepspeed_zero{stage}.yaml").read_text().replace(
-        "mixed_precision: bf16", "mixed_precision: 'no'"))  # bf16 on CPU is another test
+    config.write_text(
+        Path(f"recipes/configs/accelerate/deepspeed_zero{stage}.yaml")
+        .read_text()
+        .replace("mixed_precision: bf16", "mixed_precision: 'no'")
+    )  # bf16 on CPU is another test
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", "2"]
     launch += ["--main_process_port", str(_free_port())]
 
     two, write_log, probe_log = tmp_path / "two", tmp_path / "writes.tsv", tmp_path / "probe.tsv"
     args = recipe_args(model_dir, corpus, two, per_device_train_batch_size=GLOBAL_BATCH // 2, **common)
-    run([*launch, "tests/fsdp_probe.py", *args], timeout=300, QHEAD_WRITE_LOG=str(write_log),
-        QHEAD_PROBE_LOG=str(probe_log))
+    run(
+        [*launch, "tests/fsdp_probe.py", *args],
+        timeout=300,
+        QHEAD_WRITE_LOG=str(write_log),
+        QHEAD_PROBE_LOG=str(probe_log),
+    )
     resumed = tmp_path / "resumed"
     shutil.copytree(two / "checkpoint-2", resumed / "checkpoint-2")
     args = recipe_args(model_dir, corpus, resumed, per_device_train_batch_size=GLOBAL_BATCH // 2, **common)
     launch[-1] = str(_free_port())
-    run([*launch, "recipes/qhead_lora.py", *args, "--resume_from_checkpoint", str(resumed / "checkpoint-2")],
-        timeout=300)
+    run(
+        [*launch, "recipes/qhead_lora.py", *args, "--resume_from_checkpoint", str(resumed / "checkpoint-2")],
+        timeout=300,
+    )
     one = tmp_path / "one"
     run_in_process(recipe_args(model_dir, corpus, one, per_device_train_batch_size=GLOBAL_BATCH, **common))
 
@@ -198,7 +215,11 @@ def test_deepspeed_zero_on_two_processes_matches_one_process_and_resumes(tmp_pat
         # ZeRO-3 after its first update: losses rel 1e-3, grad_norm rel 1e-2 (see the docstring).
         later_zero3 = stage == 3 and step > 1
         rel_loss, rel_norm = (1e-3, 1e-2) if later_zero3 else (1e-5, 1e-5)
-        assert losses_two[step][:3] == pytest.approx(losses_one[step][:3], rel=rel_loss), (step, losses_two, losses_one)
+        assert losses_two[step][:3] == pytest.approx(losses_one[step][:3], rel=rel_loss), (
+            step,
+            losses_two,
+            losses_one,
+        )
         assert losses_two[step][3] == pytest.approx(losses_one[step][3], rel=rel_norm), (step, losses_two, losses_one)
         assert losses_resumed[step] == pytest.approx(losses_two[step], rel=1e-5), step
 
