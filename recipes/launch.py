@@ -73,8 +73,12 @@ def ensure_cpu_processes() -> None:
     if world_size > 1:
         import torch
 
-        if not torch.cuda.is_available() and not _flag("ACCELERATE_USE_CPU"):
+        if not torch.cuda.is_available() and _flag("ACCELERATE_USE_DEEPSPEED"):
+            start_deepspeed_on_cpu()
+        elif not torch.cuda.is_available() and not _flag("ACCELERATE_USE_CPU"):
             os.environ["ACCELERATE_USE_CPU"] = "true"  # else each process would train alone (module docstring)
+        if not torch.cuda.is_available():
+            check_sharding_on_cpu()
         return
     # accelerate's simple launcher sets MASTER_ADDR only when asked for more than one process.
     if not (_flag("ACCELERATE_USE_CPU") and "MASTER_ADDR" in os.environ and "LOCAL_RANK" not in os.environ):
@@ -115,3 +119,66 @@ def ensure_cpu_processes() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)
+
+
+CPU_SHARDING_FLAG = "TRL_QHEAD_CPU_FSDP"
+
+
+def check_sharding_on_cpu() -> None:
+    """FSDP under `accelerate launch` on a machine without GPUs: refuse, or (opt-in) really run FSDP on gloo.
+
+    accelerate 1.x turns an FSDP run on CPU processes into DDP without a word: `AcceleratorState.__init__`
+    (accelerate/state.py, the `elif self.distributed_type in [DistributedType.MULTI_GPU, ...]` branch, 1.15.0 lines
+    986-1013) sets `DistributedType.FSDP` only for GPU-like device types, and `MULTI_CPU` is not among them. The
+    model is then replicated, not sharded, and checkpoints are not gathered the FSDP way: not the run that was asked
+    for. Unless `TRL_QHEAD_CPU_FSDP=1`, this raises a `RuntimeError` saying so. With it, accelerate's own FSDP code
+    path runs on the gloo process group (`fully_shard` works on CPU): to debug FSDP runs without GPUs (the tests do).
+    """
+    if not _flag("ACCELERATE_USE_FSDP"):
+        return
+    if not _flag(CPU_SHARDING_FLAG):
+        raise RuntimeError(
+            "FSDP was asked for (ACCELERATE_USE_FSDP) on processes without GPUs, and accelerate would silently run DDP "
+            "instead (accelerate/state.py: `DistributedType.FSDP` is only set for GPU-like device types, not "
+            "MULTI_CPU). Set TRL_QHEAD_CPU_FSDP=1 to run FSDP on the gloo process group anyway (for debugging), or "
+            "launch with `--cpu` / recipes/configs/accelerate/multi_gpu.yaml for a plain DDP run on CPUs."
+        )
+    enable_fsdp_on_cpu()
+
+
+def enable_fsdp_on_cpu() -> None:
+    """Make accelerate's `AcceleratorState` keep FSDP on CPU processes (`MULTI_CPU` becomes `FSDP` once an FSDP
+    plugin is known), so that `Accelerator.prepare` shards with `fully_shard`, `get_state_dict` gathers a full state
+    dict and `Trainer` takes its FSDP save and resume paths. Idempotent; see `check_sharding_on_cpu`."""
+    from accelerate import state
+    from accelerate.utils import DistributedType
+
+    init = state.AcceleratorState.__init__
+    if getattr(init, "_fsdp_on_cpu", False):
+        return
+
+    def __init__(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        # Every `AcceleratorState()` copies the process state (MULTI_CPU) back in: promote again each time.
+        plugin = fsdp_plugin if fsdp_plugin is not None else getattr(self, "fsdp_plugin", None)
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+
+    __init__._fsdp_on_cpu = True
+    state.AcceleratorState.__init__ = __init__
+
+
+def start_deepspeed_on_cpu() -> None:
+    """Set up the process group of a DeepSpeed run on processes without GPUs (DeepSpeed's CPU accelerator, gloo).
+
+    `ACCELERATE_USE_CPU` must stay unset: with it accelerate drops DeepSpeed without a word (accelerate/state.py,
+    `elif os.environ.get("ACCELERATE_USE_DEEPSPEED", ...) == "true" and not cpu`, 1.15.0 line 974) and runs DDP.
+    Without it and without a backend, accelerate finds no GPU backend and counts one process (state.py, "No backend
+    == no distributed training", line 288) while DeepSpeed counts them all, and `deepspeed.initialize` fails with
+    "train_batch_size is not equal to micro_batch_per_gpu * gradient_acc_step * world_size". Initialising the process
+    `--ddp_backend gloo` (added to this process's command line unless it names a backend; `TrainingArguments` resets
+    any process state made before it, so the flag is the way in) gives both the same world.
+    """
+    if not any(arg == "--ddp_backend" or arg.startswith("--ddp_backend=") for arg in sys.argv):
+        sys.argv += ["--ddp_backend", "gloo"]

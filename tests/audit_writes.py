@@ -25,5 +25,6 @@ def _audited(save):
 # Patched before the recipe imports trl_qhead, PEFT and transformers, so their `from ... import save_file` see it.
 safetensors.torch.save_file = _audited(safetensors.torch.save_file)
 torch.save = _audited(torch.save)
-sys.argv = [str(RECIPE), *sys.argv[1:]]
-runpy.run_path(str(RECIPE), run_name="__main__")
+if __name__ == "__main__":  # imported by tests/fsdp_probe.py for the patches alone
+    sys.argv = [str(RECIPE), *sys.argv[1:]]
+    runpy.run_path(str(RECIPE), run_name="__main__")

@@ -20,6 +20,7 @@ RUN_BY = {
     "recipes/benchmark_training.py": "tests/recipes/test_benchmarks.py",
     "recipes/checkpoint_size.py": "tests/test_scripts.py",
     "recipes/demo_sentiment.py": "tests/test_scripts.py",
+    "recipes/gpu_check.py": "tests/test_scripts.py",
     "recipes/offline_assets.py": "tests/test_scripts.py",
     "recipes/qhead_lora.py": "tests/recipes/test_qhead_lora.py",
     "tools/lower_bounds.py": "tests/test_scripts.py",
@@ -88,3 +89,17 @@ def test_lower_bounds_pins_every_bound_but_torch():
     assert sorted(set(with_build) - set(pins)) == [build_requirement.replace(">=", "==")]
     with pytest.raises(AssertionError, match="unknown extra"):
         run([sys.executable, "tools/lower_bounds.py", "gpu"], timeout=60)
+
+
+def test_gpu_check_without_cuda_exits_with_a_clear_message():
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: recipes/gpu_check.py would run its checks")
+    result = subprocess.run(
+        [sys.executable, "recipes/gpu_check.py"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2, result
+    assert "gpu_check: no CUDA device" in result.stderr

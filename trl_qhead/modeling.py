@@ -115,8 +115,10 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         lm_head = pretrained_model.get_output_embeddings()
         if lm_head is None or getattr(lm_head, "weight", None) is None:
             raise TypeError(f"{type(pretrained_model).__name__} has no output embeddings (LM head) to read.")
-        # `out_features` first: a quantised head's packed weight does not have the `[|V|, H]` shape
-        vocab_size, hidden_size = getattr(lm_head, "out_features", lm_head.weight.shape[0]), self._hidden_size()
+        # `out_features` first: a quantised head's packed weight does not have the `[|V|, H]` shape; under DeepSpeed
+        # ZeRO-3 (`zero.Init`) a loaded weight is a partition and `ds_shape` is its real shape.
+        weight_shape = getattr(lm_head.weight, "ds_shape", lm_head.weight.shape)
+        vocab_size, hidden_size = getattr(lm_head, "out_features", weight_shape[0]), self._hidden_size()
         if q_head_type == "tied":
             check_q_head_rank(q_head_rank, hidden_size)
             self.q_head = TiedQHead(hidden_size, vocab_size, q_head_rank, device=lm_head.weight.device)
@@ -492,6 +494,46 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             else:
                 load_sharded_checkpoint(self.pretrained_model, str(directory), strict=False)
         self.load_q_head(directory)
+
+    def checkpoint_state_dict(self, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The full (unsharded) tensors of a folder written by `save_pretrained`, keyed as this model's own
+        `state_dict` (`pretrained_model.*` and `q_head.*`), on the CPU.
+
+        What resuming under FSDP loads with `torch.distributed.checkpoint.state_dict.set_model_state_dict`
+        (`full_state_dict=True`), which cuts each rank's shard out of the full tensors: a sharded model cannot take
+        them through `load_checkpoint`. For a PEFT backbone the adapters' saved names (adapter name removed) are mapped
+        back to this model's; a tensor this model has no place for raises `ValueError`.
+        """
+        directory = str(directory)
+        backbone = self.pretrained_model
+        if self.is_peft_model:
+            from peft.utils import load_peft_weights
+
+            adapter = getattr(backbone, "active_adapter", "default")
+            # PEFT saves a parameter under its own name with ".<adapter name>" removed (get_peft_model_state_dict).
+            own = {name.replace(f".{adapter}", ""): name for name in backbone.state_dict() if f".{adapter}" in name}
+            saved = load_peft_weights(directory, device="cpu")
+            unknown = sorted(set(saved) - set(own))
+            if unknown:
+                raise ValueError(f"The adapters in {directory} do not match the model: unexpected {unknown[:5]}.")
+            tensors = {own[name]: tensor for name, tensor in saved.items()}
+        else:
+            single = os.path.join(directory, "model.safetensors")
+            if os.path.isfile(single):
+                tensors = load_file(single)
+            else:
+                index_path = os.path.join(directory, "model.safetensors.index.json")
+                if not os.path.isfile(index_path):
+                    raise FileNotFoundError(f"No model.safetensors (or its index) in {directory}.")
+                with open(index_path) as f:
+                    files = sorted(set(json.load(f)["weight_map"].values()))
+                tensors = {k: v for name in files for k, v in load_file(os.path.join(directory, name)).items()}
+        state = {f"pretrained_model.{name}": tensor for name, tensor in tensors.items()}
+        path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No {Q_HEAD_WEIGHTS_NAME} in {directory}.")
+        state.update({f"q_head.{name}": tensor for name, tensor in load_file(path).items()})
+        return state
 
     @classmethod
     def from_pretrained(

@@ -49,8 +49,27 @@ def reference_logprobs(
     )
     if outputs.logits.shape[-2] == hidden.shape[-2]:  # the model gave full logits (no `logits_to_keep`, or T == 1)
         return torch.where(mask, selective_log_softmax(outputs.logits.float(), actions), 0.0)
-    logprobs, _ = action_logprobs_and_values(hidden, lm_head, actions, mask, chunk_size=chunk_size)
+    with _gathered_under_zero3(lm_head):
+        logprobs, _ = action_logprobs_and_values(hidden, lm_head, actions, mask, chunk_size=chunk_size)
     return logprobs
+
+
+@contextlib.contextmanager
+def _gathered_under_zero3(module: nn.Module | None):
+    """Under DeepSpeed ZeRO-3, `module`'s parameters gathered (read-only) for the duration: the chunked kernel reads
+    the LM head's weight after the reference's forward, when ZeRO-3 has partitioned it again. A no-op otherwise.
+
+    What `deepspeed.zero.GatheredParameters(params, modifier_rank=None)` does, through the methods ZeRO-3 puts on its
+    parameters (so deepspeed is not imported here)."""
+    params = [p for p in (module.parameters() if module is not None else ()) if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    params[0].all_gather(param_list=params)
+    try:
+        yield
+    finally:
+        params[0].partition(param_list=params, has_been_updated=False)
 
 
 @contextlib.contextmanager

@@ -8,6 +8,7 @@ sample again from the Q-tilted policy, and so on.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import gather_object
 from datasets import Dataset, IterableDataset
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, set_seed
@@ -43,6 +46,7 @@ def generate_and_score(
     logits_processor: list[LogitsProcessor] | None = None,
     show_progress: bool = True,
     truncated_completions: str = "terminal",
+    seed: int | None = None,
 ) -> Dataset:
     """Sample `num_generations` completions per prompt and score them: a dataset ready for `QHeadTrainer`.
 
@@ -69,6 +73,16 @@ def generate_and_score(
             - `"bootstrap"`: the episode goes on (`done=False`), so the trainer adds `gamma * V(s)` of the state
               where it was cut. For rewards that only judge the tokens seen so far: per-token rewards, or
               reference log-prob rewards (`use_lm_rewards`) with no sequence reward.
+        seed: per-prompt seeding. Prompt `i` of `prompts` is sampled by its own `generate` call under
+            `torch.manual_seed(seed + i)` (torch's RNG is restored afterwards), so its completions do not depend on
+            `batch_size`, on the other prompts, or on how many processes share the work. `None` (default): one `generate`
+            call per `batch_size` prompts, from the current RNG state.
+
+    On several processes (`accelerate launch`, `PartialState().num_processes > 1`) each process samples and scores its
+    own contiguous share of the prompts (`PartialState().split_between_processes`), and every process returns the
+    whole dataset, in prompt order (`accelerate.utils.gather_object`): each sample is generated and scored once. With a
+    `seed` the dataset is the one a single process returns. `model` is each process's own full copy (not wrapped by
+    DDP, FSDP or DeepSpeed).
 
     Returns:
         A `Dataset` with, per completion: `prompt`, `completion` (text, or a one-message list for conversational
@@ -113,13 +127,23 @@ def generate_and_score(
         kwargs["logits_processor"] = LogitsProcessorList(logits_processor)
 
     terminal_cuts = truncated_completions == "terminal"
+    state = PartialState()
+    first_index = 0
+    if state.num_processes > 1:
+        prompts, first_index = _share_of_prompts(prompts, state)
+        show_progress = show_progress and state.is_main_process
     total = len(prompts) if hasattr(prompts, "__len__") else None
     rows: list[dict[str, Any]] = []
     was_training = getattr(model, "training", False)
     model.eval()
     try:
-        with tqdm(total=total, desc="Generating and scoring", unit="prompt", disable=not show_progress) as bar:
-            for examples in _batches(prompts, batch_size):
+        with (
+            tqdm(total=total, desc="Generating and scoring", unit="prompt", disable=not show_progress) as bar,
+            _restored_rng(model, seed is not None),
+        ):
+            for index, examples in _seeded_batches(prompts, batch_size, seed, first_index):
+                if index is not None:
+                    torch.manual_seed(seed + index)
                 rows.extend(
                     _generate_batch(
                         model, tokenizer, examples, functions, eos_ids, kwargs, num_generations, terminal_cuts
@@ -128,11 +152,41 @@ def generate_and_score(
                 bar.update(len(examples))
     finally:
         model.train(was_training)
+    if state.num_processes > 1:
+        rows = gather_object([rows])  # one list per process, in process order: prompt order
+        rows = [row for process_rows in rows for row in process_rows]
     if not rows:
         raise ValueError("The prompt dataset is empty.")
     # A batch where no function returned per-token rewards has no `rewards` key: every row gets every column.
     keys = list(dict.fromkeys(key for row in rows for key in row))
     return Dataset.from_list([{key: row.get(key) for key in keys} for row in rows])
+
+
+def _share_of_prompts(prompts, state: PartialState) -> tuple[list[dict], int]:
+    """This process's contiguous share of the prompts (`split_between_processes`) and the index of its first one."""
+    examples = [dict(example) for example in prompts]
+    with state.split_between_processes(list(range(len(examples)))) as indices:
+        indices = list(indices)
+    return [examples[i] for i in indices], (indices[0] if indices else len(examples))
+
+
+def _seeded_batches(prompts, batch_size: int, seed: int | None, first_index: int):
+    """`(index, examples)`: batches of `batch_size` prompts (index `None`) or, with a seed, one prompt at a time with
+    its index in the whole prompt dataset."""
+    if seed is None:
+        for examples in _batches(prompts, batch_size):
+            yield None, examples
+        return
+    for offset, examples in enumerate(_batches(prompts, 1)):
+        yield first_index + offset, examples
+
+
+def _restored_rng(model, active: bool):
+    """Fork torch's RNG (CPU, and the model's CUDA device) for the seeded sampling, so the caller's stream goes on."""
+    if not active:
+        return contextlib.nullcontext()
+    device = next(model.parameters()).device
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 def _batches(prompts, batch_size: int):

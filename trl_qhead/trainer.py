@@ -406,19 +406,48 @@ class QHeadTrainer(Trainer):
                 logger.warning(f"Resuming from {resume_from_checkpoint}, which may be incomplete: {problem}.")
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        # Under FSDP transformers also writes the whole model again (`pytorch_model_fsdp.bin`: the frozen base and the
+        # Q head, gathered). The checkpoint already holds the model, consolidated by `save_model` (adapters or
+        # backbone, plus q_head.safetensors), and `_load_from_checkpoint` resumes from those: only the optimizer
+        # (gathered to rank 0, `optimizer.bin`) and the scheduler are written here.
+        from accelerate.utils import save_fsdp_optimizer
+        from transformers.trainer import SCHEDULER_NAME
+
+        save_fsdp_optimizer(
+            self.accelerator.state.fsdp_plugin, self.accelerator, self.optimizer, self.model, output_dir
+        )
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, SCHEDULER_NAME))
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled:
-            # Loading into the unwrapped modules would write into FSDP's shards; not supported yet.
-            raise NotImplementedError(
-                "Resuming a QHeadTrainer run under FSDP is not supported yet: resume with DDP or DeepSpeed, or load "
-                "the checkpoint with `AutoModelForCausalLMWithQHead.from_pretrained` and start a new run."
-            )
-        model = self.accelerator.unwrap_model(model if model is not None else self.model)
-        model.load_checkpoint(resume_from_checkpoint)
+            load_sharded_checkpoint(model if model is not None else self.model, resume_from_checkpoint)
+        else:
+            model = self.accelerator.unwrap_model(model if model is not None else self.model)
+            model.load_checkpoint(resume_from_checkpoint)
         moments = os.path.join(resume_from_checkpoint, REWARD_MOMENTS_NAME)
         if self.args.reward_normalization == "running" and os.path.isfile(moments):
             with open(moments) as f:
                 self.reward_computer.moments.load_state_dict(json.load(f))
+
+
+def load_sharded_checkpoint(model: nn.Module, directory: str) -> None:
+    """Load a checkpoint of `AutoModelForCausalLMWithQHead.save_pretrained` (adapters or full backbone, and Q head)
+    into an FSDP2-sharded model in place, on every process: each reads the full tensors and keeps its own shard
+    (`set_model_state_dict` with `full_state_dict=True`). Parameters the checkpoint does not hold (a LoRA model's
+    frozen base) keep their values; a tensor the model has no place for raises `ValueError`."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    inner = (
+        model.module if hasattr(model, "module") and not isinstance(model, AutoModelForCausalLMWithQHead) else model
+    )
+    state = inner.checkpoint_state_dict(directory)
+    result = set_model_state_dict(inner, state, options=StateDictOptions(full_state_dict=True, strict=False))
+    if result.unexpected_keys:
+        raise ValueError(f"{directory} holds tensors the model does not have: {sorted(result.unexpected_keys)[:5]}.")
 
 
 def _check_vocabulary(tokenizer: Any, model: AutoModelForCausalLMWithQHead) -> None:

@@ -3,6 +3,7 @@
 tests/recipes/test_qhead_lora_multiprocess.py.)"""
 
 import os
+import sys
 
 import pytest
 
@@ -63,3 +64,26 @@ def test_single_process_runs_are_left_alone(monkeypatch):
         before = dict(os.environ)
         ensure_cpu_processes()  # would replace this process if it decided to relaunch
         assert dict(os.environ) == before
+
+
+def test_fsdp_without_gpus_is_refused_unless_asked_for(monkeypatch):
+    # accelerate would silently train DDP (accelerate/state.py: FSDP only for GPU-like device types).
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.delenv("ACCELERATE_USE_DEEPSPEED", raising=False)
+    monkeypatch.delenv("TRL_QHEAD_CPU_FSDP", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    with pytest.raises(RuntimeError, match="silently run DDP"):
+        ensure_cpu_processes()
+
+
+def test_deepspeed_without_gpus_gets_gloo_and_keeps_deepspeed(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("sys.argv", ["qhead_lora.py", "--max_steps", "1"])
+    ensure_cpu_processes()
+    assert "ACCELERATE_USE_CPU" not in os.environ  # with it, accelerate would drop DeepSpeed for DDP
+    assert sys.argv[-2:] == ["--ddp_backend", "gloo"]
