@@ -6,7 +6,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,12 +16,14 @@ from accelerate import PartialState
 from datasets import Dataset, IterableDataset, load_dataset
 from torch import nn
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers.trainer import TRAINING_ARGS_NAME
 
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
+from .hub import qhead_model_card
 from .losses import qhead_loss
 from .mdp import action_mask_from_labels, episode_dones, next_tokens, value_mask
-from .modeling import AutoModelForCausalLMWithQHead, add_adapters
+from .modeling import Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME, AutoModelForCausalLMWithQHead, add_adapters
 from .reference import as_reference, frozen_copy, reference_logprobs
 from .returns import compute_returns
 from .reward_functions import RewardFunc, RewardFunctions
@@ -342,6 +346,86 @@ class QHeadTrainer(Trainer):
                 json.dump(self.reward_computer.moments.state_dict(), f)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+        # As `Trainer._save`: the arguments beside the model (checkpoints keep them), and TRL's card at every save.
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        self._model_card(Path(output_dir).name).save(os.path.join(output_dir, "README.md"))
+
+    # ---- model card and Hub ------------------------------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Write TRL's model card (as `SFTTrainer` does, tags `trl` and `trl-qhead`) with the Q-head settings, the
+        reward sources and how to load the model and generate with the tilt, to `args.output_dir/README.md`.
+        `Trainer.push_to_hub` calls it; other transformers card arguments (`language`, `finetuned_from`, ...) are
+        ignored."""
+        if not self.is_world_process_zero():
+            return
+        if model_name is None:
+            model_name = (self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1]
+        card = self._model_card(model_name, dataset_name=dataset_name, tags=tags)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def _model_card(self, model_name: str, dataset_name: str | None = None, tags: str | list[str] | None = None):
+        args: QHeadConfig = self.args
+        model = self.accelerator.unwrap_model(self.model)
+        base_model = getattr(model.base_model.config, "_name_or_path", None) or None
+        if base_model is not None and os.path.isdir(base_model):
+            base_model = None  # a local folder is no Hub id to link
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        hub_model_id = getattr(self, "hub_model_id", None) or args.hub_model_id
+        q_head = {"hidden_size": model.q_head.in_features, "vocab_size": model.q_head.out_features}
+        q_head["q_head_init"] = model.q_head_init
+        settings = {
+            name: getattr(args, name)
+            for name in ("gamma", "gae_lambda", "q_weight", "use_lm_rewards", "q_head_learning_rate", "max_length")
+        }
+        return qhead_model_card(
+            base_model=base_model,
+            model_name=model_name,
+            hub_model_id=hub_model_id or model_name,
+            dataset_name=dataset_name or args.dataset_name,
+            tags=[*tags, *self._tag_names],
+            q_head=q_head,
+            settings=settings,
+            reward_sources=self._reward_sources(),
+            peft=model.is_peft_model,
+        )
+
+    def _reward_sources(self) -> list[str]:
+        args: QHeadConfig = self.args
+        sources = []
+        columns = set(getattr(self.train_dataset, "column_names", None) or [])
+        for column, what in (("reward", "sequence rewards"), ("rewards", "per-token rewards")):
+            if column in columns:
+                sources.append(f"dataset column `{column}` ({what})")
+        functions = self.reward_computer.functions
+        if functions is not None:
+            for name, weight in zip(functions.names, functions.weights.tolist(), strict=True):
+                sources.append(f"reward function `{name}` (weight {weight:g})")
+        if args.use_lm_rewards:
+            sources.append(f"reference log-probs, coefficient {args.lm_reward_coef:g} (`use_lm_rewards`)")
+        if sources and (args.reward_scale != 1.0 or args.reward_clip is not None or args.reward_normalization):
+            sources.append(
+                f"task rewards normalised `{args.reward_normalization}`, scaled by {args.reward_scale:g}, "
+                f"clipped at {args.reward_clip}"
+            )
+        return sources
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # transformers copies the model files it knows by name from the checkpoint to `output_dir` before uploading
+        # it; the Q head's are not among them.
+        if self.is_world_process_zero():
+            for name in (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME, "README.md"):
+                if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                    os.makedirs(self.args.output_dir, exist_ok=True)
+                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled:

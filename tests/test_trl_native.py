@@ -1,0 +1,215 @@
+"""Issue 15, TRL-native habits: the Hub round trip, model cards, TRL's argument conventions, the console script and
+folded checkpoints. Offline: a Hub repo is a folder in huggingface_hub's cache layout, uploads are monkeypatched."""
+
+import os
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from huggingface_hub import HfApi
+from peft import LoraConfig
+
+from tests.conftest import make_tiny_gpt2
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
+from trl_qhead.modeling import Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME
+
+LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
+CORPUS = ["The cat sat on the mat.", "A dog ran in the park.", "Rain fell all night.", "He read a book."] * 4
+
+
+def _trained_like(model):
+    with torch.no_grad():
+        model.q_head.weight.normal_(0, 0.1)
+        model.q_head.bias.normal_(0, 0.1)
+    return model
+
+
+def _hub_repo(cache: Path, repo_id: str, folder: Path, revision: str = "main", commit: str = "a" * 40) -> None:
+    """Put `folder` in huggingface_hub's cache layout as `repo_id` at `revision` (what a download would leave)."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, repo / "snapshots" / commit)
+    (repo / "refs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / revision).write_text(commit)
+
+
+class _FakeHub:
+    """Records `HfApi.create_repo` / `upload_folder` calls and a copy of each uploaded folder."""
+
+    def __init__(self, monkeypatch, tmp_path):
+        self.uploads, self.root = [], tmp_path / "uploaded"
+        hub = self
+
+        class RepoUrl(str):
+            repo_id = None
+
+        def create_repo(api, repo_id, **kwargs):
+            url = RepoUrl(f"https://huggingface.co/{repo_id}")
+            url.repo_id = repo_id
+            return url
+
+        def upload_folder(api, *, repo_id, folder_path, **kwargs):
+            target = hub.root / str(len(hub.uploads))
+            shutil.copytree(folder_path, target, ignore=shutil.ignore_patterns(*kwargs.get("ignore_patterns") or []))
+            hub.uploads.append({"repo_id": repo_id, "files": sorted(os.listdir(target)), "dir": target, **kwargs})
+            result = f"https://huggingface.co/{repo_id}/commit/0"
+            if kwargs.get("run_as_future"):  # the Trainer's checkpoint pushes
+                future = Future()
+                future.set_result(result)
+                return future
+            return result
+
+        monkeypatch.setattr(HfApi, "create_repo", create_repo)
+        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+
+
+# ---- 1. Hub round trip ----------------------------------------------------------------------------------------------
+
+
+def test_hub_round_trip_full_and_peft_and_missing_weights(tmp_path, monkeypatch):
+    cache = tmp_path / "hub"
+    full = _trained_like(AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=128)))
+    full.save_pretrained(tmp_path / "full")
+    _hub_repo(cache, "me/full", tmp_path / "full")
+    # a second revision with another Q head: `revision` is honoured
+    other = _trained_like(AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=128)))
+    other.save_pretrained(tmp_path / "other")
+    shutil.copytree(tmp_path / "other", cache / "models--me--full" / "snapshots" / ("b" * 40))
+    (cache / "models--me--full" / "refs" / "v2").write_text("b" * 40)
+
+    loaded = AutoModelForCausalLMWithQHead.from_pretrained("me/full", cache_dir=str(cache), token="hf_x")
+    assert torch.equal(loaded.q_head.weight, full.q_head.weight)
+    assert torch.equal(loaded.q_head.bias, full.q_head.bias)
+    v2 = AutoModelForCausalLMWithQHead.from_pretrained("me/full", cache_dir=str(cache), revision="v2")
+    assert torch.equal(v2.q_head.weight, other.q_head.weight)
+
+    lora = _trained_like(AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=128), q_head_init="normal"))
+    make_tiny_gpt2(vocab_size=128).save_pretrained(tmp_path / "base")
+    _hub_repo(cache, "me/base", tmp_path / "base")
+    from peft import get_peft_model
+
+    lora = AutoModelForCausalLMWithQHead(
+        get_peft_model(make_tiny_gpt2(vocab_size=128), LoraConfig(**LORA)), q_head_init="normal"
+    )
+    lora.base_model.config._name_or_path = "me/base"
+    lora.pretrained_model.peft_config["default"].base_model_name_or_path = "me/base"
+    lora.save_pretrained(tmp_path / "lora")
+    _hub_repo(cache, "me/lora", tmp_path / "lora")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # PEFT loads the base model by name: from the same cache
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    loaded = AutoModelForCausalLMWithQHead.from_pretrained("me/lora", cache_dir=str(cache))
+    assert loaded.is_peft_model
+    assert torch.equal(loaded.q_head.weight, lora.q_head.weight) and loaded.q_head_init == "normal"
+    ids = torch.tensor([[1, 2, 3, 4]])
+    lora.eval(), loaded.eval()
+    torch.testing.assert_close(loaded(ids).logits, lora(ids).logits)
+
+    # a repo with the Q head's config but no weights is refused (it used to load an all-zero head silently)
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "full", broken)
+    os.remove(broken / Q_HEAD_WEIGHTS_NAME)
+    _hub_repo(cache, "me/broken", broken)
+    with pytest.raises(FileNotFoundError, match=Q_HEAD_WEIGHTS_NAME):
+        AutoModelForCausalLMWithQHead.from_pretrained("me/broken", cache_dir=str(cache))
+    # a plain causal LM repo (no Q head files) gets a fresh head
+    fresh = AutoModelForCausalLMWithQHead.from_pretrained("me/base", cache_dir=str(cache))
+    assert not fresh.q_head.weight.any()
+
+
+def test_push_to_hub_model_save_pretrained_and_trainer(tmp_path, monkeypatch, gpt2_tokenizer):
+    hub = _FakeHub(monkeypatch, tmp_path)
+    lora = AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_init="normal")
+    lora.pretrained_model = __import__("peft").get_peft_model(lora.pretrained_model, LoraConfig(**LORA))
+
+    lora.push_to_hub("me/pushed", commit_message="hi", private=True)
+    (upload,) = hub.uploads
+    assert upload["repo_id"] == "me/pushed" and upload["commit_message"] == "hi"
+    for name in ("adapter_config.json", "adapter_model.safetensors", Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME):
+        assert name in upload["files"]
+    card = (upload["dir"] / "README.md").read_text()
+    assert "trl-qhead" in card and "QTiltLogitsProcessor" in card and 'from_pretrained("me/pushed")' in card
+
+    # save_pretrained(push_to_hub=True) uploads after the Q head is written, with PEFT
+    lora.save_pretrained(tmp_path / "saved", push_to_hub=True, repo_id="me/saved")
+    assert hub.uploads[-1]["repo_id"] == "me/saved"
+    assert {Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME, "adapter_model.safetensors"} <= set(hub.uploads[-1]["files"])
+
+    # the trainer: transformers' push_to_hub, with the Q head files in the output folder and TRL's card
+    config = QHeadConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        max_length=16,
+        report_to=[],
+        save_strategy="no",
+        hub_model_id="me/trained",
+        disable_tqdm=True,
+    )
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(), config, train_dataset=Dataset.from_dict({"text": CORPUS}), processing_class=gpt2_tokenizer
+    )
+    trainer.train()
+    trainer.push_to_hub()
+    upload = hub.uploads[-1]
+    assert upload["repo_id"] == "me/trained"
+    for name in ("model.safetensors", Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME, "training_args.bin", "README.md"):
+        assert name in upload["files"], name
+    card = (upload["dir"] / "README.md").read_text()
+    assert "- trl-qhead" in card and "- trl" in card and "q_weight" in card
+
+
+# ---- 2. Model card and training_args.bin at every save ----------------------------------------------------------------
+
+
+def test_every_save_has_trl_card_and_training_args(tmp_path, monkeypatch, gpt2_tokenizer):
+    hub = _FakeHub(monkeypatch, tmp_path)
+
+    def reward_len(completions, **kwargs):
+        return [float(len(c)) for c in completions]
+
+    rows = {"prompt": ["The cat", "A dog"] * 4, "completion": [" sat.", " ran."] * 4, "reward": [1.0, -1.0] * 4}
+    config = QHeadConfig(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        max_length=16,
+        report_to=[],
+        save_strategy="steps",
+        save_steps=1,
+        disable_tqdm=True,
+        dataset_name="me/reviews",
+        gamma=0.9,
+        push_to_hub=True,
+        hub_model_id="me/ckpt",
+        hub_strategy="every_save",
+    )
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(),
+        config,
+        train_dataset=Dataset.from_dict(rows),
+        processing_class=gpt2_tokenizer,
+        reward_funcs=reward_len,
+    )
+    trainer.train()
+    for folder in (tmp_path / "out" / "checkpoint-1", tmp_path / "out" / "checkpoint-2"):
+        assert (folder / "training_args.bin").is_file()
+        args = torch.load(folder / "training_args.bin", weights_only=False)
+        assert isinstance(args, QHeadConfig) and args.gamma == 0.9
+        card = (folder / "README.md").read_text()
+        for needle in (
+            "- trl\n",
+            "- trl-qhead",
+            "me/reviews",
+            "`gamma`: `0.9`",
+            "reward function `reward_len`",
+            "dataset column `reward`",
+            "QTiltLogitsProcessor",
+            "AutoModelForCausalLMWithQHead.from_pretrained",
+        ):
+            assert needle in card, needle
+    # checkpoint pushes carry the Q head (transformers copies only the files it knows by name)
+    assert hub.uploads and all(Q_HEAD_WEIGHTS_NAME in u["files"] and "README.md" in u["files"] for u in hub.uploads)
