@@ -213,3 +213,97 @@ def test_every_save_has_trl_card_and_training_args(tmp_path, monkeypatch, gpt2_t
             assert needle in card, needle
     # checkpoint pushes carry the Q head (transformers copies only the files it knows by name)
     assert hub.uploads and all(Q_HEAD_WEIGHTS_NAME in u["files"] and "README.md" in u["files"] for u in hub.uploads)
+
+
+# ---- 3. TRL habits ---------------------------------------------------------------------------------------------------
+
+
+def test_trl_habits(tmp_path, gpt2_tokenizer):
+    from transformers import TrainingArguments
+    from trl import LogCompletionsCallback
+
+    rows = Dataset.from_dict({"prompt": ["The cat", "A dog"] * 4, "completion": [" sat.", " ran."] * 4})
+    plain = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=2,
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=2,
+        report_to=[],
+        eval_strategy="steps",
+        eval_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        hub_token="tok",
+    )
+    seen = []
+
+    def compute_metrics(prediction):
+        logprobs, q = prediction.predictions
+        seen.append((logprobs.shape, prediction.label_ids.shape))
+        return {"mean_logprob": float(logprobs[:, :-1][prediction.label_ids[:, 1:] != -100].mean())}
+
+    tokenizer = copy_tokenizer(gpt2_tokenizer)
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(),
+        plain,
+        train_dataset=rows,
+        eval_dataset={"a": rows, "b": rows.select(range(4))},
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+    )
+    assert isinstance(trainer.args, QHeadConfig) and trainer.args.max_steps == 2 and trainer.args.hub_token == "tok"
+    assert not trainer.args.remove_unused_columns
+    completions = LogCompletionsCallback(trainer, num_prompts=None, freq=1)
+    completions.eval_dataset = trainer.eval_dataset["a"].select(range(2))  # it reads a `prompt` column: kept
+    trainer.add_callback(completions)
+    trainer.train()
+    assert not trainer.model.training  # back in eval mode: generating after train has no dropout
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    assert {"eval_a_loss", "eval_b_loss", "eval_a_mean_logprob", "eval_b_loss_q"} <= logged
+    assert seen and len(seen[0][0]) == 2
+    assert [row[1] for row in completions.table[:2]] == ["The cat", "A dog"]
+
+    # model_init_kwargs: used when the model is a name
+    make_tiny_gpt2().save_pretrained(tmp_path / "tiny")
+    gpt2_tokenizer.save_pretrained(tmp_path / "tiny")
+    config = QHeadConfig(
+        output_dir=str(tmp_path / "o2"),
+        report_to=[],
+        max_steps=1,
+        model_init_kwargs={"dtype": "bfloat16"},
+        eos_token="<|endoftext|>",
+    )
+    trainer = QHeadTrainer(str(tmp_path / "tiny"), config, train_dataset=rows)
+    assert trainer.model.base_model.dtype == torch.bfloat16
+    assert QHeadConfig(output_dir="x", model_init_kwargs='{"dtype": "float32"}').model_init_kwargs == {
+        "dtype": "float32"
+    }
+
+    # chat template options: a Jinja file works, the rest says why not
+    template = tmp_path / "t.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    config = QHeadConfig(output_dir=str(tmp_path / "o3"), report_to=[], max_steps=1, chat_template_path=str(template))
+    chat = Dataset.from_dict(
+        {"messages": [[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]]}
+    )
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(), config, train_dataset=chat, processing_class=copy_tokenizer(gpt2_tokenizer)
+    )
+    assert trainer.processing_class.chat_template == template.read_text()
+    with pytest.raises(ValueError, match="assistant_only_loss"):
+        QHeadConfig(output_dir="x", assistant_only_loss=True)
+    with pytest.raises(ValueError, match="Jinja"):
+        QHeadConfig(output_dir="x", chat_template_path="Qwen/Qwen3-0.6B")
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        QHeadTrainer(
+            make_tiny_gpt2(),
+            QHeadConfig(output_dir=str(tmp_path / "o4"), eos_token="<nope>", report_to=[]),
+            train_dataset=rows,
+            processing_class=copy_tokenizer(gpt2_tokenizer),
+        )
+
+
+def copy_tokenizer(tokenizer):
+    import copy
+
+    return copy.deepcopy(tokenizer)

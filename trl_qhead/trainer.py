@@ -8,6 +8,7 @@ import math
 import os
 import shutil
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,17 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset, IterableDataset, load_dataset
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import (
+    AutoTokenizer,
+    EvalPrediction,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.utils import logging
 
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
@@ -30,6 +40,7 @@ from .reward_functions import RewardFunc, RewardFunctions
 from .rewards import RewardComputer
 
 REWARD_MOMENTS_NAME = "reward_moments.json"
+logger = logging.get_logger(__name__)
 
 
 class QHeadTrainer(Trainer):
@@ -81,18 +92,35 @@ class QHeadTrainer(Trainer):
         optimizers: tuple = (None, None),
         reward_funcs: RewardFunc | list[RewardFunc] | None = None,
         reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase] | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
     ):
         model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         if args is None:
             args = QHeadConfig(output_dir=f"{str(model_id or 'model').split('/')[-1]}-QHead")
+        elif isinstance(args, TrainingArguments) and not isinstance(args, QHeadConfig):
+            args = _as_qhead_config(args)
         elif not isinstance(args, QHeadConfig):
-            raise TypeError(f"`args` must be a QHeadConfig, got {type(args).__name__}.")
-        model = self._build_model(model, peft_config)
+            raise TypeError(f"`args` must be a QHeadConfig or TrainingArguments, got {type(args).__name__}.")
+        model_init_kwargs = dict(args.model_init_kwargs or {})
+        if isinstance(model, str):
+            model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        elif model_init_kwargs:
+            logger.warning("`model_init_kwargs` are ignored: the model is already loaded (as SFTTrainer does).")
+            model_init_kwargs = {}
+        model = self._build_model(model, peft_config, **model_init_kwargs)
 
         if processing_class is None:
             if not model_id:
                 raise ValueError("`processing_class` is required when the model has no name or path to load it from.")
-            processing_class = AutoTokenizer.from_pretrained(model_id)
+            tokenizer_kwargs = {
+                k: model_init_kwargs[k] for k in ("revision", "trust_remote_code") if k in model_init_kwargs
+            }
+            processing_class = AutoTokenizer.from_pretrained(model_id, **tokenizer_kwargs)
+        if args.eos_token is not None:
+            _set_eos_token(processing_class, model, args.eos_token)
+        if args.chat_template_path is not None:
+            with open(args.chat_template_path, encoding="utf-8") as f:
+                processing_class.chat_template = f.read()
         if getattr(processing_class, "pad_token_id", None) is None:
             processing_class.pad_token = processing_class.eos_token
         _check_vocabulary(processing_class, model)
@@ -114,9 +142,17 @@ class QHeadTrainer(Trainer):
             )
         with_rewards = reward_functions is not None
         train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards)
-        if eval_dataset is not None:
-            eval_dataset = self._prepare(eval_dataset, processing_class, args, with_rewards)
-        if with_rewards and any(isinstance(d, IterableDataset) for d in (train_dataset, eval_dataset)):
+        if isinstance(eval_dataset, dict):  # several evaluation sets, logged as `eval_<name>_*` (as SFTTrainer)
+            eval_dataset = {
+                k: _keep_prompts(d, self._prepare(d, processing_class, args, with_rewards))
+                for k, d in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = _keep_prompts(
+                eval_dataset, self._prepare(eval_dataset, processing_class, args, with_rewards)
+            )
+        eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+        if with_rewards and any(isinstance(d, IterableDataset) for d in (train_dataset, *eval_datasets)):
             # Batches of a stream are collated on one process and concatenated by Accelerate, which fails on the
             # prompt and column lists reward functions need; each process reads its own shard instead (as TRL's GRPO).
             args.accelerator_config.dispatch_batches = False
@@ -137,6 +173,7 @@ class QHeadTrainer(Trainer):
             processing_class=processing_class,
             callbacks=callbacks,
             optimizers=optimizers,
+            compute_metrics=compute_metrics,
         )
         # Lets transformers count the targets of all accumulated micro-batches and processes (`num_items_in_batch`)
         # from our `labels`, so token-level losses are normalised exactly as its own causal-LM loss is.
@@ -152,12 +189,12 @@ class QHeadTrainer(Trainer):
         self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod
-    def _build_model(model, peft_config) -> AutoModelForCausalLMWithQHead:
+    def _build_model(model, peft_config, **model_init_kwargs) -> AutoModelForCausalLMWithQHead:
         if isinstance(model, AutoModelForCausalLMWithQHead):
             if peft_config is not None:
                 model.pretrained_model = add_adapters(model.pretrained_model, peft_config)
         elif isinstance(model, (str, nn.Module)):
-            model = AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config)
+            model = AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config, **model_init_kwargs)
         else:
             raise TypeError(f"`model` must be a model, a name or a path, got {type(model).__name__}.")
         if (model.is_loaded_in_4bit or model.is_loaded_in_8bit) and not model.is_peft_model:
@@ -279,9 +316,23 @@ class QHeadTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        if prediction_loss_only or self.compute_metrics is None:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+        # For `compute_metrics`: per-position `log pi(a_t|s_t)` and `Q(s_t, a_t)` (zero off the actions), not the
+        # `(B, T, |V|)` logits; `label_ids` are the labels (position t's action is token t + 1, -100 off targets).
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        predictions = (outputs.action_logprobs.detach().float(), outputs.action_q.detach().float())
+        return loss.detach(), predictions, inputs["labels"]
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`, then the model is put back in eval mode (transformers leaves it in train mode), so that
+        generating right after training has no dropout."""
+        output = super().train(*args, **kwargs)
+        self.model.eval()
+        return output
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -329,7 +380,9 @@ class QHeadTrainer(Trainer):
                 total, weight = self.accelerator.gather(torch.stack(values)).sum(0).tolist()
                 metrics[name] = total / weight if weight > 0 else float("nan")
         if mode == "eval":
-            metrics = {f"eval_{name}": value for name, value in metrics.items()}
+            # `evaluate(metric_key_prefix=...)` names its loss `<prefix>_loss` (`eval_a_loss` for a dict of datasets).
+            prefix = next((key[: -len("loss")] for key in logs if key.endswith("_loss")), "eval_")
+            metrics = {f"{prefix}{name}": value for name, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
 
@@ -440,6 +493,40 @@ class QHeadTrainer(Trainer):
         if self.args.reward_normalization == "running" and os.path.isfile(moments):
             with open(moments) as f:
                 self.reward_computer.moments.load_state_dict(json.load(f))
+
+
+def _keep_prompts(raw, prepared):
+    """The evaluation rows keep their `prompt` column (for TRL's `LogCompletionsCallback`, which generates from
+    `trainer.eval_dataset["prompt"]`) where the rows are still one per example (map-style, not packed)."""
+    if not isinstance(raw, Dataset) or not isinstance(prepared, Dataset) or "prompt" not in raw.column_names:
+        return prepared
+    if "prompt" in prepared.column_names or len(prepared) != len(raw):
+        return prepared
+    return prepared.add_column("prompt", raw["prompt"])
+
+
+def _as_qhead_config(args: TrainingArguments) -> QHeadConfig:
+    """A `QHeadConfig` with the values of plain `TrainingArguments`, as `SFTTrainer` converts them."""
+    dict_args = args.to_dict()
+    dict_args["hub_token"] = args.hub_token  # `to_dict` hides it
+    # transformers' default drops every column the model's forward does not name: our collator needs them.
+    dict_args["remove_unused_columns"] = False
+    return QHeadConfig(**dict_args)
+
+
+def _set_eos_token(tokenizer, model: AutoModelForCausalLMWithQHead, eos_token: str) -> None:
+    """`eos_token` becomes the tokenizer's EOS and is added to the model's (as SFTTrainer does)."""
+    if eos_token not in tokenizer.get_vocab():
+        raise ValueError(f"`eos_token` {eos_token!r} is not in the vocabulary of {type(tokenizer).__name__}.")
+    tokenizer.eos_token = eos_token
+    backbone = model.base_model
+    backbone.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+    generation_config = getattr(backbone, "generation_config", None)
+    if generation_config is not None:
+        ids = generation_config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        if tokenizer.eos_token_id not in ids:
+            generation_config.eos_token_id = [tokenizer.eos_token_id, *ids]
 
 
 def _check_vocabulary(tokenizer: Any, model: AutoModelForCausalLMWithQHead) -> None:
