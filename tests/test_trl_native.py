@@ -307,3 +307,43 @@ def copy_tokenizer(tokenizer):
     import copy
 
     return copy.deepcopy(tokenizer)
+
+
+def test_recipe_takes_trl_script_flags_and_evaluates_on_the_test_split(tmp_path):
+    from recipes.qhead_lora import make_parser
+    from tests.recipe_assets import recipe_args, run_in_process, save_tiny_gpt2, write_corpus
+
+    model_dir = save_tiny_gpt2(tmp_path / "gpt2")
+    data = tmp_path / "data"
+    data.mkdir()
+    write_corpus(data / "train.txt", n_lines=16)
+    write_corpus(data / "test.txt", n_lines=4, seed=1)
+    script, training, _ = make_parser().parse_args_and_config(
+        ["--dataset_train_split", "validation", "--dataset_test_split", "dev", "--dataset_streaming", "true"]
+        + ["--trust_remote_code", "true", "--max_steps", "3"]
+    )
+    assert (script.dataset_train_split, script.dataset_test_split, script.dataset_streaming) == (
+        "validation",
+        "dev",
+        True,
+    )
+    assert training.trust_remote_code
+
+    # a folder of text files: `train` and `test` splits; --eval_strategy steps evaluates on the test split
+    flags = dict(
+        dataset_name=data,
+        dataset_data_files=None,
+        packing="false",
+        steps=2,
+        eval_strategy="steps",
+        eval_steps=1,
+        dataset_train_split="train",
+        lora_dropout=None,
+    )
+    trainer = run_in_process(recipe_args(model_dir, data / "train.txt", tmp_path / "out", **flags))
+    assert any("eval_loss" in entry for entry in trainer.state.log_history)
+    # no such split: a clear error before any training
+    with pytest.raises(ValueError, match="dataset_test_split"):
+        run_in_process(
+            recipe_args(model_dir, data / "train.txt", tmp_path / "out2", **flags, dataset_test_split="nope")
+        )
