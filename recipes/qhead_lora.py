@@ -34,10 +34,13 @@ from transformers import AutoConfig, AutoTokenizer, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `python recipes/qhead_lora.py` or `accelerate launch` from anywhere
+if not __package__ and str(REPO_ROOT) not in sys.path:  # `python recipes/qhead_lora.py` or `accelerate launch`
     sys.path.insert(0, str(REPO_ROOT))
 
-from recipes.launch import ensure_cpu_processes  # noqa: E402
+if __package__:  # `recipes.qhead_lora` in a checkout, `trl_qhead.recipes.qhead_lora` installed (`trl-qhead train`)
+    from .launch import ensure_cpu_processes
+else:
+    from recipes.launch import ensure_cpu_processes
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer  # noqa: E402
 
 DEFAULT_MODEL = "gpt2"
