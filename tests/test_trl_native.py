@@ -1,6 +1,7 @@
 """Issue 15, TRL-native habits: the Hub round trip, model cards, TRL's argument conventions, the console script and
 folded checkpoints. Offline: a Hub repo is a folder in huggingface_hub's cache layout, uploads are monkeypatched."""
 
+import json
 import os
 import shutil
 from concurrent.futures import Future
@@ -347,3 +348,145 @@ def test_recipe_takes_trl_script_flags_and_evaluates_on_the_test_split(tmp_path)
         run_in_process(
             recipe_args(model_dir, data / "train.txt", tmp_path / "out2", **flags, dataset_test_split="nope")
         )
+
+
+# ---- 4. Library functions where equivalent --------------------------------------------------------------------------
+
+
+def test_reference_copy_matches_trl_and_lora_config_leaves_fan_in_fan_out_to_peft(tmp_path):
+    import warnings
+
+    from trl_qhead.reference import frozen_copy
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.utils import create_reference_model
+
+    model = make_tiny_gpt2(vocab_size=128)
+    ours, theirs = frozen_copy(model), create_reference_model(model)
+    for copy_ in (ours, theirs):
+        assert not copy_.training and not any(p.requires_grad for p in copy_.parameters())
+    assert all(
+        torch.equal(a, b) for a, b in zip(ours.state_dict().values(), theirs.state_dict().values(), strict=True)
+    )
+    assert model.transformer.wte.weight.requires_grad  # the policy itself is untouched
+
+    from recipes.qhead_lora import lora_config, make_parser
+
+    make_tiny_gpt2(vocab_size=128).save_pretrained(tmp_path / "gpt2")
+    _, _, model_args = make_parser().parse_args_and_config(["--lora_r", "2"])
+    config = lora_config(model_args, str(tmp_path / "gpt2"))
+    wrapped = AutoModelForCausalLMWithQHead.from_pretrained(str(tmp_path / "gpt2"), peft_config=config)
+    assert config.fan_in_fan_out and wrapped.is_peft_model  # set by PEFT for GPT-2's Conv1D
+
+
+# ---- 5. The console script ------------------------------------------------------------------------------------------
+
+
+def test_console_script(tmp_path, capsys):
+    import tomllib
+
+    from recipes.offline_assets import gpt2_tokenizer_dir
+    from tests.recipe_assets import REPO, save_tiny_gpt2, write_corpus
+    from trl_qhead import cli
+
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["trl-qhead"] == "trl_qhead.cli:main"
+    assert pyproject["tool"]["setuptools"]["package-dir"]["trl_qhead.recipes"] == "recipes"
+    listed = set(pyproject["tool"]["setuptools"]["packages"])
+    packages = {".".join(p.relative_to(REPO).parent.parts) for p in (REPO / "trl_qhead").rglob("__init__.py")}
+    assert packages <= listed  # every package of the tree ships (find cannot be used with the mapped folder)
+
+    assert cli.main(["--help"]) == 0
+    assert "train" in capsys.readouterr().out
+    assert cli.main(["nope"]) == 2
+    model_dir, corpus = save_tiny_gpt2(tmp_path / "gpt2"), write_corpus(tmp_path / "c.txt", n_lines=8)
+    common = ["--tokenizer_name_or_path", str(gpt2_tokenizer_dir()), "--dataset_name", "text"]
+    common += [
+        "--dataset_data_files",
+        str(corpus),
+        "--max_length",
+        "16",
+        "--report_to",
+        "none",
+        "--disable_tqdm",
+        "true",
+    ]
+    # --config names the shipped YAML; flags override it
+    cli.main(
+        [
+            "train",
+            "--config",
+            "qhead_lora.yaml",
+            "--model_name_or_path",
+            str(model_dir),
+            *common,
+            "--output_dir",
+            str(tmp_path / "run"),
+            "--max_steps",
+            "1",
+            "--packing",
+            "false",
+            "--lora_r",
+            "2",
+            "--dataset_config",
+            "default",
+            "--per_device_train_batch_size",
+            "2",
+            "--save_strategy",
+            "no",
+        ]
+    )
+    assert (tmp_path / "run" / Q_HEAD_WEIGHTS_NAME).is_file()
+    cli.main(
+        [
+            "eval",
+            "--model_name_or_path",
+            str(tmp_path / "run"),
+            *common,
+            "--dataset_test_split",
+            "train",
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--per_device_eval_batch_size",
+            "4",
+        ]
+    )
+    metrics = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    assert "eval_loss" in metrics and "eval_loss_q" in metrics
+
+
+# ---- 6. Folded checkpoints other engines reproduce -------------------------------------------------------------------
+
+
+def test_fold_tilt_saves_an_untied_head_and_warns_for_gpt2(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import make_tiny_llama
+    from trl_qhead import fold_tilt
+
+    for make, warns in ((lambda: make_tiny_gpt2(vocab_size=128), True), (make_tiny_llama, False)):
+        model = _trained_like(AutoModelForCausalLMWithQHead(make()))
+        with torch.no_grad():
+            model.q_head.bias.zero_()
+        if warns:
+            with pytest.warns(UserWarning, match="vLLM"):
+                folded = fold_tilt(model, beta=0.5)
+        else:
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UserWarning)
+                folded = fold_tilt(model, beta=0.5)
+        folded.save_pretrained(tmp_path / "folded")
+        config = json.loads((tmp_path / "folded" / "config.json").read_text())
+        assert config["tie_word_embeddings"] is False
+        with safe_open(tmp_path / "folded" / "model.safetensors", "pt") as f:
+            head = f.get_tensor("lm_head.weight")
+        embeddings = folded.get_input_embeddings().weight
+        assert not torch.equal(head, embeddings.detach())  # its own tensor, the tilted head
+        reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "folded").eval()
+        ids = torch.tensor([[1, 2, 3, 4, 5]])
+        torch.testing.assert_close(reloaded(ids).logits, folded(ids).logits)
+        shutil.rmtree(tmp_path / "folded")

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-USAGE = """usage: trl-qhead {train,eval,demo} [--help] [ARGS...]
+USAGE = """usage: trl-qhead {{train,eval,demo}} [--help] [ARGS...]
 
   train   train LoRA adapters and a Q head (recipes/qhead_lora.py); `trl-qhead train --help` lists every flag
   eval    evaluate a saved model's Q-head loss on a dataset split (same flags as train)
@@ -91,6 +91,7 @@ def evaluate(argv: Sequence[str]) -> dict:
         model, training_args, train_dataset=dataset, eval_dataset=dataset, processing_class=tokenizer
     )
     metrics = trainer.evaluate()
+    metrics = {**metrics, **trainer.state.log_history[-1]}  # with the Q-head metrics `log` added (loss_q, q_mean, ...)
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "eval_results.json"), "w") as f:
