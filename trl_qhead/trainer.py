@@ -49,9 +49,11 @@ class QHeadTrainer(Trainer):
     Args:
         model: an `AutoModelForCausalLMWithQHead`, a transformers causal LM (a fresh Q head is added), or a name or
             path to load one from.
-        args: a `QHeadConfig`; defaults to one writing to `<model name>-QHead`.
-        train_dataset, eval_dataset: datasets in any format `trl_qhead.data` recognises, map-style or streaming. When
-            `train_dataset` is `None`, `args.dataset_name` (and its `dataset_*` fields) is loaded.
+        args: a `QHeadConfig`, or plain `TrainingArguments` (converted as `SFTTrainer` converts them); defaults to one
+            writing to `<model name>-QHead`.
+        train_dataset, eval_dataset: datasets in any format `trl_qhead.data` recognises, map-style or streaming;
+            `eval_dataset` may be a dict of them (metrics logged as `eval_<name>_*`). When `train_dataset` is `None`,
+            `args.dataset_name` (and its `dataset_*` fields) is loaded.
         processing_class: the tokenizer; loaded from the model's name or path when `None`.
         data_collator: defaults to `DataCollatorForQHead`.
         ref_model: reference policy for `use_lm_rewards`. Not needed for a PEFT model (its adapters are disabled for
@@ -65,6 +67,9 @@ class QHeadTrainer(Trainer):
             `logits[:, 0]`; a name or path loaded with `AutoModelForSequenceClassification` (`num_labels=1`); or a
             list of these, weighted by `args.reward_weights`. See `trl_qhead.rewards`.
         reward_processing_classes: tokenizers of the reward models (one, or a list aligned with `reward_funcs`).
+        compute_metrics: as for `Trainer`; its `EvalPrediction.predictions` are `(log pi(a_t|s_t), Q(s_t, a_t))`, two
+            `[N, T]` arrays (zero off the actions), and `label_ids` the labels (-100 off targets; the action at
+            position t is token t + 1).
 
     Example:
     ```python
