@@ -254,15 +254,33 @@ def test_trl_habits(tmp_path, gpt2_tokenizer):
     )
     assert isinstance(trainer.args, QHeadConfig) and trainer.args.max_steps == 2 and trainer.args.hub_token == "tok"
     assert not trainer.args.remove_unused_columns
-    completions = LogCompletionsCallback(trainer, num_prompts=None, freq=1)
-    completions.eval_dataset = trainer.eval_dataset["a"].select(range(2))  # it reads a `prompt` column: kept
-    trainer.add_callback(completions)
     trainer.train()
     assert not trainer.model.training  # back in eval mode: generating after train has no dropout
     logged = {k for entry in trainer.state.log_history for k in entry}
     assert {"eval_a_loss", "eval_b_loss", "eval_a_mean_logprob", "eval_b_loss_q"} <= logged
     assert seen and len(seen[0][0]) == 2
-    assert [row[1] for row in completions.table[:2]] == ["The cat", "A dog"]
+
+    # TRL's LogCompletionsCallback generates from the evaluation rows' `prompt` column, which the trainer keeps
+    single = QHeadTrainer(
+        make_tiny_gpt2(),
+        QHeadConfig(
+            output_dir=str(tmp_path / "o1"),
+            max_steps=1,
+            per_device_train_batch_size=2,
+            report_to=[],
+            eval_strategy="steps",
+            eval_steps=1,
+            save_strategy="no",
+            disable_tqdm=True,
+        ),
+        train_dataset=rows,
+        eval_dataset=rows,
+        processing_class=copy_tokenizer(gpt2_tokenizer),
+    )
+    completions = LogCompletionsCallback(single, num_prompts=2, freq=1)
+    single.add_callback(completions)
+    single.train()
+    assert [row[1] for row in completions.table] == ["The cat", "A dog"]
 
     # model_init_kwargs: used when the model is a name
     make_tiny_gpt2().save_pretrained(tmp_path / "tiny")
