@@ -85,7 +85,7 @@ def _warn_engines_that_tie(folded: PreTrainedModel) -> None:
             "weights (it assumes the head is the input embeddings), so under vLLM the tilt is lost: the untied head "
             "is never loaded. Serve it with transformers, or use QTiltLogitsProcessor.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,  # the caller of fold_tilt (under its torch.no_grad wrapper)
         )
 
 
