@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from transformers import TrainingArguments
@@ -190,6 +190,7 @@ class QHeadConfig(TrainingArguments):
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
     def __post_init__(self):
+        _check_float_fields(self)
         if self.assistant_only_loss:
             raise ValueError(
                 "`assistant_only_loss=True` is not supported by QHeadTrainer: a `messages` row trains on the whole "
@@ -206,8 +207,9 @@ class QHeadConfig(TrainingArguments):
         _check_range("gamma", self.gamma, 0.0, 1.0)
         if self.gae_lambda is not None:
             _check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)
-        if not isinstance(self.q_weight, (int, float)) or self.q_weight != self.q_weight or self.q_weight < 0:
-            raise ValueError(f"`q_weight` must be a number >= 0, got {self.q_weight!r}.")
+        _check_finite("q_weight", self.q_weight)
+        if self.q_weight < 0:
+            raise ValueError(f"`q_weight` must be a finite number >= 0, got {self.q_weight!r}.")
         if not isinstance(self.max_length, int) or self.max_length < 2:
             raise ValueError(
                 f"`max_length` must be an integer >= 2 (one action needs two tokens), got {self.max_length!r}."
@@ -257,6 +259,17 @@ class QHeadConfig(TrainingArguments):
         if self.dataset_data_files is not None and self.dataset_name is None:
             raise ValueError("`dataset_data_files` needs `dataset_name` (e.g. 'text' or 'json').")
         super().__post_init__()
+
+
+def _check_float_fields(config: QHeadConfig) -> None:
+    """No field holds NaN or an infinity: ours and every inherited `TrainingArguments` one (`learning_rate`,
+    `max_grad_norm`, ...). A non-finite weight or rate would train on (or log) NaN without failing."""
+    for spec in fields(config):
+        value = getattr(config, spec.name, None)
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for item in values:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ValueError(f"`{spec.name}` must be a finite number, got {value!r}.")
 
 
 def _check_range(name: str, value, low: float, high: float) -> None:

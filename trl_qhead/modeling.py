@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ from trl.trainer.utils import selective_log_softmax
 from .backbone import causal_lm_forward, is_peft_model, plain_lm_head, unwrap_peft
 from .chunked_lm_head import action_logprobs_and_values
 from .compat import output_cache
+from .durable_files import fsync_path, fsync_tree, relative_files
 from .hub import HUB_KWARGS, PUSH_KWARGS, qhead_model_card, resolve_file, upload_folder
 from .q_values import gather_action_q, state_values
 from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
@@ -300,6 +303,20 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
         The Q head goes to `q_head.safetensors` (fp32) with its shape and init in `q_head_config.json`.
 
+        The save is atomic: a kill at any moment leaves the previous checkpoint or the new one, or a folder that refuses
+        to load with a clear error, never a partial one that loads. Everything is first written (and fsync'ed) to a
+        temporary sibling folder `.<name>.tmp-*` (the same file system, ignored by `from_pretrained` and by the
+        `checkpoint-N` pattern of transformers). Then:
+
+        - when `save_directory` does not exist or is empty, that folder is renamed into place in one step;
+        - otherwise (a previous save, or a folder holding other things) `q_head_config.json` is the commit marker:
+          the old one is deleted first, `q_head.safetensors` is moved in next, then the backbone's files (each with an
+          atomic `os.replace`), the files the previous save listed and this one did not write are removed, and the new
+          `q_head_config.json` is moved in last. `from_pretrained` refuses a folder with `q_head.safetensors` and no
+          `q_head_config.json`, so while the files are replaced the folder does not load.
+
+        `q_head_config.json` lists the files of the save (`files`); loading checks they are all there.
+
         Args:
             save_directory: the folder to write.
             is_main_process: only the main process writes (the others return at once).
@@ -321,18 +338,28 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 k[len(backbone_prefix) :]: v for k, v in state_dict.items() if k.startswith(backbone_prefix)
             }
             q_tensors = {k[len(q_prefix) :]: v for k, v in state_dict.items() if k.startswith(q_prefix)} or q_tensors
-        os.makedirs(save_directory, exist_ok=True)
-        self.pretrained_model.save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
-        tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in q_tensors.items()}
-        save_file(tensors, os.path.join(save_directory, Q_HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
-        q_config = {
-            "hidden_size": self.q_head.in_features,
-            "vocab_size": self.q_head.out_features,
-            "q_head_init": self.q_head_init,
-            "peft": self.is_peft_model,
-        }
-        with open(os.path.join(save_directory, Q_HEAD_CONFIG_NAME), "w") as f:
-            json.dump(q_config, f, indent=2)
+        target = os.path.abspath(os.fspath(save_directory))
+        parent, name = os.path.split(target)
+        os.makedirs(parent, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        try:
+            self.pretrained_model.save_pretrained(staging, is_main_process=is_main_process, **kwargs)
+            tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in q_tensors.items()}
+            save_file(tensors, os.path.join(staging, Q_HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
+            files = sorted(relative_files(staging) | {Q_HEAD_CONFIG_NAME})
+            q_config = {
+                "hidden_size": self.q_head.in_features,
+                "vocab_size": self.q_head.out_features,
+                "q_head_init": self.q_head_init,
+                "peft": self.is_peft_model,
+                "files": files,
+            }
+            with open(os.path.join(staging, Q_HEAD_CONFIG_NAME), "w") as f:
+                json.dump(q_config, f, indent=2)
+            fsync_tree(staging)
+            _commit_folder(staging, target, files)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)  # gone already when it was renamed into place
         if push_to_hub:
             repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
             self._write_model_card(save_directory, repo_id)
@@ -350,8 +377,6 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         Returns:
             The `huggingface_hub.CommitInfo` of the upload.
         """
-        import tempfile
-
         push_kwargs = {k: kwargs.pop(k) for k in PUSH_KWARGS if k in kwargs}
         with tempfile.TemporaryDirectory() as folder:
             self.save_pretrained(folder, **kwargs)
@@ -364,7 +389,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         if os.path.isfile(path) and "trl-qhead" in open(path, encoding="utf-8").read():
             return
         with open(os.path.join(folder, Q_HEAD_CONFIG_NAME)) as f:
-            q_head = json.load(f)
+            q_head = {k: v for k, v in json.load(f).items() if k != "files"}
         base = getattr(self.base_model.config, "_name_or_path", None) or None
         card = qhead_model_card(
             base_model=base if base and not os.path.isdir(base) else None,
@@ -376,24 +401,60 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         card.save(path)
 
     def load_q_head(self, directory: str | os.PathLike) -> None:
-        """Load `q_head.safetensors` from `directory` into this model's Q head (shapes must match)."""
-        path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No {Q_HEAD_WEIGHTS_NAME} in {directory}.")
-        state = load_file(path, device=str(self.device))
-        expected = tuple(self.q_head.weight.shape)
-        if tuple(state["weight"].shape) != expected:
-            raise ValueError(
-                f"The Q head in {directory} has shape {tuple(state['weight'].shape)}, this model needs {expected}: "
-                "was it saved from a model with another vocabulary or hidden size?"
+        """Load `q_head.safetensors` from `directory` into this model's Q head.
+
+        Raises `FileNotFoundError` when the file (or `q_head_config.json`, written last by `save_pretrained`) is
+        missing, and `ValueError` naming the file when it is damaged: not a readable safetensors file, keys other
+        than `weight` and `bias`, another dtype than float32, another shape than this model's head, or non-finite
+        values.
+        """
+        config = _q_head_files(directory)
+        if not config:
+            raise FileNotFoundError(
+                f"No {Q_HEAD_WEIGHTS_NAME} or {Q_HEAD_CONFIG_NAME} in {directory}: it holds no Q head to load."
             )
+        saved_shape = (config["vocab_size"], config["hidden_size"])
+        if saved_shape != tuple(self.q_head.weight.shape):
+            raise ValueError(
+                f"{os.path.join(directory, Q_HEAD_CONFIG_NAME)} describes a Q head of shape {saved_shape} "
+                f"(vocab_size, hidden_size), this model needs {tuple(self.q_head.weight.shape)}: was it saved from a "
+                "model with another vocabulary or hidden size?"
+            )
+        path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
+        try:
+            state = load_file(path, device=str(self.device))
+        except Exception as error:  # safetensors raises its own error type for truncated or garbage files
+            raise ValueError(
+                f"{path} is not a readable safetensors file ({type(error).__name__}: {error}): the file is damaged "
+                "or its save was interrupted."
+            ) from error
+        expected = {"weight": tuple(self.q_head.weight.shape), "bias": tuple(self.q_head.bias.shape)}
+        if set(state) != set(expected):
+            raise ValueError(f"{path} holds the tensors {sorted(state)}; a Q head is exactly ['bias', 'weight'].")
+        for key, shape in expected.items():
+            tensor = state[key]
+            if tensor.dtype != torch.float32:
+                raise ValueError(f"{path}: `{key}` is {tensor.dtype}; the Q head is saved in torch.float32.")
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"The Q head in {path} has `{key}` of shape {tuple(tensor.shape)}, this model needs {shape}: "
+                    "was it saved from a model with another vocabulary or hidden size?"
+                )
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"{path}: `{key}` holds NaN or infinite values.")
         self.q_head.load_state_dict(state)
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Load a folder written by `save_pretrained` into this model in place (adapters or full weights, Q head).
 
-        Used to resume training: the model keeps its identity, so the optimizer's references stay valid.
+        Used to resume training: the model keeps its identity, so the optimizer's references stay valid. The folder is
+        checked first (see `from_pretrained`): one without its Q head, or with half of one, raises before anything
+        is loaded.
         """
+        if not _q_head_files(directory):
+            raise FileNotFoundError(
+                f"No {Q_HEAD_WEIGHTS_NAME} or {Q_HEAD_CONFIG_NAME} in {directory}: it is not a checkpoint of this model."
+            )
         if self.is_peft_model:
             from peft import set_peft_model_state_dict
             from peft.utils import load_peft_weights
@@ -430,6 +491,11 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         LoRA adapter config, plus the adapters) and the Q head. Any other name or path loads with
         `AutoModelForCausalLM.from_pretrained(name, **kwargs)` and gets a fresh Q head.
 
+        A local folder gets a fresh Q head only when it has neither `q_head.safetensors` nor `q_head_config.json`. With
+        one and not the other (a save interrupted before the Q head or its config was written), or with a file that
+        `q_head_config.json` lists missing, it raises `FileNotFoundError` naming the folder and the file; a damaged
+        Q-head file raises `ValueError` naming it (see `load_q_head`). Nothing is loaded before these checks.
+
         Args:
             pretrained_model_name_or_path: a hub name, a local folder or a `PreTrainedModel` / `PeftModel`.
             peft_config: a `peft.PeftConfig`; when given, the backbone is wrapped with `get_peft_model`.
@@ -441,7 +507,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 `peft_config` the backbone goes through `peft.prepare_model_for_kbit_training` first (QLoRA).
         """
         path = pretrained_model_name_or_path
-        saved_q_head = isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, Q_HEAD_WEIGHTS_NAME))
+        # Checked before anything loads: a folder with half a Q head is an interrupted save, not a plain model.
+        q_config = _q_head_files(path) if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) else None
         if isinstance(path, nn.Module):
             backbone = path
         elif isinstance(path, (str, os.PathLike)) and not os.path.isdir(path):
@@ -473,10 +540,9 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         if peft_config is not None:
             backbone = add_adapters(backbone, peft_config)
         model = cls(backbone, q_head_init=q_head_init)
-        if saved_q_head:
+        if q_config:
             model.load_q_head(path)
-            with open(os.path.join(path, Q_HEAD_CONFIG_NAME)) as f:
-                model.q_head_init = json.load(f).get("q_head_init", q_head_init)
+            model.q_head_init = q_config.get("q_head_init", q_head_init)
         return model
 
     @classmethod
@@ -501,17 +567,32 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         model = cls(backbone, q_head_init=q_head_init)
         config_file = resolve_file(repo_id, Q_HEAD_CONFIG_NAME, kwargs)
         weights_file = resolve_file(repo_id, Q_HEAD_WEIGHTS_NAME, kwargs)
-        if config_file is not None and weights_file is None:
-            raise FileNotFoundError(
-                f"{repo_id} has a {Q_HEAD_CONFIG_NAME} but no {Q_HEAD_WEIGHTS_NAME} (revision "
-                f"{kwargs.get('revision') or 'main'}; offline, it may just not be in the cache): refusing to return a "
-                "model with a fresh Q head in place of the trained one."
+        if config_file is None and weights_file is None:
+            return model  # a plain causal LM repo: a fresh Q head
+        where = (
+            f"{repo_id} (revision {kwargs.get('revision') or 'main'}; offline, a file may just not be in the cache)"
+        )
+        if weights_file is None or config_file is None:
+            has, lacks = (
+                (Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME)
+                if weights_file is None
+                else (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME)
             )
-        if weights_file is not None:
-            model.load_q_head(os.path.dirname(weights_file))
-            if config_file is not None:
-                with open(config_file) as f:
-                    model.q_head_init = json.load(f).get("q_head_init", q_head_init)
+            raise FileNotFoundError(
+                f"{where} has {has} but no {lacks}: refusing to return a model with a fresh Q head in place of the "
+                "trained one."
+            )
+        with open(config_file) as f:
+            listed = json.load(f).get("files", [])
+        # The files the save wrote: fetched too, so that `load_q_head` checks the same set as for a local folder.
+        missing = [name for name in listed if resolve_file(repo_id, name, kwargs) is None]
+        if missing:
+            raise FileNotFoundError(
+                f"{where} lacks {missing}, which its {Q_HEAD_CONFIG_NAME} lists: it is incomplete."
+            )
+        model.load_q_head(os.path.dirname(weights_file))
+        with open(config_file) as f:
+            model.q_head_init = json.load(f).get("q_head_init", q_head_init)
         return model
 
 
@@ -531,3 +612,73 @@ def add_adapters(backbone: PreTrainedModel, peft_config) -> nn.Module:
 def _quantization_config(kwargs: dict, model_name_or_path) -> object:
     config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in kwargs}
     return prepare_quantization_config(kwargs["quantization_config"], model_name_or_path, **config_kwargs)
+
+
+def _q_head_files(directory: str | os.PathLike) -> dict | None:
+    """The parsed `q_head_config.json` of a folder holding a complete Q-head save; `None` for a folder with neither
+    Q-head file (a plain model). Anything in between is an interrupted or damaged save and raises, naming the file."""
+    weights = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
+    config_path = os.path.join(directory, Q_HEAD_CONFIG_NAME)
+    has_weights, has_config = os.path.isfile(weights), os.path.isfile(config_path)
+    if not has_weights and not has_config:
+        return None
+    if not has_weights:
+        raise FileNotFoundError(
+            f"{directory} has {Q_HEAD_CONFIG_NAME} but no {Q_HEAD_WEIGHTS_NAME}: the checkpoint is incomplete (was "
+            "its save killed before the Q head was written?). Use an earlier checkpoint."
+        )
+    if not has_config:
+        raise FileNotFoundError(
+            f"{directory} has {Q_HEAD_WEIGHTS_NAME} but no {Q_HEAD_CONFIG_NAME}, which `save_pretrained` writes "
+            "last: the save was interrupted, so the folder may mix two checkpoints. Use an earlier checkpoint."
+        )
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{config_path} is not readable JSON ({error}): the file is damaged.") from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}.")
+    for key in ("hidden_size", "vocab_size"):
+        if not isinstance(config.get(key), int) or isinstance(config.get(key), bool):
+            raise ValueError(f"{config_path}: `{key}` must be an integer, got {config.get(key)!r}.")
+    missing = [name for name in config.get("files", []) if not os.path.isfile(os.path.join(directory, name))]
+    if missing:
+        raise FileNotFoundError(
+            f"{directory} lacks {missing}, which its {Q_HEAD_CONFIG_NAME} lists: it is incomplete."
+        )
+    return config
+
+
+def _commit_folder(staging: str, target: str, files: list[str]) -> None:
+    """Move a complete save from `staging` to `target` (see `save_pretrained`)."""
+    try:
+        os.rename(staging, target)  # a new or empty `target`: one atomic step
+        fsync_path(os.path.dirname(target))
+        return
+    except OSError:
+        if not os.path.isdir(target):
+            raise
+    marker = os.path.join(target, Q_HEAD_CONFIG_NAME)
+    previous_files = []
+    if os.path.isfile(marker):
+        try:
+            with open(marker) as f:
+                listed = json.load(f).get("files", [])
+            previous_files = [name for name in listed if isinstance(name, str)]
+        except (OSError, ValueError, AttributeError):
+            pass
+        os.remove(marker)  # from here on the folder refuses to load, until the new marker is in place
+        fsync_path(target)
+    order = [Q_HEAD_WEIGHTS_NAME] + [name for name in files if name not in (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME)]
+    for name in order:
+        destination = os.path.join(target, name)
+        os.makedirs(os.path.dirname(destination), exist_ok=True)
+        os.replace(os.path.join(staging, name), destination)
+    for name in set(previous_files) - set(files):  # e.g. adapter files of a PEFT save overwritten by a full model
+        stale = os.path.normpath(os.path.join(target, name))
+        if os.path.dirname(stale).startswith(target) and os.path.isfile(stale):
+            os.remove(stale)
+    fsync_path(target)
+    os.replace(os.path.join(staging, Q_HEAD_CONFIG_NAME), marker)  # the commit
+    fsync_path(target)

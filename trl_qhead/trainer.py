@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
@@ -26,10 +27,12 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer import TRAINING_ARGS_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
+from .durable_files import fsync_path, fsync_tree
 from .hub import qhead_model_card
 from .losses import qhead_loss
 from .mdp import action_mask_from_labels, episode_dones, next_tokens, value_mask
@@ -40,6 +43,9 @@ from .reward_functions import RewardFunc, RewardFunctions
 from .rewards import RewardComputer
 
 REWARD_MOMENTS_NAME = "reward_moments.json"
+CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
+_CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+
 logger = logging.get_logger(__name__)
 
 
@@ -117,6 +123,7 @@ class QHeadTrainer(Trainer):
         if processing_class is None:
             if not model_id:
                 raise ValueError("`processing_class` is required when the model has no name or path to load it from.")
+            _check_tokenizer_files(model_id)
             tokenizer_kwargs = {
                 k: model_init_kwargs[k] for k in ("revision", "trust_remote_code") if k in model_init_kwargs
             }
@@ -332,13 +339,6 @@ class QHeadTrainer(Trainer):
         predictions = (outputs.action_logprobs.detach().float(), outputs.action_q.detach().float())
         return loss.detach(), predictions, inputs["labels"]
 
-    def train(self, *args, **kwargs):
-        """`Trainer.train`, then the model is put back in eval mode (transformers leaves it in train mode), so that
-        generating right after training has no dropout."""
-        output = super().train(*args, **kwargs)
-        self.model.eval()
-        return output
-
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
         args: QHeadConfig = self.args
@@ -485,6 +485,63 @@ class QHeadTrainer(Trainer):
                     shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
         super()._push_from_checkpoint(checkpoint_folder)
 
+    def _save_checkpoint(self, model: nn.Module, trial=None) -> None:
+        """transformers' `checkpoint-N` folder, then its completion marker.
+
+        transformers writes a checkpoint's files one by one into `checkpoint-N` (model, optimizer, scheduler, RNG
+        states, trainer state) and its `get_last_checkpoint` takes the highest N whatever the folder holds, so a run
+        killed mid-save would resume from a partial checkpoint, or from one mixing two runs' files. Here, once every
+        process has written its part, the main process writes `checkpoint_complete.json` (every file of the folder
+        with its size; written to a temporary name, fsync'ed, then renamed): `train(resume_from_checkpoint=True)`
+        takes the newest checkpoint whose marker is there and matches the files. The marker of a checkpoint being
+        re-written is removed first, and `save_total_limit` rotation runs only after the new marker, so the previous
+        complete checkpoint is never deleted before the new one is complete.
+        """
+        run_dir = self._get_output_dir(trial=trial)
+        output_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        if self.args.should_save:
+            marker = os.path.join(output_dir, CHECKPOINT_COMPLETE_NAME)
+            if os.path.isfile(marker):
+                os.remove(marker)
+        self.accelerator.wait_for_everyone()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # rotated below, once this checkpoint is complete
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        self.accelerator.wait_for_everyone()  # every process's files (RNG states, sharded optimizer) are written
+        if self.args.should_save:
+            _mark_checkpoint_complete(output_dir, self.state.global_step)
+            rotate_checkpoints(
+                output_dir=run_dir,
+                save_total_limit=limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+                use_mtime=True,
+            )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, **kwargs):
+        """`Trainer.train`; `resume_from_checkpoint=True` resumes from the newest complete checkpoint in `output_dir`
+        (one whose `checkpoint_complete.json` matches its files, see `_save_checkpoint`), skipping any a kill left
+        incomplete, and raises `ValueError` when there is none. A path is resumed from as given; one whose marker
+        does not match its files raises, one without a marker (an older trl-qhead, a plain `Trainer`) is used with
+        a warning.
+
+        Afterwards the model is in eval mode (transformers leaves it in train mode), so that generating right after
+        training has no dropout."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
+        elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            resume_from_checkpoint = os.fspath(resume_from_checkpoint)
+            problem = checkpoint_problem(resume_from_checkpoint)
+            if problem is not None and os.path.isfile(os.path.join(resume_from_checkpoint, CHECKPOINT_COMPLETE_NAME)):
+                raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
+            if problem is not None:
+                logger.warning(f"Resuming from {resume_from_checkpoint}, which may be incomplete: {problem}.")
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        self.model.eval()
+        return output
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if self.is_fsdp_enabled:
             # Loading into the unwrapped modules would write into FSDP's shards; not supported yet.
@@ -535,10 +592,127 @@ def _set_eos_token(tokenizer, model: AutoModelForCausalLMWithQHead, eos_token: s
 
 
 def _check_vocabulary(tokenizer: Any, model: AutoModelForCausalLMWithQHead) -> None:
-    """The tokenizer's ids must all be rows of the model's LM and Q heads."""
+    """The tokenizer must belong to the model: its ids are all rows of the model's LM and Q heads, it covers the
+    special ids the model's config and generation config use (EOS, BOS, pad), and it has an EOS token (episodes
+    end, and documents are closed and padded, with it)."""
     n_tokens = len(tokenizer)
     if n_tokens > model.vocab_size:
         raise ValueError(
             f"`processing_class` has {n_tokens} tokens but the model's vocabulary has {model.vocab_size}: they do not "
             "belong together (resize the model's embeddings, or pass the model's own tokenizer)."
         )
+    beyond = {name: i for name, i in _model_special_ids(model).items() if n_tokens <= i < model.vocab_size}
+    if beyond:
+        used = ", ".join(f"{name}={i}" for name, i in beyond.items())
+        raise ValueError(
+            f"`processing_class` has {n_tokens} tokens but the model uses ids beyond them ({used}): it is not the "
+            "model's tokenizer (a model folder without tokenizer files loads as a one-token tokenizer). Pass the "
+            "model's own tokenizer."
+        )
+    if getattr(tokenizer, "eos_token_id", None) is None:
+        raise ValueError(
+            "`processing_class` has no EOS token: QHeadTrainer ends every document (an episode) with EOS and pads with "
+            "it. Set `processing_class.eos_token` to the model's end-of-sequence token."
+        )
+
+
+def _model_special_ids(model: AutoModelForCausalLMWithQHead) -> dict[str, int]:
+    """The special token ids of the model's config and generation config (`eos_token_id` may be a list)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    sources = [("", config), ("generation_config.", getattr(model.base_model, "generation_config", None))]
+    ids = {}
+    for prefix, source in sources:
+        for name in ("eos_token_id", "bos_token_id", "pad_token_id", "decoder_start_token_id"):
+            value = getattr(source, name, None) if source is not None else None
+            values = value if isinstance(value, (list, tuple)) else [value]
+            for i in values:
+                if isinstance(i, int) and not isinstance(i, bool) and i >= 0:
+                    ids[f"{prefix}{name}"] = max(i, ids.get(f"{prefix}{name}", -1))
+    return ids
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tekken.json",
+)
+
+
+def _check_tokenizer_files(model_id: str | os.PathLike) -> None:
+    """A local model folder must hold a tokenizer: without one, `AutoTokenizer` builds a one-token tokenizer
+    (everything encodes to nothing, and token 0 becomes EOS) instead of failing."""
+    if os.path.isdir(model_id) and not any(os.path.isfile(os.path.join(model_id, f)) for f in TOKENIZER_FILES):
+        raise FileNotFoundError(
+            f"{model_id} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): pass the model's tokenizer as "
+            "`processing_class`, or save it into the folder."
+        )
+
+
+def _mark_checkpoint_complete(folder: str, global_step: int) -> None:
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
+    files.pop(CHECKPOINT_COMPLETE_NAME, None)
+    fsync_tree(folder)
+    temporary = os.path.join(folder, f".{CHECKPOINT_COMPLETE_NAME}.tmp")
+    with open(temporary, "w") as f:
+        json.dump({"global_step": global_step, "files": files}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, os.path.join(folder, CHECKPOINT_COMPLETE_NAME))
+    fsync_path(folder)
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why a `checkpoint-N` folder is not a complete checkpoint written by `QHeadTrainer`, or `None` when it is: its
+    `checkpoint_complete.json` is there and every file it lists is there with the size it had when written."""
+    marker = os.path.join(folder, CHECKPOINT_COMPLETE_NAME)
+    if not os.path.isfile(marker):
+        return f"it has no {CHECKPOINT_COMPLETE_NAME} (its save was interrupted, or another trainer wrote it)"
+    try:
+        with open(marker) as f:
+            files = json.load(f)["files"]
+        listed = [(str(name), int(size)) for name, size in files.items()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        return f"its {CHECKPOINT_COMPLETE_NAME} is damaged ({error})"
+    for name, size in listed:
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            return f"{name} is missing"
+        if os.path.getsize(path) != size:
+            return f"{name} has {os.path.getsize(path)} bytes, {size} were written"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
+    """The newest `checkpoint-N` folder of `output_dir` that `checkpoint_problem` finds complete (what
+    `resume_from_checkpoint=True` resumes from); incomplete newer ones are skipped with a warning. Raises
+    `ValueError` when there is none."""
+    steps = {}
+    if os.path.isdir(output_dir):
+        for name in os.listdir(output_dir):
+            match = _CHECKPOINT_PATTERN.match(name)
+            if match and os.path.isdir(os.path.join(output_dir, name)):
+                steps[name] = int(match.group(1))
+    skipped = []
+    for name in sorted(steps, key=steps.get, reverse=True):
+        path = os.path.join(output_dir, name)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            if skipped:
+                logger.warning(f"Resuming from {name}, skipping incomplete checkpoints: {'; '.join(skipped)}.")
+            return path
+        skipped.append(f"{name}: {problem}")
+    details = f": {'; '.join(skipped)}" if skipped else ""
+    raise ValueError(
+        f"No complete checkpoint in {output_dir} to resume from{details}. Pass a checkpoint's path as "
+        "`resume_from_checkpoint` to resume from it anyway."
+    )

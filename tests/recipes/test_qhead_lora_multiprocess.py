@@ -13,6 +13,7 @@ different token counts, and normalising each process by its own count instead of
 """
 
 import json
+import re
 import sys
 from collections import Counter
 from pathlib import Path
@@ -24,6 +25,11 @@ from tests.recipe_assets import recipe_args, run, run_in_process, save_tiny_gpt2
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))  # the console script users run
 
 STEPS, SAVE_EVERY, GLOBAL_BATCH = 8, 4, 4
+
+
+def _final(path: str) -> Path:
+    """Where a file lands: `save_pretrained` writes into a staging folder `.<name>.tmp-*` renamed to `<name>`."""
+    return Path(re.sub(r"/\.([^/]+)\.tmp-[^/]+/", r"/\1/", path))
 
 
 def _losses(output_dir: Path) -> dict[int, tuple[float, float, float, float]]:
@@ -57,7 +63,7 @@ def test_two_processes_match_one_process(tmp_path):
 
     # Each model and optimizer file was written exactly once, by rank 0.
     writes = [line.split("\t") for line in write_log.read_text().splitlines()]
-    counts = Counter(Path(path).relative_to(two).as_posix() for _, path in writes)
+    counts = Counter(_final(path).relative_to(two).as_posix() for _, path in writes)
     for folder in [f"checkpoint-{SAVE_EVERY}/", f"checkpoint-{STEPS}/", ""]:
         for name in ("adapter_model.safetensors", "q_head.safetensors"):
             assert counts[folder + name] == 1, (folder + name, counts)

@@ -56,6 +56,12 @@ def fold_tilt(model: AutoModelForCausalLMWithQHead, beta: float, *, verify: bool
     scale = 0.0 if math.isinf(beta) else 1.0 / beta
     weight = head.weight.double() + model.q_head.weight.double().to(head.weight.device) * scale
     bias = model.q_head.bias.double().to(head.weight.device) * scale
+    dtype = head.weight.dtype
+    if not (torch.isfinite(weight.to(dtype)).all() and torch.isfinite(bias.to(dtype)).all()):
+        raise ValueError(
+            f"`beta`={beta} is too small to fold: W_q / beta overflows the LM head's {dtype}. Use "
+            "QTiltLogitsProcessor (which handles any beta > 0), or a larger beta."
+        )
     # Untie: the tilted head must not change the input embeddings, and saving must keep it as its own tensor.
     for config in {id(c): c for c in (folded.config, folded.config.get_text_config())}.values():
         if getattr(config, "tie_word_embeddings", False):
@@ -172,7 +178,7 @@ def _verify_fold(model: AutoModelForCausalLMWithQHead, folded: PreTrainedModel, 
     dtype = folded.get_output_embeddings().weight.dtype
     tolerance = (1e-4 if dtype in (torch.float32, torch.float64) else 5e-2) * (1.0 + expected.abs().max().item())
     error = (got - expected).abs().max().item()
-    if error > tolerance:
+    if not error <= tolerance:  # NaN (inf - inf) fails too
         raise RuntimeError(
             f"The folded model's logits differ from z + Q/beta by {error:.3g} (tolerance {tolerance:.3g}): this "
             "architecture post-processes its logits (soft-capping, scaling?), so the tilt cannot be folded into its "

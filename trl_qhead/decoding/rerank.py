@@ -85,7 +85,10 @@ def rerank(
     if beta is None:
         choice = grouped.argmax(-1)
     else:
-        choice = torch.multinomial(torch.softmax(grouped / beta, dim=-1), 1, generator=generator)[:, 0]
+        # (score - max) / beta lies in [-inf, 0] (0 at the max): no inf - inf or 0 / 0, however small beta is.
+        below = grouped - grouped.amax(-1, keepdim=True)
+        logits = torch.where(below == 0, 0.0, below / beta)
+        choice = torch.multinomial(torch.softmax(logits, dim=-1), 1, generator=generator)[:, 0]
     indices = torch.arange(grouped.shape[0], device=device) * num_samples + choice
     return RerankOutput(sequences=sequences[indices.to(sequences.device)], indices=indices, scores=grouped)
 

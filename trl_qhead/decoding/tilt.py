@@ -68,19 +68,31 @@ def tilt_logprobs_and_kl(
 
     With `t = q / beta` on the tokens `pi'` keeps, `log pi' - log pi = t - log Z' + log Z`, so
     `KL = sum_a pi'(a) t(a) - log Z' + log Z`: one log-sum-exp of the scores and a dot product on top of the tilt.
+
+    Any beta > 0 is safe: the tilt is `(q - max q) / beta`, exactly 0 at the max (even where beta rounds to 0 in
+    fp32) and clamped to `[-inf, 0]`, where the max runs over the tokens the scores allow (finite score, kept by
+    top-k). A per-row constant changes neither pi' nor the KL, and this form neither overflows to `+inf` nor forms
+    `inf - inf` or `0 / 0`: as beta -> 0 it tends to its limit, `pi` restricted to the allowed tokens of largest Q
+    (greedy takes argmax Q, ties broken by the scores). Tokens with `pi' = 0` add 0 to the KL (never `0 * -inf`).
     """
     scores = scores.float()
-    shift = q.float() / beta if math.isfinite(beta) else torch.zeros_like(q, dtype=torch.float32)
-    if with_kl:  # a per-row constant changes neither pi' nor the KL; removing it avoids cancellation in fp32
-        shift = shift - shift.amax(dim=-1, keepdim=True)
+    kept_scores = scores if indices is None else scores.gather(-1, indices)
+    if math.isfinite(beta):
+        q = q.float()
+        q_max = torch.where(kept_scores > float("-inf"), q, float("-inf")).amax(dim=-1, keepdim=True)
+        below = q - q_max
+        shift = torch.where(below == 0, 0.0, below / beta).clamp(max=0.0)
+    else:
+        shift = torch.zeros_like(q, dtype=torch.float32)
     if indices is None:
         tilted = scores + shift
     else:
-        tilted = torch.full_like(scores, float("-inf")).scatter_(-1, indices, scores.gather(-1, indices) + shift)
+        tilted = torch.full_like(scores, float("-inf")).scatter_(-1, indices, kept_scores + shift)
     log_norm = torch.logsumexp(tilted, dim=-1, keepdim=True)
     logprobs = tilted - log_norm
     if not with_kl:
         return logprobs, None
     kept = logprobs if indices is None else logprobs.gather(-1, indices)
-    expected_shift = (kept.exp() * shift).sum(-1)  # tokens with pi' = 0 and a finite shift add 0
+    probs = kept.exp()
+    expected_shift = torch.where(probs > 0, probs * shift, 0.0).sum(-1)  # pi' = 0 (shift may be -inf) adds 0
     return logprobs, expected_shift - log_norm[:, 0] + torch.logsumexp(scores, dim=-1)
