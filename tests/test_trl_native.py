@@ -116,6 +116,21 @@ def test_hub_round_trip_full_and_peft_and_missing_weights(tmp_path, monkeypatch)
     _hub_repo(cache, "me/broken", broken)
     with pytest.raises(FileNotFoundError, match=Q_HEAD_WEIGHTS_NAME):
         AutoModelForCausalLMWithQHead.from_pretrained("me/broken", cache_dir=str(cache))
+    # ... and so is half a Q head the other way round, or a repo missing a file its q_head_config.json lists
+    weights_only = tmp_path / "weights_only"
+    shutil.copytree(tmp_path / "full", weights_only)
+    os.remove(weights_only / Q_HEAD_CONFIG_NAME)
+    _hub_repo(cache, "me/weights_only", weights_only)
+    with pytest.raises(FileNotFoundError, match=Q_HEAD_CONFIG_NAME):
+        AutoModelForCausalLMWithQHead.from_pretrained("me/weights_only", cache_dir=str(cache))
+    listed = json.loads((tmp_path / "full" / Q_HEAD_CONFIG_NAME).read_text()).get("files")
+    if listed:  # atomic saves list their files
+        lacking = tmp_path / "lacking"
+        shutil.copytree(tmp_path / "full", lacking)
+        os.remove(lacking / "generation_config.json")
+        _hub_repo(cache, "me/lacking", lacking)
+        with pytest.raises(FileNotFoundError, match="generation_config.json"):
+            AutoModelForCausalLMWithQHead.from_pretrained("me/lacking", cache_dir=str(cache))
     # a plain causal LM repo (no Q head files) gets a fresh head
     fresh = AutoModelForCausalLMWithQHead.from_pretrained("me/base", cache_dir=str(cache))
     assert not fresh.q_head.weight.any()

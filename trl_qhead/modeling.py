@@ -491,6 +491,11 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         LoRA adapter config, plus the adapters) and the Q head. Any other name or path loads with
         `AutoModelForCausalLM.from_pretrained(name, **kwargs)` and gets a fresh Q head.
 
+        A Hub repo id is fetched with `huggingface_hub.hf_hub_download` (`revision`, `token`, `cache_dir`, `subfolder`,
+        `local_files_only` and `HF_HUB_OFFLINE` honoured): its adapters or full model, `q_head.safetensors`,
+        `q_head_config.json` and every file that config lists, with the same checks as a folder (half a Q head, or a
+        listed file missing, raises `FileNotFoundError`); a repo with neither Q-head file gets a fresh head.
+
         A local folder gets a fresh Q head only when it has neither `q_head.safetensors` nor `q_head_config.json`. With
         one and not the other (a save interrupted before the Q head or its config was written), or with a file that
         `q_head_config.json` lists missing, it raises `FileNotFoundError` naming the folder and the file; a damaged
