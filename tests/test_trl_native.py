@@ -224,7 +224,7 @@ def test_every_save_has_trl_card_and_training_args(tmp_path, monkeypatch, gpt2_t
             "reward function `reward_len`",
             "dataset column `reward`",
             "QTiltLogitsProcessor",
-            "AutoModelForCausalLMWithQHead.from_pretrained",
+            'AutoModelForCausalLMWithQHead.from_pretrained("me/ckpt")',  # the repo, not `checkpoint-N`
         ):
             assert needle in card, needle
     # checkpoint pushes carry the Q head (transformers copies only the files it knows by name)

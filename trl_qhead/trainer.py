@@ -406,7 +406,8 @@ class QHeadTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         # As `Trainer._save`: the arguments beside the model (checkpoints keep them), and TRL's card at every save.
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
-        self._model_card(Path(output_dir).name).save(os.path.join(output_dir, "README.md"))
+        model_name = (self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1]  # not `checkpoint-N`
+        self._model_card(model_name).save(os.path.join(output_dir, "README.md"))
 
     # ---- model card and Hub ------------------------------------------------------------------------------------------
 
