@@ -56,7 +56,7 @@ from datasets import Dataset  # noqa: E402
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, set_seed  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `python recipes/demo_sentiment.py` from anywhere
+if not __package__ and str(REPO_ROOT) not in sys.path:  # `python recipes/demo_sentiment.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, generate_and_score  # noqa: E402
@@ -76,7 +76,7 @@ from trl_qhead.evaluation import (  # noqa: E402
 from trl_qhead.reference import as_reference  # noqa: E402
 from trl_qhead.rollouts import PURE_SAMPLING, Samples, sample_completions  # noqa: E402
 
-PROMPTS_FILE = REPO_ROOT / "recipes" / "data" / "review_openings.txt"
+PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "review_openings.txt"  # shipped in the wheel too
 DEFAULT_BETAS = (1.0, 0.5, 0.3, 0.2, 0.15)
 # Pure ancestral sampling (transformers' defaults would add top-k 50): the sampled policy is exactly the softmax that
 # the tilt's KL and best-of-N's KL are measured against.
@@ -212,7 +212,10 @@ def load_model(name: str, lora_r: int, lora_layers: int, dtype: torch.dtype = to
     """The tokenizer and an `AutoModelForCausalLMWithQHead` with LoRA adapters on the top `lora_layers` blocks
     (all of them when 0; no adapters when `lora_r` is 0)."""
     if name == "smollm2":
-        from recipes.offline_assets import smollm2_dir
+        if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
+            from .offline_assets import smollm2_dir
+        else:
+            from recipes.offline_assets import smollm2_dir
 
         path = str(smollm2_dir())
     else:

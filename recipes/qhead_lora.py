@@ -30,15 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, set_seed
-from transformers.pytorch_utils import Conv1D
+from transformers import AutoConfig, AutoTokenizer, set_seed
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:  # `python recipes/qhead_lora.py` or `accelerate launch` from anywhere
+if not __package__ and str(REPO_ROOT) not in sys.path:  # `python recipes/qhead_lora.py` or `accelerate launch`
     sys.path.insert(0, str(REPO_ROOT))
 
-from recipes.launch import ensure_cpu_processes  # noqa: E402
+if __package__:  # `recipes.qhead_lora` in a checkout, `trl_qhead.recipes.qhead_lora` installed (`trl-qhead train`)
+    from .launch import ensure_cpu_processes
+else:
+    from recipes.launch import ensure_cpu_processes
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer  # noqa: E402
 
 DEFAULT_MODEL = "gpt2"
@@ -60,6 +62,16 @@ class ScriptArguments:
     )
     q_head_init: str = field(
         default="zeros", metadata={"help": "Init of a fresh Q head.", "choices": ["zeros", "normal", "lm_head"]}
+    )
+    # TRL's `ScriptArguments` dataset flags (its `dataset_name` and `dataset_config` are QHeadConfig fields here).
+    dataset_train_split: str | None = field(
+        default=None, metadata={"help": "Split to train on (TRL's name for --dataset_split; default 'train')."}
+    )
+    dataset_test_split: str = field(
+        default="test", metadata={"help": "Split to evaluate on when --eval_strategy is not 'no'."}
+    )
+    dataset_streaming: bool = field(
+        default=False, metadata={"help": "Stream the dataset (TRL's name for --streaming; needs --max_steps)."}
     )
 
 
@@ -104,7 +116,7 @@ def make_parser() -> TrlParser:
 
 
 def lora_config(model_args: ModelConfig, model_name_or_path: str, **config_kwargs):
-    """TRL's `LoraConfig` from `model_args`, with GPT-2's targets and `fan_in_fan_out` for `Conv1D` projections.
+    """TRL's `LoraConfig` from `model_args`, with GPT-2's targets (PEFT sets `fan_in_fan_out` for `Conv1D` itself).
 
     Targets: `--lora_target_modules` when given; for GPT-2 `c_attn`, `c_proj` and `c_fc`; otherwise PEFT's default
     for the architecture.
@@ -113,19 +125,20 @@ def lora_config(model_args: ModelConfig, model_name_or_path: str, **config_kwarg
     targets = model_args.lora_target_modules
     if targets is None and config.model_type == "gpt2":
         targets = GPT2_LORA_TARGETS
-    peft_config = get_peft_config(dataclasses.replace(model_args, lora_target_modules=targets))
-    with torch.device("meta"):  # only to look at the module types; nothing is allocated
-        skeleton = AutoModelForCausalLM.from_config(config)
-    # Conv1D stores its weight as (in, out), transposed against nn.Linear: LoRA must know.
-    peft_config.fan_in_fan_out = any(isinstance(module, Conv1D) for module in skeleton.modules())
-    return peft_config
+    # `fan_in_fan_out` is left to PEFT: it sets it (with a warning) when the targets are `Conv1D` (GPT-2).
+    return get_peft_config(dataclasses.replace(model_args, lora_target_modules=targets))
 
 
-def load_model(script_args: ScriptArguments, model_args: ModelConfig) -> AutoModelForCausalLMWithQHead:
+def load_model(
+    script_args: ScriptArguments, model_args: ModelConfig, training_args: QHeadConfig | None = None
+) -> AutoModelForCausalLMWithQHead:
     """The backbone from `--model_name_or_path` (4/8-bit when asked), LoRA when `--use_peft`, and a fresh Q head."""
     name = model_args.model_name_or_path
+    training_args = training_args if training_args is not None else QHeadConfig(output_dir="unused", report_to=[])
     quantization_config = get_quantization_config(model_args)
     model_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if training_args.trust_remote_code:
+        model_kwargs["trust_remote_code"] = True
     if model_args.attn_implementation is not None:
         model_kwargs["attn_implementation"] = model_args.attn_implementation
     if quantization_config is not None:
@@ -135,18 +148,62 @@ def load_model(script_args: ScriptArguments, model_args: ModelConfig) -> AutoMod
 
             # bitsandbytes weights are placed at load time: each process loads onto its own GPU.
             model_kwargs["device_map"] = {"": PartialState().local_process_index}
-    peft_config = lora_config(model_args, name, revision=model_args.model_revision) if model_args.use_peft else None
+    config_kwargs = {k: model_kwargs[k] for k in ("revision", "trust_remote_code") if k in model_kwargs}
+    peft_config = lora_config(model_args, name, **config_kwargs) if model_args.use_peft else None
     return AutoModelForCausalLMWithQHead.from_pretrained(
         name, peft_config=peft_config, q_head_init=script_args.q_head_init, **model_kwargs
     )
 
 
+def apply_trl_dataset_flags(script_args: ScriptArguments, training_args: QHeadConfig) -> None:
+    """TRL's `--dataset_train_split` and `--dataset_streaming` set the QHeadConfig fields they name."""
+    if script_args.dataset_train_split is not None:
+        training_args.dataset_split = script_args.dataset_train_split
+    if script_args.dataset_streaming:
+        if training_args.max_steps is None or training_args.max_steps <= 0:
+            raise ValueError(
+                "`--dataset_streaming` needs `--max_steps` > 0: a stream has no length to count epochs by."
+            )
+        training_args.streaming = True
+
+
+def load_eval_dataset(script_args: ScriptArguments, training_args: QHeadConfig):
+    """The `--dataset_test_split` of the dataset when `--eval_strategy` is not `no`, else `None`."""
+    if str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) == "no":
+        return None
+    if training_args.dataset_name is None:
+        raise ValueError("`--eval_strategy` needs a dataset with a test split: set `--dataset_name`.")
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(
+            training_args.dataset_name,
+            training_args.dataset_config,
+            data_files=training_args.dataset_data_files,
+            split=script_args.dataset_test_split,
+            streaming=training_args.streaming,
+        )
+    except ValueError as error:
+        if "split" not in str(error).lower():
+            raise
+        raise ValueError(
+            f"`--eval_strategy {training_args.eval_strategy}` evaluates on the split "
+            f"{script_args.dataset_test_split!r} of {training_args.dataset_name!r}, which has none ({error}). Name "
+            "an existing one with `--dataset_test_split`, or set `--eval_strategy no`."
+        ) from error
+
+
 def main(script_args: ScriptArguments, training_args: QHeadConfig, model_args: ModelConfig) -> QHeadTrainer:
     """Build the model and tokenizer, train (resuming when asked), save the final model; returns the trainer."""
+    apply_trl_dataset_flags(script_args, training_args)
+    eval_dataset = load_eval_dataset(script_args, training_args)
     set_seed(training_args.seed)  # LoRA's random init happens before the Trainer seeds anything
-    model = load_model(script_args, model_args)
-    tokenizer = AutoTokenizer.from_pretrained(script_args.tokenizer_name_or_path or model_args.model_name_or_path)
-    trainer = QHeadTrainer(model, training_args, processing_class=tokenizer)
+    model = load_model(script_args, model_args, training_args)
+    tokenizer = AutoTokenizer.from_pretrained(
+        script_args.tokenizer_name_or_path or model_args.model_name_or_path,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    trainer = QHeadTrainer(model, training_args, processing_class=tokenizer, eval_dataset=eval_dataset)
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

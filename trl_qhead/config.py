@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -85,6 +86,23 @@ class QHeadConfig(TrainingArguments):
         dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):
             Processes for tokenisation (map-style datasets only).
 
+        > Model and chat template (TRL's `SFTConfig` names)
+
+        model_init_kwargs (`dict` or `None`, *optional*, defaults to `None`):
+            Keyword arguments of `AutoModelForCausalLMWithQHead.from_pretrained` (`dtype`, `revision`,
+            `attn_implementation`, ...) when the trainer's `model` is a name or path; ignored (with a warning) for a
+            loaded model.
+        trust_remote_code (`bool`, *optional*, defaults to `False`):
+            Passed to the model's and tokenizer's `from_pretrained` when the trainer loads them by name.
+        chat_template_path (`str` or `None`, *optional*, defaults to `None`):
+            A Jinja template file set as the tokenizer's chat template before the data is rendered. (A tokenizer name,
+            which `SFTTrainer` clones with its added tokens, is refused: the Q head would have to be resized.)
+        eos_token (`str` or `None`, *optional*, defaults to `None`):
+            A token of the vocabulary to use as EOS: appended to documents, ends episodes, and added to the model's
+            generation config.
+        assistant_only_loss (`bool`, *optional*, defaults to `False`):
+            Not supported (`True` raises): use prompt/completion rows with `completion_only_loss`.
+
     Example:
     ```python
     >>> from trl_qhead import QHeadConfig
@@ -139,12 +157,53 @@ class QHeadConfig(TrainingArguments):
     packing_strategy: str = field(default="wrapped", metadata={"help": "'wrapped', 'bfd' or 'bfd_split'."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
 
+    # TRL's (SFTConfig's) model and chat-template options.
+    model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={
+            "help": "Keyword arguments for AutoModelForCausalLMWithQHead.from_pretrained (dtype, revision, ...), used "
+            "when the trainer's `model` is a name or path. A JSON string on the command line."
+        },
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow models and tokenizers that ship custom code (model given by name)."}
+    )
+    chat_template_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A Jinja chat template file (.jinja/.j2) to set on the tokenizer before the data is rendered."
+        },
+    )
+    eos_token: str | None = field(
+        default=None,
+        metadata={"help": "End-of-sequence token (must be in the vocabulary): ends episodes, appended to documents."},
+    )
+    assistant_only_loss: bool = field(
+        default=False,
+        metadata={"help": "Not supported: conversational rows train on the whole conversation (see README)."},
+    )
+
     # Our collator needs the reward and mask columns that the model's forward does not name.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns for the collator."})
     logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
 
+    _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
     def __post_init__(self):
         _check_float_fields(self)
+        if self.assistant_only_loss:
+            raise ValueError(
+                "`assistant_only_loss=True` is not supported by QHeadTrainer: a `messages` row trains on the whole "
+                "conversation. To train on the assistant's reply only, give prompt/completion rows (`prompt` = the "
+                "messages before the reply, `completion` = the reply as a list of messages); `completion_only_loss` "
+                "(default True) then masks the prompt."
+            )
+        if self.chat_template_path is not None and not str(self.chat_template_path).endswith((".jinja", ".j2")):
+            raise ValueError(
+                f"`chat_template_path` must be a Jinja file (.jinja or .j2), got {self.chat_template_path!r}. Cloning "
+                "the template of another tokenizer (as SFTTrainer does) may add tokens and resize the embeddings, "
+                "which the Q head must match: call `trl.clone_chat_template` on the backbone before wrapping it."
+            )
         _check_range("gamma", self.gamma, 0.0, 1.0)
         if self.gae_lambda is not None:
             _check_range("gae_lambda", self.gae_lambda, 0.0, 1.0)

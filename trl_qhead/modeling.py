@@ -26,6 +26,7 @@ from .backbone import causal_lm_forward, is_peft_model, plain_lm_head, unwrap_pe
 from .chunked_lm_head import action_logprobs_and_values
 from .compat import output_cache
 from .durable_files import fsync_path, fsync_tree, relative_files
+from .hub import HUB_KWARGS, PUSH_KWARGS, qhead_model_card, resolve_file, upload_folder
 from .q_values import gather_action_q, state_values
 from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
 from .tied_head import TiedQHead, check_q_head_rank, check_q_head_type
@@ -372,6 +373,10 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 is split between the backbone and the Q head; without one, the modules' own tensors are saved.
         """
         state_dict = kwargs.pop("state_dict", None)
+        # Uploading is done here, after the Q head is written (the backbone's own push would upload before it, and
+        # PEFT's `save_pretrained` takes no `push_to_hub`).
+        push_to_hub = kwargs.pop("push_to_hub", False)
+        push_kwargs = {k: kwargs.pop(k) for k in PUSH_KWARGS if k in kwargs}
         if not is_main_process:
             return
         q_tensors = dict(self.q_head.named_parameters())
@@ -407,6 +412,45 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             _commit_folder(staging, target, files)
         finally:
             shutil.rmtree(staging, ignore_errors=True)  # gone already when it was renamed into place
+        if push_to_hub:
+            repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
+            self._write_model_card(save_directory, repo_id)
+            upload_folder(save_directory, repo_id, **push_kwargs)
+
+    def push_to_hub(self, repo_id: str, *, commit_message: str | None = None, private: bool | None = None, **kwargs):
+        """Save this model (backbone or LoRA adapters, `q_head.safetensors`, `q_head_config.json`, a model card) to a
+        temporary folder and upload it to the Hub repo `repo_id` (created if needed) in one commit.
+
+        Args:
+            repo_id: `user/name` of the model repo.
+            commit_message, private: as for `huggingface_hub.HfApi.upload_folder` / `create_repo`.
+            kwargs: `token`, `revision`, `create_pr`, `commit_description` go to the upload; the rest to
+                `save_pretrained` (e.g. `max_shard_size`).
+        Returns:
+            The `huggingface_hub.CommitInfo` of the upload.
+        """
+        push_kwargs = {k: kwargs.pop(k) for k in PUSH_KWARGS if k in kwargs}
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, **kwargs)
+            self._write_model_card(folder, repo_id)
+            return upload_folder(folder, repo_id, commit_message=commit_message, private=private, **push_kwargs)
+
+    def _write_model_card(self, folder: str | os.PathLike, repo_id: str) -> None:
+        """A TRL model card with the Q-head sections, unless the folder already has one (e.g. the trainer's)."""
+        path = os.path.join(folder, "README.md")
+        if os.path.isfile(path) and "trl-qhead" in open(path, encoding="utf-8").read():
+            return
+        with open(os.path.join(folder, Q_HEAD_CONFIG_NAME)) as f:
+            q_head = {k: v for k, v in json.load(f).items() if k != "files"}
+        base = getattr(self.base_model.config, "_name_or_path", None) or None
+        card = qhead_model_card(
+            base_model=base if base and not os.path.isdir(base) else None,
+            model_name=repo_id.split("/")[-1],
+            hub_model_id=repo_id,
+            q_head=q_head,
+            peft=self.is_peft_model,
+        )
+        card.save(path)
 
     def load_q_head(self, directory: str | os.PathLike) -> None:
         """Load `q_head.safetensors` from `directory` into this model's Q head.
@@ -553,6 +597,11 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         LoRA adapter config, plus the adapters) and the Q head. Any other name or path loads with
         `AutoModelForCausalLM.from_pretrained(name, **kwargs)` and gets a fresh Q head.
 
+        A Hub repo id is fetched with `huggingface_hub.hf_hub_download` (`revision`, `token`, `cache_dir`, `subfolder`,
+        `local_files_only` and `HF_HUB_OFFLINE` honoured): its adapters or full model, `q_head.safetensors`,
+        `q_head_config.json` and every file that config lists, with the same checks as a folder (half a Q head, or a
+        listed file missing, raises `FileNotFoundError`); a repo with neither Q-head file gets a fresh head.
+
         A local folder gets a fresh Q head only when it has neither `q_head.safetensors` nor `q_head_config.json`. With
         one and not the other (a save interrupted before the Q head or its config was written), or with a file that
         `q_head_config.json` lists missing, it raises `FileNotFoundError` naming the folder and the file; a damaged
@@ -600,6 +649,16 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                     "first."
                 )
             backbone = path
+        elif isinstance(path, (str, os.PathLike)) and not os.path.isdir(path):
+            # A Hub repo id: the Q head and adapters come with `hf_hub_download` (revision, token, cache_dir, offline).
+            return cls._from_hub(
+                str(path),
+                *model_args,
+                peft_config=peft_config,
+                q_head_init=q_head_init,
+                is_trainable=is_trainable,
+                **kwargs,
+            )
         elif isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, "adapter_config.json")):
             from peft import AutoPeftModelForCausalLM, PeftConfig
 
@@ -622,6 +681,56 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         if q_config:
             model.load_q_head(path)
             model.q_head_init = q_config.get("q_head_init", q_head_init)
+        return model
+
+    @classmethod
+    def _from_hub(cls, repo_id: str, *model_args, peft_config, q_head_init, is_trainable, **kwargs):
+        """`from_pretrained` of a Hub repo id: adapters or a full model, plus the repo's Q head when it has one."""
+        if resolve_file(repo_id, "adapter_config.json", kwargs) is not None:
+            from peft import AutoPeftModelForCausalLM, PeftConfig
+
+            if kwargs.get("quantization_config") is not None:
+                peft_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+                base_name = PeftConfig.from_pretrained(repo_id, **peft_kwargs).base_model_name_or_path
+                kwargs["quantization_config"] = _quantization_config(kwargs, base_name)
+            backbone = AutoPeftModelForCausalLM.from_pretrained(
+                repo_id, *model_args, is_trainable=is_trainable, **kwargs
+            )
+        else:
+            if kwargs.get("quantization_config") is not None:
+                kwargs["quantization_config"] = _quantization_config(kwargs, repo_id)
+            backbone = AutoModelForCausalLM.from_pretrained(repo_id, *model_args, **kwargs)
+        if peft_config is not None:
+            backbone = add_adapters(backbone, peft_config)
+        model = cls(backbone, q_head_init=q_head_init)
+        config_file = resolve_file(repo_id, Q_HEAD_CONFIG_NAME, kwargs)
+        weights_file = resolve_file(repo_id, Q_HEAD_WEIGHTS_NAME, kwargs)
+        if config_file is None and weights_file is None:
+            return model  # a plain causal LM repo: a fresh Q head
+        where = (
+            f"{repo_id} (revision {kwargs.get('revision') or 'main'}; offline, a file may just not be in the cache)"
+        )
+        if weights_file is None or config_file is None:
+            has, lacks = (
+                (Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME)
+                if weights_file is None
+                else (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME)
+            )
+            raise FileNotFoundError(
+                f"{where} has {has} but no {lacks}: refusing to return a model with a fresh Q head in place of the "
+                "trained one."
+            )
+        with open(config_file) as f:
+            listed = json.load(f).get("files", [])
+        # The files the save wrote: fetched too, so that `load_q_head` checks the same set as for a local folder.
+        missing = [name for name in listed if resolve_file(repo_id, name, kwargs) is None]
+        if missing:
+            raise FileNotFoundError(
+                f"{where} lacks {missing}, which its {Q_HEAD_CONFIG_NAME} lists: it is incomplete."
+            )
+        model.load_q_head(os.path.dirname(weights_file))
+        with open(config_file) as f:
+            model.q_head_init = json.load(f).get("q_head_init", q_head_init)
         return model
 
 

@@ -16,7 +16,11 @@ from .modeling import AutoModelForCausalLMWithQHead
 
 
 def frozen_copy(model: nn.Module) -> nn.Module:
-    """A frozen, eval-mode deep copy to serve as the reference policy of a model without adapters."""
+    """A frozen, eval-mode deep copy to serve as the reference policy of a model without adapters.
+
+    Kept rather than TRL's `create_reference_model` (the same three steps): `trl.create_reference_model` warns that it
+    moved, and its new home `trl.experimental.utils` warns on import that it is unstable.
+    """
     reference = copy.deepcopy(model).eval()
     reference.requires_grad_(False)
     return reference
@@ -77,6 +81,9 @@ def as_reference(model: nn.Module):
     """Run a PEFT model as its frozen base: adapters disabled and dropout off (the reward must not be noisy).
 
     The training mode is restored afterwards, so the policy's own forward keeps its dropout.
+
+    Adapters are disabled with PEFT's own `disable_adapter()`; kept rather than TRL's `use_adapter(model, None)`
+    (which is only that call) because the reference pass also needs eval mode, and a model without adapters passes.
     """
     was_training = model.training
     model.eval()

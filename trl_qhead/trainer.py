@@ -7,23 +7,36 @@ import json
 import math
 import os
 import re
+import shutil
 from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import PartialState
 from datasets import Dataset, IterableDataset, load_dataset
 from torch import nn
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import (
+    AutoTokenizer,
+    EvalPrediction,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+)
+from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .durable_files import fsync_path, fsync_tree
+from .hub import qhead_model_card
 from .losses import qhead_loss
 from .mdp import action_mask_from_labels, episode_dones, next_tokens, value_mask
-from .modeling import AutoModelForCausalLMWithQHead, add_adapters
+from .modeling import Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME, AutoModelForCausalLMWithQHead, add_adapters
 from .reference import as_reference, frozen_copy, reference_logprobs
 from .returns import compute_returns
 from .reward_functions import RewardFunc, RewardFunctions
@@ -42,9 +55,11 @@ class QHeadTrainer(Trainer):
     Args:
         model: an `AutoModelForCausalLMWithQHead`, a transformers causal LM (a fresh Q head is added), or a name or
             path to load one from.
-        args: a `QHeadConfig`; defaults to one writing to `<model name>-QHead`.
-        train_dataset, eval_dataset: datasets in any format `trl_qhead.data` recognises, map-style or streaming. When
-            `train_dataset` is `None`, `args.dataset_name` (and its `dataset_*` fields) is loaded.
+        args: a `QHeadConfig`, or plain `TrainingArguments` (converted as `SFTTrainer` converts them); defaults to one
+            writing to `<model name>-QHead`.
+        train_dataset, eval_dataset: datasets in any format `trl_qhead.data` recognises, map-style or streaming;
+            `eval_dataset` may be a dict of them (metrics logged as `eval_<name>_*`). When `train_dataset` is `None`,
+            `args.dataset_name` (and its `dataset_*` fields) is loaded.
         processing_class: the tokenizer; loaded from the model's name or path when `None`.
         data_collator: defaults to `DataCollatorForQHead`.
         ref_model: reference policy for `use_lm_rewards`. Not needed for a PEFT model (its adapters are disabled for
@@ -58,6 +73,9 @@ class QHeadTrainer(Trainer):
             `logits[:, 0]`; a name or path loaded with `AutoModelForSequenceClassification` (`num_labels=1`); or a
             list of these, weighted by `args.reward_weights`. See `trl_qhead.rewards`.
         reward_processing_classes: tokenizers of the reward models (one, or a list aligned with `reward_funcs`).
+        compute_metrics: as for `Trainer`; its `EvalPrediction.predictions` are `(log pi(a_t|s_t), Q(s_t, a_t))`, two
+            `[N, T]` arrays (zero off the actions), and `label_ids` the labels (-100 off targets; the action at
+            position t is token t + 1).
 
     Example:
     ```python
@@ -85,19 +103,36 @@ class QHeadTrainer(Trainer):
         optimizers: tuple = (None, None),
         reward_funcs: RewardFunc | list[RewardFunc] | None = None,
         reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase] | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
     ):
         model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         if args is None:
             args = QHeadConfig(output_dir=f"{str(model_id or 'model').split('/')[-1]}-QHead")
+        elif isinstance(args, TrainingArguments) and not isinstance(args, QHeadConfig):
+            args = _as_qhead_config(args)
         elif not isinstance(args, QHeadConfig):
-            raise TypeError(f"`args` must be a QHeadConfig, got {type(args).__name__}.")
-        model = self._build_model(model, peft_config)
+            raise TypeError(f"`args` must be a QHeadConfig or TrainingArguments, got {type(args).__name__}.")
+        model_init_kwargs = dict(args.model_init_kwargs or {})
+        if isinstance(model, str):
+            model_init_kwargs.setdefault("trust_remote_code", args.trust_remote_code)
+        elif model_init_kwargs:
+            logger.warning("`model_init_kwargs` are ignored: the model is already loaded (as SFTTrainer does).")
+            model_init_kwargs = {}
+        model = self._build_model(model, peft_config, **model_init_kwargs)
 
         if processing_class is None:
             if not model_id:
                 raise ValueError("`processing_class` is required when the model has no name or path to load it from.")
             _check_tokenizer_files(model_id)
-            processing_class = AutoTokenizer.from_pretrained(model_id)
+            tokenizer_kwargs = {
+                k: model_init_kwargs[k] for k in ("revision", "trust_remote_code") if k in model_init_kwargs
+            }
+            processing_class = AutoTokenizer.from_pretrained(model_id, **tokenizer_kwargs)
+        if args.eos_token is not None:
+            _set_eos_token(processing_class, model, args.eos_token)
+        if args.chat_template_path is not None:
+            with open(args.chat_template_path, encoding="utf-8") as f:
+                processing_class.chat_template = f.read()
         if getattr(processing_class, "pad_token_id", None) is None:
             processing_class.pad_token = processing_class.eos_token
         _check_vocabulary(processing_class, model)
@@ -119,9 +154,17 @@ class QHeadTrainer(Trainer):
             )
         with_rewards = reward_functions is not None
         train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards)
-        if eval_dataset is not None:
-            eval_dataset = self._prepare(eval_dataset, processing_class, args, with_rewards)
-        if with_rewards and any(isinstance(d, IterableDataset) for d in (train_dataset, eval_dataset)):
+        if isinstance(eval_dataset, dict):  # several evaluation sets, logged as `eval_<name>_*` (as SFTTrainer)
+            eval_dataset = {
+                k: _keep_prompts(d, self._prepare(d, processing_class, args, with_rewards))
+                for k, d in eval_dataset.items()
+            }
+        elif eval_dataset is not None:
+            eval_dataset = _keep_prompts(
+                eval_dataset, self._prepare(eval_dataset, processing_class, args, with_rewards)
+            )
+        eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
+        if with_rewards and any(isinstance(d, IterableDataset) for d in (train_dataset, *eval_datasets)):
             # Batches of a stream are collated on one process and concatenated by Accelerate, which fails on the
             # prompt and column lists reward functions need; each process reads its own shard instead (as TRL's GRPO).
             args.accelerator_config.dispatch_batches = False
@@ -142,6 +185,7 @@ class QHeadTrainer(Trainer):
             processing_class=processing_class,
             callbacks=callbacks,
             optimizers=optimizers,
+            compute_metrics=compute_metrics,
         )
         # Lets transformers count the targets of all accumulated micro-batches and processes (`num_items_in_batch`)
         # from our `labels`, so token-level losses are normalised exactly as its own causal-LM loss is.
@@ -157,12 +201,12 @@ class QHeadTrainer(Trainer):
         self._metrics: dict[str, dict[str, list]] = {"train": defaultdict(list), "eval": defaultdict(list)}
 
     @staticmethod
-    def _build_model(model, peft_config) -> AutoModelForCausalLMWithQHead:
+    def _build_model(model, peft_config, **model_init_kwargs) -> AutoModelForCausalLMWithQHead:
         if isinstance(model, AutoModelForCausalLMWithQHead):
             if peft_config is not None:
                 model.pretrained_model = add_adapters(model.pretrained_model, peft_config)
         elif isinstance(model, (str, nn.Module)):
-            model = AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config)
+            model = AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config, **model_init_kwargs)
         else:
             raise TypeError(f"`model` must be a model, a name or a path, got {type(model).__name__}.")
         if (model.is_loaded_in_4bit or model.is_loaded_in_8bit) and not model.is_peft_model:
@@ -284,9 +328,16 @@ class QHeadTrainer(Trainer):
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
+        if prediction_loss_only or self.compute_metrics is None:
+            with torch.no_grad(), self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs)
+            return loss.detach(), None, None
+        # For `compute_metrics`: per-position `log pi(a_t|s_t)` and `Q(s_t, a_t)` (zero off the actions), not the
+        # `(B, T, |V|)` logits; `label_ids` are the labels (position t's action is token t + 1, -100 off targets).
         with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
+            loss, outputs = self.compute_loss(model, inputs, return_outputs=True)
+        predictions = (outputs.action_logprobs.detach().float(), outputs.action_q.detach().float())
+        return loss.detach(), predictions, inputs["labels"]
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
@@ -336,7 +387,9 @@ class QHeadTrainer(Trainer):
                 total, weight = self.accelerator.gather(torch.stack(values)).sum(0).tolist()
                 metrics[name] = total / weight if weight > 0 else float("nan")
         if mode == "eval":
-            metrics = {f"eval_{name}": value for name, value in metrics.items()}
+            # `evaluate(metric_key_prefix=...)` names its loss `<prefix>_loss` (`eval_a_loss` for a dict of datasets).
+            prefix = next((key[: -len("loss")] for key in logs if key.endswith("_loss")), "eval_")
+            metrics = {f"{prefix}{name}": value for name, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
 
@@ -353,6 +406,87 @@ class QHeadTrainer(Trainer):
                 json.dump(self.reward_computer.moments.state_dict(), f)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
+        # As `Trainer._save`: the arguments beside the model (checkpoints keep them), and TRL's card at every save.
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        model_name = (self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1]  # not `checkpoint-N`
+        self._model_card(model_name).save(os.path.join(output_dir, "README.md"))
+
+    # ---- model card and Hub ------------------------------------------------------------------------------------------
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Write TRL's model card (as `SFTTrainer` does, tags `trl` and `trl-qhead`) with the Q-head settings, the
+        reward sources and how to load the model and generate with the tilt, to `args.output_dir/README.md`.
+        `Trainer.push_to_hub` calls it; other transformers card arguments (`language`, `finetuned_from`, ...) are
+        ignored."""
+        if not self.is_world_process_zero():
+            return
+        if model_name is None:
+            model_name = (self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1]
+        card = self._model_card(model_name, dataset_name=dataset_name, tags=tags)
+        os.makedirs(self.args.output_dir, exist_ok=True)
+        card.save(os.path.join(self.args.output_dir, "README.md"))
+
+    def _model_card(self, model_name: str, dataset_name: str | None = None, tags: str | list[str] | None = None):
+        args: QHeadConfig = self.args
+        model = self.accelerator.unwrap_model(self.model)
+        base_model = getattr(model.base_model.config, "_name_or_path", None) or None
+        if base_model is not None and os.path.isdir(base_model):
+            base_model = None  # a local folder is no Hub id to link
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        hub_model_id = getattr(self, "hub_model_id", None) or args.hub_model_id
+        q_head = {"hidden_size": model.q_head.in_features, "vocab_size": model.q_head.out_features}
+        q_head["q_head_init"] = model.q_head_init
+        settings = {
+            name: getattr(args, name)
+            for name in ("gamma", "gae_lambda", "q_weight", "use_lm_rewards", "q_head_learning_rate", "max_length")
+        }
+        return qhead_model_card(
+            base_model=base_model,
+            model_name=model_name,
+            hub_model_id=hub_model_id or model_name,
+            dataset_name=dataset_name or args.dataset_name,
+            tags=[*tags, *self._tag_names],
+            q_head=q_head,
+            settings=settings,
+            reward_sources=self._reward_sources(),
+            peft=model.is_peft_model,
+        )
+
+    def _reward_sources(self) -> list[str]:
+        args: QHeadConfig = self.args
+        sources = []
+        columns = set(getattr(self.train_dataset, "column_names", None) or [])
+        for column, what in (("reward", "sequence rewards"), ("rewards", "per-token rewards")):
+            if column in columns:
+                sources.append(f"dataset column `{column}` ({what})")
+        functions = self.reward_computer.functions
+        if functions is not None:
+            for name, weight in zip(functions.names, functions.weights.tolist(), strict=True):
+                sources.append(f"reward function `{name}` (weight {weight:g})")
+        if args.use_lm_rewards:
+            sources.append(f"reference log-probs, coefficient {args.lm_reward_coef:g} (`use_lm_rewards`)")
+        if sources and (args.reward_scale != 1.0 or args.reward_clip is not None or args.reward_normalization):
+            sources.append(
+                f"task rewards normalised `{args.reward_normalization}`, scaled by {args.reward_scale:g}, "
+                f"clipped at {args.reward_clip}"
+            )
+        return sources
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        # transformers copies the model files it knows by name from the checkpoint to `output_dir` before uploading
+        # it; the Q head's are not among them.
+        if self.is_world_process_zero():
+            for name in (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME, "README.md"):
+                if os.path.isfile(os.path.join(checkpoint_folder, name)):
+                    os.makedirs(self.args.output_dir, exist_ok=True)
+                    shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
+        super()._push_from_checkpoint(checkpoint_folder)
 
     def _save_checkpoint(self, model: nn.Module, trial=None) -> None:
         """transformers' `checkpoint-N` folder, then its completion marker.
@@ -394,7 +528,10 @@ class QHeadTrainer(Trainer):
         (one whose `checkpoint_complete.json` matches its files, see `_save_checkpoint`), skipping any a kill left
         incomplete, and raises `ValueError` when there is none. A path is resumed from as given; one whose marker
         does not match its files raises, one without a marker (an older trl-qhead, a plain `Trainer`) is used with
-        a warning."""
+        a warning.
+
+        Afterwards the model is in eval mode (transformers leaves it in train mode), so that generating right after
+        training has no dropout."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
         elif isinstance(resume_from_checkpoint, (str, os.PathLike)):
@@ -404,7 +541,9 @@ class QHeadTrainer(Trainer):
                 raise ValueError(f"Cannot resume from {resume_from_checkpoint}: {problem}.")
             if problem is not None:
                 logger.warning(f"Resuming from {resume_from_checkpoint}, which may be incomplete: {problem}.")
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        output = super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+        self.model.eval()
+        return output
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_fsdp_enabled:
@@ -448,6 +587,40 @@ def load_sharded_checkpoint(model: nn.Module, directory: str) -> None:
     result = set_model_state_dict(inner, state, options=StateDictOptions(full_state_dict=True, strict=False))
     if result.unexpected_keys:
         raise ValueError(f"{directory} holds tensors the model does not have: {sorted(result.unexpected_keys)[:5]}.")
+
+
+def _keep_prompts(raw, prepared):
+    """The evaluation rows keep their `prompt` column (for TRL's `LogCompletionsCallback`, which generates from
+    `trainer.eval_dataset["prompt"]`) where the rows are still one per example (map-style, not packed)."""
+    if not isinstance(raw, Dataset) or not isinstance(prepared, Dataset) or "prompt" not in raw.column_names:
+        return prepared
+    if "prompt" in prepared.column_names or len(prepared) != len(raw):
+        return prepared
+    return prepared.add_column("prompt", raw["prompt"])
+
+
+def _as_qhead_config(args: TrainingArguments) -> QHeadConfig:
+    """A `QHeadConfig` with the values of plain `TrainingArguments`, as `SFTTrainer` converts them."""
+    dict_args = args.to_dict()
+    dict_args["hub_token"] = args.hub_token  # `to_dict` hides it
+    # transformers' default drops every column the model's forward does not name: our collator needs them.
+    dict_args["remove_unused_columns"] = False
+    return QHeadConfig(**dict_args)
+
+
+def _set_eos_token(tokenizer, model: AutoModelForCausalLMWithQHead, eos_token: str) -> None:
+    """`eos_token` becomes the tokenizer's EOS and is added to the model's (as SFTTrainer does)."""
+    if eos_token not in tokenizer.get_vocab():
+        raise ValueError(f"`eos_token` {eos_token!r} is not in the vocabulary of {type(tokenizer).__name__}.")
+    tokenizer.eos_token = eos_token
+    backbone = model.base_model
+    backbone.config.get_text_config().eos_token_id = tokenizer.eos_token_id
+    generation_config = getattr(backbone, "generation_config", None)
+    if generation_config is not None:
+        ids = generation_config.eos_token_id
+        ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+        if tokenizer.eos_token_id not in ids:
+            generation_config.eos_token_id = [tokenizer.eos_token_id, *ids]
 
 
 def _check_vocabulary(tokenizer: Any, model: AutoModelForCausalLMWithQHead) -> None:

@@ -65,7 +65,12 @@ def test_accelerate_configs_load(name):
 def test_lora_targets(tmp_path):
     _, _, model_args = make_parser().parse_args_and_config([])
     gpt2 = lora_config(model_args, str(save_tiny_gpt2(tmp_path / "gpt2")))
-    assert gpt2.target_modules == {"c_attn", "c_proj", "c_fc"} and gpt2.fan_in_fan_out
+    assert gpt2.target_modules == {"c_attn", "c_proj", "c_fc"}
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    get_peft_model(AutoModelForCausalLM.from_pretrained(tmp_path / "gpt2"), gpt2)
+    assert gpt2.fan_in_fan_out  # PEFT sets it for GPT-2's Conv1D projections
 
     make_tiny_llama().save_pretrained(tmp_path / "llama")
     llama = lora_config(model_args, str(tmp_path / "llama"))

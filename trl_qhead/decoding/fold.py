@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -77,7 +78,26 @@ def fold_tilt(model: AutoModelForCausalLMWithQHead, beta: float, *, verify: bool
         head.weight.copy_(_fold_bias_into_layernorm(folded, weight, bias).to(head.weight.dtype))
     if verify:
         _verify_fold(model, folded, beta)
+    _warn_engines_that_tie(folded)
     return folded
+
+
+# Architectures whose vLLM implementation never loads `lm_head.weight` (vLLM's `GPT2LMHeadModel.load_weights` skips it,
+# assuming the head is the input embeddings): a folded checkpoint loses its tilt there.
+VLLM_TIED_HEAD_MODEL_TYPES = ("gpt2",)
+
+
+def _warn_engines_that_tie(folded: PreTrainedModel) -> None:
+    model_type = getattr(folded.config, "model_type", None)
+    if model_type in VLLM_TIED_HEAD_MODEL_TYPES:
+        warnings.warn(
+            f"The folded {model_type} model is saved untied (`tie_word_embeddings=False`, its own `lm_head.weight`), "
+            f"which transformers loads; vLLM's {model_type} implementation skips `lm_head.weight` when it loads "
+            "weights (it assumes the head is the input embeddings), so under vLLM the tilt is lost: the untied head "
+            "is never loaded. Serve it with transformers, or use QTiltLogitsProcessor.",
+            UserWarning,
+            stacklevel=4,  # the caller of fold_tilt (under its torch.no_grad wrapper)
+        )
 
 
 def _final_layernorm(model: PreTrainedModel) -> nn.LayerNorm | None:
