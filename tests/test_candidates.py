@@ -476,3 +476,18 @@ def test_bandit_candidates_teach_tokens_never_sampled(tmp_path):
     q = _train_bandit(tmp_path, Dataset.from_list(rows))
     for a in ACTIONS:
         assert q[a].item() == pytest.approx(mean + effects[a], abs=0.02)
+
+
+def test_frontier_comparison_gain_ratio_and_its_mean():
+    from trl_qhead.evaluation import FrontierRow, frontier_comparison, mean_gain_ratio
+
+    def row(method, kl, reward):
+        return FrontierRow(method, "", reward, 0.0, kl, 1, 0.0, 1.0, 1.0, 1)
+
+    rows = [row("base sampling", 0.0, 0.1), row("best-of-N", 1.0, 0.5), row("best-of-N", 2.0, 0.7)]
+    rows += [row("Q-tilted", 0.5, 0.2), row("Q-tilted", 1.5, 0.4), row("Q-tilted", 3.0, 0.9)]
+    comparison = frontier_comparison(rows)
+    ratios = [c["gain_ratio"] for c in comparison]
+    assert ratios[:2] == pytest.approx([0.1 / 0.2, 0.3 / 0.5]) and ratios[2] is None  # beyond N=16
+    assert mean_gain_ratio(comparison, (0.2, 1.5)) == pytest.approx((0.5 + 0.6) / 2)
+    assert mean_gain_ratio(comparison, (2.5, 2.9)) is None
