@@ -68,6 +68,7 @@ from trl_qhead.evaluation import (  # noqa: E402
     frontier_comparison,
     frontier_json,
     markdown_table,
+    mean_gain_ratio,
     plot_frontier,
     policy_drift_kl,
     score_likelihood,
@@ -147,12 +148,17 @@ def training_rows(data: Dataset, num_generations: int, *, center: bool = True) -
     if len(data) % num_generations:
         raise ValueError(f"{len(data)} rows are not a whole number of groups of {num_generations} completions.")
     rewards = [float(r) for r in data["reward"]]
+    # Candidate labels (`--labels candidates`) travel as they are: effects are differences of rewards, which the
+    # per-prompt centring (a constant per prompt) does not change.
+    carried = [c for c in ("candidate_ids", "candidate_rewards", "candidate_sampled_reward") if c in data.column_names]
     rows = []
     columns = zip(data["input_ids"], data["completion_mask"], data["done"], strict=True)
     for i, (input_ids, mask, done) in enumerate(columns):
         start = (i // num_generations) * num_generations
         baseline = sum(rewards[start : start + num_generations]) / num_generations if center else 0.0
-        rows.append({"input_ids": input_ids, "completion_mask": mask, "done": done, "reward": rewards[i] - baseline})
+        row = {"input_ids": input_ids, "completion_mask": mask, "done": done, "reward": rewards[i] - baseline}
+        row.update({c: data[i][c] for c in carried})
+        rows.append(row)
     return Dataset.from_list(rows)
 
 
@@ -169,6 +175,8 @@ def train_qhead(
     q_bias_lr: float,
     q_weight: float,
     seed: int,
+    q_target: str = "mean",
+    target_beta: float | None = None,
 ) -> list[dict]:
     """Train the adapters and the Q head on the scored samples (Monte Carlo returns, gamma 1); returns the log.
 
@@ -184,6 +192,8 @@ def train_qhead(
         gamma=1.0,
         gae_lambda=None,
         q_weight=q_weight,
+        q_target=q_target,
+        target_beta=target_beta if q_target == "soft" else None,
         num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
         learning_rate=lr,
@@ -268,6 +278,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--q_learning_rate", type=float, default=2e-5, help="Q head weight")
     p.add_argument("--q_bias_learning_rate", type=float, default=1e-2, help="Q head bias")
     p.add_argument("--q_weight", type=float, default=1.0)
+    p.add_argument(
+        "--labels",
+        choices=("mc", "candidates"),
+        default="mc",
+        help="mc: one Monte Carlo label per sampled action; candidates: also the reward's verdict on the base "
+        "model's top-k next tokens at every --candidate_stride-th state (generate_and_score(candidate_rewards=k))",
+    )
+    p.add_argument("--candidate_k", type=int, default=8, help="candidates per labelled state (--labels candidates)")
+    p.add_argument("--candidate_stride", type=int, default=1, help="label every m-th state (--labels candidates)")
+    p.add_argument("--q_target", choices=("mean", "soft"), default="mean", help="QHeadConfig.q_target")
+    p.add_argument("--target_beta", type=float, default=0.5, help="QHeadConfig.target_beta of --q_target soft")
     p.add_argument("--lora_r", type=int, default=16, help="0: no adapters, the Q head on the frozen model")
     p.add_argument("--lora_layers", type=int, default=6, help="adapt the top N blocks (0: all)")
     p.add_argument("--eval_samples", type=int, default=16, help="base samples per held-out prompt (>= max best-of-N)")
@@ -302,6 +323,8 @@ def run(args: argparse.Namespace) -> dict:
         flush=True,
     )
     set_seed(args.seed)
+    began_data = time.perf_counter()
+    candidates = args.labels == "candidates"
     scored = generate_and_score(
         model,
         tokenizer,
@@ -311,10 +334,16 @@ def run(args: argparse.Namespace) -> dict:
         max_new_tokens=args.max_new_tokens,
         batch_size=max(1, args.gen_batch_size // args.num_generations),
         generation_kwargs=SAMPLING,
+        candidate_rewards=args.candidate_k if candidates else None,
+        candidate_stride=args.candidate_stride,
     )
+    data_seconds = time.perf_counter() - began_data
+    labelling_cost = json.loads(scored.info.description)["labelling_cost"] if candidates else None
     dataset = training_rows(scored, args.num_generations)
     train_reward = sum(scored["reward"]) / len(scored)
-    print(f"      training reward: mean {train_reward:+.3f}", flush=True)
+    print(f"      training reward: mean {train_reward:+.3f}; data step {data_seconds:.0f} s", flush=True)
+    if labelling_cost:
+        print(f"      labelling cost: {labelling_cost}", flush=True)
 
     print("[3/5] Training the LoRA adapters and the Q head (QHeadTrainer, Monte Carlo returns, gamma 1)", flush=True)
     log = train_qhead(
@@ -329,7 +358,10 @@ def run(args: argparse.Namespace) -> dict:
         q_bias_lr=args.q_bias_learning_rate,
         q_weight=args.q_weight,
         seed=args.seed,
+        q_target=args.q_target,
+        target_beta=args.target_beta,
     )
+    train_seconds = time.perf_counter() - began_data - data_seconds
     model.eval()
 
     print(f"[4/5] Evaluating on {len(eval_prompts)} held-out prompts", flush=True)
@@ -384,6 +416,10 @@ def run(args: argparse.Namespace) -> dict:
         "args": vars(args),
         "rows": frontier_json(rows),
         "tilted_vs_best_of_n_at_equal_kl": comparison,
+        "mean_gain_ratio_kl_0.2_1.5": mean_gain_ratio(comparison, (0.2, 1.5)),
+        "labelling_cost": labelling_cost,
+        "data_seconds": data_seconds,
+        "train_seconds": train_seconds,
         "policy_drift_kl_lora_vs_pretrained": drift,
         "train_log": log,
         "train_reward_mean": train_reward,
@@ -416,18 +452,23 @@ def _sample_pairs(base: Samples, tilted: dict[float, Samples], betas: Sequence[f
 
 def write_outputs(results: dict, rows: Sequence[FrontierRow], out_dir: Path, args: argparse.Namespace) -> None:
     table = markdown_table(rows)
+    ratio = results.get("mean_gain_ratio_kl_0.2_1.5")
     comparison = "\n".join(
         f"- {c['setting']}: KL {c['kl']:.3f}, reward {c['reward']:+.3f}; best-of-N at that KL "
         + (
             "(beyond N=16)"
             if c["best_of_n_at_kl"] is None
             else f"{c['best_of_n_at_kl']:+.3f}, difference {c['difference']:+.3f}"
+            + ("" if c.get("gain_ratio") is None else f", gain ratio {c['gain_ratio']:.2f}")
         )
         for c in results["tilted_vs_best_of_n_at_equal_kl"]
     )
     md = (
         f"# Demo results: {args.model}\n\n{table}\n\n"
         f"Q-tilted against best-of-N at equal KL (interpolated):\n{comparison}\n\n"
+        f"Mean gain ratio (tilt gain / best-of-N gain at equal KL) over tilted rows with KL in [0.2, 1.5]: "
+        + ("none in range" if ratio is None else f"{ratio:.2f}")
+        + f" (labels {args.labels}, q_target {args.q_target}).\n\n"
         f"Drift of the adapted LM from the pretrained model, KL(pi_LoRA || pi_pretrained) per completion: "
         f"{results['policy_drift_kl_lora_vs_pretrained']:.3f} nats.\n"
         f"Wall time: {results['wall_seconds']:.0f} s.\n"

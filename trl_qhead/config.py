@@ -10,6 +10,7 @@ from transformers import TrainingArguments
 
 PACKING_STRATEGIES = ("wrapped", "bfd", "bfd_split")
 REWARD_NORMALIZATIONS = (None, "batch", "running")
+Q_TARGETS = ("mean", "soft")
 
 
 @dataclass
@@ -38,6 +39,24 @@ class QHeadConfig(TrainingArguments):
             sums `hidden_size` weight terms against one bias term, so a weight step moves Q far more than a bias step
             of the same rate: a bias rate 10-1000x the weight's lets the bias (a per-token value that generalises
             across states from little data) learn at the pace of the weight.
+        q_target (`str`, *optional*, defaults to `"mean"`):
+            What Q learns. `"mean"`: `Q^pi(s, a) = E[G | s, a]`, the squared error on ordinary returns bootstrapped
+            from `V(s) = sum_a pi(a|s) Q(s, a)` (the behaviour before this field). `"soft"`: the soft-optimal
+            `Q*(s, a) = beta log E[exp(G / beta) | s, a]` whose tilt at `beta = target_beta` is the KL-regularised
+            optimum (README "Soft-optimal targets"): returns bootstrap from the soft value
+            `V*(s) = beta log sum_a pi(a|s) exp(Q(s, a) / beta)` (`soft.chunked_soft_state_values`), lambda-returns
+            blend in exp space (`compute_returns(..., beta=target_beta)`), and the loss is `2 * soft.linex_loss`
+            (which tends to the squared error as beta -> inf), for sampled actions and candidates alike.
+        target_beta (`float` or `None`, *optional*, defaults to `None`):
+            The beta of `q_target="soft"`, a finite number > 0 (required there; the tilt's beta you mean to decode
+            with). Must be `None` with `q_target="mean"`.
+        candidate_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of each (state, candidate) pair of candidate labels (the `candidate_*` data columns, see
+            `generate_and_score(candidate_rewards=k)`): the loss adds `candidate_weight * l(Q(s_t, a), y)` per pair,
+            `y = G_t + r'(s_t, a) - r'(s_t, a_t)`, to the sum over sampled actions, and the total is divided by the
+            number of sampled actions `N` as `L_LM` is. So with weight 1 each pair counts as much as a sampled action,
+            and a fully labelled state carries `1 + k` Q terms (a candidate equal to the sampled token is skipped: its
+            target is `G_t`, already there). 0 ignores the columns.
         value_chunk_size (`int`, *optional*, defaults to `256`):
             Positions per chunk wherever the loss takes a product over the vocabulary (the LM log-softmax of `L_LM` and
             its gradient, `V(s)`, the reference log-probs): bounds those buffers to a few `value_chunk_size * |V|`
@@ -123,6 +142,11 @@ class QHeadConfig(TrainingArguments):
     )
     q_head_bias_learning_rate: float | None = field(
         default=None, metadata={"help": "Learning rate of the Q head's bias; None uses the Q head's rate."}
+    )
+    q_target: str = field(default="mean", metadata={"help": "'mean' (E[G]) or 'soft' (beta log E exp(G / beta))."})
+    target_beta: float | None = field(default=None, metadata={"help": "beta of q_target='soft' (finite, > 0)."})
+    candidate_weight: float = field(
+        default=1.0, metadata={"help": "Weight of each (state, candidate) pair of candidate labels, >= 0."}
     )
     value_chunk_size: int = field(
         default=256, metadata={"help": "Positions per chunk of the products over the vocabulary (log pi, V(s))."}
@@ -220,6 +244,18 @@ class QHeadConfig(TrainingArguments):
                 isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
             ):
                 raise ValueError(f"`{name}` must be a finite number > 0 or None, got {value!r}.")
+        if self.q_target not in Q_TARGETS:
+            raise ValueError(f"`q_target` must be one of {Q_TARGETS}, got {self.q_target!r}.")
+        if self.q_target == "soft":
+            beta = self.target_beta
+            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
+                raise ValueError(f"`target_beta` must be a finite number > 0 with q_target='soft', got {beta!r}.")
+            self.target_beta = float(beta)
+        elif self.target_beta is not None:
+            raise ValueError("`target_beta` is the beta of q_target='soft': set q_target='soft' or drop it.")
+        _check_finite("candidate_weight", self.candidate_weight)
+        if self.candidate_weight < 0:
+            raise ValueError(f"`candidate_weight` must be >= 0, got {self.candidate_weight!r}.")
         if not isinstance(self.value_chunk_size, int) or self.value_chunk_size < 1:
             raise ValueError(f"`value_chunk_size` must be a positive integer, got {self.value_chunk_size!r}.")
         if self.reward_weights is not None:

@@ -41,9 +41,12 @@ from .chat import is_messages
 # Columns a format consumes; every other column is an extra one, handed to reward functions as a keyword argument.
 FORMAT_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "reward", "completion_mask", "prompt_length")
 FORMAT_COLUMNS += ("done", "dones")
+CANDIDATE_COLUMNS = ("candidate_ids", "candidate_rewards", "candidate_sampled_reward")
+FORMAT_COLUMNS += CANDIDATE_COLUMNS
 FORMAT_COLUMNS += ("prompt", "completion", "messages", "completion_ids")  # the last is a reward-function argument
 # Row keys the collator turns into tensors; the rest travel as lists in `batch["reward_inputs"]`.
 ROW_TENSOR_KEYS = ("input_ids", "rewards", "reward", "completion_mask", "prompt_length", "done", "dones")
+ROW_TENSOR_KEYS += CANDIDATE_COLUMNS
 
 
 def detect_format(column_names: list[str], text_field: str = "text") -> str:
@@ -79,6 +82,46 @@ def _check_rewards(rewards: list[float], n_tokens: int, where: str) -> None:
         )
     if not all(math.isfinite(r) for r in rewards):
         raise ValueError(f"`rewards` of {where} holds NaN or inf.")
+
+
+def check_candidates(example: dict[str, Any], n_tokens: int, where: str, vocab_size: int | None = None) -> dict:
+    """The candidate columns of a row, checked (a ValueError naming the column and the row otherwise): all three or
+    none, one entry per token, as many effects as ids at each token, ids in `[0, vocab_size)`, finite effects. Returns
+    `{}` when the row has none (all three `None` or absent)."""
+    present = [name for name in CANDIDATE_COLUMNS if example.get(name) is not None]
+    if not present:
+        return {}
+    if len(present) != len(CANDIDATE_COLUMNS):
+        missing = [name for name in CANDIDATE_COLUMNS if name not in present]
+        raise ValueError(f"{where} has {present} but not {missing}: candidate labels need all three columns.")
+    ids, effects, sampled = (example[name] for name in CANDIDATE_COLUMNS)
+    for name, column in zip(CANDIDATE_COLUMNS, (ids, effects, sampled), strict=True):
+        if len(column) != n_tokens:
+            raise ValueError(
+                f"`{name}` of {where} has {len(column)} entries for {n_tokens} tokens: it must be aligned with "
+                "`input_ids` (entry i concerns the action that produces token i)."
+            )
+    out_ids, out_effects = [], []
+    for i, (token_ids, token_effects) in enumerate(zip(ids, effects, strict=True)):
+        token_ids, token_effects = list(token_ids or []), list(token_effects or [])
+        if len(token_ids) != len(token_effects):
+            raise ValueError(
+                f"`candidate_rewards` of {where} has {len(token_effects)} values at token {i} for "
+                f"{len(token_ids)} `candidate_ids`: one effect per candidate."
+            )
+        for a in token_ids:
+            if isinstance(a, bool) or not isinstance(a, int) or a < 0 or (vocab_size is not None and a >= vocab_size):
+                raise ValueError(
+                    f"`candidate_ids` of {where} holds {a!r} at token {i}: ids must be integers in [0, {vocab_size})."
+                )
+        if not all(isinstance(r, (int, float)) and math.isfinite(r) for r in token_effects):
+            raise ValueError(f"`candidate_rewards` of {where} holds a NaN, inf or non-number at token {i}.")
+        out_ids.append(token_ids)
+        out_effects.append([float(r) for r in token_effects])
+    sampled = [0.0 if r is None else r for r in sampled]
+    if not all(isinstance(r, (int, float)) and math.isfinite(r) for r in sampled):
+        raise ValueError(f"`candidate_sampled_reward` of {where} holds a NaN, inf or non-number.")
+    return {"candidate_ids": out_ids, "candidate_rewards": out_effects, "candidate_sampled_reward": sampled}
 
 
 def check_done(value: Any, where: str) -> bool:
@@ -185,6 +228,13 @@ def _to_row(
             row["dones"] = [0] * (len(input_ids) - 1) + [int(done)]
         else:  # a truncated row ends where it was cut, not where the episode ended: it bootstraps there
             row["done"] = done and len(input_ids) <= max_length
+    if any(name in example for name in CANDIDATE_COLUMNS):
+        vocab_size = len(tokenizer) if tokenizer is not None else None
+        candidates = check_candidates(example, len(input_ids), where, vocab_size)
+        if candidates and fold_reward:
+            raise ValueError(f"{where} has candidate labels, which do not survive packing: set `packing=False`.")
+        for name in CANDIDATE_COLUMNS:
+            row[name] = candidates[name][:max_length] if candidates else None
     if fold_reward and ("reward" in example or "rewards" in example):
         rewards = (rewards if rewards is not None else [0.0] * len(input_ids))[:max_length]
         if reward is not None:
@@ -325,9 +375,45 @@ class DataCollatorForQHead:
                 for e in examples
             ]
             batch["dones"] = pad(dones, False, side, multiple)
+        if any(e.get("candidate_ids") is not None for e in examples):
+            batch.update(self._candidates(examples))
         if any("prompt_length" in e for e in examples):
             batch["prompt_length"] = torch.tensor([int(e.get("prompt_length", 0)) for e in examples])
         extra = [key for key in examples[0] if key not in ROW_TENSOR_KEYS]
         if extra:
             batch["reward_inputs"] = {key: [e.get(key) for e in examples] for key in extra}
         return batch
+
+    def _candidates(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Candidate labels on the token grid: `candidate_ids` `[B, T, k]` (0 where masked), `candidate_rewards`
+        `[B, T, k]`, `candidate_mask` `[B, T, k]` bool, `candidate_sampled_reward` `[B, T]`; `k` the most candidates of
+        any token in the batch (tokens with fewer are masked). Still token-aligned: the trainer shifts them onto the
+        actions (entry `t + 1` to position `t`)."""
+        k = max((len(c) for e in examples for c in (e.get("candidate_ids") or [])), default=0)
+        ids, effects, masks, sampled = [], [], [], []
+        for e in examples:
+            n = len(e["input_ids"])
+            row_ids = torch.zeros(n, k, dtype=torch.long)
+            row_effects = torch.zeros(n, k, dtype=torch.float32)
+            row_mask = torch.zeros(n, k, dtype=torch.bool)
+            row_sampled = torch.zeros(n, dtype=torch.float32)
+            if e.get("candidate_ids") is not None:
+                for i, (c, r) in enumerate(zip(e["candidate_ids"], e["candidate_rewards"], strict=True)):
+                    if c:
+                        row_ids[i, : len(c)] = torch.as_tensor(c, dtype=torch.long)
+                        row_effects[i, : len(c)] = torch.as_tensor(r, dtype=torch.float32)
+                        row_mask[i, : len(c)] = True
+                row_sampled = torch.as_tensor(
+                    [0.0 if r is None else float(r) for r in e["candidate_sampled_reward"]], dtype=torch.float32
+                )
+            ids.append(row_ids)
+            effects.append(row_effects)
+            masks.append(row_mask)
+            sampled.append(row_sampled)
+        side, multiple = self.padding_side, self.pad_to_multiple_of
+        return {
+            "candidate_ids": pad(ids, 0, side, multiple),
+            "candidate_rewards": pad(effects, 0.0, side, multiple),
+            "candidate_mask": pad(masks, False, side, multiple),
+            "candidate_sampled_reward": pad(sampled, 0.0, side, multiple),
+        }

@@ -7,7 +7,7 @@ likelihood of the samples so that reward hacking would show.
 - likelihood under a reference model: `completion_nll`, `perplexity`, `score_likelihood`;
 - how far adapters moved the policy: `policy_drift_kl`, `KL(pi_adapted || pi_pretrained)`;
 - the frontier table: `base_and_best_of_n_rows`, `tilted_row`, `frontier_comparison` (the tilt against best-of-N at
-  equal KL), `markdown_table`, `frontier_json`, `plot_frontier`.
+  equal KL, with the gain ratio; `mean_gain_ratio`), `markdown_table`, `frontier_json`, `plot_frontier`.
 
 Samples come from `trl_qhead.rollouts.sample_completions`; `recipes/demo_sentiment.py` runs the whole evaluation.
 """
@@ -216,8 +216,11 @@ def tilted_row(samples: Samples, beta: float) -> FrontierRow:
 
 def frontier_comparison(rows: Sequence[FrontierRow]) -> list[dict]:
     """For each Q-tilted row, the best-of-N reward at the same KL (linear interpolation between the measured
-    best-of-N points, base sampling at KL 0; `None` beyond N = 16) and the difference."""
+    best-of-N points, base sampling at KL 0; `None` beyond N = 16), the difference, and the gain ratio
+    `(reward - base) / (best_of_n_at_kl - base)`: the share of best-of-N's gain over base sampling that the tilt gets
+    at equal KL (1 = parity; `None` where best-of-N is not defined there or gains nothing)."""
     curve = sorted([(r.kl, r.reward) for r in rows if r.method in ("base sampling", "best-of-N")])
+    base = next((r.reward for r in rows if r.method == "base sampling"), None)
     out = []
     for r in rows:
         if r.method != "Q-tilted":
@@ -234,9 +237,19 @@ def frontier_comparison(rows: Sequence[FrontierRow]) -> list[dict]:
                 "reward": r.reward,
                 "best_of_n_at_kl": ref,
                 "difference": None if ref is None else r.reward - ref,
+                "gain_ratio": None if ref is None or base is None or ref <= base else (r.reward - base) / (ref - base),
             }
         )
     return out
+
+
+def mean_gain_ratio(comparison: Sequence[dict], kl_range: tuple[float, float] = (0.2, 1.5)) -> float | None:
+    """The mean `gain_ratio` of `frontier_comparison` over the tilted rows whose KL lies in `kl_range` (nats), `None`
+    when none does: one number per configuration, the tilt against best-of-N at equal KL."""
+    ratios = [
+        c["gain_ratio"] for c in comparison if c["gain_ratio"] is not None and kl_range[0] <= c["kl"] <= kl_range[1]
+    ]
+    return sum(ratios) / len(ratios) if ratios else None
 
 
 def markdown_table(rows: Sequence[FrontierRow]) -> str:

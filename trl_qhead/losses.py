@@ -13,6 +13,7 @@ import torch
 
 from .chunked_lm_head import action_logprobs_and_values
 from .q_values import gather_action_q, state_values
+from .soft import linex_loss
 
 __all__ = ["action_logprobs_and_values", "gather_action_q", "qhead_loss", "state_values"]
 
@@ -25,11 +26,20 @@ def qhead_loss(
     *,
     q_weight: float,
     num_items: torch.Tensor | int | None = None,
+    target_beta: float | None = None,
+    candidate_q: torch.Tensor | None = None,
+    candidate_targets: torch.Tensor | None = None,
+    candidate_mask: torch.Tensor | None = None,
+    candidate_weight: float = 1.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`L = L_LM + q_weight * L_Q` summed over the action positions and divided by the number of actions.
 
-    `L_LM = -log pi(a_t|s_t)` and `L_Q = (Q(s_t, a_t) - G_t)^2`, both summed over the positions where `action_mask` is
-    set (whatever the other positions hold is ignored).
+    `L_LM = -log pi(a_t|s_t)` and `L_Q = l(Q(s_t, a_t), G_t)`, both summed over the positions where `action_mask` is
+    set (whatever the other positions hold is ignored). `l` is the squared error `(q - y)^2` (learns the mean) or, with
+    `target_beta`, `2 * linex_loss(q, y, target_beta)` (learns `beta log E exp(y / beta)`; the factor 2 makes it tend to
+    the squared error as beta -> inf). With candidate labels, `L_Q` also sums
+    `candidate_weight * l(Q(s_t, a), y_{t,a})` over the (state, candidate) pairs of `candidate_mask`; the whole sum is
+    divided by the same `N` (sampled actions), so each pair weighs `candidate_weight` times a sampled action.
 
     Args:
         action_logprobs: `(B, T)` `log pi(a_t|s_t)`, with grad.
@@ -39,22 +49,44 @@ def qhead_loss(
         q_weight: weight of `L_Q`.
         num_items: the number of actions the loss is averaged over; defaults to this batch's. The trainer passes the
             count over all gradient-accumulation micro-batches and processes, as transformers does for `L_LM`.
+        target_beta: None (squared error) or the beta of the LINEX loss (`q_target="soft"`).
+        candidate_q, candidate_targets, candidate_mask: `(B, T, k)` `Q(s_t, a)` with grad, targets (constants, e.g.
+            `soft.candidate_targets`) and the pairs that count; all three or none.
+        candidate_weight: the weight of each pair.
 
     Returns:
         `(loss, stats)`: `loss` a scalar; `stats` holds detached scalars `loss_lm`, `loss_q` (means over this batch's
-        actions), `q_mean` and `g_mean`.
+        actions, sampled actions only), `q_mean` and `g_mean`, and with candidates `loss_candidates` (mean over the
+        pairs) and `candidates_per_action`.
     """
     is_action = action_mask.bool()
     mask = is_action.float()
     local_items = mask.sum().clamp(min=1)
     denominator = local_items if num_items is None else num_items
     lm_sum = -torch.where(is_action, action_logprobs, 0.0).sum()
-    q_sum = (((action_q - returns) ** 2) * mask).sum()
-    loss = (lm_sum + q_weight * q_sum) / denominator
+    q_sum = _q_loss(action_q, returns, is_action, target_beta)
+    total_q = q_sum
     stats = {
         "loss_lm": lm_sum.detach() / local_items,
         "loss_q": q_sum.detach() / local_items,
         "q_mean": (action_q.detach() * mask).sum() / local_items,
         "g_mean": (returns.detach() * mask).sum() / local_items,
     }
+    if (candidate_q is None) != (candidate_targets is None) or (candidate_q is None) != (candidate_mask is None):
+        raise ValueError("pass all of `candidate_q`, `candidate_targets` and `candidate_mask`, or none")
+    if candidate_q is not None:
+        pairs = candidate_mask.bool()
+        c_sum = _q_loss(candidate_q, candidate_targets, pairs, target_beta)
+        total_q = total_q + candidate_weight * c_sum
+        n_pairs = pairs.sum()
+        stats["loss_candidates"] = c_sum.detach() / n_pairs.clamp(min=1)
+        stats["candidates_per_action"] = n_pairs.float() / local_items
+    loss = (lm_sum + q_weight * total_q) / denominator
     return loss, stats
+
+
+def _q_loss(q: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, target_beta: float | None) -> torch.Tensor:
+    """`sum_mask (q - y)^2`, or `sum_mask 2 * LINEX(q, y; beta)` with `target_beta`; positions off the mask never read."""
+    if target_beta is None:
+        return torch.where(mask, (q - target.detach()) ** 2, 0.0).sum()
+    return 2.0 * linex_loss(q, target.detach(), target_beta, mask, reduction="sum")

@@ -9,6 +9,8 @@ sample again from the Q-tilted policy, and so on.
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -18,14 +20,17 @@ from typing import Any
 import torch
 from accelerate import PartialState
 from accelerate.utils import gather_object
-from datasets import Dataset, IterableDataset
+from datasets import Dataset, DatasetInfo, IterableDataset
 from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, set_seed
 from trl.data_utils import maybe_apply_chat_template
 
+from .candidates import LabelCost, check_candidate_args, label_completions
 from .chat import completions_like
 from .reward_functions import RewardFunc, RewardFunctions
 from .stop_tokens import eos_token_ids
+
+logger = logging.getLogger(__name__)
 
 # Ancestral sampling from the policy itself: no temperature, top-k or top-p (whatever the generation config says).
 PURE_SAMPLING = {"do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 1.0}
@@ -47,6 +52,10 @@ def generate_and_score(
     show_progress: bool = True,
     truncated_completions: str = "terminal",
     seed: int | None = None,
+    candidate_rewards: int | None = None,
+    candidate_stride: int = 1,
+    prefix_shaping: bool = False,
+    candidate_batch_size: int = 256,
 ) -> Dataset:
     """Sample `num_generations` completions per prompt and score them: a dataset ready for `QHeadTrainer`.
 
@@ -77,6 +86,19 @@ def generate_and_score(
             `torch.manual_seed(seed + i)` (torch's RNG is restored afterwards), so its completions do not depend on
             `batch_size`, on the other prompts, or on how many processes share the work. `None` (default): one `generate`
             call per `batch_size` prompts, from the current RNG state.
+        candidate_rewards: k, or `None` (default) for none. Candidate labels (`trl_qhead.candidates`): at every
+            `candidate_stride`-th state of each completion, the base model's (the model's LM head's) top-k next
+            tokens `a`, with effects `R(prompt, decode(so_far + [a])) - R(prompt, decode(so_far))` from the reward
+            functions, and the sampled token's own effect. Adds the token-aligned columns `candidate_ids`,
+            `candidate_rewards` (k per scored position, `[]` elsewhere) and `candidate_sampled_reward` (0.0 where not
+            scored), which `QHeadTrainer` turns into `k` extra Q targets per scored state. Needs `reward_funcs`.
+        candidate_stride: label states `0, m, 2m, ...` of each completion (1: every state).
+        prefix_shaping: score every prefix of each completion and write per-token `rewards`
+            `R(prefix_{i+1}) - R(prefix_i)` (potential-based shaping, `trl_qhead.soft.prefix_shaped_rewards`: the
+            same tilt, lower-variance targets) in place of the sequence reward: `reward` is then `None` and
+            `sequence_reward` keeps the weighted sequence reward for reporting. For rewards that can score prefixes.
+            Shares its prefix scores with the candidate labels.
+        candidate_batch_size: texts per reward call when labelling (each distinct prompt + text is scored once).
 
     On several processes (`accelerate launch`, `PartialState().num_processes > 1`) each process samples and scores its
     own contiguous share of the prompts (`PartialState().split_between_processes`), and every process returns the
@@ -89,8 +111,11 @@ def generate_and_score(
         prompts), `input_ids` (prompt + completion tokens), `completion_mask`, `done` (the last action ends the
         episode: the completion emitted EOS, or was cut under `truncated_completions="terminal"`), `reward` (the
         weighted sum of the sequence rewards, `None` where no function applied), `rewards` (token-aligned, when a
-        function returns per-token rewards), one `reward_<name>` column per reward function (its raw output) and the
-        prompt's other columns. `QHeadTrainer` trains on it as a pre-tokenised dataset.
+        function returns per-token rewards), one `reward_<name>` column per reward function (its raw output), the
+        candidate columns above when asked, and the prompt's other columns. `QHeadTrainer` trains on it as a
+        pre-tokenised dataset. With candidate labels or prefix shaping, the labelling cost (`LabelCost`: reward
+        calls, texts scored, seconds) is logged and kept as JSON in `dataset.info.description`
+        (`json.loads(data.info.description)["labelling_cost"]`).
 
     Example:
     ```python
@@ -109,6 +134,18 @@ def generate_and_score(
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     if truncated_completions not in ("terminal", "bootstrap"):
         raise ValueError(f"`truncated_completions` must be 'terminal' or 'bootstrap', got {truncated_completions!r}.")
+    check_candidate_args(candidate_rewards, candidate_stride, prefix_shaping)
+    labelling = candidate_rewards is not None or prefix_shaping
+    if labelling and reward_funcs is None:
+        raise ValueError("`candidate_rewards` and `prefix_shaping` score prefixes with `reward_funcs`: pass some.")
+    if candidate_rewards is not None:
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        vocab_size = getattr(getattr(head, "weight", None), "shape", [None])[0]
+        if vocab_size is not None and candidate_rewards > vocab_size:
+            raise ValueError(
+                f"`candidate_rewards` (k={candidate_rewards}) is larger than the model's vocabulary ({vocab_size} "
+                "tokens)."
+            )
     column_names = getattr(prompts, "column_names", None)
     if column_names is not None and "prompt" not in column_names:
         raise ValueError(f"The prompt dataset has columns {sorted(column_names)}; expected a `prompt` column.")
@@ -134,6 +171,9 @@ def generate_and_score(
         show_progress = show_progress and state.is_main_process
     total = len(prompts) if hasattr(prompts, "__len__") else None
     rows: list[dict[str, Any]] = []
+    labels = {"k": candidate_rewards, "stride": candidate_stride, "shaping": prefix_shaping}
+    labels["batch_size"] = candidate_batch_size
+    cost = LabelCost()
     was_training = getattr(model, "training", False)
     model.eval()
     try:
@@ -146,7 +186,16 @@ def generate_and_score(
                     torch.manual_seed(seed + index)
                 rows.extend(
                     _generate_batch(
-                        model, tokenizer, examples, functions, eos_ids, kwargs, num_generations, terminal_cuts
+                        model,
+                        tokenizer,
+                        examples,
+                        functions,
+                        eos_ids,
+                        kwargs,
+                        num_generations,
+                        terminal_cuts,
+                        labels if labelling else None,
+                        cost,
                     )
                 )
                 bar.update(len(examples))
@@ -159,7 +208,17 @@ def generate_and_score(
         raise ValueError("The prompt dataset is empty.")
     # A batch where no function returned per-token rewards has no `rewards` key: every row gets every column.
     keys = list(dict.fromkeys(key for row in rows for key in row))
-    return Dataset.from_list([{key: row.get(key) for key in keys} for row in rows])
+    info = None
+    if labelling:
+        summary = {
+            **cost.as_dict(),
+            "k": candidate_rewards,
+            "stride": candidate_stride,
+            "prefix_shaping": prefix_shaping,
+        }
+        logger.info("Labelling cost: %s", summary)
+        info = DatasetInfo(description=json.dumps({"labelling_cost": summary}))
+    return Dataset.from_list([{key: row.get(key) for key in keys} for row in rows], info=info)
 
 
 def _share_of_prompts(prompts, state: PartialState) -> tuple[list[dict], int]:
@@ -223,7 +282,16 @@ def completion_tokens(
 
 @torch.no_grad()
 def _generate_batch(
-    model, tokenizer, examples, functions, eos_ids, kwargs, num_generations, cut_is_terminal: bool
+    model,
+    tokenizer,
+    examples,
+    functions,
+    eos_ids,
+    kwargs,
+    num_generations,
+    cut_is_terminal: bool,
+    labels: dict | None = None,
+    cost: LabelCost | None = None,
 ) -> list[dict]:
     texts = [maybe_apply_chat_template({"prompt": e["prompt"]}, tokenizer)["prompt"] for e in examples]
     # Chat templates carry their own special tokens, plain prompts get none: as the training data is tokenised.
@@ -286,6 +354,33 @@ def _generate_batch(
             values = scored.per_token[i][row]
             value = sequence[row, i].item()
             data[f"reward_{name}"] = values.tolist() if values is not None else None if math.isnan(value) else value
+    if labels is not None:
+        extra = [{key: value for key, value in e.items() if key != "prompt"} for e in examples]
+        labelled, batch_cost = label_completions(
+            model,
+            tokenizer,
+            functions,
+            prompt_ids,
+            completion_ids,
+            [row // num_generations for row in range(len(rows))],
+            [e["prompt"] for e in examples],
+            extra,
+            k=labels["k"],
+            stride=labels["stride"],
+            prefix_shaping=labels["shaping"],
+            pad_token_id=kwargs["pad_token_id"],
+            batch_size=labels["batch_size"],
+        )
+        cost.add(batch_cost)
+        for data, columns in zip(rows, labelled, strict=True):
+            shaped = columns.pop("prefix_rewards", None)
+            data.update(columns)
+            if shaped is not None:
+                # Potential-based shaping replaces every reward of the functions (a prefix's score sums per-token
+                # outputs too): it telescopes to R(completion) - R(empty completion).
+                data["sequence_reward"] = data["reward"]
+                data["reward"] = None
+                data["rewards"] = shaped
     return rows
 
 

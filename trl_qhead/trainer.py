@@ -30,6 +30,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
+from .backbone import plain_lm_head
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .durable_files import fsync_path, fsync_tree
@@ -37,10 +38,12 @@ from .hub import qhead_model_card
 from .losses import qhead_loss
 from .mdp import action_mask_from_labels, episode_dones, next_tokens, value_mask
 from .modeling import Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME, AutoModelForCausalLMWithQHead, add_adapters
+from .q_values import gather_candidate_q
 from .reference import as_reference, frozen_copy, reference_logprobs
 from .returns import compute_returns
 from .reward_functions import RewardFunc, RewardFunctions
 from .rewards import RewardComputer
+from .soft import candidate_targets, chunked_soft_state_values
 
 REWARD_MOMENTS_NAME = "reward_moments.json"
 CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
@@ -153,6 +156,14 @@ class QHeadTrainer(Trainer):
                 streaming=args.streaming,
             )
         with_rewards = reward_functions is not None
+        for dataset in (train_dataset, eval_dataset):
+            columns = getattr(dataset, "column_names", None) or []
+            if "candidate_ids" in columns and args.reward_normalization is not None and args.candidate_weight > 0:
+                raise ValueError(
+                    "The dataset has candidate labels (`candidate_ids`), whose effects are in the reward's own units, "
+                    f"and `reward_normalization={args.reward_normalization!r}` rescales the returns they are added "
+                    "to: set `reward_normalization=None` (or `candidate_weight=0`)."
+                )
         train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards)
         if isinstance(eval_dataset, dict):  # several evaluation sets, logged as `eval_<name>_*` (as SFTTrainer)
             eval_dataset = {
@@ -253,6 +264,7 @@ class QHeadTrainer(Trainer):
         actions = next_tokens(input_ids)  # (B, T)
         action_mask = action_mask_from_labels(inputs["labels"], attention_mask)  # (B, T) bool
         values_needed = value_mask(action_mask, attention_mask, args.gae_lambda)  # (B, T) bool
+        soft = args.q_target == "soft"
 
         # 2. One forward: log pi(a_t|s_t) and Q(s_t, a_t) with grad, V(s) without, and no (B, T, V) logits.
         outputs = model(
@@ -260,10 +272,12 @@ class QHeadTrainer(Trainer):
             attention_mask=attention_mask,
             actions=actions,
             logprob_mask=action_mask,
-            value_mask=values_needed,
+            value_mask=None if soft else values_needed,
             value_chunk_size=args.value_chunk_size,
             use_cache=False,  # as SFTTrainer: a training forward keeps no KV cache
         )
+        if soft:  # V*(s) = beta log sum_a pi(a|s) exp(Q(s, a) / beta) where the returns read V, chunked, no grad
+            outputs.state_values = self._soft_state_values(model, outputs, values_needed)
 
         # 3. Rewards r_t of every source, summed on the action grid.
         ref_logprobs = (
@@ -287,8 +301,17 @@ class QHeadTrainer(Trainer):
 
         # 5. Return targets G_t (constants).
         returns = compute_returns(
-            rewards, outputs.state_values, action_mask, gamma=args.gamma, gae_lambda=args.gae_lambda, dones=dones
+            rewards,
+            outputs.state_values,
+            action_mask,
+            gamma=args.gamma,
+            gae_lambda=args.gae_lambda,
+            dones=dones,
+            beta=args.target_beta if soft else None,
         )  # (B, T)
+
+        # 5b. Candidate labels: Q(s_t, a) for k tokens per state, gathered, and their targets G_t + r'(a) - r'(a_t).
+        candidates = self._candidate_terms(model, inputs, outputs, actions, action_mask, returns)
 
         # 6. The loss, a pure function of the tensors above.
         loss, stats = qhead_loss(
@@ -298,6 +321,9 @@ class QHeadTrainer(Trainer):
             action_mask,
             q_weight=args.q_weight,
             num_items=num_items_in_batch,
+            target_beta=args.target_beta if soft else None,
+            candidate_weight=args.candidate_weight,
+            **candidates,
         )
         if (
             num_items_in_batch is not None
@@ -312,6 +338,47 @@ class QHeadTrainer(Trainer):
         self._record({"v_mean": outputs.state_values.sum() / n_values.clamp(min=1)}, weight=n_values)
         self._record_floats(reward_metrics)
         return (loss, outputs) if return_outputs else loss
+
+    @torch.no_grad()
+    def _soft_state_values(self, model, outputs, values_needed: torch.Tensor) -> torch.Tensor:
+        """`V*(s_t)` at `values_needed` (`soft.chunked_soft_state_values`), from the forward's full logits when it
+        made them (heads that are not a plain `W h + b`), else from the LM head's weight, chunk by chunk."""
+        unwrapped = self.accelerator.unwrap_model(model)
+        q_head = unwrapped.q_head
+        kwargs = {"q_weight": q_head.weight, "q_bias": q_head.bias, "chunk_size": self.args.value_chunk_size}
+        if outputs.logits is not None:
+            kwargs["logits"] = outputs.logits
+        else:
+            lm_head = plain_lm_head(unwrapped.pretrained_model)
+            kwargs.update(lm_weight=lm_head.weight, lm_bias=lm_head.bias)
+        return chunked_soft_state_values(outputs.hidden_states, values_needed, self.args.target_beta, **kwargs)
+
+    def _candidate_terms(self, model, inputs, outputs, actions, action_mask, returns) -> dict[str, torch.Tensor]:
+        """The candidate arguments of `qhead_loss` (empty without candidate columns or with `candidate_weight=0`).
+
+        The collator's token-aligned `[B, T, k]` columns move onto the action grid (entry `t + 1` to position `t`, as
+        `mdp.token_rewards_to_actions`); a pair counts where its position holds an action, the candidate was labelled
+        and differs from the sampled token. Effects are multiplied by `reward_scale` (the returns' scale).
+        """
+        if "candidate_ids" not in inputs or self.args.candidate_weight == 0:
+            return {}
+
+        def to_actions(x: torch.Tensor) -> torch.Tensor:
+            shifted = torch.zeros_like(x)
+            shifted[:, :-1] = x[:, 1:]
+            return shifted
+
+        ids = to_actions(inputs["candidate_ids"])  # (B, T, k)
+        mask = to_actions(inputs["candidate_mask"]) & action_mask.bool().unsqueeze(-1) & (ids != actions.unsqueeze(-1))
+        scale = self.args.reward_scale
+        effects = to_actions(inputs["candidate_rewards"]).float() * scale  # (B, T, k)
+        sampled = to_actions(inputs["candidate_sampled_reward"]).float() * scale  # (B, T)
+        q_head = self.accelerator.unwrap_model(model).q_head
+        return {
+            "candidate_q": gather_candidate_q(outputs.hidden_states, q_head, ids),
+            "candidate_targets": candidate_targets(returns, effects, sampled),
+            "candidate_mask": mask,
+        }
 
     def _gather_rows(self, values: torch.Tensor) -> torch.Tensor:
         """Per-row values of every process (NaN pads uneven batches, and NaN rows are left out of the statistics)."""
