@@ -382,6 +382,28 @@ def test_gather_candidate_q_is_gather_action_q_per_candidate():
     torch.testing.assert_close(q, head(hidden).gather(-1, ids))
 
 
+@pytest.mark.parametrize("rank", [None, 4])
+def test_gather_candidate_q_with_a_tied_head_equals_its_full_q(rank):
+    # T == k here on purpose: a hidden state broadcast against the k candidates without its own axis would pair
+    # position t with candidate t and still have the right shape.
+    model = AutoModelForCausalLMWithQHead(make_tiny_llama(vocab_size=40), q_head_type="tied", q_head_rank=rank)
+    model.reset_q_head("normal")
+    with torch.no_grad():
+        model.q_head.bias.normal_()
+    hidden = torch.randn(2, 3, model.config.hidden_size)
+    ids = torch.randint(0, 40, (2, 3, 3))
+    q = gather_candidate_q(hidden, model.q_head, ids)
+    torch.testing.assert_close(q, model.compute_q(hidden).gather(-1, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_soft_targets_refuse_a_tied_head(tmp_path, gpt2_tokenizer):
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_type="tied")
+    config = QHeadConfig(output_dir=str(tmp_path), q_target="soft", target_beta=0.5, report_to="none")
+    data = Dataset.from_dict({"text": ["a b c d"]})
+    with pytest.raises(ValueError, match="q_head_type='tied'"):
+        QHeadTrainer(model, config, train_dataset=data, processing_class=gpt2_tokenizer)
+
+
 # ---- end to end: a one-step bandit -------------------------------------------------------------------------------
 
 STATE = 3

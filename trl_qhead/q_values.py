@@ -56,10 +56,12 @@ def state_values(
     return values
 
 
-def gather_candidate_q(hidden: torch.Tensor, q_head: nn.Linear, candidate_ids: torch.LongTensor) -> torch.Tensor:
+def gather_candidate_q(hidden: torch.Tensor, q_head: nn.Module, candidate_ids: torch.LongTensor) -> torch.Tensor:
     """`Q(s_t, a) = W_q[a] . h_t + b_q[a]` for `k` ids per position: `[B, T, k]` in fp32 from `candidate_ids`
     `[B, T, k]`. Gathers `B * T * k` rows of `W_q` (O(T k H) memory and compute, no `|V|`-sized product); the gradient
     reaches only those rows (and `h_t`). `gather_action_q` is the case `k = 1`."""
+    if isinstance(q_head, TiedQHead):  # W_lm[a] . (U h_t) + b[a], h_t broadcast over the k candidates
+        return q_head.gather(hidden.unsqueeze(-2), candidate_ids)
     weight_rows = q_head.weight[candidate_ids]  # [B, T, k, H]
     q = torch.einsum("bth,btkh->btk", hidden.to(weight_rows.dtype), weight_rows)
     return q + q_head.bias[candidate_ids]

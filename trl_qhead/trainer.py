@@ -122,6 +122,12 @@ class QHeadTrainer(Trainer):
             logger.warning("`model_init_kwargs` are ignored: the model is already loaded (as SFTTrainer does).")
             model_init_kwargs = {}
         model = self._build_model(model, peft_config, **model_init_kwargs)
+        if args.q_target == "soft" and model.q_head_type == "tied":
+            # V* needs the tied head's Q over the vocabulary, chunk by chunk; `soft.chunked_soft_state_values` reads a
+            # dense `[|V|, H]` head only, and `W_lm U` per step would cost an |V| x H x H product.
+            raise ValueError(
+                "`q_target='soft'` does not support `q_head_type='tied'` yet: use a dense Q head, or `q_target='mean'`."
+            )
 
         if processing_class is None:
             if not model_id:
