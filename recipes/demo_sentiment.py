@@ -104,6 +104,22 @@ def sentiment_reward(prompts: Sequence[str], completions: Sequence[str], **kwarg
     return [float(_VADER.polarity_scores(text)["compound"]) for text in completions]
 
 
+def resolve_reward(spec: str) -> Callable:
+    """`"vader"` (the demo's sentiment reward) or `"package.module:function"`, any TRL reward function
+    (`f(prompts=..., completions=..., completion_ids=..., **columns) -> list[float]`), imported from the path."""
+    if spec == "vader":
+        return sentiment_reward
+    module_name, sep, function_name = spec.partition(":")
+    if not sep or not module_name or not function_name:
+        raise ValueError(f"`--reward` must be 'vader' or 'package.module:function', got {spec!r}.")
+    import importlib
+
+    function = getattr(importlib.import_module(module_name), function_name, None)
+    if not callable(function):
+        raise ValueError(f"`--reward` {spec!r}: {module_name} has no callable {function_name!r}.")
+    return function
+
+
 # ---- prompts and sampling -------------------------------------------------------------------------------------------
 
 
@@ -278,6 +294,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--q_learning_rate", type=float, default=2e-5, help="Q head weight")
     p.add_argument("--q_bias_learning_rate", type=float, default=1e-2, help="Q head bias")
     p.add_argument("--q_weight", type=float, default=1.0)
+    p.add_argument("--prompts_file", default=str(PROMPTS_FILE), help="one prompt per line (default: the demo's)")
+    p.add_argument(
+        "--reward",
+        default="vader",
+        help="'vader' (VADER sentiment of the completion) or 'package.module:function', a TRL reward function",
+    )
     p.add_argument(
         "--labels",
         choices=("mc", "candidates"),
@@ -315,7 +337,9 @@ def run(args: argparse.Namespace) -> dict:
 
     print(f"[1/5] Loading {args.model} ...", flush=True)
     model, tokenizer = load_model(args.model, args.lora_r, args.lora_layers)
-    train_prompts, eval_prompts = split_prompts(load_prompts(), args.n_train_prompts, args.n_eval_prompts, args.seed)
+    reward_fn = resolve_reward(args.reward)
+    prompts = load_prompts(args.prompts_file)
+    train_prompts, eval_prompts = split_prompts(prompts, args.n_train_prompts, args.n_eval_prompts, args.seed)
 
     print(
         f"[2/5] Sampling {args.num_generations} completions for each of {len(train_prompts)} training prompts "
@@ -329,7 +353,7 @@ def run(args: argparse.Namespace) -> dict:
         model,
         tokenizer,
         Dataset.from_dict({"prompt": train_prompts}),
-        sentiment_reward,
+        reward_fn,
         num_generations=args.num_generations,
         max_new_tokens=args.max_new_tokens,
         batch_size=max(1, args.gen_batch_size // args.num_generations),
@@ -376,7 +400,8 @@ def run(args: argparse.Namespace) -> dict:
             seed=args.seed + 1,
             generation_kwargs=SAMPLING,
             desc="base samples",
-        )
+        ),
+        reward_fn,
     )
     tilted = {}
     for beta in args.betas:
@@ -392,7 +417,8 @@ def run(args: argparse.Namespace) -> dict:
                 logits_processor_factory=lambda beta=beta: QTiltLogitsProcessor(model, beta=beta),
                 generation_kwargs=SAMPLING,
                 desc=f"Q-tilted beta={beta:g}",
-            )
+            ),
+            reward_fn,
         )
 
     print("[5/5] Scoring the samples with the pretrained model (perplexity, drift)", flush=True)

@@ -63,14 +63,18 @@ def test_demo_runs_end_to_end_as_a_script(tmp_path, gpt2_tokenizer):
     make_tiny_gpt2().save_pretrained(model_dir)
     gpt2_tokenizer.save_pretrained(model_dir)
     out = tmp_path / "out"
+    prompts_file = tmp_path / "prompts.txt"  # the user's own prompts
+    prompts_file.write_text("\n".join(f"My review number {i} says" for i in range(6)) + "\n")
     stdout = _python(
-        "recipes/demo_sentiment.py", "--model", model_dir, "--output_dir", out, "--n_train_prompts", 4,
+        "recipes/demo_sentiment.py", "--model", model_dir, "--output_dir", out, "--prompts_file", prompts_file,
+        "--reward", "vader", "--n_train_prompts", 4,
         "--n_eval_prompts", 2, "--num_generations", 2, "--max_new_tokens", 4, "--epochs", 1, "--train_batch_size", 4,
         "--lora_r", 2, "--tilted_samples", 1, "--betas", 1.0, "--gen_batch_size", 16, "--threads", 1,
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     assert [row["method"] for row in results["rows"]][:2] == ["base sampling", "best-of-N"]
     assert "| best-of-N | N=16 |" in stdout
+    assert "My review number" in (out / "samples.md").read_text()  # sampled from the given prompts
 
 
 def test_lower_bounds_pins_every_bound_but_torch():

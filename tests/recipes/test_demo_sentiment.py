@@ -108,3 +108,13 @@ def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
         assert -1.0 <= row["reward"] <= 1.0 and 0.0 <= row["distinct_2"] <= 1.0 and row["perplexity"] > 1.0
     assert results["policy_drift_kl_lora_vs_pretrained"] >= -1e-5  # a KL, up to float rounding
     assert "| best-of-N | N=16 |" in (out / "results.md").read_text()
+
+
+def test_reward_choice_resolves_vader_or_an_import_path():
+    from trl.rewards import think_format_reward
+
+    assert demo.resolve_reward("vader") is demo.sentiment_reward
+    assert demo.resolve_reward("trl.rewards:think_format_reward") is think_format_reward
+    for bad in ("nonsense", "trl.rewards:", "trl.rewards:no_such_function"):
+        with pytest.raises(ValueError, match="--reward"):
+            demo.resolve_reward(bad)
