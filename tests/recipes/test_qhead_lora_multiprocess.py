@@ -130,7 +130,7 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tmp_path):
     assert sum(int(rows) for _, _, rows, _ in probes.values()) == 50257
 
     writes = [line.split("\t") for line in write_log.read_text().splitlines()]
-    counts = Counter(Path(path).relative_to(two).as_posix() for _, path in writes)
+    counts = Counter(_final(path).relative_to(two).as_posix() for _, path in writes)
     for folder in ["checkpoint-2/", f"checkpoint-{FSDP_STEPS}/", ""]:
         for name in ("adapter_model.safetensors", "q_head.safetensors"):
             assert counts[folder + name] == 1, (folder + name, counts)
@@ -203,7 +203,7 @@ def test_deepspeed_zero_on_two_processes_matches_one_process_and_resumes(tmp_pat
     assert numel == ([50257 * 32] * 2 if stage == 2 else [50257 * 32 // 2] * 2), probes
 
     writes = [line.split("\t") for line in write_log.read_text().splitlines()]
-    counts = Counter(Path(path).relative_to(two).as_posix() for _, path in writes)
+    counts = Counter(_final(path).relative_to(two).as_posix() for _, path in writes)
     for folder in ["checkpoint-2/", f"checkpoint-{FSDP_STEPS}/", ""]:
         for name in ("adapter_model.safetensors", "q_head.safetensors"):
             assert counts[folder + name] == 1, (folder + name, counts)
