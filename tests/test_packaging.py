@@ -61,31 +61,35 @@ def test_every_runtime_import_is_a_declared_dependency():
     assert not missing, f"imported by trl_qhead but not declared in pyproject.toml: {missing}"
 
 
-def test_sdist_and_wheel_build_and_ship_the_license(tmp_path):
-    # Build from the files git tracks (what a clone has), with the setuptools the lock installs, which the build
-    # requirement must admit.
+def _build(tmp_path, *hooks: str) -> list:
+    """Build from the files git tracks (what a clone has) with setuptools' PEP 517 `hooks` (one process each:
+    setuptools keeps state between two hooks), in this environment (the lock's setuptools); the built files' paths."""
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=REPO, capture_output=True, text=True, check=True).stdout
     tree = tmp_path / "tree"
     for name in filter(None, tracked.split("\0")):
         if (REPO / name).is_file():
             (tree / name).parent.mkdir(parents=True, exist_ok=True)
             (tree / name).write_bytes((REPO / name).read_bytes())
-    requires = [Requirement(req) for req in PYPROJECT["build-system"]["requires"]]
-    setuptools_version = importlib.metadata.version("setuptools")
-    assert all(req.specifier.contains(setuptools_version) for req in requires if req.name == "setuptools")
-    out = tmp_path / "dist"
-    built = []
-    for hook in ("build_sdist", "build_wheel"):  # one process each: setuptools keeps state between the two hooks
+    out, built = tmp_path / "dist", []
+    for hook in hooks:
         build = f"import sys; from setuptools import build_meta; print('BUILT', build_meta.{hook}(sys.argv[1]))"
         done = subprocess.run([sys.executable, "-c", build, str(out)], cwd=tree, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr[-3000:]
-        built.append(done.stdout.split("BUILT")[-1].strip())
-    sdist_name, wheel_name = built
+        assert "Package would be ignored" not in done.stderr
+        built.append(out / done.stdout.split("BUILT")[-1].strip())
+    return built
 
-    with tarfile.open(out / sdist_name) as sdist:
+
+def test_sdist_and_wheel_build_and_ship_the_license(tmp_path):
+    # The build requirement must admit the setuptools the lock installs (the one that builds here).
+    requires = [Requirement(req) for req in PYPROJECT["build-system"]["requires"]]
+    setuptools_version = importlib.metadata.version("setuptools")
+    assert all(req.specifier.contains(setuptools_version) for req in requires if req.name == "setuptools")
+    sdist_path, wheel_path = _build(tmp_path, "build_sdist", "build_wheel")
+    with tarfile.open(sdist_path) as sdist:
         names = sdist.getnames()
-    assert f"{sdist_name.removesuffix('.tar.gz')}/LICENSE" in names
-    with zipfile.ZipFile(out / wheel_name) as wheel:
+    assert f"{sdist_path.name.removesuffix('.tar.gz')}/LICENSE" in names
+    with zipfile.ZipFile(wheel_path) as wheel:
         names = wheel.namelist()
         metadata = next(n for n in names if n.endswith(".dist-info/METADATA"))
         text = wheel.read(metadata).decode()
@@ -110,3 +114,23 @@ def test_the_lock_pins_every_dependency_exactly():
         assert pinned is not None, f"{requirement.name} is not in constraints.txt: rerun `make lock`"
         version = next(iter(pinned.specifier)).version
         assert requirement.specifier.contains(version, prereleases=True), (str(requirement), version)
+
+
+def test_wheel_ships_the_recipes_and_the_command(tmp_path):
+    (wheel_path,) = _build(tmp_path, "build_wheel")
+    with zipfile.ZipFile(wheel_path) as wheel:
+        names = set(wheel.namelist())
+        entry_points = wheel.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "trl-qhead = trl_qhead.cli:main" in entry_points
+    for name in (
+        "cli.py",
+        "recipes/qhead_lora.py",
+        "recipes/launch.py",
+        "recipes/demo_sentiment.py",
+        "recipes/offline_assets.py",
+        "recipes/configs/qhead_lora.yaml",
+        "recipes/configs/accelerate/fsdp.yaml",
+        "recipes/data/review_openings.txt",
+    ):
+        assert f"trl_qhead/{name}" in names, name
+    assert not any(n.startswith(("recipes/", "tests/")) for n in names)  # no top-level `recipes` or `tests` package
