@@ -138,8 +138,9 @@ def test_done_column_in_every_format_and_dropped_by_truncation(gpt2_tokenizer, c
         data = data.add_column("done", [True, False])
         rows = prepare_dataset(data, tokenizer, max_length=64)
         assert rows["done"] == [True, False], fmt
-        cut = prepare_dataset(data, tokenizer, max_length=2)
-        assert cut["done"] == [False, False], fmt
+        for i, full in enumerate(rows["input_ids"]):  # cut one token short: a completion token (an action) is left
+            cut = prepare_dataset(data.select([i]), tokenizer, max_length=len(full) - 1)
+            assert cut["done"] == [False], (fmt, i)
         streamed = prepare_dataset(IterableDataset.from_generator(data.__iter__), tokenizer, max_length=64)
         assert [row["done"] for row in streamed] == [True, False], fmt
 

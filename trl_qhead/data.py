@@ -33,12 +33,15 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
+from transformers.utils import logging
 from trl.data_utils import apply_chat_template, common_prefix_length, get_dataset_column_names, pack_dataset
 from trl.trainer.utils import pad
 
 from .chat import is_messages
 
 # Columns a format consumes; every other column is an extra one, handed to reward functions as a keyword argument.
+logger = logging.get_logger(__name__)
+
 FORMAT_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "reward", "completion_mask", "prompt_length")
 FORMAT_COLUMNS += ("done", "dones")
 CANDIDATE_COLUMNS = ("candidate_ids", "candidate_rewards", "candidate_sampled_reward")
@@ -304,9 +307,23 @@ def prepare_dataset(
     consumed = [c for c in columns if c in FORMAT_COLUMNS or c == text_field]
     remove = consumed if reward_columns else columns
     dataset = dataset.map(_to_row, fn_kwargs=fn_kwargs, with_indices=True, remove_columns=remove, **map_kwargs)
-    if fmt == "text" and not packing:
-        # Blank lines are normal in text files; alone they are a lone EOS with no action to learn from.
-        dataset = dataset.filter(lambda row: len(row["input_ids"]) >= 2)
+    if not packing:
+        # A row without an action (a blank line's lone EOS, a prompt that fills `max_length`, a 0- or 1-token row)
+        # has nothing to train: left in, a batch of such rows divides 0 by 0. Dropped here, counted in the log.
+        before = len(dataset) if isinstance(dataset, Dataset) else None
+        dataset = dataset.filter(has_action)
+        if before is not None:
+            dropped = before - len(dataset)
+            if dropped == before:
+                raise ValueError(
+                    f"None of the {before} rows has a token to train on (an action: a target token after at least one "
+                    "token): is every prompt longer than `max_length`, or every row empty?"
+                )
+            if dropped:
+                logger.warning(
+                    f"Dropped {dropped} of {before} rows with no token to train on (prompt as long as `max_length`, "
+                    "fewer than two tokens, or no completion token)."
+                )
     if packing:
         if "prompt_length" in get_dataset_column_names(dataset):
             dataset = dataset.remove_columns("prompt_length")
@@ -314,6 +331,14 @@ def prepare_dataset(
         if "seq_lengths" in get_dataset_column_names(dataset):
             dataset = dataset.remove_columns("seq_lengths")
     return dataset
+
+
+def has_action(row: dict[str, Any]) -> bool:
+    """Whether a prepared row holds at least one action: a token after the first that is a training target."""
+    input_ids, mask = row["input_ids"], row.get("completion_mask")
+    if len(input_ids) < 2:
+        return False
+    return mask is None or any(mask[1:])
 
 
 @dataclass

@@ -331,6 +331,11 @@ class QHeadTrainer(Trainer):
             candidate_weight=args.candidate_weight,
             **candidates,
         )
+        if not torch.isfinite(loss):  # one sync per micro-batch: a NaN or inf must not reach the weights
+            raise FloatingPointError(
+                f"The loss is {loss.item()} at step {self.state.global_step + 1} (loss_lm {stats['loss_lm'].item()}, "
+                f"loss_q {stats['loss_q'].item()}): look for extreme rewards (`reward_clip`), learning rates or beta."
+            )
         if (
             num_items_in_batch is not None
             and args.average_tokens_across_devices
