@@ -10,6 +10,9 @@ import torch
 from peft import LoraConfig
 
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
+from tests.generation_helpers import EOS, PAD
+from tests.generation_helpers import generate as _gen
+from tests.generation_helpers import left_padded as _left_padded
 from trl_qhead import (
     AutoModelForCausalLMWithQHead,
     ImplicitQ,
@@ -17,9 +20,6 @@ from trl_qhead import (
     fold_tilt,
     rerank,
 )
-
-EOS = 5  # small-vocabulary models stop often on this token, so finished rows are exercised
-PAD = 0
 
 
 def _qhead_model(make=make_tiny_gpt2, seed=0, bias=True, **kwargs):
@@ -36,23 +36,6 @@ def _small_vocab_model(make=make_tiny_gpt2, seed=0, bias=True):
     model.base_model.generation_config.eos_token_id = EOS
     model.base_model.generation_config.pad_token_id = PAD
     return model
-
-
-def _left_padded(lengths, vocab, seed=0):
-    """A left-padded batch of prompts (PAD tokens and zero mask on the left), avoiding EOS and PAD inside."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(EOS + 1, vocab, (n,), generator=g)
-        mask[row, width - n :] = 1
-    return ids, mask
-
-
-def _gen(model, ids, mask, processors=(), **kwargs):
-    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": PAD, **kwargs}
-    return model.generate(input_ids=ids, attention_mask=mask, logits_processor=list(processors), **kwargs)
 
 
 @torch.no_grad()

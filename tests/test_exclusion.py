@@ -7,6 +7,8 @@ from torch import nn
 from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
 from tests.conftest import make_tiny_gpt2
+from tests.generation_helpers import EOS, PAD, left_padded
+from tests.generation_helpers import generate as _gen
 from trl_qhead import (
     AutoModelForCausalLMWithQHead,
     QTiltLogitsProcessor,
@@ -15,8 +17,6 @@ from trl_qhead import (
     sequence_ban,
 )
 
-EOS = 5  # small-vocabulary models stop often on this token, so finished rows are exercised
-PAD = 0
 VOCAB = 48
 
 
@@ -42,19 +42,7 @@ def _small_vocab_model(seed=0, eos_logit=0.0):
 
 
 def _left_padded(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n :] = torch.randint(EOS + 1, VOCAB, (n,), generator=g)
-        mask[row, width - n :] = 1
-    return ids, mask
-
-
-def _gen(model, ids, mask, processors=(), **kwargs):
-    kwargs = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": PAD, **kwargs}
-    return model.generate(input_ids=ids, attention_mask=mask, logits_processor=list(processors), **kwargs)
+    return left_padded(lengths, VOCAB, seed)
 
 
 @torch.no_grad()
