@@ -234,9 +234,11 @@ def train_qhead(
 # ---- the run ----------------------------------------------------------------------------------------------------------
 
 
-def load_model(name: str, lora_r: int, lora_layers: int, dtype: torch.dtype = torch.float32):
-    """The tokenizer and an `AutoModelForCausalLMWithQHead` with LoRA adapters on the top `lora_layers` blocks
-    (all of them when 0; no adapters when `lora_r` is 0)."""
+def load_model(
+    name: str, lora_r: int, lora_layers: int, dtype: torch.dtype = torch.float32, q_head_type: str = "dense"
+):
+    """The tokenizer and an `AutoModelForCausalLMWithQHead` (a `q_head_type` Q head) with LoRA adapters on the top
+    `lora_layers` blocks (all of them when 0; no adapters when `lora_r` is 0)."""
     if name == "smollm2":
         if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
             from .offline_assets import smollm2_dir
@@ -271,16 +273,17 @@ def load_model(name: str, lora_r: int, lora_layers: int, dtype: torch.dtype = to
             layers_to_transform=layers,
             task_type="CAUSAL_LM",
         )
-    model = AutoModelForCausalLMWithQHead.from_pretrained(path, peft_config=peft_config, dtype=dtype)
+    model = AutoModelForCausalLMWithQHead.from_pretrained(
+        path, peft_config=peft_config, dtype=dtype, q_head_type=q_head_type
+    )
     if peft_config is None:  # the Q head alone on the frozen model: the policy stays the pretrained one exactly
         model.pretrained_model.requires_grad_(False)
     return model, tokenizer
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.ArgumentParser:
+    """The demo's command line (other recipes add their own flags to it)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2' (offline, from PyPI) or a hub name / local folder")
     p.add_argument("--output_dir", default=str(REPO_ROOT / "outputs" / "demo"))
     p.add_argument("--seed", type=int, default=0)
@@ -311,6 +314,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--candidate_stride", type=int, default=1, help="label every m-th state (--labels candidates)")
     p.add_argument("--q_target", choices=("mean", "soft"), default="mean", help="QHeadConfig.q_target")
     p.add_argument("--target_beta", type=float, default=0.5, help="QHeadConfig.target_beta of --q_target soft")
+    p.add_argument(
+        "--q_head_type",
+        choices=("dense", "tied"),
+        default="dense",
+        help="dense: a free [|V|, H] Q head; tied: Q = W_lm (U h) + b on the LM head's rows",
+    )
     p.add_argument("--lora_r", type=int, default=16, help="0: no adapters, the Q head on the frozen model")
     p.add_argument("--lora_layers", type=int, default=6, help="adapt the top N blocks (0: all)")
     p.add_argument("--eval_samples", type=int, default=16, help="base samples per held-out prompt (>= max best-of-N)")
@@ -318,12 +327,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS))
     p.add_argument("--gen_batch_size", type=int, default=64)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = p.parse_args(argv)
+    return p
+
+
+def check_args(args: argparse.Namespace) -> argparse.Namespace:
+    """ValueErrors for flag values the parser cannot check alone."""
     if args.eval_samples % max(BEST_OF_NS):
         raise ValueError(f"`--eval_samples` must be a multiple of {max(BEST_OF_NS)} (the largest best-of-N).")
     if any(b <= 0 for b in args.betas):
         raise ValueError("`--betas` must all be > 0.")
     return args
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return check_args(build_parser().parse_args(argv))
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -336,7 +353,7 @@ def run(args: argparse.Namespace) -> dict:
     set_seed(args.seed)
 
     print(f"[1/5] Loading {args.model} ...", flush=True)
-    model, tokenizer = load_model(args.model, args.lora_r, args.lora_layers)
+    model, tokenizer = load_model(args.model, args.lora_r, args.lora_layers, q_head_type=args.q_head_type)
     reward_fn = resolve_reward(args.reward)
     prompts = load_prompts(args.prompts_file)
     train_prompts, eval_prompts = split_prompts(prompts, args.n_train_prompts, args.n_eval_prompts, args.seed)

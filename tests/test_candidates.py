@@ -397,14 +397,6 @@ def test_gather_candidate_q_with_a_tied_head_equals_its_full_q(rank):
     torch.testing.assert_close(q, model.compute_q(hidden).gather(-1, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_soft_targets_refuse_a_tied_head(tmp_path, gpt2_tokenizer):
-    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_type="tied")
-    config = QHeadConfig(output_dir=str(tmp_path), q_target="soft", target_beta=0.5, report_to="none")
-    data = Dataset.from_dict({"text": ["a b c d"]})
-    with pytest.raises(ValueError, match="q_head_type='tied'"):
-        QHeadTrainer(model, config, train_dataset=data, processing_class=gpt2_tokenizer)
-
-
 # ---- end to end: a one-step bandit -------------------------------------------------------------------------------
 
 STATE = 3
@@ -423,8 +415,8 @@ def _bandit(n_per_action=48, seed=0):
     return Dataset.from_list(rows), draws
 
 
-def _train_bandit(tmp_path, dataset, **config):
-    model = AutoModelForCausalLMWithQHead(make_tiny_llama(vocab_size=16))
+def _train_bandit(tmp_path, dataset, q_head_type="dense", **config):
+    model = AutoModelForCausalLMWithQHead(make_tiny_llama(vocab_size=16), q_head_type=q_head_type)
     model.pretrained_model.requires_grad_(False)  # the Q head alone: the state's hidden vector is fixed
     args = QHeadConfig(
         output_dir=str(tmp_path),
@@ -462,10 +454,11 @@ def _bandit_tokenizer():
     return tok
 
 
+@pytest.mark.parametrize("q_head_type", ["dense", "tied"])
 @pytest.mark.parametrize("q_target,beta", [("mean", None), ("soft", 0.5)])
-def test_bandit_end_to_end_mean_learns_expectation_soft_learns_soft_value(tmp_path, q_target, beta):
+def test_bandit_end_to_end_mean_learns_expectation_soft_learns_soft_value(tmp_path, q_target, beta, q_head_type):
     dataset, draws = _bandit()
-    q = _train_bandit(tmp_path, dataset, q_target=q_target, target_beta=beta)
+    q = _train_bandit(tmp_path, dataset, q_head_type=q_head_type, q_target=q_target, target_beta=beta)
     for a, rs in draws.items():
         rs = torch.tensor(rs, dtype=torch.float64)
         mean = rs.mean().item()

@@ -16,6 +16,7 @@ from tests.recipe_assets import REPO, run
 
 # The test file that runs each script as a subprocess (its name appears there as the command runs it).
 RUN_BY = {
+    "recipes/benchmark_frontier.py": "tests/recipes/test_benchmark_frontier.py",
     "recipes/benchmark_generation.py": "tests/recipes/test_benchmarks.py",
     "recipes/benchmark_training.py": "tests/recipes/test_benchmarks.py",
     "recipes/checkpoint_size.py": "tests/test_scripts.py",

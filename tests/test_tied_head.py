@@ -341,6 +341,27 @@ def test_trainer_fits_the_q_head_and_leaves_the_lm_head(tmp_path, gpt2_tokenizer
     assert groups[id(model.q_head.u)] == groups[id(model.q_head.bias)] == 0.2
 
 
+@pytest.mark.parametrize("rank", [None, 3])
+def test_soft_targets_equal_the_dense_twin_through_the_trainer(tmp_path, gpt2_tokenizer, rank):
+    """`q_target="soft"` with lambda-returns (V* read at every state): the tied head's loss is its dense twin's."""
+    tied = _tied(make_tiny_gpt2().eval(), rank)
+    dense = _dense_twin(tied)
+    texts = ["The cat sat on the mat.", "A dog ran across the park."]
+    config = dict(
+        per_device_train_batch_size=2, max_length=16, use_lm_rewards=True, gamma=1.0, gae_lambda=0.5,
+        q_target="soft", target_beta=0.3, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    losses = []
+    for name, model in (("tied", tied), ("dense", dense)):
+        args = QHeadConfig(output_dir=str(tmp_path / name), **config)
+        trainer = QHeadTrainer(
+            model, args, train_dataset=Dataset.from_dict({"text": texts}), processing_class=gpt2_tokenizer
+        )
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+        losses.append(trainer.compute_loss(model, batch))
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+
+
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     return save_tiny_gpt2(tmp_path_factory.mktemp("tied4") / "base", n_embd=64)

@@ -197,11 +197,12 @@ def base_and_best_of_n_rows(base: Samples, best_of: Sequence[int] = BEST_OF_NS) 
     return rows
 
 
-def tilted_row(samples: Samples, beta: float) -> FrontierRow:
-    """The row of Q-tilted sampling at `beta` (KL from the processor, mean over samples)."""
+def tilted_row(samples: Samples, beta: float, method: str = "Q-tilted") -> FrontierRow:
+    """The row of tilted sampling at `beta` (KL from the processor, mean over samples); `method` names the tilt
+    (which Q head or source) where one table holds several."""
     reward, sem = _mean_sem(samples.rewards)
     return FrontierRow(
-        method="Q-tilted",
+        method=method,
         setting=f"beta={beta:g}",
         reward=reward,
         reward_sem=sem,
@@ -214,16 +215,20 @@ def tilted_row(samples: Samples, beta: float) -> FrontierRow:
     )
 
 
+BASELINE_METHODS = ("base sampling", "best-of-N")
+
+
 def frontier_comparison(rows: Sequence[FrontierRow]) -> list[dict]:
-    """For each Q-tilted row, the best-of-N reward at the same KL (linear interpolation between the measured
+    """For each row that is not a baseline (base sampling, best-of-N): each tilted row, whatever its `method`, the
+    best-of-N reward at the same KL (linear interpolation between the measured
     best-of-N points, base sampling at KL 0; `None` beyond N = 16), the difference, and the gain ratio
     `(reward - base) / (best_of_n_at_kl - base)`: the share of best-of-N's gain over base sampling that the tilt gets
     at equal KL (1 = parity; `None` where best-of-N is not defined there or gains nothing)."""
-    curve = sorted([(r.kl, r.reward) for r in rows if r.method in ("base sampling", "best-of-N")])
+    curve = sorted([(r.kl, r.reward) for r in rows if r.method in BASELINE_METHODS])
     base = next((r.reward for r in rows if r.method == "base sampling"), None)
     out = []
     for r in rows:
-        if r.method != "Q-tilted":
+        if r.method in BASELINE_METHODS:
             continue
         ref = None
         for (k0, v0), (k1, v1) in zip(curve, curve[1:], strict=False):
@@ -232,6 +237,7 @@ def frontier_comparison(rows: Sequence[FrontierRow]) -> list[dict]:
                 break
         out.append(
             {
+                "method": r.method,
                 "setting": r.setting,
                 "kl": r.kl,
                 "reward": r.reward,
@@ -243,11 +249,18 @@ def frontier_comparison(rows: Sequence[FrontierRow]) -> list[dict]:
     return out
 
 
-def mean_gain_ratio(comparison: Sequence[dict], kl_range: tuple[float, float] = (0.2, 1.5)) -> float | None:
-    """The mean `gain_ratio` of `frontier_comparison` over the tilted rows whose KL lies in `kl_range` (nats), `None`
-    when none does: one number per configuration, the tilt against best-of-N at equal KL."""
+def mean_gain_ratio(
+    comparison: Sequence[dict], kl_range: tuple[float, float] = (0.2, 1.5), method: str | None = None
+) -> float | None:
+    """The mean `gain_ratio` of `frontier_comparison` over the tilted rows whose KL lies in `kl_range` (nats) (and
+    whose method is `method`, when given), `None` when none does: one number per configuration, the tilt against
+    best-of-N at equal KL."""
     ratios = [
-        c["gain_ratio"] for c in comparison if c["gain_ratio"] is not None and kl_range[0] <= c["kl"] <= kl_range[1]
+        c["gain_ratio"]
+        for c in comparison
+        if c["gain_ratio"] is not None
+        and kl_range[0] <= c["kl"] <= kl_range[1]
+        and (method is None or c.get("method") == method)
     ]
     return sum(ratios) / len(ratios) if ratios else None
 
@@ -275,8 +288,8 @@ def frontier_json(rows: Sequence[FrontierRow]) -> list[dict]:
 def plot_frontier(
     rows: Sequence[FrontierRow], path: str | os.PathLike, title: str, reward_label: str = "mean reward"
 ) -> None:
-    """Mean reward against KL to the base policy: best-of-N (with base at KL 0) and Q-tilted sampling, saved to `path`
-    (needs matplotlib, in the `demo` extra)."""
+    """Mean reward against KL to the base policy: best-of-N (with base at KL 0) and one curve per other method (each
+    tilt), saved to `path` (needs matplotlib, in the `demo` extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -285,7 +298,10 @@ def plot_frontier(
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     base = [r for r in rows if r.method == "base sampling"]
     # Both curves start at base sampling: best-of-1, and the tilt at beta = infinity, are the base policy itself.
-    for method, style, label in (("best-of-N", "o-", "best-of-N (N x compute)"), ("Q-tilted", "s-", "Q-tilted (1x)")):
+    tilts = list(dict.fromkeys(r.method for r in rows if r.method not in BASELINE_METHODS))
+    curves = [("best-of-N", "o-", "best-of-N (N x compute)")]
+    curves += [(m, "s-" if i == 0 else "^--", f"{m} (1x)") for i, m in enumerate(tilts)]
+    for method, style, label in curves:
         pts = sorted(base + [r for r in rows if r.method == method], key=lambda r: r.kl)
         ax.errorbar(
             [r.kl for r in pts],

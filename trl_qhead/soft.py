@@ -23,6 +23,7 @@ where `action_mask[b, t]` is set, the action `a_t = x_{t+1}`; vocabulary-sized t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -82,6 +83,7 @@ def chunked_soft_state_values(
     logits: torch.Tensor | None = None,
     lm_weight: torch.Tensor | None = None,
     lm_bias: torch.Tensor | None = None,
+    q_project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     chunk_size: int = 1024,
 ) -> torch.Tensor:
     """`V*(s_t)` (as `soft_state_values`) at the positions where `value_mask` is set, a chunk of positions at a time.
@@ -101,6 +103,9 @@ def chunked_soft_state_values(
             position after each row's last action, for lambda < 1 the position after every action.
         beta: a finite float > 0.
         q_weight, q_bias: the Q head, `[V, H]` and `[V]` (or None).
+        q_project: optional map applied to each chunk of hidden states before the Q product: the tied head's
+            `h -> U h` (with `q_weight` its `W_lm`), so that `Q = W_lm (U h) + b` costs an H x H product per position
+            on top of the `[V, H]` one, as a dense head does.
         logits: optional `[B, T, V]` LM logits; exactly one of `logits` and `lm_weight` must be given.
         lm_weight, lm_bias: the LM head, `[V, H]` and `[V]` (or None), used when `logits` is None (a plain linear
             head; heads that post-process their logits need `logits`).
@@ -131,7 +136,8 @@ def chunked_soft_state_values(
     for start in range(0, rows.numel(), chunk_size):
         r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
         h = hidden[r, c]
-        q = F.linear(h.to(wq.dtype), wq, bq).to(dtype)
+        hq = h if q_project is None else q_project(h).detach()
+        q = F.linear(hq.to(wq.dtype), wq, bq).to(dtype)
         z = logits[r, c] if logits is not None else F.linear(h.to(wz.dtype), wz, bz)
         values[r, c] = soft_state_values(z.to(dtype), q, beta)
     return values

@@ -44,6 +44,7 @@ from .returns import compute_returns
 from .reward_functions import RewardFunc, RewardFunctions
 from .rewards import RewardComputer
 from .soft import candidate_targets, chunked_soft_state_values
+from .tied_head import is_tied
 
 REWARD_MOMENTS_NAME = "reward_moments.json"
 CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
@@ -122,12 +123,6 @@ class QHeadTrainer(Trainer):
             logger.warning("`model_init_kwargs` are ignored: the model is already loaded (as SFTTrainer does).")
             model_init_kwargs = {}
         model = self._build_model(model, peft_config, **model_init_kwargs)
-        if args.q_target == "soft" and model.q_head_type == "tied":
-            # V* needs the tied head's Q over the vocabulary, chunk by chunk; `soft.chunked_soft_state_values` reads a
-            # dense `[|V|, H]` head only, and `W_lm U` per step would cost an |V| x H x H product.
-            raise ValueError(
-                "`q_target='soft'` does not support `q_head_type='tied'` yet: use a dense Q head, or `q_target='mean'`."
-            )
 
         if processing_class is None:
             if not model_id:
@@ -356,7 +351,11 @@ class QHeadTrainer(Trainer):
         made them (heads that are not a plain `W h + b`), else from the LM head's weight, chunk by chunk."""
         unwrapped = self.accelerator.unwrap_model(model)
         q_head = unwrapped.q_head
-        kwargs = {"q_weight": q_head.weight, "q_bias": q_head.bias, "chunk_size": self.args.value_chunk_size}
+        kwargs = {"q_bias": q_head.bias, "chunk_size": self.args.value_chunk_size}
+        if is_tied(q_head):  # Q = W_lm (U h) + b: the LM head's rows after an H x H projection
+            kwargs.update(q_weight=q_head.lm_weight(), q_project=q_head.project)
+        else:
+            kwargs["q_weight"] = q_head.weight
         if outputs.logits is not None:
             kwargs["logits"] = outputs.logits
         else:

@@ -15,6 +15,7 @@ logits processor), `fold` (folding into the LM head), `rerank`. Every public nam
 """
 
 from .fold import fold_tilt
+from .lookahead import RewardLookahead
 from .processor import QTiltLogitsProcessor
 from .rerank import RerankOutput, rerank
 from .sources import ImplicitQ, QHeadSource, QSource
@@ -26,6 +27,7 @@ __all__ = [
     "QSource",
     "QTiltLogitsProcessor",
     "RerankOutput",
+    "RewardLookahead",
     "fold_tilt",
     "rerank",
     "tilt_kl",

@@ -1,0 +1,308 @@
+"""The demo's reward-vs-KL frontier for several Q-head configurations at once, against one base and one best-of-N.
+
+Every row is measured in the same run on the same held-out prompts, so the configurations differ only by what they
+are: the policy is the frozen pretrained model (no adapters), the training data is sampled and labelled once, base
+sampling and best-of-N are sampled once, and every tilted row uses the same seed.
+
+Rows:
+- base sampling and best-of-N, N in {2, 4, 8, 16} (as in the demo);
+- the one-step oracle (`--oracle_k`, 0 to skip): `RewardLookahead`, the reward's exact verdict on the base model's
+  top-k next tokens at decode time, `R(x, c + a) - R(x, c)`; what candidate labels teach a head, computed exactly;
+- one tilted curve per configuration `LABELS/TARGET/HEAD` (`--configs`): labels `mc` (one Monte Carlo label per
+  sampled action) or `candidates` (also the top-`--candidate_k` candidates of every state), target `mean` or `soft`
+  (`QHeadConfig.q_target`, `--target_beta`), head `dense` or `tied`; each trained on the first `scale x
+  --num_generations` completions of each training prompt for every `--scales` entry (a data-scaling curve).
+
+Usage:
+    python recipes/benchmark_frontier.py                                     # six configurations + the oracle
+    python recipes/benchmark_frontier.py --configs candidates/mean/dense --scales 1 2 4 8 --oracle_k 0
+    python recipes/benchmark_frontier.py --help                             # every flag of the demo, and these
+
+Outputs in `--output_dir` (default `outputs/frontier/`): `results.md`, `results.json`, `frontier.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see demo_sentiment.py
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import set_seed  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if not __package__ and str(REPO_ROOT) not in sys.path:  # `python recipes/benchmark_frontier.py` from anywhere
+    sys.path.insert(0, str(REPO_ROOT))
+
+if __package__:
+    from . import demo_sentiment as demo
+else:
+    from recipes import demo_sentiment as demo
+
+from trl_qhead import generate_and_score  # noqa: E402
+from trl_qhead.decoding import QTiltLogitsProcessor, RewardLookahead  # noqa: E402
+from trl_qhead.evaluation import (  # noqa: E402
+    base_and_best_of_n_rows,
+    frontier_comparison,
+    frontier_json,
+    markdown_table,
+    mean_gain_ratio,
+    plot_frontier,
+    score_likelihood,
+    tilted_row,
+)
+from trl_qhead.rollouts import sample_completions  # noqa: E402
+
+DEFAULT_CONFIGS = (
+    "mc/mean/dense",
+    "candidates/mean/dense",
+    "candidates/soft/dense",
+    "mc/mean/tied",
+    "candidates/mean/tied",
+    "candidates/soft/tied",
+)
+LABELS, TARGETS, HEADS = ("mc", "candidates"), ("mean", "soft"), ("dense", "tied")
+KL_RANGE = (0.2, 1.5)
+
+
+def parse_config(spec: str) -> tuple[str, str, str]:
+    """`"LABELS/TARGET/HEAD"` -> its three parts, checked."""
+    parts = spec.split("/")
+    if len(parts) != 3 or parts[0] not in LABELS or parts[1] not in TARGETS or parts[2] not in HEADS:
+        raise ValueError(f"A configuration is LABELS/TARGET/HEAD with {LABELS}, {TARGETS}, {HEADS}; got {spec!r}.")
+    return parts[0], parts[1], parts[2]
+
+
+def parse_args(argv: Sequence[str] | None = None):
+    p = demo.build_parser(__doc__.split("\n")[0])
+    p.set_defaults(output_dir=str(REPO_ROOT / "outputs" / "frontier"), lora_r=0)
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="LABELS/TARGET/HEAD, one per curve")
+    p.add_argument("--scales", type=int, nargs="+", default=[1], help="data sizes, in units of --num_generations")
+    p.add_argument("--oracle_k", type=int, default=20, help="top-k of the one-step oracle row (0: no oracle row)")
+    args = demo.check_args(p.parse_args(argv))
+    if args.lora_r != 0:
+        raise ValueError("`--lora_r` must be 0 here: every row is measured against the one frozen base policy.")
+    for spec in args.configs:
+        parse_config(spec)
+    if any(s < 1 for s in args.scales) or args.oracle_k < 0:
+        raise ValueError("`--scales` must be >= 1 and `--oracle_k` >= 0.")
+    return args
+
+
+def subset(scored: Dataset, per_prompt: int, used: int, labels: str) -> Dataset:
+    """The first `used` of each prompt's `per_prompt` completions (prompt-major rows), as demo training rows; Monte
+    Carlo configurations drop the candidate columns."""
+    keep = [i for i in range(len(scored)) if i % per_prompt < used]
+    data = scored.select(keep)
+    if labels == "mc":
+        data = data.remove_columns([c for c in data.column_names if c.startswith("candidate_")])
+    return demo.training_rows(data, used)
+
+
+def tilted_samples(model, tokenizer, args, eval_prompts, make_processor, reward_fn, desc):
+    samples = sample_completions(
+        model,
+        tokenizer,
+        eval_prompts,
+        args.tilted_samples,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.gen_batch_size,
+        seed=args.seed + 2,  # the demo's tilted seed: every tilted row draws the same random numbers
+        logits_processor_factory=make_processor,
+        generation_kwargs=demo.SAMPLING,
+        desc=desc,
+    )
+    demo.score(samples, reward_fn)
+    score_likelihood(samples, model.pretrained_model, tokenizer.pad_token_id)
+    return samples
+
+
+def run(args) -> dict:
+    began = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out_dir = Path(args.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    set_seed(args.seed)
+    model, tokenizer = demo.load_model(args.model, 0, 0)
+    reward_fn = demo.resolve_reward(args.reward)
+    train_prompts, eval_prompts = demo.split_prompts(
+        demo.load_prompts(args.prompts_file), args.n_train_prompts, args.n_eval_prompts, args.seed
+    )
+    configs = [parse_config(spec) for spec in args.configs]
+    per_prompt = args.num_generations * max(args.scales)
+    with_candidates = any(labels == "candidates" for labels, _, _ in configs)
+
+    print(f"[data] {per_prompt} completions for each of {len(train_prompts)} training prompts", flush=True)
+    set_seed(args.seed)
+    t0 = time.perf_counter()
+    scored = generate_and_score(
+        model,
+        tokenizer,
+        Dataset.from_dict({"prompt": train_prompts}),
+        reward_fn,
+        num_generations=per_prompt,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=max(1, args.gen_batch_size // per_prompt),
+        generation_kwargs=demo.SAMPLING,
+        candidate_rewards=args.candidate_k if with_candidates else None,
+        candidate_stride=args.candidate_stride,
+    )
+    data_seconds = time.perf_counter() - t0
+    labelling_cost = json.loads(scored.info.description)["labelling_cost"] if with_candidates else None
+
+    print(f"[base] {args.eval_samples} samples for each of {len(eval_prompts)} held-out prompts", flush=True)
+    base = demo.score(
+        sample_completions(
+            model,
+            tokenizer,
+            eval_prompts,
+            args.eval_samples,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.gen_batch_size,
+            seed=args.seed + 1,
+            generation_kwargs=demo.SAMPLING,
+            desc="base samples",
+        ),
+        reward_fn,
+    )
+    score_likelihood(base, model.pretrained_model, tokenizer.pad_token_id)
+    rows = base_and_best_of_n_rows(base)
+    runs = []
+
+    if args.oracle_k:
+        method = f"oracle one-step (top-{args.oracle_k})"
+        source = RewardLookahead(model, tokenizer, reward_fn, k=args.oracle_k)
+        t0 = time.perf_counter()
+        for beta in args.betas:
+            samples = tilted_samples(
+                model,
+                tokenizer,
+                args,
+                eval_prompts,
+                lambda beta=beta: QTiltLogitsProcessor(source, beta=beta),
+                reward_fn,
+                f"{method} beta={beta:g}",
+            )
+            rows.append(tilted_row(samples, beta, method))
+        runs.append({"method": method, "seconds": time.perf_counter() - t0, "reward_cost": source.cost.as_dict()})
+        report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
+
+    for labels, target, head in configs:
+        for scale in args.scales:
+            used = args.num_generations * scale
+            method = f"{labels}/{target}/{head}" + (f" x{scale}" if len(args.scales) > 1 else "")
+            print(f"[{method}] training on {used} completions per prompt", flush=True)
+            set_seed(args.seed)
+            model, tokenizer = demo.load_model(args.model, 0, 0, q_head_type=head)
+            t0 = time.perf_counter()
+            log = demo.train_qhead(
+                model,
+                tokenizer,
+                subset(scored, per_prompt, used, labels),
+                output_dir=str(out_dir / "checkpoint"),
+                epochs=args.epochs,
+                batch_size=args.train_batch_size,
+                lr=args.learning_rate,
+                q_lr=args.q_learning_rate,
+                q_bias_lr=args.q_bias_learning_rate,
+                q_weight=args.q_weight,
+                seed=args.seed,
+                q_target=target,
+                target_beta=args.target_beta,
+            )
+            train_seconds = time.perf_counter() - t0
+            model.eval()
+            for beta in args.betas:
+                samples = tilted_samples(
+                    model,
+                    tokenizer,
+                    args,
+                    eval_prompts,
+                    lambda beta=beta, model=model: QTiltLogitsProcessor(model, beta=beta),
+                    reward_fn,
+                    f"{method} beta={beta:g}",
+                )
+                rows.append(tilted_row(samples, beta, method))
+            runs.append(
+                {
+                    "method": method,
+                    "completions_per_prompt": used,
+                    "train_seconds": train_seconds,
+                    "final_loss_q": next((e["loss_q"] for e in reversed(log) if "loss_q" in e), None),
+                }
+            )
+            report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
+
+    return report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
+
+
+def report(rows, runs, data_seconds, labelling_cost, began, out_dir: Path, args) -> dict:
+    """Compare every tilted row with best-of-N, write the outputs (after each configuration, so that a long run that
+    stops early keeps what it measured) and return what `results.json` holds."""
+    comparison = frontier_comparison(rows)
+    for entry in runs:
+        entry["mean_gain_ratio"] = mean_gain_ratio(comparison, KL_RANGE, entry["method"])
+    results = {
+        "args": vars(args),
+        "rows": frontier_json(rows),
+        "comparison": comparison,
+        "runs": runs,
+        "data_seconds": data_seconds,
+        "labelling_cost": labelling_cost,
+        "wall_seconds": time.perf_counter() - began,
+    }
+    write_outputs(results, rows, out_dir, args)
+    return results
+
+
+def write_outputs(results: dict, rows, out_dir: Path, args) -> None:
+    summary = [
+        "| method | mean gain ratio, KL in [0.2, 1.5] | train s | gain ratio per beta (KL) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for entry in results["runs"]:
+        ratio = entry["mean_gain_ratio"]
+        per_beta = ", ".join(
+            f"{c['setting']}: {'-' if c['gain_ratio'] is None else format(c['gain_ratio'], '.2f')} ({c['kl']:.2f})"
+            for c in results["comparison"]
+            if c["method"] == entry["method"]
+        )
+        seconds = entry.get("train_seconds", entry.get("seconds", math.nan))
+        summary.append(
+            f"| {entry['method']} | {'none in range' if ratio is None else format(ratio, '.2f')} | {seconds:.0f} "
+            f"| {per_beta} |"
+        )
+    md = (
+        f"# Frontier: {args.model}, {args.n_eval_prompts} held-out prompts\n\n"
+        + "\n".join(summary)
+        + "\n\n"
+        + markdown_table(rows)
+        + f"\n\nData: {results['data_seconds']:.0f} s (labelling cost {results['labelling_cost']}). "
+        f"Wall time: {results['wall_seconds']:.0f} s.\n"
+    )
+    (out_dir / "results.md").write_text(md)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    plot_frontier(
+        rows, out_dir / "frontier.png", f"{args.model}: reward vs KL, {args.n_eval_prompts} held-out prompts"
+    )
+    print("\n" + md)
+    print(f"Outputs in {out_dir}/: results.md, results.json, frontier.png")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""recipes/benchmark_frontier.py: every configuration's curve beside one base, one best-of-N and the oracle row, run as
+a script on a tiny GPT-2 with the real GPT-2 tokenizer."""
+
+import json
+import sys
+
+import pytest
+
+from recipes import benchmark_frontier as frontier
+from tests.conftest import make_tiny_gpt2
+from tests.recipe_assets import run
+
+pytest.importorskip("vaderSentiment", reason="the `demo` extra (make test installs it)")
+
+
+def test_config_specs_are_checked():
+    assert frontier.parse_config("candidates/soft/tied") == ("candidates", "soft", "tied")
+    for bad in ("candidates/soft", "mc/linex/dense", "mc/mean/sparse"):
+        with pytest.raises(ValueError, match="LABELS/TARGET/HEAD"):
+            frontier.parse_config(bad)
+    with pytest.raises(ValueError, match="lora_r"):
+        frontier.parse_args(["--lora_r", "4"])
+
+
+def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_tokenizer):
+    model_dir = tmp_path / "tiny-gpt2"
+    make_tiny_gpt2().save_pretrained(model_dir)
+    gpt2_tokenizer.save_pretrained(model_dir)
+    out = tmp_path / "out"
+    run(
+        [
+            sys.executable, "recipes/benchmark_frontier.py", "--model", str(model_dir), "--output_dir", str(out),
+            "--n_train_prompts", "3", "--n_eval_prompts", "2", "--num_generations", "2", "--max_new_tokens", "4",
+            "--epochs", "1", "--train_batch_size", "4", "--tilted_samples", "1", "--betas", "1.0", "0.3",
+            "--gen_batch_size", "16", "--threads", "1", "--candidate_k", "3", "--oracle_k", "3",
+            "--configs", "mc/mean/dense", "candidates/soft/tied", "--scales", "1", "2",
+        ],
+        timeout=600,
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    methods = [row["method"] for row in results["rows"]]
+    expected = ["oracle one-step (top-3)", "mc/mean/dense x1", "mc/mean/dense x2"]
+    expected += ["candidates/soft/tied x1", "candidates/soft/tied x2"]
+    assert methods[:6] == ["base sampling"] + ["best-of-N"] * 4 + [expected[0]]
+    assert methods[5:] == [m for m in expected for _ in range(2)]  # two betas each
+    assert [r["method"] for r in results["runs"]] == expected
+    assert [r.get("completions_per_prompt") for r in results["runs"]] == [None, 2, 4, 2, 4]
+    # every tilted row is compared with best-of-N at its KL; the oracle really called the reward
+    assert [c["method"] for c in results["comparison"]] == methods[5:]
+    assert results["runs"][0]["reward_cost"]["texts_scored"] > 0
+    assert results["labelling_cost"]["states_labelled"] > 0
+    assert (out / "frontier.png").stat().st_size > 0

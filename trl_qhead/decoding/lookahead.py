@@ -1,0 +1,115 @@
+"""`RewardLookahead`: the reward's own one-step verdict on the next token, as a Q source for the tilt.
+
+`Q(s, a) = R(x, c + a) - R(x, c)` for the base model's `k` most likely next tokens `a` at the state `s = (x, c)`
+(prompt `x`, completion so far `c`), and 0 for every other token: the immediate effect of each candidate on a reward
+that scores prefixes. Tilting with it is ARGS-style reward-guided decoding (Khanov et al. 2024) with an exact KL
+record, and it is the "oracle one-step tilt" of docs/DESIGN.md: the tilt that the candidate labels of
+`generate_and_score(candidate_rewards=k)` teach a Q head, computed exactly at decode time instead of learned. It
+calls the reward functions at every step, `rows x (k + 1)` texts (memoised within a generation), so it is a
+reference row for benchmarks and a decoder for cheap rewards, not a replacement for a trained head.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..candidates import LabelCost, PrefixScorer
+from ..reward_functions import RewardFunctions
+from ..stop_tokens import stop_token_ids
+from .sources import LMHeadCapture, QSource
+
+
+class RewardLookahead(QSource):
+    """Q values from calling the reward functions on each candidate next token (one-step lookahead).
+
+    For every row of a generation step, the prompt is the decode of the row's prompt tokens (what `generate`
+    received, padding skipped), the completion so far the decode of the tokens generated since, and the `k` tokens
+    with the largest base logits (read off the LM head of the same forward pass, no extra forward) are scored as
+    `R(prompt, decode(c + [a])) - R(prompt, decode(c))`. Tokens outside the top `k` get `Q = 0` (no effect assumed);
+    with `QTiltLogitsProcessor(..., top_k=k)` they are masked instead and the processor's own top-k are scored. Rows
+    that already emitted a stop token get `Q = 0` (their steps are not sampled from).
+
+    Args:
+        model: the model whose `generate` the processor runs on (its LM head gives the top-k).
+        tokenizer: its tokenizer (decodes prompts and completions, special tokens skipped).
+        reward_funcs: TRL reward functions or reward models (anything `RewardFunctions` accepts).
+        k: candidates scored per row and step.
+        reward_weights: one weight per reward function (default all 1).
+        batch_size: texts per reward call.
+
+    Example:
+    ```python
+    >>> source = RewardLookahead(model, tokenizer, sentiment_reward, k=20)
+    >>> processor = QTiltLogitsProcessor(source, beta=0.3)
+    >>> model.generate(**inputs, logits_processor=[processor], do_sample=True, top_k=0)
+    >>> processor.kl, source.cost  # exact KL per sequence; reward calls and texts scored
+    ```
+    """
+
+    def __init__(self, model, tokenizer, reward_funcs, k: int = 20, *, reward_weights=None, batch_size: int = 256):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+        self.model = model  # also where QTiltLogitsProcessor finds the stop tokens
+        self.tokenizer = tokenizer
+        self.functions = RewardFunctions(reward_funcs, reward_weights=reward_weights)
+        self.k = k
+        self.batch_size = batch_size
+        self.cost = LabelCost()
+        self._stop_ids = set(stop_token_ids(model) or [])
+        self._capture = LMHeadCapture(model.get_output_embeddings(), keep_output=True)
+        self._scorer: PrefixScorer | None = None
+        self._width = 0
+        self._prompts: list[str] = []
+        self._groups: list[int] = []
+
+    def attach(self) -> None:
+        self._capture.attach()
+
+    def detach(self) -> None:
+        self._capture.detach()
+        self._finish_generation()
+
+    def _finish_generation(self) -> None:
+        if self._scorer is not None:
+            self.cost.add(self._scorer.cost)
+            self._scorer = None
+
+    def _start_generation(self, input_ids: torch.LongTensor) -> None:
+        self._finish_generation()
+        self._scorer = PrefixScorer(self.functions, self.tokenizer, self.batch_size)
+        self._width = input_ids.shape[1]
+        self._prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
+        self._groups = list(range(len(self._prompts)))
+        for group, prompt in enumerate(self._prompts):
+            self._scorer.add_group(group, prompt, {})
+
+    @torch.no_grad()
+    def __call__(self, input_ids, parent, token_ids=None):
+        _, logits = self._capture.take(input_ids.shape[0], parent is None, "RewardLookahead")
+        if parent is None or self._scorer is None:
+            self._start_generation(input_ids)
+        elif not torch.equal(parent.cpu(), torch.arange(parent.numel())):
+            self._groups = [self._groups[i] for i in parent.tolist()]  # beam search reordered the rows
+        candidates = token_ids if token_ids is not None else logits.float().topk(self.k, dim=-1).indices
+        candidates = candidates.cpu()
+        completions = input_ids[:, self._width :].cpu().tolist()
+        plans = []
+        for row, completion in enumerate(completions):
+            if self._stop_ids.intersection(completion):
+                plans.append(None)
+                continue
+            group = self._groups[row]
+            here = self._scorer.request(group, completion)
+            plans.append((here, [self._scorer.request(group, completion + [a]) for a in candidates[row].tolist()]))
+        self._scorer.flush()
+        effects = torch.zeros(candidates.shape, dtype=torch.float32)  # (N, k)
+        for row, plan in enumerate(plans):
+            if plan is not None:
+                here, keys = plan
+                base = self._scorer.score(here)
+                effects[row] = torch.tensor([self._scorer.score(key) - base for key in keys])
+        effects = effects.to(input_ids.device)
+        if token_ids is not None:
+            return effects
+        q = torch.zeros(logits.shape, dtype=torch.float32, device=input_ids.device)  # (N, |V|)
+        return q.scatter_(-1, candidates.to(input_ids.device), effects)
