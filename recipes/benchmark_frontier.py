@@ -87,15 +87,28 @@ def parse_args(argv: Sequence[str] | None = None):
     p = demo.build_parser(__doc__.split("\n")[0])
     p.set_defaults(output_dir=str(REPO_ROOT / "outputs" / "frontier"), lora_r=0)
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="LABELS/TARGET/HEAD, one per curve")
-    p.add_argument("--scales", type=int, nargs="+", default=[1], help="data sizes, in units of --num_generations")
+    p.add_argument(
+        "--scales",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="data sizes in units of --num_generations completions per prompt (0.25: a quarter of them)",
+    )
     p.add_argument("--oracle_k", type=int, default=20, help="top-k of the one-step oracle row (0: no oracle row)")
     args = demo.check_args(p.parse_args(argv))
     if args.lora_r != 0:
         raise ValueError("`--lora_r` must be 0 here: every row is measured against the one frozen base policy.")
     for spec in args.configs:
         parse_config(spec)
-    if any(s < 1 for s in args.scales) or args.oracle_k < 0:
-        raise ValueError("`--scales` must be >= 1 and `--oracle_k` >= 0.")
+    for scale in args.scales:
+        used = scale * args.num_generations
+        if used < 1 or used != int(used):
+            raise ValueError(
+                f"`--scales` {scale:g} x `--num_generations` {args.num_generations} = {used:g}: each must give a "
+                "whole number (>= 1) of completions per prompt."
+            )
+    if args.oracle_k < 0:
+        raise ValueError("`--oracle_k` must be >= 0 (0: no oracle row).")
     return args
 
 
@@ -140,7 +153,7 @@ def run(args) -> dict:
         demo.load_prompts(args.prompts_file), args.n_train_prompts, args.n_eval_prompts, args.seed
     )
     configs = [parse_config(spec) for spec in args.configs]
-    per_prompt = args.num_generations * max(args.scales)
+    per_prompt = int(args.num_generations * max(args.scales))
     with_candidates = any(labels == "candidates" for labels, _, _ in configs)
 
     print(f"[data] {per_prompt} completions for each of {len(train_prompts)} training prompts", flush=True)
@@ -200,8 +213,8 @@ def run(args) -> dict:
 
     for labels, target, head in configs:
         for scale in args.scales:
-            used = args.num_generations * scale
-            method = f"{labels}/{target}/{head}" + (f" x{scale}" if len(args.scales) > 1 else "")
+            used = int(args.num_generations * scale)
+            method = f"{labels}/{target}/{head}" + (f" x{scale:g}" if len(args.scales) > 1 else "")
             print(f"[{method}] training on {used} completions per prompt", flush=True)
             set_seed(args.seed)
             model, tokenizer = demo.load_model(args.model, 0, 0, q_head_type=head)

@@ -78,6 +78,8 @@ from trl_qhead.reference import as_reference  # noqa: E402
 from trl_qhead.rollouts import PURE_SAMPLING, Samples, sample_completions  # noqa: E402
 
 PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "review_openings.txt"  # shipped in the wheel too
+# The second task's prompts: the same openings, each after "Five stars." or "One star." (alternating).
+TONE_PROMPTS_FILE = Path(__file__).resolve().parent / "data" / "tone_openings.txt"
 DEFAULT_BETAS = (1.0, 0.5, 0.3, 0.2, 0.15)
 # Pure ancestral sampling (transformers' defaults would add top-k 50): the sampled policy is exactly the softmax that
 # the tilt's KL and best-of-N's KL are measured against.
@@ -104,14 +106,38 @@ def sentiment_reward(prompts: Sequence[str], completions: Sequence[str], **kwarg
     return [float(_VADER.polarity_scores(text)["compound"]) for text in completions]
 
 
+TONES = {"Five stars.": 1.0, "One star.": -1.0}
+
+
+def tone_reward(prompts: Sequence[str], completions: Sequence[str], **kwargs) -> list[float]:
+    """The second task: VADER sentiment of the completion in the tone its prompt asks for, `+compound` after a prompt
+    that starts with "Five stars." and `-compound` after "One star." (`recipes/data/tone_openings.txt`).
+
+    It depends on the context, not on single words: the same word ("wonderful", "awful") is worth `+x` in one prompt
+    and `-x` in another, so a Q head that ignores the state (a per-token constant, a learned lexicon) gains nothing on
+    average over a balanced prompt set; the head must read the request, a few tokens back, from its state.
+    """
+    signs = []
+    for i, prompt in enumerate(prompts):
+        text = prompt if isinstance(prompt, str) else str(prompt)
+        sign = next((value for start, value in TONES.items() if text.lstrip().startswith(start)), None)
+        if sign is None:
+            raise ValueError(f"tone_reward: prompt {i} ({text[:40]!r}) starts with neither of {list(TONES)}.")
+        signs.append(sign)
+    return [sign * score for sign, score in zip(signs, sentiment_reward(prompts, completions), strict=True)]
+
+
 def resolve_reward(spec: str) -> Callable:
-    """`"vader"` (the demo's sentiment reward) or `"package.module:function"`, any TRL reward function
-    (`f(prompts=..., completions=..., completion_ids=..., **columns) -> list[float]`), imported from the path."""
+    """`"vader"` (the demo's sentiment reward), `"tone"` (`tone_reward`, with `--prompts_file TONE_PROMPTS_FILE`) or
+    `"package.module:function"`, any TRL reward function (`f(prompts=..., completions=..., completion_ids=...,
+    **columns) -> list[float]`), imported from the path."""
     if spec == "vader":
         return sentiment_reward
+    if spec == "tone":
+        return tone_reward
     module_name, sep, function_name = spec.partition(":")
     if not sep or not module_name or not function_name:
-        raise ValueError(f"`--reward` must be 'vader' or 'package.module:function', got {spec!r}.")
+        raise ValueError(f"`--reward` must be 'vader', 'tone' or 'package.module:function', got {spec!r}.")
     import importlib
 
     function = getattr(importlib.import_module(module_name), function_name, None)
@@ -301,7 +327,8 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     p.add_argument(
         "--reward",
         default="vader",
-        help="'vader' (VADER sentiment of the completion) or 'package.module:function', a TRL reward function",
+        help="'vader' (VADER sentiment of the completion), 'tone' (sentiment in the tone the prompt asks for: use "
+        "--prompts_file recipes/data/tone_openings.txt) or 'package.module:function', a TRL reward function",
     )
     p.add_argument(
         "--labels",

@@ -20,6 +20,9 @@ def test_config_specs_are_checked():
             frontier.parse_config(bad)
     with pytest.raises(ValueError, match="lora_r"):
         frontier.parse_args(["--lora_r", "4"])
+    with pytest.raises(ValueError, match="whole number"):
+        frontier.parse_args(["--num_generations", "8", "--scales", "0.3"])
+    assert frontier.parse_args(["--num_generations", "8", "--scales", "0.25", "2"]).scales == [0.25, 2.0]
 
 
 def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_tokenizer):
@@ -33,18 +36,18 @@ def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_token
             "--n_train_prompts", "3", "--n_eval_prompts", "2", "--num_generations", "2", "--max_new_tokens", "4",
             "--epochs", "1", "--train_batch_size", "4", "--tilted_samples", "1", "--betas", "1.0", "0.3",
             "--gen_batch_size", "16", "--threads", "1", "--candidate_k", "3", "--oracle_k", "3",
-            "--configs", "mc/mean/dense", "candidates/soft/tied", "--scales", "1", "2",
+            "--configs", "mc/mean/dense", "candidates/soft/tied", "--scales", "0.5", "1",
         ],
         timeout=600,
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     methods = [row["method"] for row in results["rows"]]
-    expected = ["oracle one-step (top-3)", "mc/mean/dense x1", "mc/mean/dense x2"]
-    expected += ["candidates/soft/tied x1", "candidates/soft/tied x2"]
+    expected = ["oracle one-step (top-3)", "mc/mean/dense x0.5", "mc/mean/dense x1"]
+    expected += ["candidates/soft/tied x0.5", "candidates/soft/tied x1"]
     assert methods[:6] == ["base sampling"] + ["best-of-N"] * 4 + [expected[0]]
     assert methods[5:] == [m for m in expected for _ in range(2)]  # two betas each
     assert [r["method"] for r in results["runs"]] == expected
-    assert [r.get("completions_per_prompt") for r in results["runs"]] == [None, 2, 4, 2, 4]
+    assert [r.get("completions_per_prompt") for r in results["runs"]] == [None, 1, 2, 1, 2]
     # every tilted row is compared with best-of-N at its KL; the oracle really called the reward
     assert [c["method"] for c in results["comparison"]] == methods[5:]
     assert results["runs"][0]["reward_cost"]["texts_scored"] > 0

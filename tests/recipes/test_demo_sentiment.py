@@ -27,6 +27,20 @@ def test_sentiment_reward_is_vader_compound():
     assert scores[0] > 0.5 and scores[1] < -0.5
 
 
+def test_tone_reward_flips_the_sentiment_with_the_request_in_the_prompt():
+    completions = ["I love it, wonderful!", "Awful and sad."]
+    plain = demo.sentiment_reward(prompts=["x", "x"], completions=completions)
+    five = demo.tone_reward(prompts=["Five stars. The food"] * 2, completions=completions)
+    one = demo.tone_reward(prompts=[" One star. The food"] * 2, completions=completions)
+    assert five == pytest.approx(plain) and one == pytest.approx([-r for r in plain])
+    with pytest.raises(ValueError, match="prompt 1"):
+        demo.tone_reward(prompts=["Five stars. a", "Three stars. b"], completions=completions)
+    assert demo.resolve_reward("tone") is demo.tone_reward
+    prompts = demo.load_prompts(demo.TONE_PROMPTS_FILE)  # every shipped prompt carries a request, both kinds
+    signs = demo.tone_reward(prompts=prompts, completions=["wonderful"] * len(prompts))
+    assert {s > 0 for s in signs} == {True, False}
+
+
 def test_training_rows_centre_per_prompt_and_keep_done():
     data = Dataset.from_dict(  # generate_and_score's layout: two prompts, two completions each
         {
