@@ -9,9 +9,11 @@
 - Q sources beyond the head: `ImplicitQ` turns a (policy, reference) pair into `Q = c (log pi_policy - log pi_ref)`
   ("DPO treats LLMs as Q-functions"), usable by the same processor on the reference model.
 - `rerank`: Q-probe-style best-of-k: score complete samples by the Q of their final action and pick or sample.
+- `RewardLookahead`: a Q source without a head, the reward's own verdict on the top-k next tokens at each step (the
+  one-step oracle; ARGS-style reward-guided decoding).
 
 One module per job: `tilt` (the math, pure tensor functions), `sources` (where Q comes from), `processor` (the
-logits processor), `fold` (folding into the LM head), `rerank`. Every public name is re-exported here.
+logits processor), `fold` (folding into the LM head), `rerank`, `lookahead`. Every public name is re-exported here.
 """
 
 from .fold import fold_tilt
