@@ -10,7 +10,10 @@ Rows:
   top-k next tokens at decode time, `R(x, c + a) - R(x, c)`; what candidate labels teach a head, computed exactly;
 - one tilted curve per configuration `LABELS/TARGET/HEAD` (`--configs`): labels `mc` (one Monte Carlo label per
   sampled action) or `candidates` (also the top-`--candidate_k` candidates of every state), target `mean` or `soft`
-  (`QHeadConfig.q_target`, `--target_beta`), head `dense` or `tied`; each trained on the first `scale x
+  (`QHeadConfig.q_target`, `--target_beta`), head `dense` or `tied`; `effects` are candidate labels without the
+  returns (every row's reward set to 0), so every label is an immediate effect relative to the sampled token,
+  `r'(s, a) - r'(s, a_t)`, and the sampled token sits at 0: a learned one-step head, the trained counterpart of the
+  oracle, free of the noise the sampled return adds to every label of a state; each trained on the first `scale x
   --num_generations` completions of each training prompt for every `--scales` entry (a data-scaling curve).
 
 Usage:
@@ -71,7 +74,7 @@ DEFAULT_CONFIGS = (
     "candidates/mean/tied",
     "candidates/soft/tied",
 )
-LABELS, TARGETS, HEADS = ("mc", "candidates"), ("mean", "soft"), ("dense", "tied")
+LABELS, TARGETS, HEADS = ("mc", "candidates", "effects"), ("mean", "soft"), ("dense", "tied")
 KL_RANGE = (0.2, 1.5)
 
 
@@ -114,12 +117,15 @@ def parse_args(argv: Sequence[str] | None = None):
 
 def subset(scored: Dataset, per_prompt: int, used: int, labels: str) -> Dataset:
     """The first `used` of each prompt's `per_prompt` completions (prompt-major rows), as demo training rows; Monte
-    Carlo configurations drop the candidate columns."""
+    Carlo configurations drop the candidate columns, `effects` ones the rewards (all 0)."""
     keep = [i for i in range(len(scored)) if i % per_prompt < used]
     data = scored.select(keep)
     if labels == "mc":
         data = data.remove_columns([c for c in data.column_names if c.startswith("candidate_")])
-    return demo.training_rows(data, used)
+    rows = demo.training_rows(data, used)
+    if labels == "effects":
+        rows = rows.map(lambda row: {"reward": 0.0})
+    return rows
 
 
 def tilted_samples(model, tokenizer, args, eval_prompts, make_processor, reward_fn, desc):
@@ -154,7 +160,7 @@ def run(args) -> dict:
     )
     configs = [parse_config(spec) for spec in args.configs]
     per_prompt = int(args.num_generations * max(args.scales))
-    with_candidates = any(labels == "candidates" for labels, _, _ in configs)
+    with_candidates = any(labels != "mc" for labels, _, _ in configs)
 
     print(f"[data] {per_prompt} completions for each of {len(train_prompts)} training prompts", flush=True)
     set_seed(args.seed)

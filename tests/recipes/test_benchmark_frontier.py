@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+from datasets import Dataset
 
 from recipes import benchmark_frontier as frontier
 from tests.conftest import make_tiny_gpt2
@@ -15,6 +16,7 @@ pytest.importorskip("vaderSentiment", reason="the `demo` extra (make test instal
 
 def test_config_specs_are_checked():
     assert frontier.parse_config("candidates/soft/tied") == ("candidates", "soft", "tied")
+    assert frontier.parse_config("effects/mean/dense") == ("effects", "mean", "dense")
     for bad in ("candidates/soft", "mc/linex/dense", "mc/mean/sparse"):
         with pytest.raises(ValueError, match="LABELS/TARGET/HEAD"):
             frontier.parse_config(bad)
@@ -23,6 +25,28 @@ def test_config_specs_are_checked():
     with pytest.raises(ValueError, match="whole number"):
         frontier.parse_args(["--num_generations", "8", "--scales", "0.3"])
     assert frontier.parse_args(["--num_generations", "8", "--scales", "0.25", "2"]).scales == [0.25, 2.0]
+
+
+def test_subset_takes_the_first_completions_of_each_prompt_and_the_labels_asked_for():
+    scored = Dataset.from_dict(
+        {
+            "input_ids": [[7, 1], [7, 2], [7, 3], [8, 4], [8, 5], [8, 6]],
+            "completion_mask": [[0, 1]] * 6,
+            "done": [True] * 6,
+            "reward": [1.0, 0.0, 5.0, 2.0, 4.0, 9.0],
+            "candidate_ids": [[[], [1, 2]]] * 6,
+            "candidate_rewards": [[[], [0.5, -0.5]]] * 6,
+            "candidate_sampled_reward": [[0.0, 0.5]] * 6,
+        }
+    )
+    mc = frontier.subset(scored, 3, 2, "mc")
+    assert mc["input_ids"] == [[7, 1], [7, 2], [8, 4], [8, 5]]
+    assert mc["reward"] == [0.5, -0.5, -1.0, 1.0]  # centred over the 2 completions used per prompt
+    assert not [c for c in mc.column_names if c.startswith("candidate_")]
+    cand = frontier.subset(scored, 3, 2, "candidates")
+    assert cand["reward"] == mc["reward"] and cand["candidate_rewards"] == [[[], [0.5, -0.5]]] * 4
+    effects = frontier.subset(scored, 3, 2, "effects")
+    assert effects["reward"] == [0.0] * 4 and effects["candidate_rewards"] == cand["candidate_rewards"]
 
 
 def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_tokenizer):
