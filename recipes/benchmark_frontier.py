@@ -32,6 +32,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -52,7 +53,6 @@ if __package__:
 else:
     from recipes import demo_sentiment as demo
 
-from trl_qhead import generate_and_score  # noqa: E402
 from trl_qhead.decoding import QTiltLogitsProcessor, RewardLookahead  # noqa: E402
 from trl_qhead.evaluation import (  # noqa: E402
     base_and_best_of_n_rows,
@@ -64,7 +64,6 @@ from trl_qhead.evaluation import (  # noqa: E402
     score_likelihood,
     tilted_row,
 )
-from trl_qhead.rollouts import sample_completions  # noqa: E402
 
 DEFAULT_CONFIGS = (
     "mc/mean/dense",
@@ -128,22 +127,13 @@ def subset(scored: Dataset, per_prompt: int, used: int, labels: str) -> Dataset:
     return rows
 
 
-def tilted_samples(model, tokenizer, args, eval_prompts, make_processor, reward_fn, desc):
-    samples = sample_completions(
-        model,
-        tokenizer,
-        eval_prompts,
-        args.tilted_samples,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.gen_batch_size,
-        seed=args.seed + 2,  # the demo's tilted seed: every tilted row draws the same random numbers
-        logits_processor_factory=make_processor,
-        generation_kwargs=demo.SAMPLING,
-        desc=desc,
+def tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method: str, beta: float, make_processor):
+    """One tilted row: `demo.sample_scored` with the processor, the likelihood under the pretrained model."""
+    samples = demo.sample_scored(
+        model, tokenizer, eval_prompts, reward_fn, args, tilt=make_processor, desc=f"{method} beta={beta:g}"
     )
-    demo.score(samples, reward_fn)
     score_likelihood(samples, model.pretrained_model, tokenizer.pad_token_id)
-    return samples
+    return tilted_row(samples, beta, method)
 
 
 def run(args) -> dict:
@@ -163,38 +153,14 @@ def run(args) -> dict:
     with_candidates = any(labels != "mc" for labels, _, _ in configs)
 
     print(f"[data] {per_prompt} completions for each of {len(train_prompts)} training prompts", flush=True)
-    set_seed(args.seed)
     t0 = time.perf_counter()
-    scored = generate_and_score(
-        model,
-        tokenizer,
-        Dataset.from_dict({"prompt": train_prompts}),
-        reward_fn,
-        num_generations=per_prompt,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=max(1, args.gen_batch_size // per_prompt),
-        generation_kwargs=demo.SAMPLING,
-        candidate_rewards=args.candidate_k if with_candidates else None,
-        candidate_stride=args.candidate_stride,
+    scored, labelling_cost = demo.sample_training_data(
+        model, tokenizer, train_prompts, reward_fn, args, per_prompt, candidates=with_candidates
     )
     data_seconds = time.perf_counter() - t0
-    labelling_cost = json.loads(scored.info.description)["labelling_cost"] if with_candidates else None
 
     print(f"[base] {args.eval_samples} samples for each of {len(eval_prompts)} held-out prompts", flush=True)
-    base = demo.score(
-        sample_completions(
-            model,
-            tokenizer,
-            eval_prompts,
-            args.eval_samples,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.gen_batch_size,
-            seed=args.seed + 1,
-            generation_kwargs=demo.SAMPLING,
-            desc="base samples",
-        ),
-        reward_fn,
-    )
+    base = demo.sample_scored(model, tokenizer, eval_prompts, reward_fn, args)
     score_likelihood(base, model.pretrained_model, tokenizer.pad_token_id)
     rows = base_and_best_of_n_rows(base)
     runs = []
@@ -204,16 +170,8 @@ def run(args) -> dict:
         source = RewardLookahead(model, tokenizer, reward_fn, k=args.oracle_k)
         t0 = time.perf_counter()
         for beta in args.betas:
-            samples = tilted_samples(
-                model,
-                tokenizer,
-                args,
-                eval_prompts,
-                lambda beta=beta: QTiltLogitsProcessor(source, beta=beta),
-                reward_fn,
-                f"{method} beta={beta:g}",
-            )
-            rows.append(tilted_row(samples, beta, method))
+            tilt = partial(QTiltLogitsProcessor, source, beta=beta)
+            rows.append(tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt))
         runs.append({"method": method, "seconds": time.perf_counter() - t0, "reward_cost": source.cost.as_dict()})
         report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
 
@@ -243,16 +201,8 @@ def run(args) -> dict:
             train_seconds = time.perf_counter() - t0
             model.eval()
             for beta in args.betas:
-                samples = tilted_samples(
-                    model,
-                    tokenizer,
-                    args,
-                    eval_prompts,
-                    lambda beta=beta, model=model: QTiltLogitsProcessor(model, beta=beta),
-                    reward_fn,
-                    f"{method} beta={beta:g}",
-                )
-                rows.append(tilted_row(samples, beta, method))
+                tilt = partial(QTiltLogitsProcessor, model, beta=beta)
+                rows.append(tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt))
             runs.append(
                 {
                     "method": method,

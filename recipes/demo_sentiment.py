@@ -370,6 +370,62 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return check_args(build_parser().parse_args(argv))
 
 
+def sample_training_data(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    reward_fn: Callable,
+    args: argparse.Namespace,
+    num_generations: int,
+    *,
+    candidates: bool,
+) -> tuple[Dataset, dict | None]:
+    """Step 2: `num_generations` base completions per training prompt, scored (and, with `candidates`, labelled with
+    the top-`args.candidate_k` candidates of every `args.candidate_stride`-th state); returns `generate_and_score`'s
+    dataset and the labelling cost (None without candidates)."""
+    set_seed(args.seed)
+    scored = generate_and_score(
+        model,
+        tokenizer,
+        Dataset.from_dict({"prompt": list(prompts)}),
+        reward_fn,
+        num_generations=num_generations,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=max(1, args.gen_batch_size // num_generations),
+        generation_kwargs=SAMPLING,
+        candidate_rewards=args.candidate_k if candidates else None,
+        candidate_stride=args.candidate_stride,
+    )
+    return scored, json.loads(scored.info.description)["labelling_cost"] if candidates else None
+
+
+def sample_scored(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    reward_fn: Callable,
+    args: argparse.Namespace,
+    *,
+    tilt: Callable[[], object] | None = None,
+    desc: str = "base samples",
+) -> Samples:
+    """Step 4's samples of the held-out prompts, scored: `args.eval_samples` base samples per prompt (seed + 1), or,
+    with `tilt` (a logits-processor factory), `args.tilted_samples` tilted ones (seed + 2, the same for every tilt)."""
+    samples = sample_completions(
+        model,
+        tokenizer,
+        prompts,
+        args.eval_samples if tilt is None else args.tilted_samples,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.gen_batch_size,
+        seed=args.seed + (1 if tilt is None else 2),
+        logits_processor_factory=tilt,
+        generation_kwargs=SAMPLING,
+        desc=desc,
+    )
+    return score(samples, reward_fn)
+
+
 def run(args: argparse.Namespace) -> dict:
     """The whole demo; returns what `results.json` holds."""
     began = time.perf_counter()
@@ -390,23 +446,11 @@ def run(args: argparse.Namespace) -> dict:
         "from the base model and scoring them",
         flush=True,
     )
-    set_seed(args.seed)
     began_data = time.perf_counter()
-    candidates = args.labels == "candidates"
-    scored = generate_and_score(
-        model,
-        tokenizer,
-        Dataset.from_dict({"prompt": train_prompts}),
-        reward_fn,
-        num_generations=args.num_generations,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=max(1, args.gen_batch_size // args.num_generations),
-        generation_kwargs=SAMPLING,
-        candidate_rewards=args.candidate_k if candidates else None,
-        candidate_stride=args.candidate_stride,
+    scored, labelling_cost = sample_training_data(
+        model, tokenizer, train_prompts, reward_fn, args, args.num_generations, candidates=args.labels == "candidates"
     )
     data_seconds = time.perf_counter() - began_data
-    labelling_cost = json.loads(scored.info.description)["labelling_cost"] if candidates else None
     dataset = training_rows(scored, args.num_generations)
     train_reward = sum(scored["reward"]) / len(scored)
     print(f"      training reward: mean {train_reward:+.3f}; data step {data_seconds:.0f} s", flush=True)
@@ -433,37 +477,19 @@ def run(args: argparse.Namespace) -> dict:
     model.eval()
 
     print(f"[4/5] Evaluating on {len(eval_prompts)} held-out prompts", flush=True)
-    base = score(
-        sample_completions(
+    base = sample_scored(model, tokenizer, eval_prompts, reward_fn, args)
+    tilted = {
+        beta: sample_scored(
             model,
             tokenizer,
             eval_prompts,
-            args.eval_samples,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.gen_batch_size,
-            seed=args.seed + 1,
-            generation_kwargs=SAMPLING,
-            desc="base samples",
-        ),
-        reward_fn,
-    )
-    tilted = {}
-    for beta in args.betas:
-        tilted[beta] = score(
-            sample_completions(
-                model,
-                tokenizer,
-                eval_prompts,
-                args.tilted_samples,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.gen_batch_size,
-                seed=args.seed + 2,
-                logits_processor_factory=lambda beta=beta: QTiltLogitsProcessor(model, beta=beta),
-                generation_kwargs=SAMPLING,
-                desc=f"Q-tilted beta={beta:g}",
-            ),
             reward_fn,
+            args,
+            tilt=lambda beta=beta: QTiltLogitsProcessor(model, beta=beta),
+            desc=f"Q-tilted beta={beta:g}",
         )
+        for beta in args.betas
+    }
 
     print("[5/5] Scoring the samples with the pretrained model (perplexity, drift)", flush=True)
     backbone = model.pretrained_model
