@@ -142,6 +142,7 @@ def test_tokenized_rewards_and_sequence_reward_are_kept_apart(gpt2_tokenizer):
         "completion_mask": [0, 0, 1],
         "reward": 3.0,
         "rewards": [0.0, 0.5, 0.0],
+        "done": True,  # cut by max_length with a scalar reward: paid on the last kept action, which is terminal
     }
     assert rows[1]["reward"] is None
     batch = DataCollatorForQHead(0)(list(rows))

@@ -47,6 +47,24 @@ def position_ids(attention_mask: torch.Tensor) -> torch.LongTensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def attention_inputs(attention_mask: torch.Tensor, position_ids: torch.Tensor | None = None) -> dict:
+    """The `attention_mask` / `position_ids` keyword arguments of a backbone forward over a collated batch.
+
+    A batch of packed rows carries `position_ids` restarting at 0 at each document (`DataCollatorForQHead`). It goes
+    without an attention mask: transformers then finds the documents from the restarts and keeps each one's attention
+    to itself (`masking_utils.find_packed_sequence_indices`; flash-attention kernels read the same positions), as in
+    TRL's padding-free training. A 2-D mask would make it ignore the restarts. Padding, position 0 after a real token,
+    is a span of its own, so no real token attends to it.
+
+    Args:
+        attention_mask: `[B, T]`, 1 on real tokens.
+        position_ids: `[B, T]` or `None` (rows that are one sequence each: positions follow the attention mask).
+    """
+    if position_ids is None:
+        return {"attention_mask": attention_mask}
+    return {"attention_mask": None, "position_ids": position_ids}
+
+
 def plain_lm_head(model: nn.Module) -> nn.Linear | None:
     """The LM head of a causal LM when its logits are exactly `W h + b` (a float `nn.Linear`, no softcapping or logit
     scaling in the config), so that log-probs can be computed from the hidden states in chunks; `None` otherwise

@@ -97,9 +97,11 @@ class QHeadConfig(TrainingArguments):
         dataset_text_field (`str`, *optional*, defaults to `"text"`):
             Column holding plain text.
         max_length (`int`, *optional*, defaults to `1024`):
-            Tokens per training sequence: longer sequences are truncated (and bootstrap at the cut), or packed.
+            Tokens per training sequence: longer sequences are truncated (and bootstrap at the cut, or end there when
+            they carry a scalar `reward`: see `trl_qhead.data`), or packed.
         packing (`bool`, *optional*, defaults to `False`):
-            Pack tokenised documents (each ending with EOS, so its last action is terminal) into `max_length` rows.
+            Pack tokenised documents (each ending with EOS, so its last action is terminal) into `max_length` rows;
+            each document stays its own episode and attention span.
         packing_strategy (`str`, *optional*, defaults to `"wrapped"`):
             `"wrapped"` concatenates and cuts; `"bfd"` / `"bfd_split"` are TRL's best-fit-decreasing strategies.
         dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):

@@ -3,19 +3,32 @@
 A training row is `input_ids` (at least two tokens, so at least one action) with optional columns:
 - `rewards`: a list aligned with the tokens, `rewards[k]` is earned when token `k` is produced (`rewards[0]` is ignored);
 - `reward`: a scalar sequence reward, earned by the row's last action. Packing folds it into `rewards` at the
-  document's last token, which is the same thing and survives packing;
+  document's last target token, which is the same thing and survives packing;
 - `completion_mask`: 1 where a token is a training target (with `completion_only_loss`, the default);
 - `prompt_length`: how many leading tokens are the prompt (0 when absent). Reward functions see the tokens after it as
   the completion;
 - `done`: a boolean (`None` is `False`), the row's last action ends the episode even without EOS: a completion cut at a
-  generation limit whose reward judged it as finished. A row that `max_length` truncates loses it (its last trained
-  action is no longer the episode's end, so it bootstraps). Packing folds it into a token-aligned `dones` list (1 at
-  the document's last token), which survives the cuts and reorderings of every packing strategy.
+  generation limit whose reward judged it as finished. Packing folds it into a token-aligned `dones` list (1 at the
+  document's last target token), which survives the cuts and reorderings of every packing strategy;
+- `seq_lengths` (packed rows): the lengths of the spans a row holds, as TRL's `bfd` packing writes them. Each span is
+  a document (or the part of one a row boundary left): its own episode and its own attention span (see
+  `DataCollatorForQHead`).
 With `reward_columns=True` a row also keeps the original `prompt` and every column that is not a format column, so
 that reward functions receive them as TRL's `GRPOTrainer` passes them (`prompts`, `**dataset_columns`).
 
+Truncation (one rule for every path): when `max_length` cuts tokens off a row (no packing, or `bfd` packing, which
+truncates), the row's last kept action is its last action. It bootstraps there (a cut episode continues), and it
+loses the row's `done`, unless the row has a scalar `reward`: that reward judged the whole row, so it is paid on the
+last kept action, which is then terminal (a bootstrap would count the future the reward already counts a second
+time). `wrapped` and `bfd_split` packing cut no token off: a document split across rows keeps its reward, `done` and
+EOS on its real last token, and the part before the split bootstraps at the split.
+
 Formats recognised, the way TRL's trainers recognise them (first match wins):
-- pre-tokenised: `input_ids`, optionally `rewards`, `reward`, `completion_mask` and a `prompt` for reward functions;
+- pre-tokenised: `input_ids`, optionally `rewards`, `reward`, `completion_mask`, `attention_mask`, `labels` and a
+  `prompt` for reward functions. The row's own `attention_mask` marks padding (0), which is taken out of the row with
+  the matching entries of every token-aligned column (padding may only lead or trail the real tokens, and earns no
+  reward); `labels` of -100 mark tokens that are not training targets (every other label must be the token itself:
+  the shift onto the next token happens in training);
 - prompt/completion: `prompt` and `completion`, both strings (the completion gets EOS appended, so its last action
   is terminal) or both lists of messages (rendered with the tokenizer's chat template, which ends the turn itself);
 - conversational: `messages`, a list of messages rendered with the chat template; the loss covers the whole
@@ -23,11 +36,16 @@ Formats recognised, the way TRL's trainers recognise them (first match wins):
 - plain text: the `dataset_text_field` column (default `"text"`). Each document gets EOS appended, so a document that
   fits ends with a terminal action, and one that is cut bootstraps where it was cut. The prompt is empty.
 Every format may carry a scalar `reward` and a `done` flag; the tokenised one a per-token `rewards` list too.
+Bad values raise a `TypeError` or `ValueError` naming the column, the row's index in the dataset and what was
+expected, when the data is prepared: token ids that are not integers in `[0, vocab_size)`, rewards that are not finite
+numbers, a `done` that is not a bool.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +53,7 @@ import torch
 from datasets import Dataset, IterableDataset
 from transformers.utils import logging
 from trl.data_utils import apply_chat_template, common_prefix_length, get_dataset_column_names, pack_dataset
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import pad
 
 from .chat import is_messages
@@ -43,12 +62,15 @@ from .chat import is_messages
 logger = logging.get_logger(__name__)
 
 FORMAT_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "reward", "completion_mask", "prompt_length")
-FORMAT_COLUMNS += ("done", "dones")
+FORMAT_COLUMNS += ("done", "dones", "seq_lengths")
 CANDIDATE_COLUMNS = ("candidate_ids", "candidate_rewards", "candidate_sampled_reward")
 FORMAT_COLUMNS += CANDIDATE_COLUMNS
 FORMAT_COLUMNS += ("prompt", "completion", "messages", "completion_ids")  # the last is a reward-function argument
+# Columns of a pre-tokenised row with one entry per token: a row's own padding is cut out of each.
+TOKEN_COLUMNS = ("input_ids", "attention_mask", "labels", "rewards", "completion_mask") + CANDIDATE_COLUMNS
 # Row keys the collator turns into tensors; the rest travel as lists in `batch["reward_inputs"]`.
 ROW_TENSOR_KEYS = ("input_ids", "rewards", "reward", "completion_mask", "prompt_length", "done", "dones")
+ROW_TENSOR_KEYS += ("seq_lengths",)
 ROW_TENSOR_KEYS += CANDIDATE_COLUMNS
 
 
@@ -77,14 +99,166 @@ def detect_format(column_names: list[str], text_field: str = "text") -> str:
     )
 
 
-def _check_rewards(rewards: list[float], n_tokens: int, where: str) -> None:
+def _number(value: Any) -> float | None:
+    """`value` as a float when it is a real number (bools, ints, floats, numpy or torch scalars), `None` otherwise."""
+    if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
+        value = value.item()
+    if isinstance(value, numbers.Real):
+        return float(value)
+    return None
+
+
+def _check_rewards(rewards: Any, n_tokens: int, where: str) -> list[float]:
+    """The `rewards` of a row as floats, or a TypeError/ValueError naming the row and what is wrong."""
+    if isinstance(rewards, (str, bytes, dict)) or not hasattr(rewards, "__len__"):
+        raise TypeError(
+            f"`rewards` of {where} is {rewards!r} ({type(rewards).__name__}): it must be a list of numbers, one per "
+            "token of `input_ids` (rewards[k] is earned when token k is produced); use `reward` for one number per row."
+        )
     if len(rewards) != n_tokens:
         raise ValueError(
             f"`rewards` of {where} has {len(rewards)} values for {n_tokens} tokens: it must be aligned with "
             "`input_ids` (rewards[k] is earned when token k is produced)."
         )
-    if not all(math.isfinite(r) for r in rewards):
-        raise ValueError(f"`rewards` of {where} holds NaN or inf.")
+    values = []
+    for k, value in enumerate(rewards):
+        number = _number(value)
+        if number is None:
+            raise TypeError(
+                f"`rewards` of {where} holds {value!r} ({type(value).__name__}) at token {k}: every entry must be a "
+                "number (0 for no reward)."
+            )
+        if not math.isfinite(number):
+            raise ValueError(f"`rewards` of {where} holds NaN or inf ({number} at token {k}).")
+        values.append(number)
+    return values
+
+
+def _check_reward(value: Any, where: str) -> float | None:
+    """The scalar `reward` of a row as a float (`None`: the row has none), or a TypeError/ValueError."""
+    if value is None:
+        return None
+    number = _number(value)
+    if number is None:
+        raise TypeError(
+            f"`reward` of {where} is {value!r} ({type(value).__name__}): it must be a number, one per row (or None "
+            "for no reward); per-token rewards go in `rewards`."
+        )
+    if not math.isfinite(number):
+        raise ValueError(f"`reward` of {where} is {number}: it must be finite (leave it empty for no reward).")
+    return number
+
+
+def _check_token_ids(input_ids: list, where: str, vocab_size: int | None) -> list[int]:
+    """`input_ids` of a pre-tokenised row, checked: integers in `[0, vocab_size)` (`>= 0` without a vocabulary size)."""
+    if input_ids and all(type(token) is int for token in input_ids):  # Arrow's ints: only the range to check
+        if min(input_ids) >= 0 and (vocab_size is None or max(input_ids) < vocab_size):
+            return input_ids
+    for k, token in enumerate(input_ids):
+        if hasattr(token, "item") and getattr(token, "ndim", None) == 0:
+            token = token.item()
+        if isinstance(token, bool) or not isinstance(token, numbers.Integral):
+            raise TypeError(
+                f"`input_ids` of {where} holds {token!r} ({type(token).__name__}) at token {k}: token ids must be "
+                "integers."
+            )
+        if token < 0 or (vocab_size is not None and token >= vocab_size):
+            bound = f"[0, {vocab_size})" if vocab_size is not None else ">= 0"
+            raise ValueError(
+                f"`input_ids` of {where} holds {token} at token {k}: token ids must be in {bound}, the model's "
+                "vocabulary (was the data tokenised with another tokenizer?)."
+            )
+    return [int(token) for token in input_ids]
+
+
+def _label_targets(labels: Any, input_ids: list, where: str) -> list[int]:
+    """A row's `labels` as a 0/1 target list (`None`: every token is a target); a ValueError for a label that is
+    neither -100 nor the token itself (pre-shifted labels would train the wrong tokens)."""
+    if labels is None:
+        return [1] * len(input_ids)
+    if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__") or len(labels) != len(input_ids):
+        raise ValueError(
+            f"`labels` of {where} must have one entry per token of `input_ids` ({len(input_ids)}), got {labels!r}."
+        )
+    targets = []
+    for k, (label, token) in enumerate(zip(labels, input_ids, strict=True)):
+        if label != -100 and label != token:
+            raise ValueError(
+                f"`labels` of {where} holds {label!r} at token {k}, where `input_ids` holds {token!r}: a label must be "
+                "the token itself (a training target) or -100 (not one). Labels are shifted onto the next token in "
+                "training: pass them unshifted, as for transformers' causal LMs."
+            )
+        targets.append(int(label != -100))
+    return targets
+
+
+def _real_span(mask: Any, n_tokens: int, where: str) -> tuple[int, int]:
+    """`(start, stop)` of the real tokens a row's `attention_mask` marks with 1; a ValueError when it is not one 0/1
+    entry per token or has padding between real tokens (cutting it out would join tokens that never followed each
+    other)."""
+    if isinstance(mask, (str, bytes)) or not hasattr(mask, "__len__") or len(mask) != n_tokens:
+        raise ValueError(
+            f"`attention_mask` of {where} must have one entry per token of `input_ids` ({n_tokens}), got {mask!r}."
+        )
+    real = []
+    for k, value in enumerate(mask):
+        if _number(value) not in (0.0, 1.0):
+            raise ValueError(f"`attention_mask` of {where} holds {value!r} at token {k}: it must be 1 (a token) or 0.")
+        if value:
+            real.append(k)
+    if not real:
+        return 0, 0
+    if real[-1] - real[0] + 1 != len(real):
+        gap = next(k for k in range(real[0], real[-1]) if not mask[k])
+        raise ValueError(
+            f"`attention_mask` of {where} has padding (0) at token {gap}, between real tokens: padding may only lead "
+            "or trail a row. Split the row, or drop the masked tokens from it."
+        )
+    return real[0], real[-1] + 1
+
+
+def _strip_padding(example: dict[str, Any], where: str) -> dict[str, Any]:
+    """A pre-tokenised example with its `labels` as a 0/1 target list and its own padding (`attention_mask` 0) cut out
+    of every token-aligned column, so that padding is no token, no action and no target. Padding must earn no reward.
+    """
+    input_ids = list(example["input_ids"])
+    n = len(input_ids)
+    example = dict(example)
+    if "labels" in example:
+        example["labels"] = _label_targets(example["labels"], input_ids, where)
+    if example.get("attention_mask") is None:
+        return example
+    start, stop = _real_span(example["attention_mask"], n, where)
+    if (start, stop) == (0, n):
+        return example
+    for name in TOKEN_COLUMNS:
+        column = example.get(name)
+        if column is None:
+            continue
+        if name == "rewards":
+            for k, value in enumerate(_check_rewards(column, n, where)):
+                if value != 0 and not start <= k < stop:
+                    raise ValueError(
+                        f"`rewards` of {where} holds {value} at token {k}, which `attention_mask` marks as padding: "
+                        "padding is not a token and earns no reward."
+                    )
+        elif isinstance(column, (str, bytes)) or not hasattr(column, "__len__") or len(column) != n:
+            raise ValueError(
+                f"`{name}` of {where} must have one entry per token of `input_ids` ({n}, padding included), got "
+                f"{column!r}."
+            )
+        example[name] = list(column)[start:stop]
+    return example
+
+
+def _last_target(targets: list[int] | None, n_tokens: int) -> int:
+    """The index of the last token after the first that is a training target (the token a row's last action
+    produces); the last token when every token is a target or none is."""
+    if targets is not None:
+        for k in range(n_tokens - 1, 0, -1):
+            if targets[k]:
+                return k
+    return n_tokens - 1
 
 
 def check_candidates(example: dict[str, Any], n_tokens: int, where: str, vocab_size: int | None = None) -> dict:
@@ -151,6 +325,7 @@ def _tokenize(example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_
     if fmt == "tokenized":
         input_ids = list(example["input_ids"])
         mask = example.get("completion_mask")
+        mask = example.get("labels") if mask is None else mask  # `labels` as 0/1 targets (`_strip_padding`)
         prompt_length = next((i for i, m in enumerate(mask) if m), len(mask)) if mask is not None else 0
         return input_ids, prompt_length, example.get("prompt")
     if fmt == "text":
@@ -200,52 +375,74 @@ def _to_row(
     fold_reward: bool,
     completion_only_loss: bool,
     reward_columns: bool,
+    vocab_size: int | None,
 ) -> dict:
-    """Tokenise, check, truncate to `max_length`; keep `reward` and `done` apart, or fold them into the token-aligned
-    `rewards` and `dones` (packing)."""
+    """Tokenise, check, truncate to `max_length` (the module docstring's truncation rule); keep `reward` and `done`
+    apart, or fold them into the token-aligned `rewards` and `dones` and number the tokens (`position_ids`, packing)."""
     where = f"example {idx}"
+    if fmt == "tokenized":
+        example = _strip_padding(example, where)
     input_ids, prompt_length, prompt = _tokenize(example, where, fmt=fmt, tokenizer=tokenizer, text_field=text_field)
+    if fmt == "tokenized":  # the other formats come from the tokenizer
+        input_ids = _check_token_ids(input_ids, where, vocab_size)
+    n = len(input_ids)
     rewards = example.get("rewards")
     if rewards is not None:
-        _check_rewards(list(rewards), len(input_ids), where)
-        rewards = [float(r) for r in rewards]
+        rewards = _check_rewards(rewards, n, where)
     mask = example.get("completion_mask")
-    if mask is not None and len(mask) != len(input_ids):
+    if mask is not None and (not hasattr(mask, "__len__") or len(mask) != n):
         raise ValueError(f"`completion_mask` of {where} must have one entry per token of `input_ids`.")
     if fmt == "prompt_completion":
-        mask = [0] * prompt_length + [1] * (len(input_ids) - prompt_length)
-    row = {"input_ids": input_ids[:max_length]}
-    if fmt in ("prompt_completion", "messages") or mask is not None:  # formats without a prompt: 0, the default
-        row["prompt_length"] = min(prompt_length, max_length)
-    if mask is not None and completion_only_loss:
-        row["completion_mask"] = list(mask)[:max_length]
+        mask = [0] * prompt_length + [1] * (n - prompt_length)
+    targets = list(mask) if mask is not None and completion_only_loss else None
+    # 0/1 targets (`_strip_padding`), honoured whatever `completion_only_loss` says; other formats make their own.
+    labels = example.get("labels") if fmt == "tokenized" else None
+    if labels is not None and targets is not None:  # a target where both say so
+        targets = [int(bool(t) and bool(m)) for t, m in zip(labels, targets, strict=True)]
+    elif labels is not None:
+        targets = labels
+    kept = min(n, max_length)
+    cut = n > max_length
+    row = {"input_ids": input_ids[:kept]}
+    if fmt in ("prompt_completion", "messages") or mask is not None or labels is not None:  # else no prompt: 0
+        row["prompt_length"] = min(prompt_length, kept)
+    if targets is not None:
+        row["completion_mask"] = targets[:kept]
+    reward = _check_reward(example.get("reward"), where)
+    done = check_done(example.get("done"), where)
+    # The truncation rule: a cut row's last kept action bootstraps, unless a scalar reward judged the whole row.
+    done = (done and not cut) or (cut and reward is not None)
     # Every row of a dataset must have the same keys: a column that exists gives a key, `None` where it is empty.
-    reward = example.get("reward")
-    if reward is not None:
-        reward = float(reward)
-        if not math.isfinite(reward):
-            raise ValueError(f"`reward` of {where} is {reward}: it must be finite (leave it empty for no reward).")
-    if "done" in example:
-        done = check_done(example["done"], where)
-        if fold_reward:  # packing: a token-aligned flag on the document's last token survives the cuts
-            row["dones"] = [0] * (len(input_ids) - 1) + [int(done)]
-        else:  # a truncated row ends where it was cut, not where the episode ended: it bootstraps there
-            row["done"] = done and len(input_ids) <= max_length
+    has_done = "done" in example or "reward" in example
     if any(name in example for name in CANDIDATE_COLUMNS):
-        vocab_size = len(tokenizer) if tokenizer is not None else None
-        candidates = check_candidates(example, len(input_ids), where, vocab_size)
+        candidates = check_candidates(example, n, where, vocab_size)
         if candidates and fold_reward:
             raise ValueError(f"{where} has candidate labels, which do not survive packing: set `packing=False`.")
         for name in CANDIDATE_COLUMNS:
-            row[name] = candidates[name][:max_length] if candidates else None
-    if fold_reward and ("reward" in example or "rewards" in example):
-        rewards = (rewards if rewards is not None else [0.0] * len(input_ids))[:max_length]
-        if reward is not None:
-            rewards[-1] += reward  # the reward of the last action of the row as trained
-    elif "reward" in example:
-        row["reward"] = reward
+            row[name] = candidates[name][:kept] if candidates else None
+    if rewards is not None:
+        rewards = rewards[:kept]
+    if fold_reward:
+        # Packing: the row's last action, the one that produces its last target token, earns the reward and ends the
+        # episode; token-aligned, that survives the cuts and reorderings of every packing strategy.
+        last = _last_target(row.get("completion_mask"), kept)
+        if "reward" in example or "rewards" in example:
+            rewards = rewards if rewards is not None else [0.0] * kept
+            if reward is not None and kept:
+                rewards[last] += reward
+        if has_done:
+            row["dones"] = [0] * kept
+            if kept:
+                row["dones"][last] = int(done)
+        # Numbers the document's tokens, so that the spans a packing strategy cuts can be found in the packed rows.
+        row["position_ids"] = list(range(kept))
+    else:
+        if "reward" in example:
+            row["reward"] = reward
+        if has_done:
+            row["done"] = done
     if rewards is not None or "rewards" in example:
-        row["rewards"] = None if rewards is None else rewards[:max_length]
+        row["rewards"] = rewards
     if reward_columns:
         row["prompt"] = prompt
     return row
@@ -262,6 +459,7 @@ def prepare_dataset(
     num_proc: int | None = None,
     completion_only_loss: bool = True,
     reward_columns: bool = False,
+    vocab_size: int | None = None,
 ) -> Dataset | IterableDataset:
     """Turn a dataset in any supported format into training rows (see the module docstring).
 
@@ -269,13 +467,22 @@ def prepare_dataset(
         dataset: a `Dataset` or a streaming `IterableDataset`.
         tokenizer: the model's tokenizer (needs `eos_token_id`, and a chat template for conversational data).
         text_field: the plain-text column.
-        max_length: tokens per row: longer rows are truncated, or packed rows are this long.
-        packing: pack rows into `max_length`-token rows with TRL's `pack_dataset`.
+        max_length: tokens per row: longer rows are truncated, or packed rows are this long (the truncation rule of
+            the module docstring).
+        packing: pack rows into `max_length`-token rows with TRL's `pack_dataset`. Each document stays its own
+            episode and attention span: the rows get TRL's `seq_lengths` (`DataCollatorForQHead`).
         packing_strategy: `"wrapped"`, `"bfd"` or `"bfd_split"` (see `trl.pack_dataset`).
         num_proc: processes for `map` (map-style datasets only).
         completion_only_loss: train on completion tokens only where the data separates a completion (prompt/
             completion formats, or a `completion_mask` column); `False` trains on the prompt too.
         reward_columns: keep the prompt and the extra columns for reward functions (not with `packing`).
+        vocab_size: pre-tokenised ids (and candidate ids) must be below it; defaults to `len(tokenizer)`, or no upper
+            bound without a tokenizer. `QHeadTrainer` passes the model's vocabulary size.
+
+    Raises:
+        ValueError: for an empty dataset, or one in which no row has a token to train on (see `has_action`), and for
+            bad values (naming the column and the row's index).
+        TypeError: for values of the wrong type (naming the column and the row's index).
 
     Example:
     ```python
@@ -293,52 +500,84 @@ def prepare_dataset(
         raise ValueError(
             "Reward functions score one completion per row, and packing puts several in a row: set `packing=False`."
         )
+    if isinstance(dataset, Dataset) and len(dataset) == 0:
+        raise ValueError("The dataset has no rows: there is nothing to train on.")
+    if vocab_size is None and tokenizer is not None:
+        vocab_size = len(tokenizer)
     map_kwargs = {"num_proc": num_proc} if isinstance(dataset, Dataset) and num_proc else {}
     fn_kwargs = {
         "fmt": fmt,
         "tokenizer": tokenizer,
         "text_field": text_field,
-        # Packing cuts rows itself; truncating first would throw tokens away.
-        "max_length": 2**62 if packing else max_length,
+        # `wrapped` and `bfd_split` packing cut rows without losing a token; truncating first would throw tokens away.
+        # `bfd` truncates each document to `max_length` anyway: truncated here, the truncation rule applies to it.
+        "max_length": 2**62 if packing and packing_strategy != "bfd" else max_length,
         "fold_reward": packing,
         "completion_only_loss": completion_only_loss,
         "reward_columns": reward_columns,
+        "vocab_size": vocab_size,
     }
     consumed = [c for c in columns if c in FORMAT_COLUMNS or c == text_field]
     remove = consumed if reward_columns else columns
     dataset = dataset.map(_to_row, fn_kwargs=fn_kwargs, with_indices=True, remove_columns=remove, **map_kwargs)
-    if not packing:
-        # A row without an action (a blank line's lone EOS, a prompt that fills `max_length`, a 0- or 1-token row)
-        # has nothing to train: left in, a batch of such rows divides 0 by 0. Dropped here, counted in the log.
-        before = len(dataset) if isinstance(dataset, Dataset) else None
-        dataset = dataset.filter(has_action)
-        if before is not None:
-            dropped = before - len(dataset)
-            if dropped == before:
-                raise ValueError(
-                    f"None of the {before} rows has a token to train on (an action: a target token after at least one "
-                    "token): is every prompt longer than `max_length`, or every row empty?"
-                )
-            if dropped:
-                logger.warning(
-                    f"Dropped {dropped} of {before} rows with no token to train on (prompt as long as `max_length`, "
-                    "fewer than two tokens, or no completion token)."
-                )
+    # A row without an action (a blank line's lone EOS, a prompt that fills `max_length`, a 0- or 1-token row) has
+    # nothing to train: left in, a batch of such rows divides 0 by 0, and a packed one trains across documents.
+    dataset = _drop_rows_without_action(dataset, "rows")
     if packing:
         if "prompt_length" in get_dataset_column_names(dataset):
             dataset = dataset.remove_columns("prompt_length")
         dataset = pack_dataset(dataset, max_length, strategy=packing_strategy)
-        if "seq_lengths" in get_dataset_column_names(dataset):
-            dataset = dataset.remove_columns("seq_lengths")
+        if "seq_lengths" in get_dataset_column_names(dataset):  # bfd: TRL's own spans
+            dataset = dataset.remove_columns("position_ids")
+        else:  # wrapped: a span starts at each row and at each document's first token
+            dataset = dataset.map(_seq_lengths_from_positions, remove_columns=["position_ids"])
+        # A row that holds only the last token of a document cut at the row's start (wrapped) has no action.
+        dataset = _drop_rows_without_action(dataset, "packed rows")
+    return dataset
+
+
+def _seq_lengths_from_positions(row: dict[str, Any]) -> dict[str, list[int]]:
+    """`seq_lengths` of a packed row from its documents' token numbers: a span starts at the row's first token and at
+    every document's first token (number 0)."""
+    positions = row["position_ids"]
+    starts = [k for k, p in enumerate(positions) if k == 0 or p == 0]
+    return {"seq_lengths": [b - a for a, b in zip(starts, starts[1:] + [len(positions)], strict=True)]}
+
+
+def _drop_rows_without_action(dataset: Dataset | IterableDataset, what: str) -> Dataset | IterableDataset:
+    """`dataset` without the rows that have no action (`has_action`): counted in the log, and a ValueError when none
+    is left (map-style datasets; a stream is filtered as it is read)."""
+    before = len(dataset) if isinstance(dataset, Dataset) else None
+    dataset = dataset.filter(has_action)
+    if before is None:
+        return dataset
+    dropped = before - len(dataset)
+    if dropped == before:
+        raise ValueError(
+            f"None of the {before} {what} has a token to train on (an action: a target token after at least one "
+            "token of its document): is every prompt longer than `max_length`, or every row empty or one token long?"
+        )
+    if dropped:
+        logger.warning(
+            f"Dropped {dropped} of {before} {what} with no token to train on (prompt as long as `max_length`, fewer "
+            "than two tokens, or no completion token)."
+        )
     return dataset
 
 
 def has_action(row: dict[str, Any]) -> bool:
-    """Whether a prepared row holds at least one action: a token after the first that is a training target."""
+    """Whether a prepared row holds at least one action: a token that is a training target and does not start a span
+    of the row (its first token, or the first of a packed document, `seq_lengths`)."""
     input_ids, mask = row["input_ids"], row.get("completion_mask")
-    if len(input_ids) < 2:
-        return False
-    return mask is None or any(mask[1:])
+    starts = set(span_starts(row.get("seq_lengths"), len(input_ids)))
+    return any(k not in starts and (mask is None or mask[k]) for k in range(1, len(input_ids)))
+
+
+def span_starts(seq_lengths: list[int] | None, n_tokens: int) -> list[int]:
+    """The first token of each span of a row: `[0]` for a row of one document, one per `seq_lengths` entry else."""
+    if not seq_lengths:
+        return [0]
+    return [0] + [int(x) for x in itertools.accumulate(seq_lengths[:-1])]
 
 
 @dataclass
@@ -348,6 +587,12 @@ class DataCollatorForQHead:
     `prompt_length` (`[B]`), `done` (`[B]` bool, `False` where a row has none) and the packed form of `done`,
     token-aligned `dones` (`[B, T]` bool, `False` on padding). Other row keys (the prompt and extra columns kept for
     reward functions) travel as lists in `batch["reward_inputs"]`.
+
+    Packed rows (`seq_lengths`) also get `position_ids` (`[B, T]`, 0 on padding) restarting at 0 at each span, as TRL's
+    `DataCollatorForLanguageModeling` makes them, and the first token of each span is not a target: no action crosses
+    from one document into the next, so each is its own episode. `QHeadTrainer` runs such a batch with these positions
+    and no attention mask, from which transformers' attention masks keep each span to itself (TRL's padding-free
+    training does the same).
 
     Args:
         pad_token_id: id written into padding (masked out by `attention_mask`, so EOS is fine).
@@ -367,10 +612,13 @@ class DataCollatorForQHead:
                     "(one action). Filter empty and one-token sequences out of the dataset."
                 )
         input_ids = [torch.as_tensor(e["input_ids"], dtype=torch.long) for e in examples]
+        positions = self._packed_positions(examples) if any("seq_lengths" in e for e in examples) else None
         labels = []
-        for ids, example in zip(input_ids, examples, strict=True):
+        for row, (ids, example) in enumerate(zip(input_ids, examples, strict=True)):
             target = ids.clone()
             target[0] = -100  # the first token is never a target (no state precedes it), also under left padding
+            if positions is not None:  # nor is a packed document's first: the step into it crosses episodes
+                target[positions[row] == 0] = -100
             if example.get("completion_mask") is not None:
                 target[torch.as_tensor(example["completion_mask"]) == 0] = -100
             labels.append(target)
@@ -380,6 +628,8 @@ class DataCollatorForQHead:
             "attention_mask": pad([torch.ones_like(ids) for ids in input_ids], 0, side, multiple),
             "labels": pad(labels, -100, side, multiple),
         }
+        if positions is not None:
+            batch["position_ids"] = pad(positions, 0, side, multiple)
         if any(e.get("rewards") is not None for e in examples):
             rewards = [
                 torch.as_tensor(e["rewards"], dtype=torch.float32)
@@ -408,6 +658,21 @@ class DataCollatorForQHead:
         if extra:
             batch["reward_inputs"] = {key: [e.get(key) for e in examples] for key in extra}
         return batch
+
+    @staticmethod
+    def _packed_positions(examples: list[dict[str, Any]]) -> list[torch.Tensor]:
+        """Per row, token positions restarting at 0 at each span of `seq_lengths` (a row without them is one span),
+        made by TRL's `DataCollatorForLanguageModeling` as for its own packed rows."""
+        seq_lengths = []
+        for i, e in enumerate(examples):
+            lengths = [int(x) for x in e.get("seq_lengths") or [len(e["input_ids"])]]
+            if sum(lengths) != len(e["input_ids"]) or min(lengths) < 1:
+                raise ValueError(
+                    f"`seq_lengths` of batch row {i} is {lengths} for {len(e['input_ids'])} tokens: it must split the "
+                    "row into spans of at least one token."
+                )
+            seq_lengths.append(lengths)
+        return DataCollatorForLanguageModeling.get_position_ids_from_packed_seq_lengths(seq_lengths)
 
     def _candidates(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Candidate labels on the token grid: `candidate_ids` `[B, T, k]` (0 where masked), `candidate_rewards`

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from trl.trainer.utils import selective_log_softmax
 
-from .backbone import causal_lm_forward, plain_lm_head
+from .backbone import attention_inputs, causal_lm_forward, plain_lm_head
 from .chunked_lm_head import action_logprobs_and_values
 from .modeling import AutoModelForCausalLMWithQHead
 
@@ -34,6 +34,7 @@ def reference_logprobs(
     actions: torch.Tensor,
     action_mask: torch.Tensor | None = None,
     chunk_size: int = 256,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`log pi_ref(a_t | s_t)` on the position grid, `(B, T)` fp32, without building a `(B, T, V)` buffer.
 
@@ -43,13 +44,15 @@ def reference_logprobs(
         actions: `[B, T]` next-token ids (`trl_qhead.mdp.next_tokens`).
         action_mask: `[B, T]`, where the log-probs are needed (0 elsewhere); default: every real token.
         chunk_size: positions per chunk of the LM head (see `trl_qhead.chunked_lm_head.action_logprobs_and_values`).
+        position_ids: `[B, T]` positions of packed rows (`backbone.attention_inputs`), `None` otherwise.
     """
     mask = (attention_mask if action_mask is None else action_mask).bool()
     if isinstance(reference, AutoModelForCausalLMWithQHead):  # the reference policy is its backbone
         reference = reference.pretrained_model
     lm_head = plain_lm_head(reference)
+    inputs = attention_inputs(attention_mask, position_ids)
     hidden, outputs = causal_lm_forward(
-        reference, input_ids, attention_mask, full_logits=lm_head is None, use_cache=False
+        reference, input_ids, inputs.pop("attention_mask"), full_logits=lm_head is None, use_cache=False, **inputs
     )
     if outputs.logits.shape[-2] == hidden.shape[-2]:  # the model gave full logits (no `logits_to_keep`, or T == 1)
         return torch.where(mask, selective_log_softmax(outputs.logits.float(), actions), 0.0)

@@ -30,7 +30,7 @@ from transformers.trainer import TRAINING_ARGS_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from transformers.utils import logging
 
-from .backbone import plain_lm_head
+from .backbone import attention_inputs, plain_lm_head
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .durable_files import fsync_path, fsync_tree
@@ -165,15 +165,16 @@ class QHeadTrainer(Trainer):
                     f"and `reward_normalization={args.reward_normalization!r}` rescales the returns they are added "
                     "to: set `reward_normalization=None` (or `candidate_weight=0`)."
                 )
-        train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards)
+        vocab_size = model.vocab_size  # token ids index the rows of the LM and Q heads
+        train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards, vocab_size)
         if isinstance(eval_dataset, dict):  # several evaluation sets, logged as `eval_<name>_*` (as SFTTrainer)
             eval_dataset = {
-                k: _keep_prompts(d, self._prepare(d, processing_class, args, with_rewards))
+                k: _keep_prompts(d, self._prepare(d, processing_class, args, with_rewards, vocab_size))
                 for k, d in eval_dataset.items()
             }
         elif eval_dataset is not None:
             eval_dataset = _keep_prompts(
-                eval_dataset, self._prepare(eval_dataset, processing_class, args, with_rewards)
+                eval_dataset, self._prepare(eval_dataset, processing_class, args, with_rewards, vocab_size)
             )
         eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
         if with_rewards and any(isinstance(d, IterableDataset) for d in (train_dataset, *eval_datasets)):
@@ -229,7 +230,7 @@ class QHeadTrainer(Trainer):
         return model
 
     @staticmethod
-    def _prepare(dataset, tokenizer, args: QHeadConfig, reward_columns: bool = False):
+    def _prepare(dataset, tokenizer, args: QHeadConfig, reward_columns: bool = False, vocab_size: int | None = None):
         # Under `accelerate launch` the main process fills the datasets cache first; the others then read it.
         with PartialState().main_process_first():
             return prepare_dataset(
@@ -242,6 +243,7 @@ class QHeadTrainer(Trainer):
                 num_proc=args.dataset_num_proc,
                 completion_only_loss=args.completion_only_loss,
                 reward_columns=reward_columns,
+                vocab_size=vocab_size,
             )
 
     # ---- loss -------------------------------------------------------------------------------------------------------
@@ -260,6 +262,7 @@ class QHeadTrainer(Trainer):
         """
         args: QHeadConfig = self.args
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
+        position_ids = inputs.get("position_ids")  # packed rows: each document its own attention span
 
         # 1. Masks: which positions hold an action, and where the returns will read V(s).
         actions = next_tokens(input_ids)  # (B, T)
@@ -270,7 +273,7 @@ class QHeadTrainer(Trainer):
         # 2. One forward: log pi(a_t|s_t) and Q(s_t, a_t) with grad, V(s) without, and no (B, T, V) logits.
         outputs = model(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            **attention_inputs(attention_mask, position_ids),
             actions=actions,
             logprob_mask=action_mask,
             value_mask=None if soft else values_needed,
@@ -282,7 +285,7 @@ class QHeadTrainer(Trainer):
 
         # 3. Rewards r_t of every source, summed on the action grid.
         ref_logprobs = (
-            self._reference_logprobs(model, input_ids, attention_mask, actions, action_mask)
+            self._reference_logprobs(model, input_ids, attention_mask, actions, action_mask, position_ids)
             if args.use_lm_rewards
             else None
         )  # (B, T) or None
@@ -395,13 +398,15 @@ class QHeadTrainer(Trainer):
         return self.accelerator.gather(self.accelerator.pad_across_processes(values, pad_index=math.nan))
 
     @torch.no_grad()
-    def _reference_logprobs(self, model, input_ids, attention_mask, actions, action_mask=None) -> torch.Tensor:
-        chunk_size = self.args.value_chunk_size
+    def _reference_logprobs(
+        self, model, input_ids, attention_mask, actions, action_mask=None, position_ids=None
+    ) -> torch.Tensor:
+        args = (input_ids, attention_mask, actions, action_mask, self.args.value_chunk_size, position_ids)
         if self.ref_model is not None:
-            return reference_logprobs(self.ref_model, input_ids, attention_mask, actions, action_mask, chunk_size)
+            return reference_logprobs(self.ref_model, *args)
         backbone = self.accelerator.unwrap_model(model).pretrained_model
         with as_reference(backbone):
-            return reference_logprobs(backbone, input_ids, attention_mask, actions, action_mask, chunk_size)
+            return reference_logprobs(backbone, *args)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
