@@ -18,7 +18,7 @@ Rows:
 
 Usage:
     python recipes/benchmark_frontier.py                                     # six configurations + the oracle
-    python recipes/benchmark_frontier.py --configs candidates/mean/dense --scales 1 2 4 8 --oracle_k 0
+    python recipes/benchmark_frontier.py --configs effects/mean/dense --scales 0.25 0.5 1 2 --oracle_k 0
     python recipes/benchmark_frontier.py --help                             # every flag of the demo, and these
 
 Outputs in `--output_dir` (default `outputs/frontier/`): `results.md`, `results.json`, `frontier.png`.
@@ -175,8 +175,8 @@ def run(args) -> dict:
         runs.append({"method": method, "seconds": time.perf_counter() - t0, "reward_cost": source.cost.as_dict()})
         report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
 
-    for labels, target, head in configs:
-        for scale in args.scales:
+    for scale in sorted(args.scales):  # smallest data first: a long run that stops early has compared every configuration
+        for labels, target, head in configs:
             used = int(args.num_generations * scale)
             method = f"{labels}/{target}/{head}" + (f" x{scale:g}" if len(args.scales) > 1 else "")
             print(f"[{method}] training on {used} completions per prompt", flush=True)
