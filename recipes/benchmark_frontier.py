@@ -73,7 +73,7 @@ DEFAULT_CONFIGS = (
     "candidates/mean/tied",
     "candidates/soft/tied",
 )
-LABELS, TARGETS, HEADS = ("mc", "candidates", "effects"), ("mean", "soft"), ("dense", "tied")
+LABELS, TARGETS, HEADS = demo.LABELS, ("mean", "soft"), ("dense", "tied")
 KL_RANGE = (0.2, 1.5)
 
 
@@ -115,16 +115,10 @@ def parse_args(argv: Sequence[str] | None = None):
 
 
 def subset(scored: Dataset, per_prompt: int, used: int, labels: str) -> Dataset:
-    """The first `used` of each prompt's `per_prompt` completions (prompt-major rows), as demo training rows; Monte
-    Carlo configurations drop the candidate columns, `effects` ones the rewards (all 0)."""
+    """The first `used` of each prompt's `per_prompt` completions (prompt-major rows), as the demo's training rows
+    with `labels` (`demo.training_rows`)."""
     keep = [i for i in range(len(scored)) if i % per_prompt < used]
-    data = scored.select(keep)
-    if labels == "mc":
-        data = data.remove_columns([c for c in data.column_names if c.startswith("candidate_")])
-    rows = demo.training_rows(data, used)
-    if labels == "effects":
-        rows = rows.map(lambda row: {"reward": 0.0})
-    return rows
+    return demo.training_rows(scored.select(keep), used, labels=labels)
 
 
 def tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method: str, beta: float, make_processor):
@@ -175,7 +169,9 @@ def run(args) -> dict:
         runs.append({"method": method, "seconds": time.perf_counter() - t0, "reward_cost": source.cost.as_dict()})
         report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
 
-    for scale in sorted(args.scales):  # smallest data first: a long run that stops early has compared every configuration
+    for scale in sorted(
+        args.scales
+    ):  # smallest data first: a long run that stops early has compared every configuration
         for labels, target, head in configs:
             used = int(args.num_generations * scale)
             method = f"{labels}/{target}/{head}" + (f" x{scale:g}" if len(args.scales) > 1 else "")

@@ -179,26 +179,40 @@ def score(samples: Samples, reward_fn: Callable = sentiment_reward) -> Samples:
 # ---- training -------------------------------------------------------------------------------------------------------
 
 
-def training_rows(data: Dataset, num_generations: int, *, center: bool = True) -> Dataset:
+LABELS = ("mc", "candidates", "effects")
+CANDIDATE_COLUMNS = ("candidate_ids", "candidate_rewards", "candidate_sampled_reward")
+
+
+def training_rows(data: Dataset, num_generations: int, *, center: bool = True, labels: str = "candidates") -> Dataset:
     """Training rows for `QHeadTrainer` from `generate_and_score`'s output (prompt-major, `num_generations` rows per
     prompt): `input_ids` = prompt + completion, `completion_mask` on the completion, `done`, and the sequence `reward`,
     centred per prompt (the mean of the prompt's completions subtracted), which `QHeadTrainer` puts on the last action.
 
     `done` is kept as `generate_and_score` wrote it: a completion cut at the token limit is the whole scored episode,
     so its last action is terminal (otherwise the return would bootstrap `V` beyond a reward already paid in full).
+
+    `labels`: `"mc"` drops any candidate columns (one Monte Carlo label per sampled action); `"candidates"` carries them
+    as they are (effects are differences of rewards, which the per-prompt centring does not change); `"effects"`
+    carries them and sets every `reward` to 0, so that every label is an immediate effect relative to the sampled
+    token, `r'(s, a) - r'(s, a_t)`, and the sampled token sits at 0: a one-step head (the learned counterpart of
+    `RewardLookahead`), free of the noise the sampled return adds to every label of a state, and blind to later
+    rewards.
     """
+    if labels not in LABELS:
+        raise ValueError(f"`labels` must be one of {LABELS}, got {labels!r}.")
     if len(data) % num_generations:
         raise ValueError(f"{len(data)} rows are not a whole number of groups of {num_generations} completions.")
     rewards = [float(r) for r in data["reward"]]
-    # Candidate labels (`--labels candidates`) travel as they are: effects are differences of rewards, which the
-    # per-prompt centring (a constant per prompt) does not change.
-    carried = [c for c in ("candidate_ids", "candidate_rewards", "candidate_sampled_reward") if c in data.column_names]
+    carried = [c for c in CANDIDATE_COLUMNS if c in data.column_names] if labels != "mc" else []
+    if labels == "effects" and not carried:
+        raise ValueError("`labels='effects'` needs candidate columns (generate_and_score(candidate_rewards=k)).")
     rows = []
     columns = zip(data["input_ids"], data["completion_mask"], data["done"], strict=True)
     for i, (input_ids, mask, done) in enumerate(columns):
         start = (i // num_generations) * num_generations
         baseline = sum(rewards[start : start + num_generations]) / num_generations if center else 0.0
-        row = {"input_ids": input_ids, "completion_mask": mask, "done": done, "reward": rewards[i] - baseline}
+        reward = 0.0 if labels == "effects" else rewards[i] - baseline
+        row = {"input_ids": input_ids, "completion_mask": mask, "done": done, "reward": reward}
         row.update({c: data[i][c] for c in carried})
         rows.append(row)
     return Dataset.from_list(rows)
@@ -332,10 +346,11 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     )
     p.add_argument(
         "--labels",
-        choices=("mc", "candidates"),
+        choices=LABELS,
         default="mc",
         help="mc: one Monte Carlo label per sampled action; candidates: also the reward's verdict on the base "
-        "model's top-k next tokens at every --candidate_stride-th state (generate_and_score(candidate_rewards=k))",
+        "model's top-k next tokens at every --candidate_stride-th state (generate_and_score(candidate_rewards=k)); "
+        "effects: the candidates' immediate effects alone, the returns left out (a one-step head)",
     )
     p.add_argument("--candidate_k", type=int, default=8, help="candidates per labelled state (--labels candidates)")
     p.add_argument("--candidate_stride", type=int, default=1, help="label every m-th state (--labels candidates)")
@@ -448,10 +463,10 @@ def run(args: argparse.Namespace) -> dict:
     )
     began_data = time.perf_counter()
     scored, labelling_cost = sample_training_data(
-        model, tokenizer, train_prompts, reward_fn, args, args.num_generations, candidates=args.labels == "candidates"
+        model, tokenizer, train_prompts, reward_fn, args, args.num_generations, candidates=args.labels != "mc"
     )
     data_seconds = time.perf_counter() - began_data
-    dataset = training_rows(scored, args.num_generations)
+    dataset = training_rows(scored, args.num_generations, labels=args.labels)
     train_reward = sum(scored["reward"]) / len(scored)
     print(f"      training reward: mean {train_reward:+.3f}; data step {data_seconds:.0f} s", flush=True)
     if labelling_cost:

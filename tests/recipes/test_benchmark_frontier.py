@@ -47,6 +47,11 @@ def test_subset_takes_the_first_completions_of_each_prompt_and_the_labels_asked_
     assert cand["reward"] == mc["reward"] and cand["candidate_rewards"] == [[[], [0.5, -0.5]]] * 4
     effects = frontier.subset(scored, 3, 2, "effects")
     assert effects["reward"] == [0.0] * 4 and effects["candidate_rewards"] == cand["candidate_rewards"]
+    plain = scored.remove_columns(["candidate_ids", "candidate_rewards", "candidate_sampled_reward"])
+    with pytest.raises(ValueError, match="needs candidate columns"):
+        frontier.subset(plain, 3, 2, "effects")
+    with pytest.raises(ValueError, match="`labels`"):
+        frontier.subset(scored, 3, 2, "oracle")
 
 
 def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_tokenizer):
