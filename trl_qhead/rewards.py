@@ -20,9 +20,10 @@ How they combine, per batch (`RewardComputer`):
 2. `R` is normalised (`reward_normalization`: `"batch"` uses the batch's mean and std, gathered over processes;
    `"running"` the running ones over training), then multiplied by `reward_scale`, then clipped to
    `[-reward_clip, reward_clip]`, and added to the reward of the row's last action.
-3. per-token rewards (the data's `rewards` and `w_i` times each per-token function) are summed per action, multiplied
-   by `reward_scale` and clipped, but never normalised: shifting every token's reward by a mean would pay or charge
-   for length.
+3. per-token rewards (the data's `rewards` and `w_i` times each per-token function) are summed per action (a reward on
+   a token no action produces, between the turns of a multi-turn row, goes to the last action before it:
+   `mdp.fold_onto_actions`), multiplied by `reward_scale` and clipped, but never normalised: shifting every token's
+   reward by a mean would pay or charge for length.
 4. reference log-probs are added last, weighted by `lm_reward_coef`, untouched by scaling.
 """
 
@@ -38,7 +39,7 @@ from trl.trainer.utils import nanstd
 
 from .chat import completions_like
 from .config import REWARD_NORMALIZATIONS
-from .mdp import sequence_rewards_to_actions, token_rewards_to_actions
+from .mdp import fold_onto_actions, sequence_rewards_to_actions, token_rewards_to_actions
 from .reference import as_reference, frozen_copy, reference_logprobs
 from .reward_functions import FunctionRewards, RewardFunc, RewardFunctions, combine_sequence_rewards
 
@@ -218,7 +219,7 @@ class RewardComputer:
         if "rewards" in batch or "reward" in batch:
             data_parts = []  # per row: the per-token sum, and the sequence reward (NaN where the row has none)
             if "rewards" in batch:
-                token_rewards += token_rewards_to_actions(batch["rewards"]) * mask
+                token_rewards += fold_onto_actions(token_rewards_to_actions(batch["rewards"]), action_mask)
                 data_parts.append((token_rewards * mask).sum(1))
             if "reward" in batch:
                 sources.append(batch["reward"].float().to(device))
@@ -235,7 +236,7 @@ class RewardComputer:
             per_token = scored.weighted_per_token(self.functions.weights)
             if any(values is not None for values in per_token):
                 values = scatter_completion_rewards(per_token, batch["attention_mask"], self._prompt_length(batch))
-                token_rewards += token_rewards_to_actions(values) * mask
+                token_rewards += fold_onto_actions(token_rewards_to_actions(values), action_mask)
             totals = scored.totals().to(device)
             for i, name in enumerate(self.functions.names):
                 self._log(metrics, f"rewards/{name}/mean", f"rewards/{name}/std", totals[:, i], gather)

@@ -300,9 +300,15 @@ class QHeadTrainer(Trainer):
             trainer_state=self.state,
         )  # (B, T)
 
-        # 4. Episode ends: EOS, and a row's `done` flag at its last action (a scored completion cut at a limit).
+        # 4. Episode ends: EOS, and a row's `done` flag at its last action (a scored completion cut at a limit). An
+        # unpacked row is one episode: an EOS closing an earlier turn of a multi-turn row does not end it.
         dones = episode_dones(
-            actions, action_mask, self.eos_token_id, done=inputs.get("done"), token_dones=inputs.get("dones")
+            actions,
+            action_mask,
+            self.eos_token_id,
+            done=inputs.get("done"),
+            token_dones=inputs.get("dones"),
+            one_episode_per_row=not args.packing,
         )  # (B, T)
 
         # 5. Return targets G_t (constants).

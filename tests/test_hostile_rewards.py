@@ -1,0 +1,81 @@
+"""Hostile rewards: multi-turn rows (a completion mask with several runs), prompts whose last token merges with the
+completion's first, sequence-reward normalisation split over gradient accumulation, and reward functions returning
+numbers float32 cannot hold. Each must give the documented number, or fail naming the function."""
+
+import pytest
+import torch
+from datasets import Dataset
+
+import trl_qhead.trainer
+from tests.conftest import make_tiny_gpt2
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
+from trl_qhead.mdp import action_mask_from_labels
+from trl_qhead.returns import compute_returns
+
+# ---- multi-turn rows: one episode, the environment's tokens between the turns ----------------------------------------
+
+EOS = 50256  # GPT-2's
+
+
+def _spy_returns(monkeypatch) -> list[torch.Tensor]:
+    """Record every return target the trainer computes."""
+    targets, compute = [], trl_qhead.trainer.compute_returns
+
+    def spy(*args, **kwargs):
+        targets.append(compute(*args, **kwargs))
+        return targets[-1]
+
+    monkeypatch.setattr(trl_qhead.trainer, "compute_returns", spy)
+    return targets
+
+
+@pytest.mark.parametrize("turn_end", [EOS, 13], ids=["turn_ends_with_eos", "turn_ends_without_eos"])
+def test_a_two_turn_row_is_one_episode_worked_by_hand(gpt2_tokenizer, monkeypatch, turn_end):
+    """Tokens x0..x7: prompt x0 x1, the agent's turn x2 x3, the environment's reply x4 x5, the agent's turn x6 x7 (EOS).
+    Actions sit at positions 1, 2 (producing x2, x3) and 5, 6 (producing x6, x7). Per-token rewards 1.0 on x3 (turn 1),
+    0.5 on x5 (the environment's token: earned by the action before it, position 2), 2.0 on x7, and a sequence reward
+    3.0 on the row's last action. gamma = 0.5, Monte Carlo:
+
+        r = {1: 0, 2: 1.0 + 0.5, 5: 0, 6: 2.0 + 3.0}
+        G_6 = 5 (EOS ends the episode), G_5 = 0 + 0.5 * 5 = 2.5
+        G_2 = 1.5 + 0.5 * G_5 = 2.75 (the first turn's return goes on to the second turn's first action)
+        G_1 = 0 + 0.5 * 2.75 = 1.375
+
+    An EOS closing the first turn (chat models whose EOS is the end-of-turn token) does not end the episode, and the
+    Q head's offset (V far from 0) must not show: nothing bootstraps before the row's last action."""
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_init="normal")
+    with torch.no_grad():
+        model.q_head.bias.normal_(1.5, 0.5, generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict(
+        {
+            "input_ids": [[5, 9, 11, turn_end, 40, 41, 12, EOS]],
+            "completion_mask": [[0, 0, 1, 1, 0, 0, 1, 1]],
+            "rewards": [[0.0, 0.0, 0.0, 1.0, 0.0, 0.5, 0.0, 2.0]],
+            "reward": [3.0],
+        }
+    )
+    args = QHeadConfig(output_dir="/tmp/unused", gamma=0.5, report_to=[], use_cpu=True)
+    trainer = QHeadTrainer(model, args, train_dataset=data, processing_class=gpt2_tokenizer)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    targets = _spy_returns(monkeypatch)
+    model.eval()
+    trainer.compute_loss(model, batch)
+    (returns,) = targets
+    action_mask = action_mask_from_labels(batch["labels"], batch["attention_mask"])
+    assert action_mask[0].nonzero().flatten().tolist() == [1, 2, 5, 6]
+    torch.testing.assert_close(returns[0], torch.tensor([0, 1.375, 2.75, 0, 0, 2.5, 5.0, 0]), rtol=0, atol=1e-6)
+
+
+def test_compute_returns_of_a_two_run_row_with_lambda_worked_by_hand():
+    """The same grid, values read: V(s_t) = 10 t, gamma = 0.5, lambda = 0.5, no episode end.
+
+        G_6 = 5 + 0.5 * V(s_7) = 40                                  (the row's last action bootstraps)
+        G_5 = 0 + 0.5 * (0.5 * V(s_6) + 0.5 * G_6) = 25
+        G_2 = 1.5 + 0.5 * (0.5 * V(s_5) + 0.5 * G_5) = 20.25         (continues to the action at 5, not to V(s_3))
+        G_1 = 0 + 0.5 * (0.5 * V(s_2) + 0.5 * G_2) = 10.0625
+    """
+    rewards = torch.tensor([[0.0, 0.0, 1.5, 0.0, 0.0, 0.0, 5.0, 0.0]])
+    values = torch.arange(8, dtype=torch.float32)[None] * 10
+    mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0]])
+    got = compute_returns(rewards, values, mask, gamma=0.5, gae_lambda=0.5)
+    assert got.tolist() == [[0.0, 10.0625, 20.25, 0.0, 0.0, 25.0, 40.0, 0.0]]
