@@ -69,10 +69,10 @@ def test_a_two_turn_row_is_one_episode_worked_by_hand(gpt2_tokenizer, monkeypatc
 def test_compute_returns_of_a_two_run_row_with_lambda_worked_by_hand():
     """The same grid, values read: V(s_t) = 10 t, gamma = 0.5, lambda = 0.5, no episode end.
 
-        G_6 = 5 + 0.5 * V(s_7) = 40                                  (the row's last action bootstraps)
-        G_5 = 0 + 0.5 * (0.5 * V(s_6) + 0.5 * G_6) = 25
-        G_2 = 1.5 + 0.5 * (0.5 * V(s_5) + 0.5 * G_5) = 20.25         (continues to the action at 5, not to V(s_3))
-        G_1 = 0 + 0.5 * (0.5 * V(s_2) + 0.5 * G_2) = 10.0625
+    G_6 = 5 + 0.5 * V(s_7) = 40                                  (the row's last action bootstraps)
+    G_5 = 0 + 0.5 * (0.5 * V(s_6) + 0.5 * G_6) = 25
+    G_2 = 1.5 + 0.5 * (0.5 * V(s_5) + 0.5 * G_5) = 20.25         (continues to the action at 5, not to V(s_3))
+    G_1 = 0 + 0.5 * (0.5 * V(s_2) + 0.5 * G_2) = 10.0625
     """
     rewards = torch.tensor([[0.0, 0.0, 1.5, 0.0, 0.0, 0.0, 5.0, 0.0]])
     values = torch.arange(8, dtype=torch.float32)[None] * 10

@@ -65,9 +65,10 @@ def test_one_episode_per_row_ends_only_at_the_rows_last_action():
         expected = _dones_by_loop(actions, action_mask, EOS, none, torch.zeros_like(actions), per_row)
         assert torch.equal(dones, expected)
     # The rows really have EOS actions before their last one.
-    assert episode_dones(actions, action_mask, EOS).sum() > episode_dones(
-        actions, action_mask, EOS, one_episode_per_row=True
-    ).sum()
+    assert (
+        episode_dones(actions, action_mask, EOS).sum()
+        > episode_dones(actions, action_mask, EOS, one_episode_per_row=True).sum()
+    )
 
 
 def test_rewards_between_turns_go_to_the_action_before_them_and_only_the_row_end_bootstraps():
