@@ -79,3 +79,101 @@ def test_compute_returns_of_a_two_run_row_with_lambda_worked_by_hand():
     mask = torch.tensor([[0, 1, 1, 0, 0, 1, 1, 0]])
     got = compute_returns(rewards, values, mask, gamma=0.5, gae_lambda=0.5)
     assert got.tolist() == [[0.0, 10.0625, 20.25, 0.0, 0.0, 25.0, 40.0, 0.0]]
+
+
+# ---- the texts reward functions score are those of the trained tokens ------------------------------------------------
+
+
+def _recording_reward(calls: list):
+    """A TRL-style reward function that keeps what it is handed and scores the completion's text."""
+
+    def texts_seen(prompts, completions, completion_ids, **kwargs):
+        calls.extend(zip(prompts, completions, [list(ids) for ids in completion_ids], strict=True))
+        return [float(len(c)) for c in completions]
+
+    return texts_seen
+
+
+def test_a_prompt_merging_with_its_completion_is_scored_as_its_tokens_read(tmp_path, gpt2_tokenizer, monkeypatch):
+    """GPT-2 tokenises "Hello wor" + "ld! How are you?" as `Hello`, ` world`, `!`, ...: the completion's first action
+    produces ` world`. The reward function gets "Hello" and " world! How are you?", the texts of the prompt tokens and
+    of the trained tokens, never the raw prompt with the decoded completion ("Hello wor" + " world! ...")."""
+    pairs = [("Hello wor", "ld! How are you?"), ("The cat sa", "t on the mat."), ("2 + 2 =", " 4")]
+    data = Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
+    calls = []
+    args = QHeadConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_train_batch_size=3)
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(),
+        args,
+        train_dataset=data,
+        processing_class=gpt2_tokenizer,
+        reward_funcs=_recording_reward(calls),
+    )
+    rows = [trainer.train_dataset[i] for i in range(3)]
+    batch = trainer.data_collator(rows)
+    trainer.compute_loss(trainer.model, batch)
+    assert [(p, c) for p, c, _ in calls] == [
+        ("Hello", " world! How are you?"),
+        ("The cat", " sat on the mat."),
+        ("2 + 2 =", " 4"),
+    ]
+    for (prompt, completion, ids), row in zip(calls, rows, strict=True):
+        trained = [t for t, m in zip(row["input_ids"], row["completion_mask"], strict=True) if m]
+        assert ids == trained  # the scored completion's ids are the actions
+        assert prompt + completion == gpt2_tokenizer.decode(row["input_ids"], skip_special_tokens=True)
+        assert completion == gpt2_tokenizer.decode(trained, skip_special_tokens=True)
+
+
+METASPACE_WORDS = ["<eos>", "\u2581Hello", "\u2581world", "\u2581a", "\u2581b"]
+
+
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer: decoding a sequence drops the leading space of its first token, so a
+    completion decoded on its own loses the space that separates it from the prompt."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(METASPACE_WORDS)}, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", pad_token="<eos>")
+
+
+def _metaspace_model():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(METASPACE_WORDS), n_layer=1, n_embd=16, n_head=2, n_positions=16)
+    config.eos_token_id = config.bos_token_id = 0
+    return AutoModelForCausalLMWithQHead(GPT2LMHeadModel(config))
+
+
+@pytest.mark.parametrize("labels", [{}, {"prefix_shaping": True, "candidate_rewards": 2}], ids=["scored", "labelled"])
+def test_generated_completions_are_scored_as_the_text_of_prompt_and_completion_tokens(labels):
+    """`generate_and_score`: every text a reward function scores (the completion, and with candidate labels every
+    prefix and candidate) is `prompt + completion == decode(prompt tokens + completion tokens)`; the stored
+    `completion` is the scored text."""
+    from trl_qhead import generate_and_score
+
+    tokenizer, calls = _metaspace_tokenizer(), []
+    prompts = Dataset.from_dict({"prompt": ["Hello", "Hello world"]})
+    data = generate_and_score(
+        _metaspace_model(),
+        tokenizer,
+        prompts,
+        _recording_reward(calls),
+        num_generations=3,
+        max_new_tokens=4,
+        seed=0,
+        show_progress=False,
+        **labels,
+    )
+    assert calls and any(ids for _, _, ids in calls)
+    for prompt, completion, ids in calls:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        assert prompt + completion == tokenizer.decode(prompt_ids + ids, skip_special_tokens=True)
+    for row in data:
+        n = sum(row["completion_mask"])
+        whole = tokenizer.decode(row["input_ids"], skip_special_tokens=True)
+        assert row["prompt"] + row["completion"] == whole, row
+        assert row["completion"] == whole[len(tokenizer.decode(row["input_ids"][:-n])) :]

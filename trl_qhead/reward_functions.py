@@ -7,6 +7,11 @@ function does not apply to that sample) or a list of floats aligned with `comple
 the decoded prompt + completion with its own tokenizer. Async functions run concurrently on an event loop in a daemon
 thread that lives as long as the `RewardFunctions`.
 
+The texts they score are the trained tokens' (`texts_for_rewards`): the prompt text is the decode of the prompt tokens
+and the completion text what the completion tokens add to it, so `prompt + completion == decode(prompt + completion
+tokens)`. A prompt text whose last characters merge with the completion's first when tokenised ("Hello wor" + "ld!":
+`Hello`, ` world`, `!`) is scored as the tokens say (`"Hello"` + `" world!"`), never as the raw texts.
+
 This module only calls the functions, checks what they return and weighs it; where the rewards go on the action grid
 is `trl_qhead.rewards`' job (training) and `trl_qhead.rollouts`' (generated data).
 """
@@ -18,6 +23,7 @@ import atexit
 import copy
 import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -37,6 +43,30 @@ from trl.trainer.utils import (
 from .chat import is_messages
 
 RewardFunc = Union[str, PreTrainedModel, Callable[..., list]]  # noqa: UP007 (a runtime alias, as TRL spells it)
+
+
+def texts_for_rewards(
+    tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+) -> tuple[list[str], list[str]]:
+    """`(prompt_texts, completion_texts)`: what reward functions score, decoded from exactly the tokens trained on.
+
+    Per sample, `whole = decode(prompt_ids + completion_ids)` (special tokens skipped, spaces not cleaned up), the
+    prompt text is `decode(prompt_ids)` and the completion text is the rest of `whole`, so that
+    `prompt_text + completion_text == whole`. The completion is not decoded on its own: SentencePiece-style decoders
+    drop the leading space of a sequence's first token (`"Hello"` + `"world"`). Where the decoded prompt is not a
+    prefix of `whole` (a character whose bytes straddle the boundary), the prompt text is the part they share.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        prompt_ids, completion_ids: per sample, the prompt's and the completion's token ids (no padding).
+    """
+    options = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+    prompts = tokenizer.batch_decode([list(p) for p in prompt_ids], **options)
+    wholes = tokenizer.batch_decode(
+        [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)], **options
+    )
+    prompt_texts = [os.path.commonprefix([prompt, whole]) for prompt, whole in zip(prompts, wholes, strict=True)]
+    return prompt_texts, [whole[len(prompt) :] for prompt, whole in zip(prompt_texts, wholes, strict=True)]
 
 
 def combine_sequence_rewards(per_source: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -37,11 +37,17 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from trl.trainer.utils import nanstd
 
-from .chat import completions_like
+from .chat import completions_like, is_messages
 from .config import REWARD_NORMALIZATIONS
 from .mdp import fold_onto_actions, sequence_rewards_to_actions, token_rewards_to_actions
 from .reference import as_reference, frozen_copy, reference_logprobs
-from .reward_functions import FunctionRewards, RewardFunc, RewardFunctions, combine_sequence_rewards
+from .reward_functions import (
+    FunctionRewards,
+    RewardFunc,
+    RewardFunctions,
+    combine_sequence_rewards,
+    texts_for_rewards,
+)
 
 # Re-exported: they lived here before `trl_qhead.reference` and `trl_qhead.reward_functions` split off.
 __all__ = [
@@ -279,7 +285,9 @@ class RewardComputer:
         return torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
 
     def _score(self, batch, trainer_state) -> tuple[FunctionRewards, dict[str, list[float]]]:
-        """Rebuild prompts and completions from the batch, as GRPO hands them to reward functions, and score them."""
+        """Rebuild prompts and completions from the batch's tokens, as GRPO hands them to reward functions, and score
+        them. The texts are those of the trained tokens (`texts_for_rewards`); a conversational prompt (messages, kept
+        by the data preparation) is passed as it is."""
         columns = dict(batch.get("reward_inputs", {}))
         given_prompts = columns.pop("prompt", None)
         prompt_length = self._prompt_length(batch).tolist()
@@ -288,11 +296,13 @@ class RewardComputer:
             real = ids[attention.bool()].tolist()
             prompt_ids.append(real[: prompt_length[row]])
             completion_ids.append(real[prompt_length[row] :])
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        # The texts of exactly the trained tokens: a prompt whose end merged with the completion's start when the row
+        # was tokenised is scored as the tokens read, not as the raw prompt (which would score text twice or not at all).
+        prompt_texts, texts = texts_for_rewards(self.tokenizer, prompt_ids, completion_ids)
         prompts = []
-        for row, ids in enumerate(prompt_ids):
+        for row, text in enumerate(prompt_texts):
             given = None if given_prompts is None else given_prompts[row]
-            prompts.append(given if given is not None else self.tokenizer.decode(ids, skip_special_tokens=True))
+            prompts.append(given if is_messages(given) else text)  # a conversation stays a list of messages
         completions = completions_like(prompts, texts)
         extra_metrics: dict[str, list[float]] = {}
 
