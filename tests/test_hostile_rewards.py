@@ -177,3 +177,101 @@ def test_generated_completions_are_scored_as_the_text_of_prompt_and_completion_t
         whole = tokenizer.decode(row["input_ids"], skip_special_tokens=True)
         assert row["prompt"] + row["completion"] == whole, row
         assert row["completion"] == whole[len(tokenizer.decode(row["input_ids"][:-n])) :]
+
+
+# ---- sequence-reward normalisation over the optimizer step --------------------------------------------------------
+
+
+def length_bonus(completions, **kwargs):
+    """A reward function with TRL's interface: 0.1 per character of the completion."""
+    return [0.1 * len(c) for c in completions]
+
+
+def train_one_step(output_dir, gpt2_tokenizer, normalization, batch_size, accumulation, reward_funcs=None):
+    """Train one optimizer step on the same 4 rows (`batch_size` per device and micro-batch); return the logged loss,
+    the gradients before the update, and the trainer. Also run on 2 processes by tests/distributed_normalisation.py."""
+    from transformers import TrainerCallback
+
+    rows = [[5, 9, 11, 40, EOS], [3, 4, 5, 6, 7, 8, EOS], [8, 9, 10, EOS], [12, 13, 14, 15, 16, 17, 18, 19]]
+    data = Dataset.from_dict({"input_ids": rows, "reward": [1.0, 5.0, -2.0, 10.0]})
+    grads = {}
+
+    class KeepGrads(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+
+    args = QHeadConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=1,
+        reward_normalization=normalization,
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        disable_tqdm=True,
+        use_cpu=True,
+        seed=0,
+    )
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+    trainer = QHeadTrainer(
+        model,
+        args,
+        train_dataset=data,
+        processing_class=gpt2_tokenizer,
+        reward_funcs=reward_funcs,
+        callbacks=[KeepGrads()],
+    )
+    trainer.train()
+    loss = next(entry["loss"] for entry in trainer.state.log_history if "loss" in entry)
+    return loss, grads, trainer
+
+
+@pytest.mark.parametrize("normalization", ["batch", "running"])
+def test_normalisation_is_over_the_optimizer_step_not_the_micro_batch(tmp_path, gpt2_tokenizer, normalization):
+    """One batch of 4 rows and 2 micro-batches of 2 with gradient accumulation are the same optimizer step: the same
+    sequence rewards are normalised together, so the loss and every gradient agree (up to summation order). Each
+    sample is scored once."""
+    calls = []
+
+    def counted_length_bonus(completions, **kwargs):
+        calls.extend(completions)
+        return length_bonus(completions)
+
+    one_loss, one_grads, one = train_one_step(
+        tmp_path / "one", gpt2_tokenizer, normalization, 4, 1, [counted_length_bonus]
+    )
+    assert len(calls) == 4
+    two_loss, two_grads, two = train_one_step(
+        tmp_path / "two", gpt2_tokenizer, normalization, 2, 2, [counted_length_bonus]
+    )
+    assert len(calls) == 8
+    assert two_loss == pytest.approx(one_loss, rel=1e-5)
+    assert one_grads.keys() == two_grads.keys() and "q_head.weight" in one_grads
+    for name, grad in one_grads.items():
+        torch.testing.assert_close(two_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    if normalization == "running":
+        assert one.reward_computer.moments.count == two.reward_computer.moments.count == 4
+        assert two.reward_computer.moments.mean == pytest.approx(one.reward_computer.moments.mean)
+
+
+@pytest.mark.slow
+def test_normalisation_is_over_every_process(tmp_path, gpt2_tokenizer):
+    """2 processes (gloo, `torch.distributed.run`), each accumulating 2 micro-batches of 1 row, train the same step as
+    1 process with 1 batch of 4 rows: the sequence rewards are normalised over every micro-batch of both processes."""
+    import socket
+    import sys
+
+    from tests.recipe_assets import run
+
+    out = tmp_path / "two.pt"
+    with socket.socket() as sock:  # torchrun's static rendezvous needs a real port on both ranks
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}"]
+    run([*launch, "tests/distributed_normalisation.py"], timeout=240, NORMALISATION_OUT=str(out), OMP_NUM_THREADS="1")
+    two = torch.load(out)
+    one_loss, one_grads, _ = train_one_step(tmp_path / "one", gpt2_tokenizer, "batch", 4, 1, [length_bonus])
+    assert two["loss"] == pytest.approx(one_loss, rel=1e-5)
+    for name in ("q_head.weight", "q_head.bias"):
+        torch.testing.assert_close(two["grads"][name], one_grads[name], rtol=1e-4, atol=1e-6, msg=name)

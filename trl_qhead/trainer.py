@@ -397,6 +397,16 @@ class QHeadTrainer(Trainer):
             "candidate_mask": mask,
         }
 
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """`Trainer.get_batch_samples` (the micro-batches of one optimizer step, and their target count), plus the
+        step's reward statistics: with `reward_normalization`, the sequence rewards of all these micro-batches on every
+        process are normalised together (`RewardComputer.prepare_step`), not each micro-batch on its own, so gradient
+        accumulation does not change the numbers trained on."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.reward_normalization is not None and batch_samples:
+            self.reward_computer.prepare_step(batch_samples, gather=self._gather_rows, trainer_state=self.state)
+        return batch_samples, num_items_in_batch
+
     def _gather_rows(self, values: torch.Tensor) -> torch.Tensor:
         """Per-row values of every process (NaN pads uneven batches, and NaN rows are left out of the statistics)."""
         return self.accelerator.gather(self.accelerator.pad_across_processes(values, pad_index=math.nan))
