@@ -275,3 +275,77 @@ def test_normalisation_is_over_every_process(tmp_path, gpt2_tokenizer):
     assert two["loss"] == pytest.approx(one_loss, rel=1e-5)
     for name in ("q_head.weight", "q_head.bias"):
         torch.testing.assert_close(two["grads"][name], one_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+# ---- reward functions returning numbers float32 cannot hold -----------------------------------------------------------
+
+
+def _returning(output, name="big"):
+    def reward(completions, **kwargs):
+        return output
+
+    reward.__name__ = name
+    return reward
+
+
+@pytest.mark.parametrize(
+    ("funcs", "weights", "message"),
+    [
+        ([_returning([1.0, 1e39])], None, r"'big' returned 1e\+39 for sample 1, which is not finite in float32"),
+        ([_returning([-1e39, 0.0])], None, r"'big' returned -1e\+39 for sample 0, which is not finite in float32"),
+        ([_returning([[0.0], [1e39, 0.0]])], None, r"'big' returned a per-token reward of 1e\+39 for sample 1"),
+        ([_returning([1e10, 0.0])], [1e30], r"'big' returned 1e\+10 for sample 0, .* times its weight 1e\+30"),
+        ([_returning([float("inf"), 0.0])], None, "'big' returned inf for sample 0: rewards must be finite"),
+        ([_returning([0.0, float("nan")])], None, "'big' returned nan for sample 1: rewards must be finite"),
+        (
+            [_returning([3e38, 0.0], "first"), _returning([3e38, 0.0], "second")],
+            None,
+            r"weighted sum of the rewards of sample 0 overflows float32 .*'first': 3\.\d+e\+38, 'second': 3\.\d+e\+38",
+        ),
+    ],
+    ids=["1e39", "-1e39", "per_token_1e39", "weight_overflow", "inf", "nan", "sum_overflow"],
+)
+def test_a_reward_float32_cannot_hold_is_an_error_naming_the_function(funcs, weights, message):
+    from trl_qhead.reward_functions import RewardFunctions
+
+    with pytest.raises(ValueError, match=message):
+        RewardFunctions(funcs, reward_weights=weights).score(["a", "b"], ["x", "y"], [[1], [2, 3]])
+
+
+def test_an_async_function_returning_1e39_is_named():
+    from trl_qhead.reward_functions import RewardFunctions
+
+    async def remote_judge(completions, **kwargs):
+        return [1e39 for _ in completions]
+
+    with pytest.raises(ValueError, match=r"'remote_judge' returned 1e\+39 for sample 0"):
+        RewardFunctions(remote_judge).score(["a"], ["x"], [[1]])
+
+
+def test_a_reward_model_returning_nan_is_named(gpt2_tokenizer):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from trl_qhead.reward_functions import RewardFunctions
+
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, num_labels=1))
+    with torch.no_grad():
+        model.score.weight[0, 3] = float("nan")  # damaged weights
+    funcs = RewardFunctions(model, reward_processing_classes=gpt2_tokenizer)
+    with pytest.raises(ValueError, match="Reward model 'GPT2ForSequenceClassification' returned nan for sample 0"):
+        funcs.score(["The sky is"], [" blue"], [[4171]])
+
+
+def test_a_reward_of_1e39_stops_generate_and_score_naming_the_function():
+    from trl_qhead import generate_and_score
+
+    with pytest.raises(ValueError, match=r"'big' returned 1e\+39 for sample 0"):
+        generate_and_score(
+            _metaspace_model(),
+            _metaspace_tokenizer(),
+            Dataset.from_dict({"prompt": ["Hello"]}),
+            _returning([1e39]),
+            num_generations=1,
+            max_new_tokens=2,
+            show_progress=False,
+        )
