@@ -170,6 +170,48 @@ def test_a_damaged_q_head_file_is_an_error_naming_the_file(tmp_path, how):
         AutoModelForCausalLMWithQHead.from_pretrained(str(tmp_path / "ckpt"))
 
 
+@pytest.mark.parametrize("how", ["truncated", "garbage", "no_bias", "nan"])
+def test_a_damaged_q_head_file_is_named_when_resuming_a_sharded_model(tmp_path, how):
+    """`checkpoint_state_dict` (what FSDP resumption reads) checks the Q-head file as `from_pretrained` does."""
+    model = _qhead_model(0)
+    model.save_pretrained(tmp_path / "ckpt")
+    _damage(tmp_path / "ckpt" / "q_head.safetensors", how)
+    with pytest.raises(ValueError, match=r"ckpt[/\\]q_head\.safetensors"):
+        model.checkpoint_state_dict(tmp_path / "ckpt")
+
+
+def _peft_model_without_base_name() -> AutoModelForCausalLMWithQHead:
+    """LoRA adapters on a model built from a config: its base has no name or path."""
+    model = AutoModelForCausalLMWithQHead(make_tiny_llama(seed=3))
+    model.pretrained_model = modeling.add_adapters(
+        model.pretrained_model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    )
+    with torch.no_grad():
+        model.q_head.weight.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def test_a_peft_folder_whose_base_has_no_name_is_an_error_naming_the_file(tmp_path):
+    model = _peft_model_without_base_name()
+    model.save_pretrained(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match=r"ckpt[/\\]adapter_config\.json has no `base_model_name_or_path`"):
+        AutoModelForCausalLMWithQHead.from_pretrained(str(tmp_path / "ckpt"))
+    # The way the message gives loads it back exactly.
+    from peft import PeftModel
+
+    loaded = AutoModelForCausalLMWithQHead(PeftModel.from_pretrained(make_tiny_llama(seed=3), str(tmp_path / "ckpt")))
+    loaded.load_q_head(tmp_path / "ckpt")
+    assert _same_weights(model, loaded.eval())
+
+
+def test_a_peft_folder_whose_base_folder_is_gone_is_an_error_naming_it(tmp_path):
+    make_tiny_llama().save_pretrained(tmp_path / "base")
+    _qhead_model(0, str(tmp_path / "base")).save_pretrained(tmp_path / "ckpt")
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(ValueError, match=r"adapter_config\.json names the base model folder .*base, which does not"):
+        AutoModelForCausalLMWithQHead.from_pretrained(str(tmp_path / "ckpt"))
+
+
 @pytest.mark.parametrize("content", ["{", "[]", '{"hidden_size": 32, "vocab_size": 7}'])
 def test_a_damaged_q_head_config_is_an_error_naming_the_file(tmp_path, content):
     _qhead_model(0).save_pretrained(tmp_path / "ckpt")

@@ -24,7 +24,12 @@ def _direct_tilted_logprobs(model, tokenizer, enc, sequences, beta, k, masked):
     """Every step recomputed from scratch: the model's logits at the step, its top-k, the reward called on each
     candidate text, `log_softmax(logits + q / beta)` (q = 0 off the top-k, or the top-k alone when `masked`)."""
     width = enc["input_ids"].shape[1]
-    prompts = tokenizer.batch_decode(enc["input_ids"], skip_special_tokens=True)
+    prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
+    prompts = [tokenizer.decode(ids) for ids in prompt_ids]
+
+    def completion_text(row, ids):  # what the completion adds to the decoded prompt
+        return tokenizer.decode(prompt_ids[row] + ids)[len(prompts[row]) :]
+
     full_mask = torch.cat([enc["attention_mask"], torch.ones_like(sequences[:, width:])], dim=-1)
     positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
@@ -36,9 +41,9 @@ def _direct_tilted_logprobs(model, tokenizer, enc, sequences, beta, k, masked):
         q = torch.zeros_like(z)
         for row in range(z.shape[0]):
             c = sequences[row, width : width + t].tolist()
-            here = letter_count_reward([prompts[row]], [tokenizer.decode(c)])[0]
+            here = letter_count_reward([prompts[row]], [completion_text(row, c)])[0]
             for a in top[row].tolist():
-                q[row, a] = letter_count_reward([prompts[row]], [tokenizer.decode(c + [a])])[0] - here
+                q[row, a] = letter_count_reward([prompts[row]], [completion_text(row, c + [a])])[0] - here
         tilted = z + q / beta
         if masked:
             tilted = torch.full_like(z, float("-inf")).scatter(-1, top, tilted.gather(-1, top))

@@ -179,7 +179,9 @@ def test_trainer_compute_loss_equals_dense(gpt2_tokenizer, lam):
     rewards = torch.zeros_like(batch["rewards"])
     rewards[:, :-1] = batch["rewards"][:, 1:]
     loss_dense = dense_qhead_loss(
-        out.logits, out.q_values, actions, action_mask, rewards, episode_dones(actions, action_mask, eos),
+        out.logits, out.q_values, actions, action_mask, rewards,
+        # Unpacked rows are one episode each: row 0's mid-row EOS does not end it, its last action ends it.
+        episode_dones(actions, action_mask, eos, one_episode_per_row=True),
         gamma=0.9, gae_lambda=lam, q_weight=0.7,
     )  # fmt: skip
     assert_same_loss_and_grads(model, loss_fast, loss_dense)

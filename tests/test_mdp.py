@@ -10,6 +10,7 @@ from trl_qhead.mdp import (
     action_mask_from_labels,
     bootstrap_mask,
     episode_dones,
+    fold_onto_actions,
     next_tokens,
     sequence_rewards_to_actions,
 )
@@ -31,17 +32,64 @@ def test_mdp_grid_of_a_left_padded_row():
     assert dones.tolist() == [[0, 0, 0, 1, 0], [0, 1, 0, 0, 0]]
 
 
-def _dones_by_loop(actions, action_mask, eos, done, token_dones):
-    """The obvious reading: an action ends the episode if it emits EOS, is the last action of a `done` row, or produces
-    a token flagged in `token_dones`."""
+def _dones_by_loop(actions, action_mask, eos, done, token_dones, one_episode_per_row=False):
+    """The obvious reading: an action ends the episode if it emits EOS (anywhere, or with `one_episode_per_row` only as
+    the row's last action), is the last action of a `done` row, or produces a token flagged in `token_dones`."""
     B, T = actions.shape
     expected = torch.zeros(B, T)
     for b in range(B):
         positions = [t for t in range(T) if action_mask[b, t]]
         for t in positions:
-            if actions[b, t] == eos or (done[b] and t == positions[-1]) or token_dones[b, t + 1]:
+            eos_ends = actions[b, t] == eos and (not one_episode_per_row or t == positions[-1])
+            if eos_ends or (done[b] and t == positions[-1]) or token_dones[b, t + 1]:
                 expected[b, t] = 1.0
     return expected
+
+
+def test_one_episode_per_row_ends_only_at_the_rows_last_action():
+    """A multi-turn row (completion mask with several runs, EOS closing each turn): without packing only the row's last
+    EOS ends the episode; packed, every EOS does."""
+    gen = torch.Generator().manual_seed(3)
+    rows = []
+    for _ in range(10):
+        n = int(torch.randint(3, 12, (1,), generator=gen))
+        ids = torch.randint(0, 3, (n,), generator=gen).tolist()
+        mask = (torch.rand(n, generator=gen) < 0.6).long().tolist()
+        rows.append({"input_ids": ids, "completion_mask": mask})
+    batch = DataCollatorForQHead(pad_token_id=EOS)(rows)
+    action_mask = action_mask_from_labels(batch["labels"], batch["attention_mask"])
+    actions = next_tokens(batch["input_ids"])
+    none = [False] * len(rows)
+    for per_row in (True, False):
+        dones = episode_dones(actions, action_mask, EOS, one_episode_per_row=per_row)
+        expected = _dones_by_loop(actions, action_mask, EOS, none, torch.zeros_like(actions), per_row)
+        assert torch.equal(dones, expected)
+    # The rows really have EOS actions before their last one.
+    assert (
+        episode_dones(actions, action_mask, EOS).sum()
+        > episode_dones(actions, action_mask, EOS, one_episode_per_row=True).sum()
+    )
+
+
+def test_rewards_between_turns_go_to_the_action_before_them_and_only_the_row_end_bootstraps():
+    gen = torch.Generator().manual_seed(4)
+    action_mask = torch.rand(6, 11, generator=gen) < 0.4
+    action_mask[:, -1] = False
+    action_mask[5] = False  # a row without actions keeps nothing
+    rewards = torch.randn(6, 11, generator=gen)
+    folded = fold_onto_actions(rewards, action_mask)
+    bootstrap = bootstrap_mask(action_mask)
+    for b in range(6):
+        expected = torch.zeros(11)
+        owner = None  # the last action at or before t
+        for t in range(11):
+            if action_mask[b, t]:
+                owner = t
+            if owner is not None:
+                expected[owner] += rewards[b, t]
+        torch.testing.assert_close(folded[b], expected)
+        positions = [t for t in range(11) if action_mask[b, t]]
+        assert bootstrap[b].nonzero().flatten().tolist() == ([positions[-1] + 1] if positions else [])
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -14,23 +14,20 @@ GAMMAS = [0.0, 0.5, 0.99, 1.0]
 
 
 def reference_returns(rewards, values, mask, gamma, gae_lambda, dones):
-    """Pure-Python lambda-returns, row by row, from the recursion in the module docstring."""
+    """Pure-Python lambda-returns, row by row, from the recursion in the module docstring: over the row's list of
+    actions, each continuing to the next one in the list (wherever it sits), the last bootstrapping from t + 1."""
     lam = 1.0 if gae_lambda is None else gae_lambda
     out = [[0.0] * len(row) for row in rewards]
     for b, (r, v, m, d) in enumerate(zip(rewards, values, mask, dones, strict=True)):
         acts = [t for t, a in enumerate(m) if a]
-        if not acts:
-            continue
-        first, last = acts[0], acts[-1]
-        assert acts == list(range(first, last + 1)), "reference handles one contiguous run"
-        g_next = None
-        for t in range(last, first - 1, -1):
-            if t == last:
+        for i in range(len(acts) - 1, -1, -1):
+            t = acts[i]
+            if i == len(acts) - 1:
                 g = r[t] + gamma * (1 - d[t]) * v[t + 1]
             else:
-                g = r[t] + gamma * (1 - d[t]) * ((1 - lam) * v[t + 1] + lam * g_next)
+                p = acts[i + 1]
+                g = r[t] + gamma * (1 - d[t]) * ((1 - lam) * v[p] + lam * out[b][p])
             out[b][t] = g
-            g_next = g
     return out
 
 
@@ -79,6 +76,43 @@ def batches(draw, max_b=3, max_t=10):
 
 gammas = st.one_of(st.sampled_from(GAMMAS), st.floats(0, 1))
 lambdas = st.one_of(st.sampled_from(LAMBDAS), st.floats(0, 1))
+
+
+def random_multi_turn_batch(gen, B, T, p_done=0.1):
+    """Rows whose actions come in several runs (a multi-turn completion mask) with gaps between them, padded on
+    either side."""
+    mask = torch.rand(B, T, generator=gen) < 0.5
+    mask[:, -1] = False  # the last position never holds an action
+    rewards = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    values = torch.randn(B, T, generator=gen, dtype=torch.float64)
+    dones = torch.rand(B, T, generator=gen, dtype=torch.float64) < p_done
+    return rewards, values, mask, dones
+
+
+@pytest.mark.parametrize("gae_lambda", LAMBDAS)
+@pytest.mark.parametrize("gamma", GAMMAS)
+def test_matches_reference_on_multi_turn_rows(gamma, gae_lambda):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        T = torch.randint(2, 40, (1,), generator=gen).item()
+        rewards, values, mask, dones = random_multi_turn_batch(gen, 8, T)
+        assert T < 8 or any(len(action_runs_of(row)) > 1 for row in mask.tolist())
+        got = compute_returns(rewards, values, mask, gamma=gamma, gae_lambda=gae_lambda, dones=dones)
+        want = reference_returns(
+            rewards.tolist(), values.tolist(), mask.tolist(), gamma, gae_lambda, dones.long().tolist()
+        )
+        torch.testing.assert_close(got, torch.tensor(want, dtype=torch.float64), rtol=1e-10, atol=1e-10)
+
+
+def action_runs_of(row):
+    """The runs of consecutive actions of one row, as (first, last) pairs."""
+    runs = []
+    for t, a in enumerate(row):
+        if a and (t == 0 or not row[t - 1]):
+            runs.append([t, t])
+        elif a:
+            runs[-1][1] = t
+    return runs
 
 
 @pytest.mark.parametrize("gae_lambda", LAMBDAS)
@@ -222,12 +256,13 @@ def test_rows_without_actions_and_empty_grid_are_zero():
     assert empty.shape == (3, 0)
 
 
-def test_several_runs_in_a_row_each_bootstrap():
+def test_several_runs_in_a_row_are_one_episode():
     rewards = torch.tensor([[1.0, 1.0, 0.0, 1.0, 0.0]])
-    values = torch.tensor([[0.0, 0.0, 5.0, 0.0, 7.0]])
+    values = torch.tensor([[0.0, 0.0, 5.0, 0.0, 7.0]])  # V(s_2) = 5 is never read: only the row's end bootstraps
     mask = torch.tensor([[1, 1, 0, 1, 0]])
     got = compute_returns(rewards, values, mask, gamma=0.5)
-    assert torch.equal(got, torch.tensor([[1 + 0.5 * (1 + 0.5 * 5), 1 + 0.5 * 5, 0.0, 1 + 0.5 * 7, 0.0]]))
+    g3 = 1 + 0.5 * 7
+    assert torch.equal(got, torch.tensor([[1 + 0.5 * (1 + 0.5 * g3), 1 + 0.5 * g3, 0.0, g3, 0.0]]))
 
 
 def test_mask_and_done_dtypes_agree():

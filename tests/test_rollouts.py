@@ -159,7 +159,9 @@ def test_generate_and_score_builds_a_trainable_dataset(word_tokenizer, capsys):
         assert row["input_ids"][: len(prompt_ids)] == prompt_ids
         assert row["completion_mask"] == [0] * len(prompt_ids) + [1] * len(completion_ids)
         assert 1 <= len(completion_ids) <= 5 and 0 not in completion_ids[:-1]  # cut at the first EOS
-        assert row["completion"] == word_tokenizer.decode(completion_ids, skip_special_tokens=True)
+        # The text the completion's tokens add to the prompt's (this tokenizer joins words with spaces).
+        whole = word_tokenizer.decode(row["input_ids"], skip_special_tokens=True)
+        assert row["prompt"] + row["completion"] == whole
         assert row["reward_count_b"] == completion_ids.count(2)
         match = 1.0 if row["target"] in row["completion"].split() else None
         assert row["reward_matches"] == match

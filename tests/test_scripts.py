@@ -24,6 +24,7 @@ RUN_BY = {
     "recipes/gpu_check.py": "tests/test_scripts.py",
     "recipes/offline_assets.py": "tests/test_scripts.py",
     "recipes/qhead_lora.py": "tests/recipes/test_qhead_lora.py",
+    "tools/hostile_counts.py": "tests/test_scripts.py",
     "tools/lower_bounds.py": "tests/test_scripts.py",
 }
 
@@ -76,6 +77,18 @@ def test_demo_runs_end_to_end_as_a_script(tmp_path, gpt2_tokenizer):
     assert [row["method"] for row in results["rows"]][:2] == ["base sampling", "best-of-N"]
     assert "| best-of-N | N=16 |" in stdout
     assert "My review number" in (out / "samples.md").read_text()  # sampled from the given prompts
+
+
+def test_hostile_counts_classifies_every_hostile_case():
+    counts = json.loads(_python("tools/hostile_counts.py", "--json"))
+    files = sorted(path.name for path in (REPO / "tests").glob("test_hostile_*.py"))
+    assert sorted(counts["files"]) == files
+    for kind in ("clear error", "correct result"):
+        assert counts["total"][kind] == sum(c.get(kind, 0) for c in counts["files"].values())
+    # This file's hostile rewards: the multi-turn returns are checked numbers, a reward of 1e39 a clear error.
+    rewards = counts["files"]["test_hostile_rewards.py"]
+    assert rewards["clear error"] > 0 and rewards["correct result"] > 0
+    assert counts["passed"] is None  # collected, not run
 
 
 def test_lower_bounds_pins_every_bound_but_torch():

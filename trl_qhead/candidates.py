@@ -35,8 +35,8 @@ from typing import Any
 
 import torch
 
-from .chat import completions_like
-from .reward_functions import RewardFunctions
+from .chat import completions_like, is_messages
+from .reward_functions import RewardFunctions, texts_for_rewards
 
 __all__ = ["LabelCost", "PrefixScorer", "check_candidate_args", "label_completions", "top_k_next_tokens"]
 
@@ -113,7 +113,8 @@ def top_k_next_tokens(
 
 
 class PrefixScorer:
-    """Scores `prompt + decode(token ids)` with reward functions, batched and memoised.
+    """Scores `prompt + decode(token ids)` with reward functions, batched and memoised (the texts of the prompt's and
+    the prefix's tokens, `reward_functions.texts_for_rewards`, as the whole completion is scored).
 
     `request` registers a text (keyed by its prompt group and the decoded text: the same text is scored once, whatever
     token ids produced it), `flush` scores everything pending in calls of at most `batch_size` texts, and `score`
@@ -133,17 +134,20 @@ class PrefixScorer:
         self.cost = LabelCost()
         self._groups: dict[Any, tuple[Any, dict[str, Any]]] = {}
         self._scores: dict[tuple[Any, str], float] = {}
-        self._pending: dict[tuple[Any, str], list[int]] = {}
+        self._pending: dict[tuple[Any, str], tuple[list[int], str]] = {}  # key -> (token ids, prompt text)
 
     def add_group(self, group, prompt, columns: dict[str, Any]) -> None:
         """The prompt (and the extra dataset columns, passed to the functions) of a group of texts."""
         self._groups[group] = (prompt, columns)
 
-    def request(self, group, token_ids: list[int]) -> tuple[Any, str]:
-        key = (group, self.tokenizer.decode(token_ids, skip_special_tokens=True))
+    def request(self, group, prompt_ids: list[int], token_ids: list[int]) -> tuple[Any, str]:
+        """Register `prompt + token_ids` of a group for scoring; the texts are those of the tokens
+        (`reward_functions.texts_for_rewards`), as the whole completion is scored."""
+        (prompt_text,), (text,) = texts_for_rewards(self.tokenizer, [prompt_ids], [token_ids])
+        key = (group, text)
         self.cost.texts_requested += 1
         if key not in self._scores and key not in self._pending:
-            self._pending[key] = list(token_ids)
+            self._pending[key] = (list(token_ids), prompt_text)
         return key
 
     def flush(self) -> None:
@@ -152,14 +156,17 @@ class PrefixScorer:
         began = time.perf_counter()
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start : start + self.batch_size]
-            prompts = [self._groups[group][0] for (group, _), _ in chunk]
+            prompts = []
+            for (group, _), (_, prompt_text) in chunk:
+                prompt = self._groups[group][0]
+                prompts.append(prompt if is_messages(prompt) else prompt_text)  # conversations stay messages
             texts = [text for (_, text), _ in chunk]
             columns: dict[str, list] = {}
             for (group, _), _ in chunk:
                 for name, value in self._groups[group][1].items():
                     columns.setdefault(name, []).append(value)
             scored = self.functions.score(
-                prompts, completions_like(prompts, texts), [ids for _, ids in chunk], **columns
+                prompts, completions_like(prompts, texts), [ids for _, (ids, _) in chunk], **columns
             )
             totals = scored.totals() * self.functions.weights.to(scored.sequence)  # [n, F]
             values = totals.nan_to_num(0.0).sum(dim=1).tolist()
@@ -219,9 +226,10 @@ def label_completions(
         n = len(c_ids)
         states = list(range(0, n, stride)) if top is not None else []
         prefix_keys = {}
+        p_ids = prompt_ids[row]
         for j in set(states) | ({*range(n + 1)} if prefix_shaping else set()) | {j + 1 for j in states}:
-            prefix_keys[j] = scorer.request(g, c_ids[:j])
-        cand_keys = {j: [scorer.request(g, c_ids[:j] + [a]) for a in top[row][j].tolist()] for j in states}
+            prefix_keys[j] = scorer.request(g, p_ids, c_ids[:j])
+        cand_keys = {j: [scorer.request(g, p_ids, c_ids[:j] + [a]) for a in top[row][j].tolist()] for j in states}
         plans.append((states, prefix_keys, cand_keys))
     scorer.flush()
 

@@ -74,9 +74,9 @@ class QHeadConfig(TrainingArguments):
             Clips the scaled task rewards to `[-reward_clip, reward_clip]` (sequence rewards, and per-token rewards
             action by action).
         reward_normalization (`str` or `None`, *optional*, defaults to `None`):
-            Normalisation of the sequence rewards before scaling: `"batch"` (the batch's mean and std, over all
-            processes), `"running"` (running mean and std over training) or `None`. Per-token rewards are not
-            normalised.
+            Normalisation of the sequence rewards before scaling: `"batch"` (the mean and std of the optimizer step:
+            every micro-batch of a gradient accumulation cycle, over all processes), `"running"` (running mean and
+            std over training, updated once per optimizer step) or `None`. Per-token rewards are not normalised.
         completion_only_loss (`bool`, *optional*, defaults to `True`):
             Train the LM and Q losses on completion tokens only where the data separates a completion (prompt/
             completion formats, a `completion_mask` column). `False` trains on the prompt's tokens too.

@@ -4,6 +4,14 @@ Position `t` of a `[B, T]` batch holds the state `s_t` (the prefix up to token `
 training target, the action `a_t = x_{t+1}`. These helpers turn a collated batch (token ids, attention mask, labels with
 -100 where a token is not a target, per-token rewards) into the grid tensors that `compute_returns` and the losses take.
 They only shift and mask: padding on either side works because nothing here looks at token ids to find padding.
+
+Episodes. Without packing a row is one episode. Its actions need not be contiguous: a `completion_mask` with several runs
+(a multi-turn row: assistant turns with tool outputs or user turns between them) leaves tokens between the runs that no
+action produces. Those are the environment's moves, not actions: they are never trained on, a reward earned on one of them
+goes to the last action before it (`fold_onto_actions`), and the returns flow across them from one action to the next
+(`trl_qhead.returns.compute_returns`). Only the row's last action bootstraps (`bootstrap_mask`), and an EOS that closes an
+earlier turn does not end the episode (`episode_dones(..., one_episode_per_row=True)`). Packed rows hold one document
+after another, each its own episode, ended by its EOS (or its `dones` flag).
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ def episode_dones(
     *,
     done: torch.Tensor | None = None,
     token_dones: torch.Tensor | None = None,
+    one_episode_per_row: bool = False,
 ) -> torch.Tensor:
     """`d[b, t] = 1` where the episode really ends with action `a_t`: nothing after it counts (docs/DESIGN.md section 1).
 
@@ -44,6 +53,11 @@ def episode_dones(
     when `token_dones` flags the token it produces. A packed document ends with EOS (or a flag in `token_dones`), so
     its last action is terminal too. Padding never counts (it has no action), even when the pad token is the EOS
     token, as for GPT-2.
+
+    With `one_episode_per_row` (rows that are not packed: each row is one episode, possibly of several turns) an EOS
+    action ends the episode only when it is the row's last action: an EOS that closes an earlier turn (chat models
+    whose EOS is the end-of-turn token, e.g. `<|im_end|>`) is followed by the rest of the same episode, so its return
+    must see the later turns' rewards.
 
     Args:
         actions: `[B, T]` the token taken at each position (`next_tokens`).
@@ -53,6 +67,8 @@ def episode_dones(
             completion cut at a generation limit whose reward judged it as finished).
         token_dones: optional `[B, T]` token-aligned flags, `token_dones[b, k]` set when producing token `k` ends the
             episode (a `done` folded into packed rows); `d_t = token_dones[t + 1]`.
+        one_episode_per_row: EOS ends the episode only at the row's last action (unpacked rows); `False`: wherever
+            it is emitted (packed rows).
 
     Returns:
         `[B, T]` float32, 1 where an episode ends, 0 elsewhere.
@@ -60,7 +76,8 @@ def episode_dones(
     dones = torch.zeros_like(action_mask, dtype=torch.bool)
     if eos_token_id is not None:
         eos = torch.as_tensor(eos_token_id, device=actions.device).reshape(-1)
-        dones |= torch.isin(actions, eos)
+        emits_eos = torch.isin(actions, eos)
+        dones |= (emits_eos & last_action_mask(action_mask)) if one_episode_per_row else emits_eos
     if done is not None:
         dones |= last_action_mask(action_mask) & done.to(device=action_mask.device, dtype=torch.bool)[:, None]
     if token_dones is not None:
@@ -76,14 +93,17 @@ def last_action_mask(action_mask: torch.Tensor) -> torch.Tensor:
 
 def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
     """`(B,)` the position of each row's last action, -1 for a row without one."""
+    if action_mask.shape[1] == 0:  # an empty grid: no row has an action
+        return torch.full(action_mask.shape[:1], -1, dtype=torch.long, device=action_mask.device)
     positions = torch.arange(action_mask.shape[1], device=action_mask.device).expand_as(action_mask)
     return torch.where(action_mask.bool(), positions, -1).amax(dim=1)
 
 
 def bootstrap_mask(action_mask: torch.Tensor) -> torch.Tensor:
-    """`True` at the state just after each row's last action: where Monte Carlo returns need `V(s)`."""
+    """`True` at the state just after each row's last action: where Monte Carlo returns need `V(s)`. An earlier run
+    of actions (a multi-turn row) does not bootstrap: its return goes on to the next action."""
     mask = torch.zeros_like(action_mask, dtype=torch.bool)
-    mask[:, 1:] = action_mask[:, :-1] & ~action_mask[:, 1:]
+    mask[:, 1:] = last_action_mask(action_mask)[:, :-1]
     return mask
 
 
@@ -99,6 +119,27 @@ def token_rewards_to_actions(token_rewards: torch.Tensor) -> torch.Tensor:
     rewards = torch.zeros_like(token_rewards, dtype=torch.float32)
     rewards[:, :-1] = token_rewards[:, 1:]
     return rewards
+
+
+def fold_onto_actions(rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+    """Rewards on the action grid, with those of positions that hold no action moved onto the last action before them.
+
+    Between two runs of actions (a multi-turn row) the tokens are the environment's moves: a reward earned on one of
+    them is part of the transition that follows the agent's last action, so that action earns it. The same holds
+    after the row's last action. Positions before the row's first action (the prompt) have no action to earn their
+    rewards: they are dropped. Padding must hold 0 (the collator pads rewards with 0).
+
+    Args:
+        rewards: `[B, T]` rewards on the action grid (`r_t`, e.g. from `token_rewards_to_actions`).
+        action_mask: `[B, T]` bool, where a position holds an action.
+
+    Returns:
+        `[B, T]` float32, zero off the actions.
+    """
+    positions = torch.arange(action_mask.shape[1], device=action_mask.device).expand_as(action_mask)
+    owner = torch.where(action_mask.bool(), positions, -1).cummax(dim=1).values  # the last action at or before t
+    kept = torch.where(owner >= 0, rewards.float(), 0.0)
+    return torch.zeros_like(kept).scatter_add_(1, owner.clamp(min=0), kept)
 
 
 def sequence_rewards_to_actions(sequence_rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:

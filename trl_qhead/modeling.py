@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 from trl.trainer.utils import selective_log_softmax
 
 from .backbone import causal_lm_forward, is_peft_model, plain_lm_head, unwrap_peft
@@ -30,6 +30,8 @@ from .hub import HUB_KWARGS, PUSH_KWARGS, qhead_model_card, resolve_file, upload
 from .q_values import gather_action_q, state_values
 from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
 from .tied_head import TiedQHead, check_q_head_rank, check_q_head_type
+
+logger = logging.get_logger(__name__)
 
 Q_HEAD_WEIGHTS_NAME = "q_head.safetensors"
 Q_HEAD_CONFIG_NAME = "q_head_config.json"
@@ -379,6 +381,12 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         push_kwargs = {k: kwargs.pop(k) for k in PUSH_KWARGS if k in kwargs}
         if not is_main_process:
             return
+        if self.is_peft_model and not getattr(self.base_model.config, "_name_or_path", None):
+            logger.warning_once(
+                "The PEFT model's base has no name or path (built from a config): its adapter_config.json gets no "
+                "`base_model_name_or_path`, so `from_pretrained` cannot load the saved folder on its own (it raises "
+                "naming the file). `load_checkpoint` (resuming training) is not affected."
+            )
         q_tensors = dict(self.q_head.named_parameters())
         if state_dict is not None:
             backbone_prefix, q_prefix = "pretrained_model.", "q_head."
@@ -482,9 +490,18 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 f"(vocab_size, hidden_size), this model needs {this_shape}: was it saved from a model with another "
                 f"{what}?"
             )
+        state = self._read_q_head_file(directory, str(self.device), what)
+        if saved_type == "tied" and config.get("lm_head_probe") is not None:
+            _check_lm_head_probe(config["lm_head_probe"], self.q_head.lm_weight(), directory)
+        self.q_head.load_state_dict(state)
+
+    def _read_q_head_file(self, directory, device: str, what: str = "vocabulary or hidden size") -> dict:
+        """The tensors of `directory/q_head.safetensors`, checked against this model's Q head: `ValueError` naming the
+        file when it is not a readable safetensors file, holds other tensors, another dtype than float32, other
+        shapes, or non-finite values."""
         path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
         try:
-            state = load_file(path, device=str(self.device))
+            state = load_file(path, device=device)
         except Exception as error:  # safetensors raises its own error type for truncated or garbage files
             raise ValueError(
                 f"{path} is not a readable safetensors file ({type(error).__name__}: {error}): the file is damaged "
@@ -504,9 +521,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 )
             if not torch.isfinite(tensor).all():
                 raise ValueError(f"{path}: `{key}` holds NaN or infinite values.")
-        if saved_type == "tied" and config.get("lm_head_probe") is not None:
-            _check_lm_head_probe(config["lm_head_probe"], self.q_head.lm_weight(), directory)
-        self.q_head.load_state_dict(state)
+        return state
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Load a folder written by `save_pretrained` into this model in place (adapters or full weights, Q head).
@@ -576,7 +591,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"No {Q_HEAD_WEIGHTS_NAME} in {directory}.")
-        state.update({f"q_head.{name}": tensor for name, tensor in load_file(path).items()})
+        # Checked as `load_q_head` checks it: a damaged file is an error naming it, not safetensors' own message.
+        state.update({f"q_head.{name}": tensor for name, tensor in self._read_q_head_file(directory, "cpu").items()})
         return state
 
     @classmethod
@@ -662,6 +678,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         elif isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, "adapter_config.json")):
             from peft import AutoPeftModelForCausalLM, PeftConfig
 
+            _check_adapter_base(os.path.join(path, "adapter_config.json"))
             if kwargs.get("quantization_config") is not None:
                 base_name = PeftConfig.from_pretrained(path).base_model_name_or_path
                 kwargs["quantization_config"] = _quantization_config(kwargs, base_name)
@@ -686,8 +703,11 @@ class AutoModelForCausalLMWithQHead(nn.Module):
     @classmethod
     def _from_hub(cls, repo_id: str, *model_args, peft_config, q_head_init, is_trainable, **kwargs):
         """`from_pretrained` of a Hub repo id: adapters or a full model, plus the repo's Q head when it has one."""
-        if resolve_file(repo_id, "adapter_config.json", kwargs) is not None:
+        adapter_config = resolve_file(repo_id, "adapter_config.json", kwargs)
+        if adapter_config is not None:
             from peft import AutoPeftModelForCausalLM, PeftConfig
+
+            _check_adapter_base(adapter_config, where=repo_id)
 
             if kwargs.get("quantization_config") is not None:
                 peft_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
@@ -749,6 +769,29 @@ def _reject_our_misspelt_kwargs(kwargs: dict) -> None:
                 f"AutoModelForCausalLMWithQHead.from_pretrained() got an unexpected keyword argument {name!r}.{hint} "
                 f"Its own keywords are {', '.join(_OUR_KWARGS)}; the others go to the backbone."
             )
+
+
+def _check_adapter_base(config_file: str, where: str | None = None) -> None:
+    """A saved PEFT folder loads its base model from `base_model_name_or_path` in `adapter_config.json`: without one
+    (adapters added to a model built from a config), or naming a local folder that is gone, PEFT fails with an
+    unrelated download or file error. A `ValueError` naming the file and the field instead."""
+    try:
+        with open(config_file) as f:
+            base = json.load(f).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ValueError(f"{config_file} is not a readable adapter config ({error}).") from error
+    shown = f"{config_file} (in {where})" if where else config_file
+    how = (
+        "Load the base model yourself, then `AutoModelForCausalLMWithQHead(PeftModel.from_pretrained(base, folder))` "
+        "and `.load_q_head(folder)`, or set `base_model_name_or_path` in the file."
+    )
+    if not base:
+        raise ValueError(
+            f"{shown} has no `base_model_name_or_path`: the adapters were saved from a base model that has no name or "
+            f"path (built from a config), so there is nothing to load them onto. {how}"
+        )
+    if os.path.isabs(base) and not os.path.isdir(base):
+        raise ValueError(f"{shown} names the base model folder {base}, which does not exist. {how}")
 
 
 def _lm_head_probe(weight: torch.Tensor) -> list[float]:

@@ -14,6 +14,10 @@ bootstrap state. lam = 0 is TD(0): G_t = r_t + gamma * (1 - d_t) * V(s_{t+1}). I
 lambda-return, which equals GAE advantages plus values. The targets are constants: no gradient flows
 through them.
 
+A row with several runs of actions (a multi-turn completion mask) is one episode: the positions between two runs
+hold the environment's moves, not actions, and are skipped, so above t + 1 reads "the position of the next action"
+(G_t continues to it, V read at the state where it is taken). Only the row's last action bootstraps.
+
 Soft returns (``beta`` set, DESIGN.md section 6): ``values`` holds the soft values
 V*(s) = beta * log sum_a pi(a|s) exp(Q*(s, a) / beta) (``trl_qhead.soft.soft_state_values``) and the blend of the
 bootstrap and the continuation happens in exp space:
@@ -33,6 +37,8 @@ Q*(s, a) = r + gamma * (1 - d) * V*(s').
 import math
 
 import torch
+
+from .mdp import last_action_mask
 
 __all__ = ["compute_returns"]
 
@@ -70,9 +76,13 @@ def compute_returns(
 ) -> torch.Tensor:
     """Computes lambda-return targets G_t on the model's position grid.
 
-    Every position t with ``action_mask[b, t]`` set holds an action. An action whose next position holds no
-    action is the last of its run and bootstraps from ``values[b, t + 1]``; a row normally has one contiguous
-    run (left- or right-padded), and several runs in a row would each bootstrap on their own.
+    Every position t with ``action_mask[b, t]`` set holds an action. A row is one episode: each action continues
+    to the row's next action, and only the row's last action bootstraps, from ``values[b, t + 1]``. Positions
+    between two actions that hold none (several runs of actions in a row: a multi-turn completion mask, the
+    tokens between the runs being the environment's moves) are skipped: an action at t whose next action is at
+    p > t + 1 has ``G_t = r_t + gamma * (1 - d_t) * ((1 - lam) * V(s_p) + lam * G_p)``, ``s_p`` the state where
+    the next action is taken (the environment's moves are part of the transition, and cost no discount).
+    Rewards earned on those tokens must already be on the action before them (``mdp.fold_onto_actions``).
 
     Args:
         rewards: [B, T] reward r_t of the action at position t. Must be finite where ``action_mask`` is set;
@@ -135,14 +145,14 @@ def compute_returns(
         raise ValueError("`rewards` must be finite at action positions (action_mask == 1)")
 
     B, T = r.shape
-    # The last action of a run is one whose next position holds no action: it bootstraps from V(s_{t+1}).
-    last = act & ~torch.cat([act[:, 1:], act.new_zeros(B, 1)], dim=1)
+    # Only the row's last action bootstraps from V(s_{t+1}); every other one continues to the next action.
+    last = last_action_mask(act)
     if beta is not None and 0.0 < lam < 1.0:
         log_lam, log_keep = math.log(lam), math.log1p(-lam)
     returns = torch.zeros_like(r)
-    g_next = r.new_zeros(B)  # G_{t+1}; zero off actions
+    g_next = r.new_zeros(B)  # G_p of the next action to the right, at p (carried across positions without one)
+    v_next = r.new_zeros(B)  # V(s_p), the state where that next action is taken
     for t in range(T - 2, -1, -1):  # position T-1 holds no action (checked above)
-        v_next = v[:, t + 1]
         # torch.where, not arithmetic masking: with lam == 1 a NaN in an unread V must not leak in as 0 * NaN.
         if lam == 1.0:
             blend = g_next
@@ -153,8 +163,9 @@ def compute_returns(
         else:  # beta * log((1 - lam) exp(V/beta) + lam exp(G/beta)), shifted by the larger of the two
             m = torch.maximum(v_next, g_next)
             blend = m + beta * torch.logaddexp(log_keep + (v_next - m) / beta, log_lam + (g_next - m) / beta)
-        cont = torch.where(last[:, t], v_next, blend)
+        cont = torch.where(last[:, t], v[:, t + 1], blend)
         g = r[:, t] + torch.where(done[:, t], 0.0, gamma * cont)
-        g_next = torch.where(act[:, t], g, 0.0)
-        returns[:, t] = g_next
+        returns[:, t] = torch.where(act[:, t], g, 0.0)
+        g_next = torch.where(act[:, t], g, g_next)
+        v_next = torch.where(act[:, t], v[:, t], v_next)
     return returns

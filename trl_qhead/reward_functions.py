@@ -7,6 +7,11 @@ function does not apply to that sample) or a list of floats aligned with `comple
 the decoded prompt + completion with its own tokenizer. Async functions run concurrently on an event loop in a daemon
 thread that lives as long as the `RewardFunctions`.
 
+The texts they score are the trained tokens' (`texts_for_rewards`): the prompt text is the decode of the prompt tokens
+and the completion text what the completion tokens add to it, so `prompt + completion == decode(prompt + completion
+tokens)`. A prompt text whose last characters merge with the completion's first when tokenised ("Hello wor" + "ld!":
+`Hello`, ` world`, `!`) is scored as the tokens say (`"Hello"` + `" world!"`), never as the raw texts.
+
 This module only calls the functions, checks what they return and weighs it; where the rewards go on the action grid
 is `trl_qhead.rewards`' job (training) and `trl_qhead.rollouts`' (generated data).
 """
@@ -18,6 +23,7 @@ import atexit
 import copy
 import math
 import numbers
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -37,6 +43,33 @@ from trl.trainer.utils import (
 from .chat import is_messages
 
 RewardFunc = Union[str, PreTrainedModel, Callable[..., list]]  # noqa: UP007 (a runtime alias, as TRL spells it)
+
+# Rewards are computed in float32: a larger number (1e39) is a finite Python float that becomes inf there.
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def texts_for_rewards(
+    tokenizer: PreTrainedTokenizerBase, prompt_ids: Sequence[Sequence[int]], completion_ids: Sequence[Sequence[int]]
+) -> tuple[list[str], list[str]]:
+    """`(prompt_texts, completion_texts)`: what reward functions score, decoded from exactly the tokens trained on.
+
+    Per sample, `whole = decode(prompt_ids + completion_ids)` (special tokens skipped, spaces not cleaned up), the
+    prompt text is `decode(prompt_ids)` and the completion text is the rest of `whole`, so that
+    `prompt_text + completion_text == whole`. The completion is not decoded on its own: SentencePiece-style decoders
+    drop the leading space of a sequence's first token (`"Hello"` + `"world"`). Where the decoded prompt is not a
+    prefix of `whole` (a character whose bytes straddle the boundary), the prompt text is the part they share.
+
+    Args:
+        tokenizer: the policy's tokenizer.
+        prompt_ids, completion_ids: per sample, the prompt's and the completion's token ids (no padding).
+    """
+    options = {"skip_special_tokens": True, "clean_up_tokenization_spaces": False}
+    prompts = tokenizer.batch_decode([list(p) for p in prompt_ids], **options)
+    wholes = tokenizer.batch_decode(
+        [list(p) + list(c) for p, c in zip(prompt_ids, completion_ids, strict=True)], **options
+    )
+    prompt_texts = [os.path.commonprefix([prompt, whole]) for prompt, whole in zip(prompts, wholes, strict=True)]
+    return prompt_texts, [whole[len(prompt) :] for prompt, whole in zip(prompt_texts, wholes, strict=True)]
 
 
 def combine_sequence_rewards(per_source: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -219,7 +252,25 @@ class RewardFunctions:
             outputs = self._run_async(async_funcs, prompts, completions, completion_ids, kwargs)
             for i, output in zip(async_funcs, outputs, strict=True):
                 self._store(i, output, completion_ids, sequence, per_token)
-        return FunctionRewards(sequence=sequence, per_token=per_token)
+        scored = FunctionRewards(sequence=sequence, per_token=per_token)
+        self._check_weighted_sums(scored)
+        return scored
+
+    def _check_weighted_sums(self, scored: FunctionRewards) -> None:
+        """Each function's reward is finite in float32 (`_store`); their weighted sum must be too."""
+        total = scored.weighted_sequence(self.weights)
+        per_token = scored.weighted_per_token(self.weights)
+        for b in range(total.shape[0]):
+            token_sum_finite = per_token[b] is None or bool(torch.isfinite(per_token[b]).all())
+            if torch.isinf(total[b]) or not token_sum_finite:
+                parts = {
+                    name: scored.sequence[b, i].item() if scored.per_token[i][b] is None else "per-token"
+                    for i, name in enumerate(self.names)
+                }
+                raise ValueError(
+                    f"The weighted sum of the rewards of sample {b} overflows float32 (|R| > {FLOAT32_MAX:.3g}): "
+                    f"rewards {parts}, `reward_weights` {self.weights.tolist()}. Scale the reward functions down."
+                )
 
     @torch.no_grad()
     def _score_with_model(self, i: int, prompts: list, completions: list) -> torch.Tensor:
@@ -240,7 +291,16 @@ class RewardFunctions:
         inputs = tokenizer(
             text=texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False
         ).to(device)
-        return model(**inputs).logits[:, 0].float().cpu()
+        scores = model(**inputs).logits[:, 0].float().cpu()
+        weighted = scores * self.weights[i]
+        if not torch.isfinite(weighted).all():
+            b = int((~torch.isfinite(weighted)).nonzero()[0])
+            raise ValueError(
+                f"Reward model '{self.names[i]}' returned {scores[b].item()} for sample {b} (weight "
+                f"{self.weights[i].item():g}): rewards must be finite in float32 (a half-precision model that "
+                "overflows, or damaged weights?)."
+            )
+        return scores
 
     def _run_async(self, indices, prompts, completions, completion_ids, kwargs) -> list:
         if self._loop is None:
@@ -283,11 +343,12 @@ class RewardFunctions:
                         f"The reward function '{name}' returned {value} for sample {b}: rewards must be finite "
                         "(return None where the function does not apply)."
                     )
+                self._check_range(i, float(value), b)
                 sequence[b, i] = float(value)
                 continue
             kinds.add("per-token")
             try:
-                values = torch.as_tensor(value, dtype=torch.float32).reshape(-1)
+                values = torch.as_tensor(value, dtype=torch.float64).reshape(-1)
             except (TypeError, ValueError, RuntimeError) as error:
                 raise ValueError(
                     f"The reward function '{name}' returned {type(value).__name__} for sample {b}: expected a float, "
@@ -301,12 +362,25 @@ class RewardFunctions:
                 )
             if not torch.isfinite(values).all():
                 raise ValueError(f"The reward function '{name}' returned NaN or inf per-token rewards for sample {b}.")
-            per_token[i][b] = values
+            if values.numel():
+                self._check_range(i, values.abs().max().item(), b, per_token=True)
+            per_token[i][b] = values.float()
         if len(kinds) > 1:
             raise ValueError(
                 f"The reward function '{name}' returned floats for some samples and lists for others: return one "
                 "kind (sequence rewards, or per-token lists), with None where it does not apply."
             )
+
+    def _check_range(self, i: int, value: float, b: int, per_token: bool = False) -> None:
+        """A finite reward must stay finite in float32, times its function's weight."""
+        weight = float(self.weights[i])
+        if abs(value) <= FLOAT32_MAX and abs(value * weight) <= FLOAT32_MAX:
+            return
+        what = f"a per-token reward of {value:g}" if per_token else f"{value:g}"
+        raise ValueError(
+            f"The reward function '{self.names[i]}' returned {what} for sample {b}, which is not finite in float32 "
+            f"(|R| <= {FLOAT32_MAX:.3g}) times its weight {weight:g}: rewards are computed in float32. Scale it down."
+        )
 
 
 def _unique(names: list[str]) -> list[str]:

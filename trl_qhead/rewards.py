@@ -17,12 +17,14 @@ How they combine, per batch (`RewardComputer`):
 1. sequence rewards: `R = nansum_i(w_i * R_i)` over the reward functions and models that return a number for the
    sample (`None` is left out of the sum, as in TRL) plus the data's `reward` (weight 1). A sample for which no source
    returns a number gets no sequence reward.
-2. `R` is normalised (`reward_normalization`: `"batch"` uses the batch's mean and std, gathered over processes;
-   `"running"` the running ones over training), then multiplied by `reward_scale`, then clipped to
+2. `R` is normalised (`reward_normalization`: `"batch"` uses the mean and std of the optimizer step's sequence rewards,
+   every micro-batch of a gradient accumulation cycle on every process (`RewardComputer.prepare_step`); `"running"` the
+   running ones over training, updated once per step), then multiplied by `reward_scale`, then clipped to
    `[-reward_clip, reward_clip]`, and added to the reward of the row's last action.
-3. per-token rewards (the data's `rewards` and `w_i` times each per-token function) are summed per action, multiplied
-   by `reward_scale` and clipped, but never normalised: shifting every token's reward by a mean would pay or charge
-   for length.
+3. per-token rewards (the data's `rewards` and `w_i` times each per-token function) are summed per action (a reward on
+   a token no action produces, between the turns of a multi-turn row, goes to the last action before it:
+   `mdp.fold_onto_actions`), multiplied by `reward_scale` and clipped, but never normalised: shifting every token's
+   reward by a mean would pay or charge for length.
 4. reference log-probs are added last, weighted by `lm_reward_coef`, untouched by scaling.
 """
 
@@ -36,11 +38,17 @@ import torch
 from transformers import PreTrainedTokenizerBase
 from trl.trainer.utils import nanstd
 
-from .chat import completions_like
+from .chat import completions_like, is_messages
 from .config import REWARD_NORMALIZATIONS
-from .mdp import sequence_rewards_to_actions, token_rewards_to_actions
+from .mdp import fold_onto_actions, sequence_rewards_to_actions, token_rewards_to_actions
 from .reference import as_reference, frozen_copy, reference_logprobs
-from .reward_functions import FunctionRewards, RewardFunc, RewardFunctions, combine_sequence_rewards
+from .reward_functions import (
+    FunctionRewards,
+    RewardFunc,
+    RewardFunctions,
+    combine_sequence_rewards,
+    texts_for_rewards,
+)
 
 # Re-exported: they lived here before `trl_qhead.reference` and `trl_qhead.reward_functions` split off.
 __all__ = [
@@ -149,6 +157,12 @@ def _identity(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+# Keys `RewardComputer.prepare_step` adds to each micro-batch of an optimizer step: the reward functions' scores (so that
+# they are called once per sample) and the `[2]` mean and std the step's sequence rewards are normalised with.
+STEP_SCORES_KEY = "step_reward_scores"
+STEP_MOMENTS_KEY = "step_reward_moments"
+
+
 class RewardComputer:
     """All reward sources of a training batch, combined on the action grid (see the module docstring for the order).
 
@@ -189,6 +203,64 @@ class RewardComputer:
         fields = ("lm_reward_coef", "reward_scale", "reward_clip", "reward_normalization")  # same names in both
         return cls(tokenizer, reward_functions, **{name: getattr(args, name) for name in fields})
 
+    def prepare_step(
+        self,
+        batches: list[dict[str, Any]],
+        *,
+        gather: Callable[[torch.Tensor], torch.Tensor] = _identity,
+        trainer_state=None,
+    ) -> None:
+        """Fix the normalisation statistics of one optimizer step, before its micro-batches are trained on.
+
+        `reward_normalization` normalises the sequence rewards of the whole step: every micro-batch of a gradient
+        accumulation cycle, on every process. Called by `QHeadTrainer.get_batch_samples` with the cycle's
+        micro-batches: each is scored once here (the scores are kept in the batch and reused by `__call__`), the raw
+        sequence rewards of all of them are gathered in one collective, `"running"` moments are updated once with
+        them, and each batch gets the `[2]` mean and std to normalise with (`STEP_MOMENTS_KEY`). So one batch of 4 rows
+        and 2 micro-batches of 2 with accumulation train on the same numbers. Does nothing without normalisation.
+
+        Args:
+            batches: the step's collated micro-batches (modified in place).
+            gather: `[N] -> [N_all]` gathers per-row values over processes (NaN-padded).
+            trainer_state: passed to reward functions as `trainer_state`.
+        """
+        if self.normalization is None or not batches:
+            return
+        raw = []
+        for batch in batches:
+            if self.functions is not None:
+                batch[STEP_SCORES_KEY] = self._score(batch, trainer_state)
+            device = batch["input_ids"].device
+            scored = batch[STEP_SCORES_KEY][0] if STEP_SCORES_KEY in batch else None
+            sequence = self._raw_sequence(batch, device, scored)
+            raw.append(
+                torch.full((len(batch["input_ids"]),), math.nan, device=device) if sequence is None else sequence
+            )
+        values = gather(torch.cat(raw).detach())
+        if self.normalization == "batch":
+            mean, std = batch_moments(values)
+        else:
+            self.moments.update(values)
+            mean, std = self.moments.mean, self.moments.std
+        for batch in batches:
+            device = batch["input_ids"].device
+            batch[STEP_MOMENTS_KEY] = torch.tensor([float(mean), float(std)], dtype=torch.float32, device=device)
+
+    def _raw_sequence(self, batch: dict[str, Any], device, scored: FunctionRewards | None) -> torch.Tensor | None:
+        """`[B]` the weighted sequence rewards of the data's `reward` and the reward functions' `scored` (`nansum`, NaN
+        where no source applied), before normalisation; `None` when the batch has no sequence-reward source."""
+        sources, weights = [], []
+        if "reward" in batch:
+            sources.append(batch["reward"].float().to(device))
+            weights.append(1.0)
+        if scored is not None:
+            for i in range(len(self.functions)):
+                sources.append(scored.sequence[:, i].to(device))
+                weights.append(float(self.functions.weights[i]))
+        if not sources:
+            return None
+        return combine_sequence_rewards(torch.stack(sources, dim=1), torch.tensor(weights, device=device))
+
     def __call__(
         self,
         batch: dict[str, Any],
@@ -205,37 +277,34 @@ class RewardComputer:
             batch: a collated batch (`DataCollatorForQHead`).
             action_mask: `[B, T]`, where a position holds an action.
             lm_logprobs: `[B, T]` `log pi_ref(a_t|s_t)` when `use_lm_rewards` is on.
-            training: update the running moments (only in training).
+            training: update the running moments (only in training, and only for a batch `prepare_step` did not see).
             gather: `[B] -> [B_all]` gathers per-row values over processes (NaN-padded), for normalisation and logs.
             trainer_state: passed to reward functions as `trainer_state`, as TRL does.
+
+        A batch that went through `prepare_step` is normalised with its step's statistics; any other (evaluation, or a
+        direct call) with those of the batch itself, gathered over processes (`"batch"`), or the running ones.
         """
         device = action_mask.device
         mask = action_mask.float()
         metrics: dict[str, float] = {}
-        sources, weights = [], []
         token_rewards = torch.zeros(action_mask.shape, dtype=torch.float32, device=device)
 
         if "rewards" in batch or "reward" in batch:
             data_parts = []  # per row: the per-token sum, and the sequence reward (NaN where the row has none)
             if "rewards" in batch:
-                token_rewards += token_rewards_to_actions(batch["rewards"]) * mask
+                token_rewards += fold_onto_actions(token_rewards_to_actions(batch["rewards"]), action_mask)
                 data_parts.append((token_rewards * mask).sum(1))
             if "reward" in batch:
-                sources.append(batch["reward"].float().to(device))
-                weights.append(1.0)
-                data_parts.append(sources[-1])
+                data_parts.append(batch["reward"].float().to(device))
             data_rows = combine_sequence_rewards(torch.stack(data_parts, 1), torch.ones(len(data_parts)))
             self._log(metrics, "rewards/data/mean", "rewards/data/std", data_rows, gather)
 
         if self.functions is not None:
-            scored, extra_metrics = self._score(batch, trainer_state)
-            for i in range(len(self.functions)):
-                sources.append(scored.sequence[:, i].to(device))
-                weights.append(float(self.functions.weights[i]))
+            scored, extra_metrics = self._scores(batch, trainer_state)
             per_token = scored.weighted_per_token(self.functions.weights)
             if any(values is not None for values in per_token):
                 values = scatter_completion_rewards(per_token, batch["attention_mask"], self._prompt_length(batch))
-                token_rewards += token_rewards_to_actions(values) * mask
+                token_rewards += fold_onto_actions(token_rewards_to_actions(values), action_mask)
             totals = scored.totals().to(device)
             for i, name in enumerate(self.functions.names):
                 self._log(metrics, f"rewards/{name}/mean", f"rewards/{name}/std", totals[:, i], gather)
@@ -244,12 +313,13 @@ class RewardComputer:
 
         rewards = torch.zeros(action_mask.shape, dtype=torch.float32, device=device)
         raw_total = (token_rewards * mask).sum(1)
-        if sources:
-            sequence = combine_sequence_rewards(torch.stack(sources, dim=1), torch.tensor(weights, device=device))
+        sequence = self._raw_sequence(batch, device, scored if self.functions is not None else None)
+        if sequence is not None:
             raw_total = raw_total + torch.nan_to_num(sequence, nan=0.0)
-            sequence = scale_and_clip(self._normalize(sequence, training, gather), self.reward_scale, self.reward_clip)
+            sequence = self._normalize(sequence, training, gather, batch.get(STEP_MOMENTS_KEY))
+            sequence = scale_and_clip(sequence, self.reward_scale, self.reward_clip)
             rewards += sequence_rewards_to_actions(sequence, action_mask)
-        if sources or self.functions is not None or "rewards" in batch:
+        if sequence is not None or self.functions is not None or "rewards" in batch:
             self._log(metrics, "reward", "reward_std", raw_total, gather)
         rewards += scale_and_clip(token_rewards, self.reward_scale, self.reward_clip) * mask
 
@@ -259,9 +329,11 @@ class RewardComputer:
             rewards += self.lm_reward_coef * lm
         return rewards, metrics
 
-    def _normalize(self, sequence: torch.Tensor, training: bool, gather) -> torch.Tensor:
+    def _normalize(self, sequence: torch.Tensor, training: bool, gather, step_moments=None) -> torch.Tensor:
         if self.normalization is None:
             return sequence
+        if step_moments is not None:  # the optimizer step's statistics (`prepare_step`)
+            return normalize_rewards(sequence, step_moments[0], step_moments[1])
         values = gather(sequence.detach())
         if self.normalization == "batch":
             mean, std = batch_moments(values)
@@ -277,8 +349,17 @@ class RewardComputer:
             return batch["prompt_length"]
         return torch.zeros(batch["input_ids"].shape[0], dtype=torch.long)
 
+    def _scores(self, batch, trainer_state) -> tuple[FunctionRewards, dict[str, list[float]]]:
+        """The reward functions' scores of a batch: those `prepare_step` kept in it (each sample is scored once), else
+        scored now."""
+        if STEP_SCORES_KEY in batch:
+            return batch[STEP_SCORES_KEY]
+        return self._score(batch, trainer_state)
+
     def _score(self, batch, trainer_state) -> tuple[FunctionRewards, dict[str, list[float]]]:
-        """Rebuild prompts and completions from the batch, as GRPO hands them to reward functions, and score them."""
+        """Rebuild prompts and completions from the batch's tokens, as GRPO hands them to reward functions, and score
+        them. The texts are those of the trained tokens (`texts_for_rewards`); a conversational prompt (messages, kept
+        by the data preparation) is passed as it is."""
         columns = dict(batch.get("reward_inputs", {}))
         given_prompts = columns.pop("prompt", None)
         prompt_length = self._prompt_length(batch).tolist()
@@ -287,11 +368,13 @@ class RewardComputer:
             real = ids[attention.bool()].tolist()
             prompt_ids.append(real[: prompt_length[row]])
             completion_ids.append(real[prompt_length[row] :])
-        texts = self.tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+        # The texts of exactly the trained tokens: a prompt whose end merged with the completion's start when the row
+        # was tokenised is scored as the tokens read, not as the raw prompt (which would score text twice or not at all).
+        prompt_texts, texts = texts_for_rewards(self.tokenizer, prompt_ids, completion_ids)
         prompts = []
-        for row, ids in enumerate(prompt_ids):
+        for row, text in enumerate(prompt_texts):
             given = None if given_prompts is None else given_prompts[row]
-            prompts.append(given if given is not None else self.tokenizer.decode(ids, skip_special_tokens=True))
+            prompts.append(given if is_messages(given) else text)  # a conversation stays a list of messages
         completions = completions_like(prompts, texts)
         extra_metrics: dict[str, list[float]] = {}
 

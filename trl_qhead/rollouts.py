@@ -26,8 +26,8 @@ from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokeniz
 from trl.data_utils import maybe_apply_chat_template
 
 from .candidates import LabelCost, check_candidate_args, label_completions
-from .chat import completions_like
-from .reward_functions import RewardFunc, RewardFunctions
+from .chat import completions_like, is_messages
+from .reward_functions import RewardFunc, RewardFunctions, texts_for_rewards
 from .stop_tokens import eos_token_ids
 
 logger = logging.getLogger(__name__)
@@ -320,7 +320,9 @@ def _generate_batch(
         for key, value in example.items():
             if key != "prompt":
                 columns.setdefault(key, []).append(value)
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+    # Reward functions score the texts of exactly these tokens (`texts_for_rewards`); conversations stay messages.
+    prompt_texts, texts = texts_for_rewards(tokenizer, prompt_ids, completion_ids)
+    scored_prompts = [p if is_messages(p) else text for p, text in zip(prompts, prompt_texts, strict=True)]
     completions = completions_like(prompts, texts)
     rows = [
         {
@@ -338,7 +340,7 @@ def _generate_batch(
     if functions is None:
         return rows
 
-    scored = functions.score(prompts, completions, completion_ids, **columns)
+    scored = functions.score(scored_prompts, completions, completion_ids, **columns)
     sequence = scored.sequence
     total = scored.weighted_sequence(functions.weights)  # NaN where no function returned a sequence reward
     per_token = scored.weighted_per_token(functions.weights)

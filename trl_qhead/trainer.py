@@ -298,9 +298,15 @@ class QHeadTrainer(Trainer):
             trainer_state=self.state,
         )  # (B, T)
 
-        # 4. Episode ends: EOS, and a row's `done` flag at its last action (a scored completion cut at a limit).
+        # 4. Episode ends: EOS, and a row's `done` flag at its last action (a scored completion cut at a limit). An
+        # unpacked row is one episode: an EOS closing an earlier turn of a multi-turn row does not end it.
         dones = episode_dones(
-            actions, action_mask, self.eos_token_id, done=inputs.get("done"), token_dones=inputs.get("dones")
+            actions,
+            action_mask,
+            self.eos_token_id,
+            done=inputs.get("done"),
+            token_dones=inputs.get("dones"),
+            one_episode_per_row=not args.packing,
         )  # (B, T)
 
         # 5. Return targets G_t (constants).
@@ -392,6 +398,16 @@ class QHeadTrainer(Trainer):
             "candidate_targets": candidate_targets(returns, effects, sampled),
             "candidate_mask": mask,
         }
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        """`Trainer.get_batch_samples` (the micro-batches of one optimizer step, and their target count), plus the
+        step's reward statistics: with `reward_normalization`, the sequence rewards of all these micro-batches on every
+        process are normalised together (`RewardComputer.prepare_step`), not each micro-batch on its own, so gradient
+        accumulation does not change the numbers trained on."""
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.args.reward_normalization is not None and batch_samples:
+            self.reward_computer.prepare_step(batch_samples, gather=self._gather_rows, trainer_state=self.state)
+        return batch_samples, num_items_in_batch
 
     def _gather_rows(self, values: torch.Tensor) -> torch.Tensor:
         """Per-row values of every process (NaN pads uneven batches, and NaN rows are left out of the statistics)."""

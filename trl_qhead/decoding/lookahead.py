@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..candidates import LabelCost, PrefixScorer
-from ..reward_functions import RewardFunctions
+from ..reward_functions import RewardFunctions, texts_for_rewards
 from ..stop_tokens import stop_token_ids
 from .sources import LMHeadCapture, QSource
 
@@ -22,10 +22,11 @@ from .sources import LMHeadCapture, QSource
 class RewardLookahead(QSource):
     """Q values from calling the reward functions on each candidate next token (one-step lookahead).
 
-    For every row of a generation step, the prompt is the decode of the row's prompt tokens (what `generate`
-    received, padding skipped), the completion so far the decode of the tokens generated since, and the `k` tokens
+    For every row of a generation step, the prompt is the row's prompt tokens (what `generate` received, left padding
+    stripped) and the completion `c` the tokens generated since; the reward functions see their texts as in training
+    (`reward_functions.texts_for_rewards`: the prompt's decode and what the completion adds to it). The `k` tokens
     with the largest base logits (read off the LM head of the same forward pass, no extra forward) are scored as
-    `R(prompt, decode(c + [a])) - R(prompt, decode(c))`. Tokens outside the top `k` get `Q = 0` (no effect assumed);
+    `R(prompt, text(c + [a])) - R(prompt, text(c))`. Tokens outside the top `k` get `Q = 0` (no effect assumed);
     with `QTiltLogitsProcessor(..., top_k=k)` they are masked instead and the processor's own top-k are scored. Rows
     that already emitted a stop token get `Q = 0` (their steps are not sampled from).
 
@@ -59,7 +60,7 @@ class RewardLookahead(QSource):
         self._capture = LMHeadCapture(model.get_output_embeddings(), keep_output=True)
         self._scorer: PrefixScorer | None = None
         self._width = 0
-        self._prompts: list[str] = []
+        self._prompt_ids: list[list[int]] = []
         self._groups: list[int] = []
 
     def attach(self) -> None:
@@ -78,9 +79,16 @@ class RewardLookahead(QSource):
         self._finish_generation()
         self._scorer = PrefixScorer(self.functions, self.tokenizer, self.batch_size)
         self._width = input_ids.shape[1]
-        self._prompts = self.tokenizer.batch_decode(input_ids, skip_special_tokens=True)
-        self._groups = list(range(len(self._prompts)))
-        for group, prompt in enumerate(self._prompts):
+        pad = self.tokenizer.pad_token_id
+        self._prompt_ids = []
+        for row in input_ids.cpu().tolist():
+            start = 0
+            while pad is not None and start < len(row) - 1 and row[start] == pad:  # left padding
+                start += 1
+            self._prompt_ids.append(row[start:])
+        self._groups = list(range(len(self._prompt_ids)))
+        prompts, _ = texts_for_rewards(self.tokenizer, self._prompt_ids, [[] for _ in self._prompt_ids])
+        for group, prompt in enumerate(prompts):
             self._scorer.add_group(group, prompt, {})
 
     @torch.no_grad()
@@ -99,8 +107,10 @@ class RewardLookahead(QSource):
                 plans.append(None)
                 continue
             group = self._groups[row]
-            here = self._scorer.request(group, completion)
-            plans.append((here, [self._scorer.request(group, completion + [a]) for a in candidates[row].tolist()]))
+            prompt_ids = self._prompt_ids[group]
+            here = self._scorer.request(group, prompt_ids, completion)
+            keys = [self._scorer.request(group, prompt_ids, completion + [a]) for a in candidates[row].tolist()]
+            plans.append((here, keys))
         self._scorer.flush()
         effects = torch.zeros(candidates.shape, dtype=torch.float32)  # (N, k)
         for row, plan in enumerate(plans):
