@@ -1,19 +1,21 @@
 """The whole idea on a real model, offline: a Q head trained against a real reward tilts decoding, at a known KL cost.
 
-Pipeline (`make demo` runs it with the defaults below: 12 CPU-minutes, 16 minutes of wall time measured on a 2-core
-machine that other jobs were half using):
+Pipeline (`make demo` runs it with the defaults below):
 
 1. Prompts: short openings of reviews and stories (`recipes/data/review_openings.txt`, written for this repo), split
    into training and held-out evaluation prompts with a fixed seed.
 2. Data: `--num_generations` completions per training prompt, sampled from the base model (plain continuation, pure
    ancestral sampling at temperature 1), scored by VADER's compound sentiment in [-1, 1] (`vaderSentiment`, which
-   ships its own lexicon).
-3. Training: LoRA adapters on the top layers plus the Q head, with `QHeadTrainer`: Monte Carlo returns with gamma 1,
-   the sequence reward on the final action (a completion cut at `--max_new_tokens` is the whole scored episode, so its
-   last action is terminal: `generate_and_score` marks it `done`, its default `truncated_completions="terminal"`).
-   Rewards are centred per prompt (the mean of its completions is subtracted): this does not change the tilt, since
-   a per-state constant drops out of the softmax, but tokens the head never saw keep `Q = 0` = "average" instead of
-   "worse than every seen token".
+   ships its own lexicon), and (`--labels candidates`, the default) candidate labels: at every completion state the
+   base model's top `--candidate_k` next tokens, each scored by the reward on the prefix it makes
+   (`generate_and_score(candidate_rewards=k)`).
+3. Training: the Q head on the frozen pretrained model (`--lora_r 0`, the default; `--lora_r 16` adds LoRA adapters on
+   the top layers), with `QHeadTrainer`: Monte Carlo returns with gamma 1, the sequence reward on the final action (a
+   completion cut at `--max_new_tokens` is the whole scored episode, so its last action is terminal:
+   `generate_and_score` marks it `done`, its default `truncated_completions="terminal"`), and each candidate `a` of a
+   state regressed on `G_t + r'(s, a) - r'(s, a_t)`. Rewards are centred per prompt (the mean of its completions is
+   subtracted): this does not change the tilt, since a per-state constant drops out of the softmax, but tokens the
+   head never saw keep `Q = 0` = "average" instead of "worse than every seen token".
 4. Evaluation on held-out prompts, one table and one plot of mean reward against KL to the base policy:
    - base sampling (KL 0);
    - best-of-N with the same reward, N in {2, 4, 8, 16}: `KL = log N - (N - 1) / N`, N times the sampling compute;
@@ -21,9 +23,10 @@ machine that other jobs were half using):
      exact per-sequence KL(pi' || pi) that the processor records;
    and for every row distinct-2 and the base model's perplexity of the samples, so that reward hacking shows.
 
-"The base policy" is the trained model's own LM head (LoRA on). Its LM loss is self-distillation on base samples, so
-it stays close to the pretrained model; the drift KL(pi_LoRA || pi_pretrained) is measured and printed beside the table.
-Base and best-of-N samples come from the same policy, so every row of the table is measured against one reference.
+"The base policy" is the model's own LM head: the pretrained model itself by default. With adapters (`--lora_r 16`)
+its LM loss is self-distillation on base samples, so it stays close to the pretrained model; the drift
+KL(pi_LoRA || pi_pretrained) is measured and printed beside the table. Base and best-of-N samples come from the same
+policy, so every row of the table is measured against one reference.
 
 Usage:
     python recipes/demo_sentiment.py                      # SmolLM2-135M-Instruct, converted once from PyPI
@@ -347,7 +350,7 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     p.add_argument(
         "--labels",
         choices=LABELS,
-        default="mc",
+        default="candidates",
         help="mc: one Monte Carlo label per sampled action; candidates: also the reward's verdict on the base "
         "model's top-k next tokens at every --candidate_stride-th state (generate_and_score(candidate_rewards=k)); "
         "effects: the candidates' immediate effects alone, the returns left out (a one-step head)",
@@ -362,7 +365,7 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
         default="dense",
         help="dense: a free [|V|, H] Q head; tied: Q = W_lm (U h) + b on the LM head's rows",
     )
-    p.add_argument("--lora_r", type=int, default=16, help="0: no adapters, the Q head on the frozen model")
+    p.add_argument("--lora_r", type=int, default=0, help="0: no adapters, the Q head on the frozen model")
     p.add_argument("--lora_layers", type=int, default=6, help="adapt the top N blocks (0: all)")
     p.add_argument("--eval_samples", type=int, default=16, help="base samples per held-out prompt (>= max best-of-N)")
     p.add_argument("--tilted_samples", type=int, default=4, help="Q-tilted samples per held-out prompt and beta")
@@ -472,7 +475,7 @@ def run(args: argparse.Namespace) -> dict:
     if labelling_cost:
         print(f"      labelling cost: {labelling_cost}", flush=True)
 
-    print("[3/5] Training the LoRA adapters and the Q head (QHeadTrainer, Monte Carlo returns, gamma 1)", flush=True)
+    print(f"[3/5] Training the Q head (QHeadTrainer, Monte Carlo returns, gamma 1, labels {args.labels})", flush=True)
     log = train_qhead(
         model,
         tokenizer,
@@ -579,7 +582,7 @@ def write_outputs(results: dict, rows: Sequence[FrontierRow], out_dir: Path, arg
         f"Q-tilted against best-of-N at equal KL (interpolated):\n{comparison}\n\n"
         f"Mean gain ratio (tilt gain / best-of-N gain at equal KL) over tilted rows with KL in [0.2, 1.5]: "
         + ("none in range" if ratio is None else f"{ratio:.2f}")
-        + f" (labels {args.labels}, q_target {args.q_target}).\n\n"
+        + f" (labels {args.labels}, q_target {args.q_target}, {args.q_head_type} head, lora_r {args.lora_r}).\n\n"
         f"Drift of the adapted LM from the pretrained model, KL(pi_LoRA || pi_pretrained) per completion: "
         f"{results['policy_drift_kl_lora_vs_pretrained']:.3f} nats.\n"
         f"Wall time: {results['wall_seconds']:.0f} s.\n"
