@@ -19,7 +19,7 @@ prompts, reward, data and evaluation settings and seeds:
    (`frontier_comparison`, gain ratios).
 
 Usage:
-    python recipes/gvpo_frontier.py --threads 2                    # SmolLM2-135M-Instruct, betas 0.5 0.25 0.1
+    python recipes/gvpo_frontier.py --threads 2                    # SmolLM2-135M-Instruct, betas 0.5 0.2 0.05
     python recipes/gvpo_frontier.py --betas 1 0.3 --epochs 2 --learning_rate 2e-4 --lora_r 8
 
 Outputs go to `--output_dir` (default `outputs/gvpo_frontier/`): `results.md`, `results.json` (the rows, the
@@ -70,7 +70,7 @@ from trl_qhead.gvpo import group_rows, gvpo_loss_on_groups  # noqa: E402
 from trl_qhead.reference import as_reference  # noqa: E402
 from trl_qhead.rollouts import Samples, sample_completions  # noqa: E402
 
-DEFAULT_BETAS = (0.5, 0.25, 0.1)
+DEFAULT_BETAS = (0.5, 0.2, 0.05)
 METHOD = "GVPO"
 
 
@@ -243,8 +243,8 @@ def gvpo_policies(
     *,
     betas: Sequence[float] = DEFAULT_BETAS,
     num_generations: int = 8,
-    epochs: int = 1,
-    learning_rate: float = 1e-4,
+    epochs: int = 2,
+    learning_rate: float = 5e-4,
     groups_per_step: int = 2,
     policy_samples: int = 4,
     max_new_tokens: int = 24,
@@ -350,8 +350,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompts_file", default=d.prompts_file, help="one prompt per line (default: the demo's)")
     p.add_argument("--reward", default=d.reward, help="'vader' or 'package.module:function', a TRL reward function")
     p.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS), help="one GVPO policy per beta")
-    p.add_argument("--epochs", type=int, default=1, help="passes over the training groups")
-    p.add_argument("--learning_rate", type=float, default=1e-4, help="LoRA adapters (AdamW, constant)")
+    p.add_argument("--epochs", type=int, default=2, help="passes over the training groups")
+    p.add_argument("--learning_rate", type=float, default=5e-4, help="LoRA adapters (AdamW, constant)")
     p.add_argument("--groups_per_step", type=int, default=2, help="prompts (groups of k completions) per step")
     p.add_argument("--lora_r", type=int, default=d.lora_r)
     p.add_argument("--lora_layers", type=int, default=d.lora_layers, help="adapt the top N blocks (0: all)")
