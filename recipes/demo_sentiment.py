@@ -412,7 +412,7 @@ def sample_training_data(
         batch_size=max(1, args.gen_batch_size // num_generations),
         generation_kwargs=SAMPLING,
         candidate_rewards=args.candidate_k if candidates else None,
-        candidate_stride=args.candidate_stride,
+        candidate_stride=args.candidate_stride if candidates else 1,
     )
     return scored, json.loads(scored.info.description)["labelling_cost"] if candidates else None
 

@@ -98,3 +98,72 @@ def test_policy_drift_kl_is_zero_without_drift_and_matches_a_direct_sum(gpt2_tok
     drift = evaluation.policy_drift_kl(model, prompts, completions, pad_token_id=0, batch_size=2)
     assert drift > 0.0
     assert drift == pytest.approx(expected / 2, rel=1e-4)
+
+
+def test_policy_log_ratios_are_zero_without_drift_and_match_a_direct_sum():
+    from peft import LoraConfig
+
+    from trl_qhead import AutoModelForCausalLMWithQHead
+
+    lora = LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=True)
+    backbone = AutoModelForCausalLMWithQHead.from_pretrained(make_tiny_gpt2(), peft_config=lora).pretrained_model
+    prompts, completions = [[1, 2, 3], [4]], [[5, 6], [7, 8, 9]]
+    assert evaluation.policy_log_ratios(backbone, prompts, completions, pad_token_id=0) == pytest.approx([0.0, 0.0])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, p in backbone.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.5)
+    backbone.train()  # dropout on: the ratios must still be computed without it, and the mode given back
+    expected = []
+    backbone.eval()
+    with torch.no_grad():
+        for p, c in zip(prompts, completions, strict=True):  # one unpadded sequence at a time, token by token
+            ids = torch.tensor([p + c])
+            adapted = torch.log_softmax(backbone(ids).logits[0].float(), -1)
+            with backbone.disable_adapter():
+                pretrained = torch.log_softmax(backbone(ids).logits[0].float(), -1)
+            expected.append(
+                sum((adapted[len(p) - 1 + k, t] - pretrained[len(p) - 1 + k, t]).item() for k, t in enumerate(c))
+            )
+    backbone.train()
+    ratios = evaluation.policy_log_ratios(backbone, prompts, completions, pad_token_id=0, batch_size=2)
+    assert backbone.training
+    assert min(abs(r) for r in expected) > 1e-3  # the adapters moved the policy: a zero would not pass
+    assert ratios == pytest.approx(expected, abs=1e-4)  # differences of float32 sums of ~10-nat log-probs
+
+
+def _row(method, setting, kl, reward, train_seconds=None):
+    return evaluation.FrontierRow(method, setting, reward, 0.0, kl, 1, 0.0, 1.0, 10.0, 1, train_seconds)
+
+
+def test_frontier_comparison_covers_every_method_beside_best_of_n():
+    rows = [
+        _row("base sampling", "", 0.0, 0.1),
+        _row("best-of-N", "N=2", 0.5, 0.3),
+        _row("best-of-N", "N=4", 1.0, 0.5),
+        _row("Q-tilted", "beta=1", 0.5, 0.2),
+        _row("GVPO", "beta=0.5", 0.25, 0.15, train_seconds=12.0),
+        _row("GVPO", "beta=0.1", 1.0, 0.6, train_seconds=12.0),
+    ]
+    comparison = evaluation.frontier_comparison(rows)
+    assert [(c["method"], c["setting"]) for c in comparison] == [
+        ("Q-tilted", "beta=1"),
+        ("GVPO", "beta=0.5"),
+        ("GVPO", "beta=0.1"),
+    ]
+    assert [c["best_of_n_at_kl"] for c in comparison] == pytest.approx([0.3, 0.2, 0.5])
+    assert [c["gain_ratio"] for c in comparison] == pytest.approx([0.5, 0.5, 1.25])
+    assert evaluation.mean_gain_ratio(comparison, (0.2, 1.5), method="GVPO") == pytest.approx((0.5 + 1.25) / 2)
+    assert evaluation.mean_gain_ratio(comparison, (0.2, 1.5), method="Q-tilted") == pytest.approx(0.5)
+    assert evaluation.mean_gain_ratio(comparison, (0.2, 1.5)) == pytest.approx((0.5 + 0.5 + 1.25) / 3)
+
+
+def test_markdown_table_shows_training_seconds_only_when_a_row_has_them():
+    plain = evaluation.markdown_table([_row("base sampling", "", 0.0, 0.1)])
+    assert "training s" not in plain and plain.splitlines()[2].endswith("| 1 |")
+    table = evaluation.markdown_table([_row("base sampling", "", 0.0, 0.1), _row("GVPO", "beta=1", 0.5, 0.2, 123.4)])
+    header, rule, base, gvpo = table.splitlines()
+    assert header.endswith("| training s |") and rule.count("---") == 10
+    assert base.endswith("| 1 |  |") and gvpo.endswith("| 1 | 123 |")
+    assert all(line.count("|") == 11 for line in (header, rule, base, gvpo))

@@ -22,6 +22,7 @@ RUN_BY = {
     "recipes/checkpoint_size.py": "tests/test_scripts.py",
     "recipes/demo_sentiment.py": "tests/test_scripts.py",
     "recipes/gpu_check.py": "tests/test_scripts.py",
+    "recipes/gvpo_frontier.py": "tests/recipes/test_gvpo_frontier.py",
     "recipes/offline_assets.py": "tests/test_scripts.py",
     "recipes/qhead_lora.py": "tests/recipes/test_qhead_lora.py",
     "tools/hostile_counts.py": "tests/test_scripts.py",

@@ -5,11 +5,15 @@ likelihood of the samples so that reward hacking would show.
   `best_of_n_kl(N) = log N - (N - 1) / N`;
 - diversity: `distinct_n`, `distinct_n_per_prompt_set`;
 - likelihood under a reference model: `completion_nll`, `perplexity`, `score_likelihood`;
-- how far adapters moved the policy: `policy_drift_kl`, `KL(pi_adapted || pi_pretrained)`;
-- the frontier table: `base_and_best_of_n_rows`, `tilted_row`, `frontier_comparison` (the tilt against best-of-N at
-  equal KL, with the gain ratio; `mean_gain_ratio`), `markdown_table`, `frontier_json`, `plot_frontier`.
+- how far adapters moved the policy: `policy_drift_kl`, `KL(pi_adapted || pi_pretrained)`, exact per step on given
+  completions; `policy_log_ratios`, `log pi_adapted(y|x) - log pi_pretrained(y|x)` per completion, whose mean over the
+  adapted policy's own samples estimates that KL per completion (the KL of a trained policy's row);
+- the frontier table: `base_and_best_of_n_rows`, `tilted_row`, `policy_row` (any other sampler, e.g. a trained policy),
+  `frontier_comparison` (every other row against best-of-N at equal KL, with the gain ratio; `mean_gain_ratio`),
+  `markdown_table`, `frontier_json`, `plot_frontier`.
 
-Samples come from `trl_qhead.rollouts.sample_completions`; `recipes/demo_sentiment.py` runs the whole evaluation.
+Samples come from `trl_qhead.rollouts.sample_completions`; `recipes/demo_sentiment.py` runs the whole evaluation,
+`recipes/gvpo_frontier.py` adds GVPO-trained policies to it.
 """
 
 from __future__ import annotations
@@ -148,9 +152,51 @@ def policy_drift_kl(
     return total / max(n_seq, 1)
 
 
+@torch.no_grad()
+def policy_log_ratios(
+    model,
+    prompt_ids: Sequence[Sequence[int]],
+    completion_ids: Sequence[Sequence[int]],
+    *,
+    pad_token_id: int,
+    batch_size: int = 32,
+) -> list[float]:
+    """Per completion: `log pi_adapted(y|x) - log pi_pretrained(y|x)`, summed over its tokens.
+
+    `pi_adapted` is `model` as it is (adapters on), `pi_pretrained` the same model with its adapters disabled
+    (`trl_qhead.reference.as_reference`); both are evaluated in eval mode (dropout off), and the training mode is
+    restored. Over completions sampled from `pi_adapted`, the mean is an unbiased Monte Carlo estimate of
+    `KL(pi_adapted || pi_pretrained)` per completion (a single completion's ratio can be negative).
+
+    Args:
+        model: a PEFT causal LM (the backbone of an `AutoModelForCausalLMWithQHead`), or any causal LM (then every
+            ratio is 0).
+        prompt_ids, completion_ids: the prompts (one per completion) and completions, token ids without padding.
+        pad_token_id: the id used to pad a batch (masked out).
+        batch_size: sequences per forward.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        adapted, _ = completion_nll(
+            model, prompt_ids, completion_ids, pad_token_id=pad_token_id, batch_size=batch_size
+        )
+        with as_reference(model):
+            pretrained, _ = completion_nll(
+                model, prompt_ids, completion_ids, pad_token_id=pad_token_id, batch_size=batch_size
+            )
+    finally:
+        model.train(was_training)
+    return [p - a for a, p in zip(adapted, pretrained, strict=True)]  # NLLs: log pi_a - log pi_p = nll_p - nll_a
+
+
 @dataclass
 class FrontierRow:
-    """One line of the reward-vs-KL table: a sampling method at one setting, measured on held-out prompts."""
+    """One line of the reward-vs-KL table: a sampling method at one setting, measured on held-out prompts.
+
+    `train_seconds` is a one-off training cost of the method (e.g. fitting a policy), `None` where it has none or it
+    was not measured; `markdown_table` shows the column only when a row has it.
+    """
 
     method: str
     setting: str
@@ -162,6 +208,7 @@ class FrontierRow:
     distinct_2: float
     perplexity: float
     n: int
+    train_seconds: float | None = None
 
 
 def _mean_sem(values: Sequence[float]) -> tuple[float, float]:
@@ -200,18 +247,34 @@ def base_and_best_of_n_rows(base: Samples, best_of: Sequence[int] = BEST_OF_NS) 
 def tilted_row(samples: Samples, beta: float, method: str = "Q-tilted") -> FrontierRow:
     """The row of tilted sampling at `beta` (KL from the processor, mean over samples); `method` names the tilt
     (which Q head or source) where one table holds several."""
+    return policy_row(samples, method, f"beta={beta:g}", kl=sum(samples.kl) / len(samples.kl))
+
+
+def policy_row(
+    samples: Samples, method: str, setting: str, *, kl: float, train_seconds: float | None = None
+) -> FrontierRow:
+    """The row of a sampler that draws one sample per output (a tilt, a trained policy) from its scored samples.
+
+    Args:
+        samples: its samples on the held-out prompts, scored (`rewards`) and with their likelihood under the
+            pretrained model (`score_likelihood`).
+        method, setting: the row's labels, e.g. `"GVPO"`, `"beta=0.1"`.
+        kl: its KL to the base policy, nats per completion (e.g. the mean of `policy_log_ratios`).
+        train_seconds: its one-off training cost, if any.
+    """
     reward, sem = _mean_sem(samples.rewards)
     return FrontierRow(
         method=method,
-        setting=f"beta={beta:g}",
+        setting=setting,
         reward=reward,
         reward_sem=sem,
-        kl=sum(samples.kl) / len(samples.kl),
+        kl=kl,
         samples_per_output=1,
         seconds_per_output=samples.seconds / len(samples.texts),
         distinct_2=distinct_n_per_prompt_set(samples.texts, len(samples.prompts)),
         perplexity=perplexity(samples.nll, samples.n_tokens),
         n=len(samples.texts),
+        train_seconds=train_seconds,
     )
 
 
@@ -219,11 +282,11 @@ BASELINE_METHODS = ("base sampling", "best-of-N")
 
 
 def frontier_comparison(rows: Sequence[FrontierRow]) -> list[dict]:
-    """For each row that is not a baseline (base sampling, best-of-N): each tilted row, whatever its `method`, the
-    best-of-N reward at the same KL (linear interpolation between the measured
-    best-of-N points, base sampling at KL 0; `None` beyond N = 16), the difference, and the gain ratio
-    `(reward - base) / (best_of_n_at_kl - base)`: the share of best-of-N's gain over base sampling that the tilt gets
-    at equal KL (1 = parity; `None` where best-of-N is not defined there or gains nothing)."""
+    """For each row other than base sampling and best-of-N (Q-tilted, a trained policy, ...), the best-of-N reward at
+    the same KL (linear interpolation between the measured best-of-N points, base sampling at KL 0; `None` beyond
+    N = 16), the difference, and the gain ratio `(reward - base) / (best_of_n_at_kl - base)`: the share of best-of-N's
+    gain over base sampling that the row gets at equal KL (1 = parity; `None` where best-of-N is not defined there or
+    gains nothing). Each entry names the row's `method` and `setting`."""
     curve = sorted([(r.kl, r.reward) for r in rows if r.method in BASELINE_METHODS])
     base = next((r.reward for r in rows if r.method == "base sampling"), None)
     out = []
@@ -252,9 +315,8 @@ def frontier_comparison(rows: Sequence[FrontierRow]) -> list[dict]:
 def mean_gain_ratio(
     comparison: Sequence[dict], kl_range: tuple[float, float] = (0.2, 1.5), method: str | None = None
 ) -> float | None:
-    """The mean `gain_ratio` of `frontier_comparison` over the tilted rows whose KL lies in `kl_range` (nats) (and
-    whose method is `method`, when given), `None` when none does: one number per configuration, the tilt against
-    best-of-N at equal KL."""
+    """The mean `gain_ratio` of `frontier_comparison` over the rows (of `method`, or all when `None`) whose KL lies in
+    `kl_range` (nats), `None` when none does: one number per configuration, the method against best-of-N at equal KL."""
     ratios = [
         c["gain_ratio"]
         for c in comparison
@@ -266,16 +328,19 @@ def mean_gain_ratio(
 
 
 def markdown_table(rows: Sequence[FrontierRow]) -> str:
-    """The table as markdown, one line per row (what `results.md` shows)."""
+    """The table as markdown, one line per row (what `results.md` shows); a "training s" column is added when a row
+    has `train_seconds` (blank for the rows without)."""
+    with_training = any(r.train_seconds is not None for r in rows)
     lines = [
         "| method | setting | mean reward (± s.e.) | KL to base (nats) | samples per output | s per output | distinct-2 | "
-        "base-model ppl | n |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "base-model ppl | n |" + (" training s |" if with_training else ""),
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if with_training else ""),
     ]
     for r in rows:
+        training = "" if not with_training else f" {'' if r.train_seconds is None else f'{r.train_seconds:.0f}'} |"
         lines.append(
             f"| {r.method} | {r.setting} | {r.reward:+.3f} ± {r.reward_sem:.3f} | {r.kl:.3f} | {r.samples_per_output} "
-            f"| {r.seconds_per_output:.2f} | {r.distinct_2:.3f} | {r.perplexity:.1f} | {r.n} |"
+            f"| {r.seconds_per_output:.2f} | {r.distinct_2:.3f} | {r.perplexity:.1f} | {r.n} |" + training
         )
     return "\n".join(lines)
 
@@ -288,8 +353,9 @@ def frontier_json(rows: Sequence[FrontierRow]) -> list[dict]:
 def plot_frontier(
     rows: Sequence[FrontierRow], path: str | os.PathLike, title: str, reward_label: str = "mean reward"
 ) -> None:
-    """Mean reward against KL to the base policy: best-of-N (with base at KL 0) and one curve per other method (each
-    tilt), saved to `path` (needs matplotlib, in the `demo` extra)."""
+    """Mean reward against KL to the base policy: best-of-N (with base at KL 0) and one curve per other method
+    (Q-tilted sampling, a trained policy, ...), in their order in `rows`, saved to `path` (needs matplotlib, in the
+    `demo` extra)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -297,11 +363,14 @@ def plot_frontier(
 
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=100)
     base = [r for r in rows if r.method == "base sampling"]
-    # Both curves start at base sampling: best-of-1, and the tilt at beta = infinity, are the base policy itself.
-    tilts = list(dict.fromkeys(r.method for r in rows if r.method not in BASELINE_METHODS))
-    curves = [("best-of-N", "o-", "best-of-N (N x compute)")]
-    curves += [(m, "s-" if i == 0 else "^--", f"{m} (1x)") for i, m in enumerate(tilts)]
-    for method, style, label in curves:
+    # Every curve starts at base sampling: best-of-1, the tilt at beta = infinity and a policy trained with an
+    # infinite KL penalty are the base policy itself.
+    others = list(dict.fromkeys(r.method for r in rows if r.method not in BASELINE_METHODS))
+    labels = {"best-of-N": "best-of-N (N x compute)", "Q-tilted": "Q-tilted (1x)"}
+    styles = ("s-", "^-", "D-", "v-", "P-")
+    curves = [("best-of-N", "o-")] + [(m, styles[i % len(styles)]) for i, m in enumerate(others or ["Q-tilted"])]
+    for method, style in curves:
+        label = labels.get(method, method)
         pts = sorted(base + [r for r in rows if r.method == method], key=lambda r: r.kl)
         ax.errorbar(
             [r.kl for r in pts],
