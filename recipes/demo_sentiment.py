@@ -9,8 +9,9 @@ Pipeline (`make demo` runs it with the defaults below):
    ships its own lexicon), and (`--labels candidates`, the default) candidate labels: at every completion state the
    base model's top `--candidate_k` next tokens, each scored by the reward on the prefix it makes
    (`generate_and_score(candidate_rewards=k)`).
-3. Training: the Q head on the frozen pretrained model (`--lora_r 0`, the default; `--lora_r 16` adds LoRA adapters on
-   the top layers), with `QHeadTrainer`: Monte Carlo returns with gamma 1, the sequence reward on the final action (a
+3. Training: a tied Q head (`--q_head_type tied`, `Q = W_lm (U h) + b`; `dense` for a free `[|V|, H]` head) on the
+   frozen pretrained model (`--lora_r 0`, the default; `--lora_r 16` adds LoRA adapters on the top layers), with
+   `QHeadTrainer`: Monte Carlo returns with gamma 1, the sequence reward on the final action (a
    completion cut at `--max_new_tokens` is the whole scored episode, so its last action is terminal:
    `generate_and_score` marks it `done`, its default `truncated_completions="terminal"`), and each candidate `a` of a
    state regressed on `G_t + r'(s, a) - r'(s, a_t)`. Rewards are centred per prompt (the mean of its completions is
@@ -362,7 +363,7 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     p.add_argument(
         "--q_head_type",
         choices=("dense", "tied"),
-        default="dense",
+        default="tied",
         help="dense: a free [|V|, H] Q head; tied: Q = W_lm (U h) + b on the LM head's rows",
     )
     p.add_argument("--lora_r", type=int, default=0, help="0: no adapters, the Q head on the frozen model")
