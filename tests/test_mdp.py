@@ -143,3 +143,36 @@ def test_per_token_rewards_go_to_the_action_that_produces_the_token(side):
             position = (batch["input_ids"][b] == token).nonzero().item()
             assert token_grid[b, position] == value
     assert token_grid.sum() == sum(v.sum() for v in values)
+
+
+def test_episode_ids_split_last_actions_bootstraps_and_folded_rewards():
+    """Packed rows: a slow loop over episodes against the vectorised masks and the fold."""
+    from trl_qhead.mdp import bootstrap_mask, episode_ids_from_positions, fold_onto_actions, last_action_mask
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        positions = torch.zeros(3, 12, dtype=torch.long)
+        for row in range(3):  # documents of random lengths, numbered from 0 each
+            t = 0
+            while t < 12:
+                n = int(torch.randint(1, 5, (1,), generator=g))
+                positions[row, t : t + n] = torch.arange(min(n, 12 - t))
+                t += n
+        episodes = episode_ids_from_positions(positions)
+        act = torch.rand(3, 12, generator=g) < 0.6
+        act[:, -1] = False
+        rewards = torch.randn(3, 12, generator=g)
+        last, folded = last_action_mask(act, episodes), fold_onto_actions(rewards, act, episodes)
+        expected_last = torch.zeros_like(act)
+        expected_fold = torch.zeros(3, 12)
+        for row in range(3):
+            for t in range(12):
+                same = [p for p in range(12) if act[row, p] and episodes[row, p] == episodes[row, t]]
+                if act[row, t] and max(same) == t:
+                    expected_last[row, t] = True
+                owners = [p for p in same if p <= t]
+                if owners:  # a reward goes to the last action at or before it, in its own episode
+                    expected_fold[row, max(owners)] += rewards[row, t]
+        assert torch.equal(last, expected_last)
+        torch.testing.assert_close(folded, expected_fold)
+        assert torch.equal(bootstrap_mask(act, episodes)[:, 1:], expected_last[:, :-1])

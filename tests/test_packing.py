@@ -13,7 +13,7 @@ from tests.oracles import action_rewards
 from trl_qhead import AutoModelForCausalLMWithQHead, DataCollatorForQHead, QHeadConfig, QHeadTrainer, prepare_dataset
 from trl_qhead.backbone import attention_inputs
 from trl_qhead.data import has_action
-from trl_qhead.mdp import action_mask_from_labels, episode_dones, next_tokens
+from trl_qhead.mdp import action_mask_from_labels, episode_dones, episode_ids_from_positions, next_tokens
 from trl_qhead.returns import compute_returns
 
 EOS = 50256  # GPT-2's
@@ -32,7 +32,9 @@ def returns_by_document(rows, gamma=0.9, value=5.0) -> list[list[float]]:
         next_tokens(batch["input_ids"]), action_mask, EOS, done=batch.get("done"), token_dones=batch.get("dones")
     )
     values = torch.full(action_mask.shape, value)
-    returns = compute_returns(action_rewards(batch, action_mask), values, action_mask, gamma=gamma, dones=dones)
+    episodes = episode_ids_from_positions(batch["position_ids"]) if "position_ids" in batch else None  # as the trainer
+    rewards = action_rewards(batch, action_mask)
+    returns = compute_returns(rewards, values, action_mask, gamma=gamma, dones=dones, episode_ids=episodes)
     return rounded([row[mask].tolist() for row, mask in zip(returns, action_mask, strict=True)])
 
 

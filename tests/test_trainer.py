@@ -276,23 +276,24 @@ def test_logged_losses_are_token_weighted_over_accumulated_micro_batches(tmp_pat
 
 def test_trainer_targets_stop_at_done_and_bootstrap_otherwise(gpt2_tokenizer, monkeypatch):
     """gamma = 1, Monte Carlo, one sequence reward per row and a nonzero Q head: the target of every action of a `done`
-    row is its reward exactly; a cut row without `done` adds V of the state where it was cut."""
+    row is its reward exactly, and so is that of a row cut by `max_length` (its reward is paid on the last kept action,
+    which is terminal: the README's truncation rule); a row without `done` adds V of the state after its last action."""
     model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_init="normal")
     with torch.no_grad():
         # An offset, so that V(s) (a policy average of q) is far from 0 and a wrong bootstrap would show.
         model.q_head.bias.normal_(1.5, 0.5, generator=torch.Generator().manual_seed(0))
-    rows = [[5, 9, 11, 40, 41], [3, 4, 5, 6, 7, 8], [8, 9, 10, 12, 13, 14]]  # no EOS (50256) anywhere
+    rows = [[5, 9, 11, 40, 41], [3, 4, 5, 6, 7], [8, 9, 10, 12, 13, 14]]  # no EOS (50256) anywhere
     data = Dataset.from_dict(
         {
             "input_ids": rows,
-            "completion_mask": [[0, 0, 1, 1, 1], [0, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]],
+            "completion_mask": [[0, 0, 1, 1, 1], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]],
             "reward": [0.75, -1.25, 2.0],
             "done": [True, False, True],
         }
     )
     args = QHeadConfig(output_dir="/tmp/unused", gamma=1.0, report_to=[], use_cpu=True, max_length=5)
     trainer = QHeadTrainer(model, args, train_dataset=data, processing_class=gpt2_tokenizer)
-    assert trainer.train_dataset["done"] == [True, False, False]  # the third row is cut by max_length=5
+    assert trainer.train_dataset["done"] == [True, False, True]  # the third row, cut by max_length=5, is terminal
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
 
     targets = []
@@ -313,7 +314,7 @@ def test_trainer_targets_stop_at_done_and_bootstrap_otherwise(gpt2_tokenizer, mo
     values = (torch.softmax(out.logits.float(), -1) * out.q_values).sum(-1)  # V(s) = sum_a pi(a|s) q(s, a)
     for row, reward in enumerate([0.75, -1.25, 2.0]):
         g = returns[row][action_mask[row]]
-        if row == 0:
+        if row != 1:
             assert torch.equal(g, torch.full_like(g, reward))  # r on the last action, nothing bootstrapped
         else:
             v_cut = values[row, action_mask[row].nonzero().max() + 1]

@@ -390,7 +390,7 @@ def plot_frontier(
     ax.set_ylabel(reward_label)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=7 if len(curves) > 3 else None)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

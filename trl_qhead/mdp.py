@@ -11,7 +11,9 @@ action produces. Those are the environment's moves, not actions: they are never 
 goes to the last action before it (`fold_onto_actions`), and the returns flow across them from one action to the next
 (`trl_qhead.returns.compute_returns`). Only the row's last action bootstraps (`bootstrap_mask`), and an EOS that closes an
 earlier turn does not end the episode (`episode_dones(..., one_episode_per_row=True)`). Packed rows hold one document
-after another, each its own episode, ended by its EOS (or its `dones` flag).
+after another, each its own episode, ended by its EOS (or its `dones` flag): `episode_ids` (from the packed batch's
+`position_ids`, which restart at 0 with each document) tell the helpers below and `compute_returns` where one ends,
+so that no return, bootstrap or folded reward crosses from one document into the next.
 """
 
 from __future__ import annotations
@@ -85,10 +87,26 @@ def episode_dones(
     return (dones & action_mask.bool()).float()
 
 
-def last_action_mask(action_mask: torch.Tensor) -> torch.Tensor:
-    """`True` at each row's last action (the rightmost position holding one); rows without an action get none."""
+def episode_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """`[B, T]` the index of the episode each position belongs to, in a packed batch whose `position_ids` restart at 0
+    with each document (TRL's padding-free packing): 1 for the row's first document, 2 for the next, ..."""
+    return (position_ids == 0).long().cumsum(dim=1)
+
+
+def last_action_mask(action_mask: torch.Tensor, episode_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`True` at each row's last action (the rightmost position holding one); rows without an action get none. With
+    `episode_ids` (`[B, T]`, packed rows), at the last action of each episode: an action whose next action in the row
+    belongs to another episode, or that has none."""
     positions = torch.arange(action_mask.shape[1], device=action_mask.device)
-    return positions == last_action_index(action_mask)[:, None]
+    if episode_ids is None:
+        return positions == last_action_index(action_mask)[:, None]
+    act = action_mask.bool()
+    T = act.shape[1]
+    after = torch.full_like(positions.expand_as(act), T)
+    after[:, :-1] = torch.where(act[:, 1:], positions[1:], T)
+    next_action = after.flip(1).cummin(dim=1).values.flip(1)  # the next action's position, T when none
+    next_episode = episode_ids.gather(1, next_action.clamp(max=T - 1))
+    return act & ((next_action == T) | (next_episode != episode_ids))
 
 
 def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
@@ -99,19 +117,25 @@ def last_action_index(action_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(action_mask.bool(), positions, -1).amax(dim=1)
 
 
-def bootstrap_mask(action_mask: torch.Tensor) -> torch.Tensor:
-    """`True` at the state just after each row's last action: where Monte Carlo returns need `V(s)`. An earlier run
-    of actions (a multi-turn row) does not bootstrap: its return goes on to the next action."""
+def bootstrap_mask(action_mask: torch.Tensor, episode_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """`True` at the state just after each row's (or, with `episode_ids`, each episode's) last action: where Monte
+    Carlo returns need `V(s)`. An earlier run of actions of the same episode (a multi-turn row) does not bootstrap:
+    its return goes on to the next action."""
     mask = torch.zeros_like(action_mask, dtype=torch.bool)
-    mask[:, 1:] = last_action_mask(action_mask)[:, :-1]
+    mask[:, 1:] = last_action_mask(action_mask, episode_ids)[:, :-1]
     return mask
 
 
-def value_mask(action_mask: torch.Tensor, attention_mask: torch.Tensor, gae_lambda: float | None) -> torch.Tensor:
-    """`(B, T)` bool, where `compute_returns` reads `V(s)`: each row's bootstrap state for Monte Carlo returns
+def value_mask(
+    action_mask: torch.Tensor,
+    attention_mask: torch.Tensor,
+    gae_lambda: float | None,
+    episode_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`(B, T)` bool, where `compute_returns` reads `V(s)`: each episode's bootstrap state for Monte Carlo returns
     (`gae_lambda` None or 1), every real state otherwise."""
     monte_carlo = gae_lambda is None or gae_lambda == 1
-    return bootstrap_mask(action_mask) if monte_carlo else attention_mask.bool()
+    return bootstrap_mask(action_mask, episode_ids) if monte_carlo else attention_mask.bool()
 
 
 def token_rewards_to_actions(token_rewards: torch.Tensor) -> torch.Tensor:
@@ -121,7 +145,9 @@ def token_rewards_to_actions(token_rewards: torch.Tensor) -> torch.Tensor:
     return rewards
 
 
-def fold_onto_actions(rewards: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:
+def fold_onto_actions(
+    rewards: torch.Tensor, action_mask: torch.Tensor, episode_ids: torch.Tensor | None = None
+) -> torch.Tensor:
     """Rewards on the action grid, with those of positions that hold no action moved onto the last action before them.
 
     Between two runs of actions (a multi-turn row) the tokens are the environment's moves: a reward earned on one of
@@ -132,13 +158,18 @@ def fold_onto_actions(rewards: torch.Tensor, action_mask: torch.Tensor) -> torch
     Args:
         rewards: `[B, T]` rewards on the action grid (`r_t`, e.g. from `token_rewards_to_actions`).
         action_mask: `[B, T]` bool, where a position holds an action.
+        episode_ids: optional `[B, T]` episode index per position (packed rows): a reward is only moved onto an
+            action of its own episode (before a document's first action it is dropped, as before a row's).
 
     Returns:
         `[B, T]` float32, zero off the actions.
     """
     positions = torch.arange(action_mask.shape[1], device=action_mask.device).expand_as(action_mask)
     owner = torch.where(action_mask.bool(), positions, -1).cummax(dim=1).values  # the last action at or before t
-    kept = torch.where(owner >= 0, rewards.float(), 0.0)
+    has_owner = owner >= 0
+    if episode_ids is not None:
+        has_owner &= episode_ids.gather(1, owner.clamp(min=0)) == episode_ids
+    kept = torch.where(has_owner, rewards.float(), 0.0)
     return torch.zeros_like(kept).scatter_add_(1, owner.clamp(min=0), kept)
 
 

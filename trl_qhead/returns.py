@@ -73,6 +73,7 @@ def compute_returns(
     gae_lambda: float | None = None,
     dones: torch.Tensor | None = None,
     beta: float | None = None,
+    episode_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Computes lambda-return targets G_t on the model's position grid.
 
@@ -102,6 +103,10 @@ def compute_returns(
             ``m = max(V, G)``, so no exponential is ever taken of a large number: it stays finite and accurate
             for small beta (0.05) and large returns (100). lam = 0 and lam = 1 skip the blend and give exactly
             the numbers of ``beta=None``.
+        episode_ids: optional [B, T] episode index of each position, for rows that hold several episodes (packed
+            documents, ``mdp.episode_ids_from_positions``): the last action of each episode bootstraps (from
+            ``values[b, t + 1]``, unless done) instead of continuing into the next episode's first action. None:
+            each row is one episode.
 
     Returns:
         [B, T] detached tensor of targets G_t, zero where ``action_mask`` is 0. Its dtype is the promotion of
@@ -132,6 +137,8 @@ def compute_returns(
     _check_2d("action_mask", action_mask, rewards.shape)
     if dones is not None:
         _check_2d("dones", dones, rewards.shape)
+    if episode_ids is not None:
+        _check_2d("episode_ids", episode_ids, rewards.shape)
 
     device = rewards.device
     dtype = torch.promote_types(torch.promote_types(rewards.dtype, values.dtype), torch.float32)
@@ -145,8 +152,8 @@ def compute_returns(
         raise ValueError("`rewards` must be finite at action positions (action_mask == 1)")
 
     B, T = r.shape
-    # Only the row's last action bootstraps from V(s_{t+1}); every other one continues to the next action.
-    last = last_action_mask(act)
+    # Only the row's (episode's) last action bootstraps from V(s_{t+1}); every other one continues to the next action.
+    last = last_action_mask(act, None if episode_ids is None else episode_ids.to(device))
     if beta is not None and 0.0 < lam < 1.0:
         log_lam, log_keep = math.log(lam), math.log1p(-lam)
     returns = torch.zeros_like(r)

@@ -40,7 +40,7 @@ from trl.trainer.utils import nanstd
 
 from .chat import completions_like, is_messages
 from .config import REWARD_NORMALIZATIONS
-from .mdp import fold_onto_actions, sequence_rewards_to_actions, token_rewards_to_actions
+from .mdp import episode_ids_from_positions, fold_onto_actions, sequence_rewards_to_actions, token_rewards_to_actions
 from .reference import as_reference, frozen_copy, reference_logprobs
 from .reward_functions import (
     FunctionRewards,
@@ -288,11 +288,13 @@ class RewardComputer:
         mask = action_mask.float()
         metrics: dict[str, float] = {}
         token_rewards = torch.zeros(action_mask.shape, dtype=torch.float32, device=device)
+        positions = batch.get("position_ids")  # packed rows: a reward is never moved into another document
+        episodes = None if positions is None else episode_ids_from_positions(positions.to(device))
 
         if "rewards" in batch or "reward" in batch:
             data_parts = []  # per row: the per-token sum, and the sequence reward (NaN where the row has none)
             if "rewards" in batch:
-                token_rewards += fold_onto_actions(token_rewards_to_actions(batch["rewards"]), action_mask)
+                token_rewards += fold_onto_actions(token_rewards_to_actions(batch["rewards"]), action_mask, episodes)
                 data_parts.append((token_rewards * mask).sum(1))
             if "reward" in batch:
                 data_parts.append(batch["reward"].float().to(device))
@@ -304,7 +306,7 @@ class RewardComputer:
             per_token = scored.weighted_per_token(self.functions.weights)
             if any(values is not None for values in per_token):
                 values = scatter_completion_rewards(per_token, batch["attention_mask"], self._prompt_length(batch))
-                token_rewards += fold_onto_actions(token_rewards_to_actions(values), action_mask)
+                token_rewards += fold_onto_actions(token_rewards_to_actions(values), action_mask, episodes)
             totals = scored.totals().to(device)
             for i, name in enumerate(self.functions.names):
                 self._log(metrics, f"rewards/{name}/mean", f"rewards/{name}/std", totals[:, i], gather)

@@ -36,7 +36,7 @@ from .data import DataCollatorForQHead, prepare_dataset
 from .durable_files import fsync_path, fsync_tree
 from .hub import qhead_model_card
 from .losses import qhead_loss
-from .mdp import action_mask_from_labels, episode_dones, next_tokens, value_mask
+from .mdp import action_mask_from_labels, episode_dones, episode_ids_from_positions, next_tokens, value_mask
 from .modeling import Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME, AutoModelForCausalLMWithQHead, add_adapters
 from .q_values import gather_candidate_q
 from .reference import as_reference, frozen_copy, reference_logprobs
@@ -267,7 +267,9 @@ class QHeadTrainer(Trainer):
         # 1. Masks: which positions hold an action, and where the returns will read V(s).
         actions = next_tokens(input_ids)  # (B, T)
         action_mask = action_mask_from_labels(inputs["labels"], attention_mask)  # (B, T) bool
-        values_needed = value_mask(action_mask, attention_mask, args.gae_lambda)  # (B, T) bool
+        # packed rows: which document (episode) each position belongs to; returns never cross from one to the next
+        episodes = None if position_ids is None else episode_ids_from_positions(position_ids)  # (B, T) or None
+        values_needed = value_mask(action_mask, attention_mask, args.gae_lambda, episodes)  # (B, T) bool
         soft = args.q_target == "soft"
 
         # 2. One forward: log pi(a_t|s_t) and Q(s_t, a_t) with grad, V(s) without, and no (B, T, V) logits.
@@ -306,7 +308,7 @@ class QHeadTrainer(Trainer):
             self.eos_token_id,
             done=inputs.get("done"),
             token_dones=inputs.get("dones"),
-            one_episode_per_row=not args.packing,
+            one_episode_per_row=episodes is None,  # packed rows (position ids): each EOS ends a document
         )  # (B, T)
 
         # 5. Return targets G_t (constants).
@@ -318,6 +320,7 @@ class QHeadTrainer(Trainer):
             gae_lambda=args.gae_lambda,
             dones=dones,
             beta=args.target_beta if soft else None,
+            episode_ids=episodes,
         )  # (B, T)
 
         # 5b. Candidate labels: Q(s_t, a) for k tokens per state, gathered, and their targets G_t + r'(a) - r'(a_t).
