@@ -6,17 +6,20 @@ Pipeline (`make demo` runs it with the defaults below):
    into training and held-out evaluation prompts with a fixed seed.
 2. Data: `--num_generations` completions per training prompt, sampled from the base model (plain continuation, pure
    ancestral sampling at temperature 1), scored by VADER's compound sentiment in [-1, 1] (`vaderSentiment`, which
-   ships its own lexicon), and (`--labels candidates`, the default) candidate labels: at every completion state the
+   ships its own lexicon), and candidate labels (`--labels effects` or `candidates`): at every completion state the
    base model's top `--candidate_k` next tokens, each scored by the reward on the prefix it makes
    (`generate_and_score(candidate_rewards=k)`).
-3. Training: a tied Q head (`--q_head_type tied`, `Q = W_lm (U h) + b`; `dense` for a free `[|V|, H]` head) on the
-   frozen pretrained model (`--lora_r 0`, the default; `--lora_r 16` adds LoRA adapters on the top layers), with
-   `QHeadTrainer`: Monte Carlo returns with gamma 1, the sequence reward on the final action (a
-   completion cut at `--max_new_tokens` is the whole scored episode, so its last action is terminal:
+3. Training: a dense Q head (`--q_head_type dense`; `tied` for `Q = W_lm (U h) + b`) on the frozen pretrained model
+   (`--lora_r 0`, the default; `--lora_r 16` adds LoRA adapters on the top layers), with `QHeadTrainer`. With
+   `--labels effects` (the default) every label is a candidate's immediate effect relative to the sampled token,
+   `r'(s, a) - r'(s, a_t)` (the rewards are set to 0, so the sampled token sits at 0): a one-step head. With
+   `--labels candidates` the returns come in too: Monte Carlo returns with gamma 1, the sequence reward on the final
+   action (a completion cut at `--max_new_tokens` is the whole scored episode, so its last action is terminal:
    `generate_and_score` marks it `done`, its default `truncated_completions="terminal"`), and each candidate `a` of a
-   state regressed on `G_t + r'(s, a) - r'(s, a_t)`. Rewards are centred per prompt (the mean of its completions is
-   subtracted): this does not change the tilt, since a per-state constant drops out of the softmax, but tokens the
-   head never saw keep `Q = 0` = "average" instead of "worse than every seen token".
+   state regressed on `G_t + r'(s, a) - r'(s, a_t)`; `--labels mc` keeps the Monte Carlo labels alone. Rewards are
+   centred per prompt (the mean of its completions is subtracted): this does not change the tilt, since a per-state
+   constant drops out of the softmax, but tokens the head never saw keep `Q = 0` = "average" instead of "worse than
+   every seen token".
 4. Evaluation on held-out prompts, one table and one plot of mean reward against KL to the base policy:
    - base sampling (KL 0);
    - best-of-N with the same reward, N in {2, 4, 8, 16}: `KL = log N - (N - 1) / N`, N times the sampling compute;
@@ -351,7 +354,7 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     p.add_argument(
         "--labels",
         choices=LABELS,
-        default="candidates",
+        default="effects",
         help="mc: one Monte Carlo label per sampled action; candidates: also the reward's verdict on the base "
         "model's top-k next tokens at every --candidate_stride-th state (generate_and_score(candidate_rewards=k)); "
         "effects: the candidates' immediate effects alone, the returns left out (a one-step head)",
@@ -363,7 +366,7 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     p.add_argument(
         "--q_head_type",
         choices=("dense", "tied"),
-        default="tied",
+        default="dense",
         help="dense: a free [|V|, H] Q head; tied: Q = W_lm (U h) + b on the LM head's rows",
     )
     p.add_argument("--lora_r", type=int, default=0, help="0: no adapters, the Q head on the frozen model")
