@@ -179,20 +179,8 @@ def run(args) -> dict:
             set_seed(args.seed)
             model, tokenizer = demo.load_model(args.model, 0, 0, q_head_type=head)
             t0 = time.perf_counter()
-            log = demo.train_qhead(
-                model,
-                tokenizer,
-                subset(scored, per_prompt, used, labels),
-                output_dir=str(out_dir / "checkpoint"),
-                epochs=args.epochs,
-                batch_size=args.train_batch_size,
-                lr=args.learning_rate,
-                q_lr=args.q_learning_rate,
-                q_bias_lr=args.q_bias_learning_rate,
-                q_weight=args.q_weight,
-                seed=args.seed,
-                q_target=target,
-                target_beta=args.target_beta,
+            log = demo.train_from_args(
+                model, tokenizer, subset(scored, per_prompt, used, labels), args, q_target=target
             )
             train_seconds = time.perf_counter() - t0
             model.eval()

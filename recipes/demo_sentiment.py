@@ -278,6 +278,28 @@ def train_qhead(
     return [entry for entry in trainer.state.log_history if "loss" in entry or "loss_q" in entry]
 
 
+def train_from_args(
+    model, tokenizer, dataset: Dataset, args: argparse.Namespace, *, q_target: str | None = None
+) -> list[dict]:
+    """`train_qhead` with the command line's epochs, batch size, learning rates and seed (`q_target` overrides
+    `args.q_target`); the checkpoint folder is `args.output_dir/checkpoint` (nothing is saved there)."""
+    return train_qhead(
+        model,
+        tokenizer,
+        dataset,
+        output_dir=str(Path(args.output_dir) / "checkpoint"),
+        epochs=args.epochs,
+        batch_size=args.train_batch_size,
+        lr=args.learning_rate,
+        q_lr=args.q_learning_rate,
+        q_bias_lr=args.q_bias_learning_rate,
+        q_weight=args.q_weight,
+        seed=args.seed,
+        q_target=args.q_target if q_target is None else q_target,
+        target_beta=args.target_beta,
+    )
+
+
 # ---- the run ----------------------------------------------------------------------------------------------------------
 
 
@@ -480,21 +502,7 @@ def run(args: argparse.Namespace) -> dict:
         print(f"      labelling cost: {labelling_cost}", flush=True)
 
     print(f"[3/5] Training the Q head (QHeadTrainer, Monte Carlo returns, gamma 1, labels {args.labels})", flush=True)
-    log = train_qhead(
-        model,
-        tokenizer,
-        dataset,
-        output_dir=str(out_dir / "checkpoint"),
-        epochs=args.epochs,
-        batch_size=args.train_batch_size,
-        lr=args.learning_rate,
-        q_lr=args.q_learning_rate,
-        q_bias_lr=args.q_bias_learning_rate,
-        q_weight=args.q_weight,
-        seed=args.seed,
-        q_target=args.q_target,
-        target_beta=args.target_beta,
-    )
+    log = train_from_args(model, tokenizer, dataset, args)
     train_seconds = time.perf_counter() - began_data - data_seconds
     model.eval()
 
