@@ -29,3 +29,6 @@ if trainer.accelerator.is_main_process:
         {"loss": loss, "grads": {k: v for k, v in grads.items() if k.startswith("q_head")}},
         os.environ["NORMALISATION_OUT"],
     )
+# Tear the gloo group down before the interpreter exits (see tests/distributed_rollouts.py).
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()

@@ -40,3 +40,7 @@ torch.distributed.all_gather_object(gathered, rows)
 assert all(other == rows for other in gathered), "the processes returned different datasets"
 if state.is_main_process:
     Path(os.environ["ROLLOUT_OUT"]).write_text(json.dumps(rows))
+# Tear the gloo group down before the interpreter exits: left to exit-time destructors, a rank can abort ("terminate
+# called without an active exception", SIGABRT), which failed this test once under load.
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
