@@ -167,7 +167,7 @@ def run(args) -> dict:
             tilt = partial(QTiltLogitsProcessor, source, beta=beta)
             rows.append(tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt))
         runs.append({"method": method, "seconds": time.perf_counter() - t0, "reward_cost": source.cost.as_dict()})
-        report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
+        results = report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
 
     for scale in sorted(
         args.scales
@@ -195,9 +195,8 @@ def run(args) -> dict:
                     "final_loss_q": next((e["loss_q"] for e in reversed(log) if "loss_q" in e), None),
                 }
             )
-            report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
-
-    return report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
+            results = report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
+    return results  # `--configs` takes at least one: the last configuration's report holds every row
 
 
 def report(rows, runs, data_seconds, labelling_cost, began, out_dir: Path, args) -> dict:
