@@ -6,8 +6,12 @@ sampling and best-of-N are sampled once, and every tilted row uses the same seed
 
 Rows:
 - base sampling and best-of-N, N in {2, 4, 8, 16} (as in the demo);
+- the ceiling: the KL-optimal policy `pi exp(R / beta) / Z` at each beta, estimated from the base samples
+  (`evaluation.kl_optimal_rows`): the policy a tilt with the soft-optimal Q would sample;
 - the one-step oracle (`--oracle_k`, 0 to skip): `RewardLookahead`, the reward's exact verdict on the base model's
   top-k next tokens at decode time, `R(x, c + a) - R(x, c)`; what candidate labels teach a head, computed exactly;
+  and with `--oracle_lookahead k2` the two-step oracle, each candidate also valued by the soft value (at the row's
+  beta) of its own top-k2 next tokens: what two-step labels (`--candidate_lookahead`) teach, computed exactly;
 - one tilted curve per configuration `LABELS/TARGET/HEAD` (`--configs`): labels `mc` (one Monte Carlo label per
   sampled action) or `candidates` (also the top-`--candidate_k` candidates of every state), target `mean` or `soft`
   (`QHeadConfig.q_target`, `--target_beta`), head `dense` or `tied`; `effects` are candidate labels without the
@@ -53,11 +57,14 @@ if __package__:
 else:
     from recipes import demo_sentiment as demo
 
+from trl_qhead.candidates import LabelCost  # noqa: E402
 from trl_qhead.decoding import QTiltLogitsProcessor, RewardLookahead  # noqa: E402
 from trl_qhead.evaluation import (  # noqa: E402
+    KL_OPTIMAL,
     base_and_best_of_n_rows,
     frontier_comparison,
     frontier_json,
+    kl_optimal_rows,
     markdown_table,
     mean_gain_ratio,
     plot_frontier,
@@ -97,6 +104,12 @@ def parse_args(argv: Sequence[str] | None = None):
         help="data sizes in units of --num_generations completions per prompt (0.25: a quarter of them)",
     )
     p.add_argument("--oracle_k", type=int, default=20, help="top-k of the one-step oracle row (0: no oracle row)")
+    p.add_argument(
+        "--oracle_lookahead",
+        type=int,
+        default=0,
+        help="k2: also a two-step oracle row (RewardLookahead(lookahead_k=k2, beta=each row's beta)); 0: none",
+    )
     args = demo.check_args(p.parse_args(argv))
     if args.lora_r != 0:
         raise ValueError("`--lora_r` must be 0 here: every row is measured against the one frozen base policy.")
@@ -111,6 +124,10 @@ def parse_args(argv: Sequence[str] | None = None):
             )
     if args.oracle_k < 0:
         raise ValueError("`--oracle_k` must be >= 0 (0: no oracle row).")
+    if args.oracle_lookahead < 0 or (args.oracle_lookahead and not args.oracle_k):
+        raise ValueError(
+            "`--oracle_lookahead` must be >= 0, and needs `--oracle_k` > 0 (the candidates it looks past)."
+        )
     return args
 
 
@@ -156,17 +173,30 @@ def run(args) -> dict:
     print(f"[base] {args.eval_samples} samples for each of {len(eval_prompts)} held-out prompts", flush=True)
     base = demo.sample_scored(model, tokenizer, eval_prompts, reward_fn, args)
     score_likelihood(base, model.pretrained_model, tokenizer.pad_token_id)
-    rows = base_and_best_of_n_rows(base)
-    runs = []
+    rows = base_and_best_of_n_rows(base) + kl_optimal_rows(base, args.betas)
+    runs = [{"method": KL_OPTIMAL, "seconds": 0.0}]  # the ceiling, from the base samples alone
 
-    if args.oracle_k:
-        method = f"oracle one-step (top-{args.oracle_k})"
-        source = RewardLookahead(model, tokenizer, reward_fn, k=args.oracle_k)
+    oracles = ([0] + [args.oracle_lookahead] * bool(args.oracle_lookahead)) if args.oracle_k else []
+    for lookahead in oracles:  # 0: the one-step oracle
+        if lookahead:
+            method = f"oracle two-step (top-{args.oracle_k}, then top-{lookahead})"
+        else:
+            method = f"oracle one-step (top-{args.oracle_k})"
         t0 = time.perf_counter()
+        cost = LabelCost()
         for beta in args.betas:
+            source = RewardLookahead(
+                model,
+                tokenizer,
+                reward_fn,
+                k=args.oracle_k,
+                lookahead_k=lookahead or None,
+                beta=beta if lookahead else None,
+            )
             tilt = partial(QTiltLogitsProcessor, source, beta=beta)
             rows.append(tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt))
-        runs.append({"method": method, "seconds": time.perf_counter() - t0, "reward_cost": source.cost.as_dict()})
+            cost.add(source.cost)
+        runs.append({"method": method, "seconds": time.perf_counter() - t0, "reward_cost": cost.as_dict()})
         results = report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
 
     for scale in sorted(

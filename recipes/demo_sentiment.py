@@ -25,6 +25,8 @@ Pipeline (`make demo` runs it with the defaults below):
    - best-of-N with the same reward, N in {2, 4, 8, 16}: `KL = log N - (N - 1) / N`, N times the sampling compute;
    - Q-tilted sampling, `logits + Q / beta` inside `generate` (`QTiltLogitsProcessor`), for a sweep of beta, with the
      exact per-sequence KL(pi' || pi) that the processor records;
+   - the ceiling at the same betas: the KL-optimal policy `pi exp(R / beta) / Z`, estimated by reweighting the base
+     samples (`evaluation.kl_optimal_rows`), what a tilt with the soft-optimal Q would sample;
    and for every row distinct-2 and the base model's perplexity of the samples, so that reward hacking shows.
 
 "The base policy" is the model's own LM head: the pretrained model itself by default. With adapters (`--lora_r 16`)
@@ -70,10 +72,12 @@ from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, 
 from trl_qhead.decoding import QTiltLogitsProcessor  # noqa: E402
 from trl_qhead.evaluation import (  # noqa: E402
     BEST_OF_NS,
+    KL_OPTIMAL,
     FrontierRow,
     base_and_best_of_n_rows,
     frontier_comparison,
     frontier_json,
+    kl_optimal_rows,
     markdown_table,
     mean_gain_ratio,
     plot_frontier,
@@ -383,6 +387,16 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     )
     p.add_argument("--candidate_k", type=int, default=8, help="candidates per labelled state (--labels candidates)")
     p.add_argument("--candidate_stride", type=int, default=1, help="label every m-th state (--labels candidates)")
+    p.add_argument(
+        "--candidate_lookahead",
+        type=int,
+        default=None,
+        help="k2: two-step candidate labels, each candidate valued with the soft value of its own top-k2 next tokens "
+        "(generate_and_score(candidate_lookahead=k2)); none by default",
+    )
+    p.add_argument(
+        "--candidate_beta", type=float, default=0.3, help="the temperature of that soft value (--candidate_lookahead)"
+    )
     p.add_argument("--q_target", choices=("mean", "soft"), default="mean", help="QHeadConfig.q_target")
     p.add_argument("--target_beta", type=float, default=0.5, help="QHeadConfig.target_beta of --q_target soft")
     p.add_argument(
@@ -407,6 +421,13 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"`--eval_samples` must be a multiple of {max(BEST_OF_NS)} (the largest best-of-N).")
     if any(b <= 0 for b in args.betas):
         raise ValueError("`--betas` must all be > 0.")
+    if args.candidate_lookahead is not None:
+        if args.candidate_lookahead < 1 or args.candidate_beta <= 0:
+            raise ValueError("`--candidate_lookahead` must be >= 1 and `--candidate_beta` > 0.")
+        if args.labels == "mc":
+            raise ValueError(
+                "`--candidate_lookahead` looks past candidate labels: use `--labels effects` or `candidates`."
+            )
     return args
 
 
@@ -439,6 +460,8 @@ def sample_training_data(
         generation_kwargs=SAMPLING,
         candidate_rewards=args.candidate_k if candidates else None,
         candidate_stride=args.candidate_stride if candidates else 1,
+        candidate_lookahead=args.candidate_lookahead if candidates else None,
+        candidate_beta=args.candidate_beta if candidates and args.candidate_lookahead else None,
     )
     return scored, json.loads(scored.info.description)["labelling_cost"] if candidates else None
 
@@ -526,7 +549,7 @@ def run(args: argparse.Namespace) -> dict:
     with as_reference(backbone):  # the pretrained model: adapters off
         for samples in (base, *tilted.values()):
             score_likelihood(samples, backbone, tokenizer.pad_token_id)
-    rows = base_and_best_of_n_rows(base)
+    rows = base_and_best_of_n_rows(base) + kl_optimal_rows(base, args.betas)
     rows += [tilted_row(s, beta) for beta, s in tilted.items()]
     first = range(min(128, len(base.texts)))
     drift = policy_drift_kl(
@@ -542,7 +565,8 @@ def run(args: argparse.Namespace) -> dict:
         "args": vars(args),
         "rows": frontier_json(rows),
         "tilted_vs_best_of_n_at_equal_kl": comparison,
-        "mean_gain_ratio_kl_0.2_1.5": mean_gain_ratio(comparison, (0.2, 1.5)),
+        "mean_gain_ratio_kl_0.2_1.5": mean_gain_ratio(comparison, (0.2, 1.5), method="Q-tilted"),
+        "kl_optimal_mean_gain_ratio_kl_0.2_1.5": mean_gain_ratio(comparison, (0.2, 1.5), method=KL_OPTIMAL),
         "labelling_cost": labelling_cost,
         "data_seconds": data_seconds,
         "train_seconds": train_seconds,
@@ -576,11 +600,15 @@ def _sample_pairs(base: Samples, tilted: dict[float, Samples], betas: Sequence[f
     return pairs
 
 
+def _ratio(value: float | None) -> str:
+    return "none in range" if value is None else f"{value:.2f}"
+
+
 def write_outputs(results: dict, rows: Sequence[FrontierRow], out_dir: Path, args: argparse.Namespace) -> None:
     table = markdown_table(rows)
     ratio = results.get("mean_gain_ratio_kl_0.2_1.5")
     comparison = "\n".join(
-        f"- {c['setting']}: KL {c['kl']:.3f}, reward {c['reward']:+.3f}; best-of-N at that KL "
+        f"- {c['method']} {c['setting']}: KL {c['kl']:.3f}, reward {c['reward']:+.3f}; best-of-N at that KL "
         + (
             "(beyond N=16)"
             if c["best_of_n_at_kl"] is None
@@ -593,8 +621,9 @@ def write_outputs(results: dict, rows: Sequence[FrontierRow], out_dir: Path, arg
         f"# Demo results: {args.model}\n\n{table}\n\n"
         f"Q-tilted against best-of-N at equal KL (interpolated):\n{comparison}\n\n"
         f"Mean gain ratio (tilt gain / best-of-N gain at equal KL) over tilted rows with KL in [0.2, 1.5]: "
-        + ("none in range" if ratio is None else f"{ratio:.2f}")
-        + f" (labels {args.labels}, q_target {args.q_target}, {args.q_head_type} head, lora_r {args.lora_r}).\n\n"
+        + _ratio(ratio)
+        + f" (labels {args.labels}, q_target {args.q_target}, {args.q_head_type} head, lora_r {args.lora_r}); "
+        f"the KL-optimal estimate's: {_ratio(results.get('kl_optimal_mean_gain_ratio_kl_0.2_1.5'))}.\n\n"
         f"Drift of the adapted LM from the pretrained model, KL(pi_LoRA || pi_pretrained) per completion: "
         f"{results['policy_drift_kl_lora_vs_pretrained']:.3f} nats.\n"
         f"Wall time: {results['wall_seconds']:.0f} s.\n"

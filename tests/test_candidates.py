@@ -242,6 +242,12 @@ def test_candidates_do_not_pack(gpt2_tokenizer):
         ({"candidate_rewards": 2, "candidate_stride": -1}, "`candidate_stride` must be a positive integer"),
         ({"candidate_rewards": 50258}, "larger than the model's vocabulary"),
         ({"prefix_shaping": "yes"}, "`prefix_shaping` must be True or False"),
+        ({"candidate_lookahead": 2, "candidate_beta": 0.3}, "set `candidate_rewards`"),
+        ({"candidate_rewards": 2, "candidate_lookahead": 2}, "needs `candidate_beta`"),
+        ({"candidate_rewards": 2, "candidate_lookahead": 0, "candidate_beta": 0.3}, "`candidate_lookahead` \\(k2\\)"),
+        ({"candidate_rewards": 2, "candidate_lookahead": True, "candidate_beta": 0.3}, "positive integer"),
+        ({"candidate_rewards": 2, "candidate_lookahead": 2, "candidate_beta": -1.0}, "`beta` must be"),
+        ({"candidate_rewards": 2, "candidate_beta": 0.3}, "without `candidate_lookahead`"),
     ],
 )
 def test_generate_and_score_rejects_bad_candidate_arguments(gpt2_tokenizer, kwargs, message):
@@ -507,3 +513,115 @@ def test_frontier_comparison_gain_ratio_and_its_mean():
     assert ratios[:2] == pytest.approx([0.1 / 0.2, 0.3 / 0.5]) and ratios[2] is None  # beyond N=16
     assert mean_gain_ratio(comparison, (0.2, 1.5)) == pytest.approx((0.5 + 0.6) / 2)
     assert mean_gain_ratio(comparison, (2.5, 2.9)) is None
+
+
+# ---- two-step labels: candidate_lookahead ---------------------------------------------------------------------------
+
+
+def _direct_two_step(model, tokenizer, row, score, k, k2, beta, horizon, stop_ids):
+    """The definition, one continuation at a time: each candidate's effect plus the soft value of its top-k2 next
+    tokens, each scored on its own prefix; nothing after a stop token or at the last step."""
+    ids = row["input_ids"]
+    p = row["completion_mask"].index(1)
+    completion = ids[p:]
+
+    def text(tokens):
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def value(j, a):
+        here = score(row["prompt"], text(completion[:j] + [a]))
+        effect = here - score(row["prompt"], text(completion[:j]))
+        if j >= horizon - 1 or a in stop_ids:
+            return effect
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([ids[: p + j] + [a]])).logits[0, -1]
+        top = logits.float().log_softmax(-1).topk(k2)
+        inside = sum(
+            math.exp(lp + (score(row["prompt"], text(completion[:j] + [a, b])) - here) / beta)
+            for lp, b in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+        )
+        return effect + beta * math.log(inside + 1 - top.values.exp().sum().item())
+
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([ids])).logits[0]
+    expected = {}
+    for j in range(len(completion)):
+        top = logits[p - 1 + j].topk(k).indices.tolist()
+        expected[p + j] = (top, [value(j, a) for a in top], value(j, completion[j]))
+    return expected
+
+
+def test_two_step_labels_equal_a_direct_computation(gpt2_tokenizer):
+    model, data = _labelled(gpt2_tokenizer, lexicon_reward, k=3, stride=1, candidate_lookahead=4, candidate_beta=0.5)
+    model.eval()
+    score = lambda prompt, completion: lexicon_reward([completion])[0]  # noqa: E731
+    stop_ids = {gpt2_tokenizer.eos_token_id}
+    differs = 0
+    for row in data:
+        expected = _direct_two_step(model, gpt2_tokenizer, row, score, 3, 4, 0.5, 7, stop_ids)
+        for i, (ids, values, sampled) in expected.items():
+            assert row["candidate_ids"][i] == ids
+            assert row["candidate_rewards"][i] == pytest.approx(values, abs=1e-4)
+            assert row["candidate_sampled_reward"][i] == pytest.approx(sampled, abs=1e-4)
+        one_step = _direct_effects(model, gpt2_tokenizer, row, score, 3, 1)[1]
+        differs += sum(row["candidate_rewards"][i] != pytest.approx(one_step[i], abs=1e-4) for i in expected)
+    assert differs > 0  # the lookahead changed some labels: the comparison above is not the one-step one
+    cost = json.loads(data.info.description)["labelling_cost"]
+    assert cost["lookahead"] == 4
+
+
+def test_two_step_labels_are_the_soft_optimal_q_of_a_two_step_episode():
+    # Enumerable: 12 tokens, horizon 2, a reward on the pair that is not additive over the tokens, every token a
+    # candidate (k = k2 = 12). Q*_beta(s_0, a) = beta log sum_b pi(b | x + a) exp(R(a, b) / beta); the label is it
+    # minus R(empty completion) (effects are differences of the prefix scores).
+    from transformers import AutoTokenizer
+
+    from tests.conftest import gpt2_tokenizer_dir
+    from trl_qhead.candidates import label_completions
+    from trl_qhead.reward_functions import RewardFunctions
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir())  # ids 0..11 decode to distinct characters
+    vocab, beta = 12, 0.3
+    generator = torch.Generator().manual_seed(0)
+    pair_reward = torch.randn(vocab, vocab, generator=generator)
+    single_reward = torch.randn(vocab, generator=generator)
+
+    def table_reward(prompts, completions, completion_ids, **kwargs):
+        out = []
+        for ids in completion_ids:
+            ids = list(ids)
+            out.append(
+                0.25
+                if not ids
+                else single_reward[ids[0]].item()
+                if len(ids) == 1
+                else pair_reward[ids[0], ids[1]].item()
+            )
+        return out
+
+    model = make_tiny_llama(vocab_size=vocab).eval()
+    prompt = [3, 5]
+    labelled = {}
+    for lookahead in (None, vocab):
+        columns, _ = label_completions(
+            model, tokenizer, RewardFunctions([table_reward]), [prompt], [[7, 2]], [0], ["x"], [{}],
+            k=vocab, stride=1, prefix_shaping=False, pad_token_id=0,
+            lookahead=lookahead, beta=beta if lookahead else None, horizon=2,
+        )  # fmt: skip
+        labelled[lookahead] = columns[0]
+    with torch.no_grad():
+        log_pi = torch.stack(
+            [model(input_ids=torch.tensor([prompt + [a]])).logits[0, -1].log_softmax(-1) for a in range(vocab)]
+        )
+    exact = beta * torch.logsumexp(log_pi + pair_reward / beta, dim=-1) - 0.25  # (vocab,): Q*(s_0, a) - R(empty)
+    row = labelled[vocab]
+    ids = row["candidate_ids"][len(prompt)]
+    assert sorted(ids) == list(range(vocab))
+    assert row["candidate_rewards"][len(prompt)] == pytest.approx(exact[ids].tolist(), abs=1e-5)
+    assert row["candidate_sampled_reward"][len(prompt)] == pytest.approx(exact[7].item(), abs=1e-5)
+    # the last step has no future: its labels are the one-step effects, as without lookahead
+    assert row["candidate_rewards"][len(prompt) + 1] == pytest.approx(
+        labelled[None]["candidate_rewards"][len(prompt) + 1]
+    )
+    # one-step labels are not Q* here: R(a) says nothing about the pairs that follow a
+    assert labelled[None]["candidate_rewards"][len(prompt)] != pytest.approx(exact[ids].tolist(), abs=1e-2)

@@ -8,6 +8,7 @@ import torch
 
 from tests.conftest import make_tiny_gpt2
 from trl_qhead import evaluation
+from trl_qhead.rollouts import Samples
 
 
 def test_best_of_n_kl_formula():
@@ -167,3 +168,61 @@ def test_markdown_table_shows_training_seconds_only_when_a_row_has_them():
     assert header.endswith("| training s |") and rule.count("---") == 10
     assert base.endswith("| 1 |  |") and gvpo.endswith("| 1 | 123 |")
     assert all(line.count("|") == 11 for line in (header, rule, base, gvpo))
+
+
+def _scored_samples(rewards_per_prompt, nll=None, n_tokens=None) -> Samples:
+    n = len(rewards_per_prompt[0])
+    rewards = [r for prompt in rewards_per_prompt for r in prompt]
+    count = len(rewards)
+    return Samples(
+        prompts=[f"p{i}" for i in range(len(rewards_per_prompt))],
+        num_samples=n,
+        prompt_ids=[[1]] * len(rewards_per_prompt),
+        completion_ids=[[2]] * count,
+        texts=["x"] * count,
+        rewards=rewards,
+        nll=nll or [],
+        n_tokens=n_tokens or [],
+    )
+
+
+def test_kl_optimal_rows_equal_the_exact_tilt_of_a_distribution_the_samples_reproduce():
+    # Each prompt's 10 samples hold its outcomes in exact proportion (0.5 / 0.3 / 0.2), so the estimate must equal
+    # pi*_beta = pi exp(R / beta) / Z computed over the outcomes themselves.
+    outcomes = [([0.5, 0.3, 0.2], [0.0, 1.0, -1.0]), ([0.5, 0.3, 0.2], [0.2, -0.4, 0.9])]
+    samples = _scored_samples(
+        [[r for p, r in zip(*outcome, strict=True) for _ in range(round(10 * p))] for outcome in outcomes]
+    )
+    betas = [2.0, 0.5, 0.1]
+    rows = evaluation.kl_optimal_rows(samples, betas)
+    for row, beta in zip(rows, betas, strict=True):
+        rewards, kls = [], []
+        for probs, values in outcomes:
+            z = sum(p * math.exp(v / beta) for p, v in zip(probs, values, strict=True))
+            star = [p * math.exp(v / beta) / z for p, v in zip(probs, values, strict=True)]
+            rewards.append(sum(s * v for s, v in zip(star, values, strict=True)))
+            kls.append(sum(s * math.log(s / p) for s, p in zip(star, probs, strict=True)))
+        assert row.method == evaluation.KL_OPTIMAL and row.setting == f"beta={beta:g}"
+        assert row.reward == pytest.approx(sum(rewards) / 2, abs=1e-12)
+        assert row.kl == pytest.approx(sum(kls) / 2, abs=1e-12)
+        assert row.samples_per_output == 10 and row.n == 20 and row.distinct_2 is None and row.perplexity is None
+
+
+def test_kl_optimal_rows_weigh_the_perplexity_and_reduce_to_base_sampling_at_large_beta():
+    samples = _scored_samples([[0.0, 1.0], [0.5, 0.5]], nll=[2.0, 6.0, 3.0, 3.0], n_tokens=[2, 3, 1, 1])
+    hot, cold = evaluation.kl_optimal_rows(samples, [1e6, 1e-3])
+    assert hot.kl == pytest.approx(0.0, abs=1e-9) and hot.reward == pytest.approx(0.5)
+    assert hot.perplexity == pytest.approx(math.exp(14.0 / 7.0), rel=1e-6)
+    # beta -> 0 picks the best sample of the first prompt (KL log 2) and keeps the tie of the second (KL 0)
+    assert cold.reward == pytest.approx((1.0 + 0.5) / 2) and cold.kl == pytest.approx(math.log(2) / 2)
+    assert cold.perplexity == pytest.approx(math.exp((6.0 + 0.5 * 3.0 + 0.5 * 3.0) / (3 + 0.5 + 0.5)), rel=1e-6)
+    assert "| - |" in evaluation.markdown_table([cold])
+
+
+def test_kl_optimal_rows_refuse_unscored_samples_and_bad_betas():
+    samples = _scored_samples([[0.0, 1.0]])
+    with pytest.raises(ValueError, match="betas"):
+        evaluation.kl_optimal_rows(samples, [0.5, 0.0])
+    samples.rewards = []
+    with pytest.raises(ValueError, match="no rewards"):
+        evaluation.kl_optimal_rows(samples, [0.5])

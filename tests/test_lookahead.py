@@ -1,5 +1,7 @@
 """`RewardLookahead`: the one-step reward lookahead as a Q source, against a step-by-step direct computation."""
 
+import math
+
 import pytest
 import torch
 
@@ -20,9 +22,11 @@ def _model_and_batch(gpt2_tokenizer):
     return model, enc
 
 
-def _direct_tilted_logprobs(model, tokenizer, enc, sequences, beta, k, masked):
+def _direct_tilted_logprobs(model, tokenizer, enc, sequences, beta, k, masked, lookahead_k=None):
     """Every step recomputed from scratch: the model's logits at the step, its top-k, the reward called on each
-    candidate text, `log_softmax(logits + q / beta)` (q = 0 off the top-k, or the top-k alone when `masked`)."""
+    candidate text, `log_softmax(logits + q / beta)` (q = 0 off the top-k, or the top-k alone when `masked`). With
+    `lookahead_k`, each candidate's q adds `beta log(sum_b p(b) exp(effect_b / beta) + 1 - sum_b p(b))` over the
+    top-`lookahead_k` tokens after it, from a forward of its own sequence."""
     width = enc["input_ids"].shape[1]
     prompt_ids = [ids[mask.bool()].tolist() for ids, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True)]
     prompts = [tokenizer.decode(ids) for ids in prompt_ids]
@@ -43,7 +47,21 @@ def _direct_tilted_logprobs(model, tokenizer, enc, sequences, beta, k, masked):
             c = sequences[row, width : width + t].tolist()
             here = letter_count_reward([prompts[row]], [completion_text(row, c)])[0]
             for a in top[row].tolist():
-                q[row, a] = letter_count_reward([prompts[row]], [completion_text(row, c + [a])])[0] - here
+                after = letter_count_reward([prompts[row]], [completion_text(row, c + [a])])[0]
+                q[row, a] = after - here
+                if lookahead_k and a != tokenizer.eos_token_id:
+                    with torch.no_grad():
+                        nxt = model(torch.tensor([prompt_ids[row] + c + [a]])).logits[0, -1].float().log_softmax(-1)
+                    best = nxt.topk(lookahead_k)
+                    inside = sum(
+                        math.exp(
+                            lp
+                            + (letter_count_reward([prompts[row]], [completion_text(row, c + [a, b])])[0] - after)
+                            / beta
+                        )
+                        for lp, b in zip(best.values.tolist(), best.indices.tolist(), strict=True)
+                    )
+                    q[row, a] += beta * math.log(inside + 1 - best.values.exp().sum().item())
         tilted = z + q / beta
         if masked:
             tilted = torch.full_like(z, float("-inf")).scatter(-1, top, tilted.gather(-1, top))
@@ -51,11 +69,13 @@ def _direct_tilted_logprobs(model, tokenizer, enc, sequences, beta, k, masked):
     return steps
 
 
-@pytest.mark.parametrize("masked", [False, True])
-def test_lookahead_tilt_matches_a_direct_step_by_step_computation(gpt2_tokenizer, masked):
+@pytest.mark.parametrize("masked,lookahead_k", [(False, None), (True, None), (False, 3), (True, 3)])
+def test_lookahead_tilt_matches_a_direct_step_by_step_computation(gpt2_tokenizer, masked, lookahead_k):
     model, enc = _model_and_batch(gpt2_tokenizer)
     beta, k = 0.5, 6
-    source = RewardLookahead(model, gpt2_tokenizer, letter_count_reward, k=k)
+    source = RewardLookahead(
+        model, gpt2_tokenizer, letter_count_reward, k=k, lookahead_k=lookahead_k, beta=beta if lookahead_k else None
+    )
     processor = QTiltLogitsProcessor(source, beta, top_k=k if masked else None)
     torch.manual_seed(0)
     out = model.generate(
@@ -63,7 +83,7 @@ def test_lookahead_tilt_matches_a_direct_step_by_step_computation(gpt2_tokenizer
         num_return_sequences=2, output_scores=True, return_dict_in_generate=True,
     )  # fmt: skip
     enc = {key: value.repeat_interleave(2, dim=0) for key, value in enc.items()}
-    steps = _direct_tilted_logprobs(model, gpt2_tokenizer, enc, out.sequences, beta, k, masked)
+    steps = _direct_tilted_logprobs(model, gpt2_tokenizer, enc, out.sequences, beta, k, masked, lookahead_k)
     kl = torch.zeros(out.sequences.shape[0])
     for scores, (z, expected) in zip(out.scores, steps, strict=True):
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
@@ -72,8 +92,9 @@ def test_lookahead_tilt_matches_a_direct_step_by_step_computation(gpt2_tokenizer
     # the tilt did something: some candidate changed the score (the letters occur in GPT-2 tokens)
     assert any((s - torch.log_softmax(z, -1)).abs().max() > 1e-3 for s, (z, _) in zip(out.scores, steps, strict=True))
     processor.remove()
-    # cost: every row and step asks for k + 1 texts; memoised ones are scored once
-    assert source.cost.texts_requested == out.sequences.shape[0] * len(out.scores) * (k + 1)
+    # cost: every row and step asks for k + 1 texts (k + 1 + k k2 with lookahead); memoised ones are scored once
+    per_step = k + 1 + k * (lookahead_k or 0)
+    assert source.cost.texts_requested == out.sequences.shape[0] * len(out.scores) * per_step
     assert 0 < source.cost.texts_scored <= source.cost.texts_requested
 
 
@@ -82,3 +103,11 @@ def test_lookahead_rejects_a_bad_k(gpt2_tokenizer):
     for k in (0, -1, 2.5, True):
         with pytest.raises(ValueError, match="`k`"):
             RewardLookahead(model, gpt2_tokenizer, letter_count_reward, k=k)
+    for kwargs, message in [
+        ({"lookahead_k": 0, "beta": 0.3}, "`lookahead_k` must be"),
+        ({"lookahead_k": 2}, "needs `beta`"),
+        ({"lookahead_k": 2, "beta": 0.0}, "`beta` must be"),
+        ({"beta": 0.3}, "without `lookahead_k`"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            RewardLookahead(model, gpt2_tokenizer, letter_count_reward, k=4, **kwargs)

@@ -22,6 +22,7 @@ from trl_qhead.soft import (
     candidate_targets,
     chunked_soft_state_values,
     linex_loss,
+    lookahead_soft_values,
     prefix_shaped_rewards,
     soft_state_values,
 )
@@ -774,3 +775,30 @@ def test_chunked_soft_state_values_with_low_precision_heads():
     h64 = hidden.double()
     want = soft_state_values(h64 @ wz.double().T, h64 @ wq.double().T + bq.double(), 0.5)
     torch.testing.assert_close(got.double(), want, rtol=0.05, atol=0.05)
+
+
+def test_lookahead_soft_values_equal_the_sum_over_next_tokens_and_stay_finite_at_small_beta():
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(3, 6), dim=-1)[:, :4]  # the top 4 of 6 tokens: 2 left outside
+    effects = torch.randn(3, 4)
+    for beta in (2.0, 0.5, 0.1):
+        expected = [
+            beta * math.log(sum(p * math.exp(e / beta) for p, e in zip(row_p, row_e, strict=True)) + 1 - sum(row_p))
+            for row_p, row_e in zip(probs.tolist(), effects.tolist(), strict=True)
+        ]
+        got = lookahead_soft_values(probs.log(), effects, beta)
+        assert got.shape == (3,) and got.tolist() == pytest.approx(expected, abs=1e-5)
+    # beta 0.05 with effects of 10: exp(200) overflows float32 in the direct sum, the logsumexp does not
+    small = lookahead_soft_values(probs.log(), 10.0 * effects, 0.05)
+    assert torch.isfinite(small).all()
+    assert small.tolist() == pytest.approx((10.0 * effects).amax(-1).clamp_min(0).tolist(), abs=0.2)
+    # the whole vocabulary in the top-k: nothing outside, the plain soft value
+    full = torch.softmax(torch.randn(6), dim=-1)
+    values = torch.randn(6)
+    assert lookahead_soft_values(full.log(), values, 0.3).item() == pytest.approx(
+        0.3 * math.log((full * torch.exp(values / 0.3)).sum().item()), abs=1e-5
+    )
+    with pytest.raises(ValueError, match="one shape"):
+        lookahead_soft_values(probs.log(), effects[:, :3], 0.3)
+    with pytest.raises(ValueError, match="beta"):
+        lookahead_soft_values(probs.log(), effects, 0.0)

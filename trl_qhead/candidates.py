@@ -20,7 +20,17 @@ Columns (token-aligned with `input_ids`, as the `rewards` column is: entry `i` c
 - `candidate_sampled_reward`: per token the sampled token's effect, `0.0` where not scored (read only where
   `candidate_ids` is not empty).
 
-Cost: the top-k come from one extra forward of the base model over prompt + completion (no grad). Texts are scored in
+Two-step labels (`candidate_lookahead=k2`, `candidate_beta=beta`): each candidate's entry, and the sampled token's,
+becomes `r'(s_j, a) + V1(s_j + a)`, where `V1(s') = beta log(sum_b pi(b|s') exp(r'(s', b) / beta) + (1 - sum_b
+pi(b|s')))` over the base model's top-k2 tokens `b` after `a`, each scored on the prefix it makes
+(`soft.lookahead_soft_values`): `Q*_beta` of an episode that ends one step later, so a candidate that opens the way to
+a rewarding next token ("very", the first half of a word, a negation) is valued for it. `V1` is 0 after a stop token
+and at the episode's last step. The trainer's targets are unchanged: `G_j + Q2(s_j, a) - Q2(s_j, c_j)`, with `G_j = 0`
+when the rewards are left out (the demo's `--labels effects`), the two-step soft Q relative to the sampled token.
+
+Cost: the top-k come from one extra forward of the base model over prompt + completion (no grad); with lookahead, the
+top-k2 after every (state, candidate) pair from one more forward per row with the pairs appended as branch tokens
+(`branches.branch_top_k`), and `k2` more texts scored per pair. Texts are scored in
 batches of `batch_size` per reward call, each distinct (prompt, text) once (memoised: the `k` candidates of a state
 share its prefix, the completions of a prompt share their first prefixes, and the sampled token is often one of the
 candidates). `LabelCost` counts the calls and seconds.
@@ -35,8 +45,11 @@ from typing import Any
 
 import torch
 
+from .branches import branch_top_k
 from .chat import completions_like, is_messages
+from .returns import check_beta
 from .reward_functions import RewardFunctions, texts_for_rewards
+from .soft import lookahead_soft_values
 
 __all__ = ["LabelCost", "PrefixScorer", "check_candidate_args", "label_completions", "top_k_next_tokens"]
 
@@ -61,8 +74,14 @@ class LabelCost:
         return asdict(self)
 
 
-def check_candidate_args(candidate_rewards: int | None, candidate_stride: int, prefix_shaping: bool) -> None:
-    """ValueErrors for `generate_and_score`'s candidate arguments (k, stride, shaping)."""
+def check_candidate_args(
+    candidate_rewards: int | None,
+    candidate_stride: int,
+    prefix_shaping: bool,
+    candidate_lookahead: int | None = None,
+    candidate_beta: float | None = None,
+) -> None:
+    """ValueErrors for `generate_and_score`'s candidate arguments (k, stride, shaping, lookahead k2 and its beta)."""
     if candidate_rewards is not None and (
         isinstance(candidate_rewards, bool) or not isinstance(candidate_rewards, int) or candidate_rewards < 1
     ):
@@ -71,6 +90,22 @@ def check_candidate_args(candidate_rewards: int | None, candidate_stride: int, p
         raise ValueError(f"`candidate_stride` must be a positive integer (1: every state), got {candidate_stride!r}.")
     if not isinstance(prefix_shaping, bool):
         raise ValueError(f"`prefix_shaping` must be True or False, got {prefix_shaping!r}.")
+    if candidate_lookahead is not None:
+        if (
+            isinstance(candidate_lookahead, bool)
+            or not isinstance(candidate_lookahead, int)
+            or candidate_lookahead < 1
+        ):
+            raise ValueError(
+                f"`candidate_lookahead` (k2) must be a positive integer or None, got {candidate_lookahead!r}."
+            )
+        if candidate_rewards is None:
+            raise ValueError("`candidate_lookahead` looks ahead of the candidates: set `candidate_rewards` (k) too.")
+        if candidate_beta is None:
+            raise ValueError("`candidate_lookahead` needs `candidate_beta`, the temperature of the soft value ahead.")
+        check_beta(candidate_beta)
+    elif candidate_beta is not None:
+        raise ValueError("`candidate_beta` was given without `candidate_lookahead` to use it.")
 
 
 @torch.no_grad()
@@ -110,6 +145,39 @@ def top_k_next_tokens(
             # logits at position t give the distribution of token t + 1: states p - 1 .. p + n - 2
             out.append(logits[i, p - 1 : p - 1 + n].float().topk(k, dim=-1).indices.cpu())
     return out
+
+
+def _continuations(
+    model,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    states_of: list[list[int]],
+    top: list[torch.Tensor],
+    k2: int,
+    pad_token_id: int,
+    horizon: int | None,
+    stop_ids: frozenset[int],
+) -> list[dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]]]:
+    """Per row, `(j, a) -> (ids [k2], log_probs [k2])`: the base model's top-k2 tokens after each candidate `a` of
+    each labelled state `j` and after the sampled token, from one branch forward per row (`branch_top_k`). Stop tokens
+    and the states at `horizon - 1` get no entry: nothing follows them."""
+    sequences, branches, keys = [], [], []
+    for p_ids, c_ids, states, row_top in zip(prompt_ids, completion_ids, states_of, top, strict=True):
+        pairs = []
+        for j in states:
+            if horizon is not None and j >= horizon - 1:
+                continue
+            for a in dict.fromkeys([*row_top[j].tolist(), c_ids[j]]):
+                if a not in stop_ids:
+                    pairs.append((j, a))
+        sequences.append(p_ids + c_ids)
+        branches.append([(len(p_ids) + j, a) for j, a in pairs])
+        keys.append(pairs)
+    found = branch_top_k(model, sequences, branches, k2, pad_token_id)
+    return [
+        {pair: (ids[i], log_probs[i]) for i, pair in enumerate(pairs)}
+        for pairs, (ids, log_probs) in zip(keys, found, strict=True)
+    ]
 
 
 class PrefixScorer:
@@ -195,6 +263,10 @@ def label_completions(
     prefix_shaping: bool,
     pad_token_id: int,
     batch_size: int = 256,
+    lookahead: int | None = None,
+    beta: float | None = None,
+    horizon: int | None = None,
+    stop_ids: frozenset[int] = frozenset(),
 ) -> tuple[list[dict[str, list]], LabelCost]:
     """Candidate columns (and, with `prefix_shaping`, token-aligned shaped `rewards`) for a batch of completions.
 
@@ -207,6 +279,10 @@ def label_completions(
         prefix_shaping: also score every prefix (`j = 0 .. n`) and return `prefix_rewards`, token-aligned with
             prompt + completion: `R(c_{<=i}) - R(c_{<i})` on completion token `i` (0 on the prompt), the per-token
             rewards of `trl_qhead.soft.prefix_shaped_rewards`; they sum to `R(completion) - R(empty completion)`.
+        lookahead: k2, or None: two-step labels. Each candidate `a` of state `j` (and the sampled token) gets
+            `r'(s_j, a) + V1(s_j + a)`, `V1` the soft value one step ahead (`soft.lookahead_soft_values` at `beta`)
+            over the base model's top-k2 tokens after `a` (`branches.branch_top_k`), each scored on the prefix it
+            makes; `V1 = 0` after a token of `stop_ids` and at state `horizon - 1` (the episode's last step).
 
     Returns:
         Per completion a dict of the columns (see the module docstring), and the `LabelCost`.
@@ -221,31 +297,54 @@ def label_completions(
         top = top_k_next_tokens(model, prompt_ids, completion_ids, k, pad_token_id)
         cost.topk_seconds += time.perf_counter() - began
 
+    states_of = [list(range(0, len(c), stride)) if top is not None else [] for c in completion_ids]
+    ahead = None
+    if top is not None and lookahead is not None:
+        began = time.perf_counter()
+        ahead = _continuations(
+            model, prompt_ids, completion_ids, states_of, top, lookahead, pad_token_id, horizon, stop_ids
+        )
+        cost.topk_seconds += time.perf_counter() - began
+
     plans = []
     for row, (c_ids, g) in enumerate(zip(completion_ids, groups, strict=True)):
         n = len(c_ids)
-        states = list(range(0, n, stride)) if top is not None else []
+        states = states_of[row]
         prefix_keys = {}
         p_ids = prompt_ids[row]
         for j in set(states) | ({*range(n + 1)} if prefix_shaping else set()) | {j + 1 for j in states}:
             prefix_keys[j] = scorer.request(g, p_ids, c_ids[:j])
         cand_keys = {j: [scorer.request(g, p_ids, c_ids[:j] + [a]) for a in top[row][j].tolist()] for j in states}
-        plans.append((states, prefix_keys, cand_keys))
+        next_keys = {}  # (j, a) -> keys of a's top-k2 continuations
+        if ahead is not None:
+            for (j, a), (ids, _) in ahead[row].items():
+                next_keys[j, a] = [scorer.request(g, p_ids, c_ids[:j] + [a, b]) for b in ids.tolist()]
+        plans.append((states, prefix_keys, cand_keys, next_keys))
     scorer.flush()
 
+    def value_after(row: int, j: int, a: int, key) -> float:
+        """`r'(s_j, a)`, plus `V1(s_j + a)` with lookahead."""
+        here = scorer.score(key)
+        effect = here - scorer.score(plans[row][1][j])
+        if ahead is None or (j, a) not in ahead[row]:
+            return effect
+        _, log_probs = ahead[row][j, a]
+        effects = torch.tensor([scorer.score(next_key) - here for next_key in plans[row][3][j, a]])
+        return effect + lookahead_soft_values(log_probs, effects, beta).item()
+
     out = []
-    for row, (states, prefix_keys, cand_keys) in enumerate(plans):
+    for row, (states, prefix_keys, cand_keys, _) in enumerate(plans):
         p, n = len(prompt_ids[row]), len(completion_ids[row])
+        c_ids = completion_ids[row]
         columns: dict[str, list] = {}
         if top is not None:
             ids: list[list[int]] = [[] for _ in range(p + n)]
             effects: list[list[float]] = [[] for _ in range(p + n)]
             sampled = [0.0] * (p + n)
             for j in states:
-                base = scorer.score(prefix_keys[j])
                 ids[p + j] = top[row][j].tolist()
-                effects[p + j] = [scorer.score(key) - base for key in cand_keys[j]]
-                sampled[p + j] = scorer.score(prefix_keys[j + 1]) - base
+                effects[p + j] = [value_after(row, j, a, key) for a, key in zip(ids[p + j], cand_keys[j], strict=True)]
+                sampled[p + j] = value_after(row, j, c_ids[j], prefix_keys[j + 1])
             columns.update(candidate_ids=ids, candidate_rewards=effects, candidate_sampled_reward=sampled)
             cost.states_labelled += len(states)
         if prefix_shaping:

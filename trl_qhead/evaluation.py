@@ -8,6 +8,8 @@ likelihood of the samples so that reward hacking would show.
 - how far adapters moved the policy: `policy_drift_kl`, `KL(pi_adapted || pi_pretrained)`, exact per step on given
   completions; `policy_log_ratios`, `log pi_adapted(y|x) - log pi_pretrained(y|x)` per completion, whose mean over the
   adapted policy's own samples estimates that KL per completion (the KL of a trained policy's row);
+- the ceiling: `kl_optimal_rows`, the KL-regularised optimum `pi exp(R / beta) / Z` estimated from the base samples
+  (the policy a tilt with the soft-optimal Q samples: no method beats it at equal KL);
 - the frontier table: `base_and_best_of_n_rows`, `tilted_row`, `policy_row` (any other sampler, e.g. a trained policy),
   `frontier_comparison` (every other row against best-of-N at equal KL, with the gain ratio; `mean_gain_ratio`),
   `markdown_table`, `frontier_json`, `plot_frontier`.
@@ -195,7 +197,8 @@ class FrontierRow:
     """One line of the reward-vs-KL table: a sampling method at one setting, measured on held-out prompts.
 
     `train_seconds` is a one-off training cost of the method (e.g. fitting a policy), `None` where it has none or it
-    was not measured; `markdown_table` shows the column only when a row has it.
+    was not measured; `markdown_table` shows the column only when a row has it. `distinct_2` and `perplexity` are
+    `None` for a row that has no texts of its own (`kl_optimal_rows`).
     """
 
     method: str
@@ -205,8 +208,8 @@ class FrontierRow:
     kl: float
     samples_per_output: int
     seconds_per_output: float
-    distinct_2: float
-    perplexity: float
+    distinct_2: float | None
+    perplexity: float | None
     n: int
     train_seconds: float | None = None
 
@@ -239,6 +242,61 @@ def base_and_best_of_n_rows(base: Samples, best_of: Sequence[int] = BEST_OF_NS) 
                 distinct_2=distinct_n_per_prompt_set(picked["texts"], len(base.prompts)),
                 perplexity=perplexity(picked["nll"], picked["n_tokens"]),
                 n=len(chosen),
+            )
+        )
+    return rows
+
+
+KL_OPTIMAL = "KL-optimal (estimate)"
+
+
+def kl_optimal_rows(base: Samples, betas: Sequence[float]) -> list[FrontierRow]:
+    """Reference rows: the KL-regularised optimum `pi*_beta(y|x) = pi(y|x) exp(R(x, y) / beta) / Z(x)` at each beta,
+    estimated from the base samples by self-normalised importance weights (method `KL_OPTIMAL`).
+
+    On each prompt, sample `i` gets the weight `w_i = softmax(r / beta)_i` over that prompt's `n` samples; the row's
+    reward is `mean_x sum_i w_i r_i` and its KL `mean_x sum_i w_i log(n w_i)`, which is `E*[R] / beta - log Z` with
+    `Z` estimated by `mean_i exp(r_i / beta)`. `pi*_beta` is what the tilt with the soft-optimal `Q*_beta` samples
+    (docs/DESIGN.md section 6), so these rows are the frontier a token-level tilt approaches as its Q improves: no
+    policy gets more reward at the same KL. The estimate is consistent as `n` grows; with few samples per prompt it
+    can only reweight what was sampled (its KL stays below `log n`), so it understates the optimum where the KL nears
+    `log n`. It draws no samples: `samples_per_output` is `n`, `seconds_per_output` 0, `distinct_2` None (a weighting
+    has no texts of its own), and the perplexity is the weights' `exp(sum w NLL / sum w tokens)` (None without
+    `nll`).
+
+    Args:
+        base: the scored base samples (`rewards`, and `nll`/`n_tokens` from `score_likelihood`).
+        betas: the temperatures, each > 0.
+    """
+    if not base.rewards:
+        raise ValueError("`base` has no rewards: score the samples before estimating the KL-optimal rows.")
+    if any(not beta > 0 for beta in betas):
+        raise ValueError(f"`betas` must all be > 0, got {list(betas)}.")
+    n = base.num_samples
+    rewards = torch.tensor(base.rewards, dtype=torch.float64).view(-1, n)  # (P, n)
+    nll = torch.tensor(base.nll, dtype=torch.float64).view(-1, n) if base.nll else None
+    tokens = torch.tensor(base.n_tokens, dtype=torch.float64).view(-1, n) if base.n_tokens else None
+    rows = []
+    for beta in betas:
+        weights = torch.softmax(rewards / beta, dim=1)  # (P, n)
+        per_prompt = (weights * rewards).sum(1)  # (P,)
+        kl = torch.special.xlogy(weights, weights * n).sum(1).mean().item()  # 0 log 0 = 0
+        reward, sem = _mean_sem(per_prompt.tolist())  # s.e. over prompts
+        ppl = None
+        if nll is not None and tokens is not None:
+            ppl = math.exp((weights * nll).sum().item() / (weights * tokens).sum().item())
+        rows.append(
+            FrontierRow(
+                method=KL_OPTIMAL,
+                setting=f"beta={beta:g}",
+                reward=reward,
+                reward_sem=sem,
+                kl=kl,
+                samples_per_output=n,
+                seconds_per_output=0.0,
+                distinct_2=None,
+                perplexity=ppl,
+                n=len(base.rewards),
             )
         )
     return rows
@@ -340,9 +398,14 @@ def markdown_table(rows: Sequence[FrontierRow]) -> str:
         training = "" if not with_training else f" {'' if r.train_seconds is None else f'{r.train_seconds:.0f}'} |"
         lines.append(
             f"| {r.method} | {r.setting} | {r.reward:+.3f} ± {r.reward_sem:.3f} | {r.kl:.3f} | {r.samples_per_output} "
-            f"| {r.seconds_per_output:.2f} | {r.distinct_2:.3f} | {r.perplexity:.1f} | {r.n} |" + training
+            f"| {r.seconds_per_output:.2f} | {_number(r.distinct_2, '.3f')} | {_number(r.perplexity, '.1f')} | {r.n} |"
+            + training
         )
     return "\n".join(lines)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def frontier_json(rows: Sequence[FrontierRow]) -> list[dict]:
@@ -366,7 +429,11 @@ def plot_frontier(
     # Every curve starts at base sampling: best-of-1, the tilt at beta = infinity and a policy trained with an
     # infinite KL penalty are the base policy itself.
     others = list(dict.fromkeys(r.method for r in rows if r.method not in BASELINE_METHODS))
-    labels = {"best-of-N": "best-of-N (N x compute)", "Q-tilted": "Q-tilted (1x)"}
+    labels = {
+        "best-of-N": "best-of-N (N x compute)",
+        "Q-tilted": "Q-tilted (1x)",
+        KL_OPTIMAL: "KL-optimal pi exp(R/beta)/Z (estimate)",
+    }
     styles = ("s-", "^-", "D-", "v-", "P-")
     curves = [("best-of-N", "o-")] + [(m, styles[i % len(styles)]) for i, m in enumerate(others or ["Q-tilted"])]
     for method, style in curves:

@@ -56,6 +56,8 @@ def generate_and_score(
     candidate_stride: int = 1,
     prefix_shaping: bool = False,
     candidate_batch_size: int = 256,
+    candidate_lookahead: int | None = None,
+    candidate_beta: float | None = None,
 ) -> Dataset:
     """Sample `num_generations` completions per prompt and score them: a dataset ready for `QHeadTrainer`.
 
@@ -99,6 +101,14 @@ def generate_and_score(
             `sequence_reward` keeps the weighted sequence reward for reporting. For rewards that can score prefixes.
             Shares its prefix scores with the candidate labels.
         candidate_batch_size: texts per reward call when labelling (each distinct prompt + text is scored once).
+        candidate_lookahead: k2, or `None` (default): two-step candidate labels. Each candidate's (and the sampled
+            token's) entry becomes its effect plus the soft value of what can follow it, `r'(s, a) + beta log(sum_b
+            pi(b|s+a) exp(r'(s+a, b) / beta) + (1 - sum_b pi(b|s+a)))` over the base model's top-k2 next tokens `b`
+            after `a` (`trl_qhead.candidates`): the soft-optimal Q of a two-step episode. Needs `candidate_rewards`;
+            costs one more forward per completion and `k2` texts scored per (state, candidate). Nothing follows a
+            stop token, nor, under `truncated_completions="terminal"`, the `max_new_tokens`-th token.
+        candidate_beta: the temperature of that soft value (> 0; the `beta` the tilt will use), with
+            `candidate_lookahead` only.
 
     On several processes (`accelerate launch`, `PartialState().num_processes > 1`) each process samples and scores its
     own contiguous share of the prompts (`PartialState().split_between_processes`), and every process returns the
@@ -134,7 +144,7 @@ def generate_and_score(
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     if truncated_completions not in ("terminal", "bootstrap"):
         raise ValueError(f"`truncated_completions` must be 'terminal' or 'bootstrap', got {truncated_completions!r}.")
-    check_candidate_args(candidate_rewards, candidate_stride, prefix_shaping)
+    check_candidate_args(candidate_rewards, candidate_stride, prefix_shaping, candidate_lookahead, candidate_beta)
     labelling = candidate_rewards is not None or prefix_shaping
     if labelling and reward_funcs is None:
         raise ValueError("`candidate_rewards` and `prefix_shaping` score prefixes with `reward_funcs`: pass some.")
@@ -173,6 +183,9 @@ def generate_and_score(
     rows: list[dict[str, Any]] = []
     labels = {"k": candidate_rewards, "stride": candidate_stride, "shaping": prefix_shaping}
     labels["batch_size"] = candidate_batch_size
+    labels.update(
+        lookahead=candidate_lookahead, beta=candidate_beta, horizon=max_new_tokens if terminal_cuts else None
+    )
     cost = LabelCost()
     was_training = getattr(model, "training", False)
     model.eval()
@@ -215,6 +228,7 @@ def generate_and_score(
             "k": candidate_rewards,
             "stride": candidate_stride,
             "prefix_shaping": prefix_shaping,
+            "lookahead": candidate_lookahead,
         }
         logger.info("Labelling cost: %s", summary)
         info = DatasetInfo(description=json.dumps({"labelling_cost": summary}))
@@ -372,6 +386,10 @@ def _generate_batch(
             prefix_shaping=labels["shaping"],
             pad_token_id=kwargs["pad_token_id"],
             batch_size=labels["batch_size"],
+            lookahead=labels["lookahead"],
+            beta=labels["beta"],
+            horizon=labels["horizon"],
+            stop_ids=frozenset(eos_ids),
         )
         cost.add(batch_cost)
         for data, columns in zip(rows, labelled, strict=True):

@@ -14,6 +14,8 @@ holds the pieces that learn Q* from on-policy samples:
   `trl_qhead.returns.compute_returns(..., beta=beta)` (soft lambda-returns);
 - `linex_loss`: the exponential-utility regression loss whose minimiser is `beta * log E[exp(y / beta)]`;
 - `candidate_targets`: targets for the base model's top-k tokens at a sampled state, sharing the sampled continuation;
+- `lookahead_soft_values`: a state's soft value one step ahead from its top-k tokens' probabilities and effects (the
+  continuation value of two-step candidate labels);
 - `prefix_shaped_rewards`: per-token rewards `R(prefix_{t+1}) - R(prefix_t)` (potential-based shaping).
 
 Shapes follow `compute_returns`: `[B, T]` tensors on the model's position grid, position t holding state `s_t` and,
@@ -255,6 +257,34 @@ def candidate_targets(
             f"{tuple(sampled_return.shape)}, {tuple(sampled_effect.shape)}, {tuple(candidate_effects.shape)}"
         )
     return (sampled_return - sampled_effect).unsqueeze(-1) + candidate_effects
+
+
+def lookahead_soft_values(log_probs: torch.Tensor, effects: torch.Tensor, beta: float) -> torch.Tensor:
+    """The soft value of a state one step ahead, from its top-k next tokens: `[...]` from `[..., k]`.
+
+        V1(s) = beta log( sum_b pi(b|s) exp(r'(s, b) / beta) + (1 - sum_b pi(b|s)) )
+
+    `r'(s, b)` is the effect of next token `b` (e.g. `R(prefix + b) - R(prefix)`) and the tokens outside the top-k are
+    counted with effect 0. It is `Q*_beta`'s continuation value when the episode ends one step later (docs/DESIGN.md
+    section 6): the two-step candidate label of `a` at `s` is `r'(s, a) + V1(s + a)`. Computed as one logsumexp (stable
+    for beta down to 0.01); `beta -> 0` gives `max(0, max_b r'(s, b))` while the top-k leave probability outside
+    them, `beta -> inf` the mean effect `sum_b pi(b|s) r'(s, b)`.
+
+    Args:
+        log_probs: `[..., k]` `log pi(b|s)` of the top-k next tokens.
+        effects: `[..., k]` their effects.
+        beta: the temperature (> 0), the tilt's `beta`.
+    """
+    beta = check_beta(beta)
+    if log_probs.shape != effects.shape:
+        raise ValueError(
+            f"`log_probs` and `effects` must have one shape, got {tuple(log_probs.shape)} and {tuple(effects.shape)}."
+        )
+    dtype = _float_dtype(log_probs, effects)
+    log_probs, effects = log_probs.to(dtype), effects.to(dtype)
+    rest = (-torch.expm1(torch.logsumexp(log_probs, dim=-1))).clamp_min(0.0)  # 1 - sum_b pi(b|s), (...)
+    terms = torch.cat([log_probs + effects / beta, rest.log().unsqueeze(-1)], dim=-1)  # (..., k + 1)
+    return beta * torch.logsumexp(terms, dim=-1)
 
 
 def prefix_shaped_rewards(prefix_scores: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,10 @@ def test_config_specs_are_checked():
     with pytest.raises(ValueError, match="whole number"):
         frontier.parse_args(["--num_generations", "8", "--scales", "0.3"])
     assert frontier.parse_args(["--num_generations", "8", "--scales", "0.25", "2"]).scales == [0.25, 2.0]
+    with pytest.raises(ValueError, match="oracle_lookahead"):
+        frontier.parse_args(["--oracle_k", "0", "--oracle_lookahead", "4"])
+    with pytest.raises(ValueError, match="oracle_lookahead"):
+        frontier.parse_args(["--oracle_lookahead", "-1"])
 
 
 def test_subset_takes_the_first_completions_of_each_prompt_and_the_labels_asked_for():
@@ -64,21 +68,23 @@ def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_token
             sys.executable, "recipes/benchmark_frontier.py", "--model", str(model_dir), "--output_dir", str(out),
             "--n_train_prompts", "3", "--n_eval_prompts", "2", "--num_generations", "2", "--max_new_tokens", "4",
             "--epochs", "1", "--train_batch_size", "4", "--tilted_samples", "1", "--betas", "1.0", "0.3",
-            "--gen_batch_size", "16", "--threads", "1", "--candidate_k", "3", "--oracle_k", "3",
+            "--gen_batch_size", "16", "--threads", "1", "--candidate_k", "3", "--oracle_k", "3", "--oracle_lookahead", "2",
             "--configs", "mc/mean/dense", "candidates/soft/tied", "--scales", "0.5", "1",
         ],
         timeout=600,
     )  # fmt: skip
     results = json.loads((out / "results.json").read_text())
     methods = [row["method"] for row in results["rows"]]
-    expected = ["oracle one-step (top-3)", "mc/mean/dense x0.5", "candidates/soft/tied x0.5"]
+    expected = ["oracle one-step (top-3)", "oracle two-step (top-3, then top-2)"]
+    expected += ["mc/mean/dense x0.5", "candidates/soft/tied x0.5"]
     expected += ["mc/mean/dense x1", "candidates/soft/tied x1"]
-    assert methods[:6] == ["base sampling"] + ["best-of-N"] * 4 + [expected[0]]
-    assert methods[5:] == [m for m in expected for _ in range(2)]  # two betas each
-    assert [r["method"] for r in results["runs"]] == expected
-    assert [r.get("completions_per_prompt") for r in results["runs"]] == [None, 1, 1, 2, 2]
-    # every tilted row is compared with best-of-N at its KL; the oracle really called the reward
+    assert methods[:5] == ["base sampling"] + ["best-of-N"] * 4
+    assert methods[5:] == [m for m in ["KL-optimal (estimate)", *expected] for _ in range(2)]  # two betas each
+    assert [r["method"] for r in results["runs"]] == ["KL-optimal (estimate)", *expected]
+    assert [r.get("completions_per_prompt") for r in results["runs"]] == [None, None, None, 1, 1, 2, 2]
+    # every other row is compared with best-of-N at its KL; the oracle really called the reward
     assert [c["method"] for c in results["comparison"]] == methods[5:]
-    assert results["runs"][0]["reward_cost"]["texts_scored"] > 0
+    one_step, two_step = results["runs"][1]["reward_cost"], results["runs"][2]["reward_cost"]
+    assert 0 < one_step["texts_requested"] < two_step["texts_requested"]  # k + 1 texts per step, then k k2 more
     assert results["labelling_cost"]["states_labelled"] > 0
     assert (out / "frontier.png").stat().st_size > 0

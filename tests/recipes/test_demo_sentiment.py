@@ -105,10 +105,13 @@ def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
         ("best-of-N", "N=4"),
         ("best-of-N", "N=8"),
         ("best-of-N", "N=16"),
+        ("KL-optimal (estimate)", "beta=1"),
+        ("KL-optimal (estimate)", "beta=0.1"),
         ("Q-tilted", "beta=1"),
         ("Q-tilted", "beta=0.1"),
     ]
-    base, bon, tilted = rows[0], rows[1:5], rows[5:]
+    base, bon, optimal, tilted = rows[0], rows[1:5], rows[5:7], rows[7:]
+    assert optimal[0]["kl"] < optimal[1]["kl"] < math.log(16) and optimal[1]["reward"] >= base["reward"]
     assert base["kl"] == 0.0 and base["n"] == 2 * 16
     for row, n in zip(bon, (2, 4, 8, 16), strict=True):
         assert row["kl"] == pytest.approx(math.log(n) - (n - 1) / n)
@@ -118,8 +121,9 @@ def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
     for row in tilted:
         # A KL, up to float32 rounding: the tiny model's Q head barely tilts, so it sits at ~1e-7 either side of 0.
         assert row["kl"] >= -1e-5 and row["n"] == 2 * 2 and row["samples_per_output"] == 1
-    for row in rows:
+    for row in (base, *bon, *tilted):
         assert -1.0 <= row["reward"] <= 1.0 and 0.0 <= row["distinct_2"] <= 1.0 and row["perplexity"] > 1.0
+    assert results["mean_gain_ratio_kl_0.2_1.5"] is None or -10 < results["mean_gain_ratio_kl_0.2_1.5"] < 10
     assert results["policy_drift_kl_lora_vs_pretrained"] >= -1e-5  # a KL, up to float rounding
     assert "| best-of-N | N=16 |" in (out / "results.md").read_text()
 
@@ -132,3 +136,19 @@ def test_reward_choice_resolves_vader_or_an_import_path():
     for bad in ("nonsense", "trl.rewards:", "trl.rewards:no_such_function"):
         with pytest.raises(ValueError, match="--reward"):
             demo.resolve_reward(bad)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--candidate_lookahead", "0"], "must be >= 1"),
+        (["--candidate_lookahead", "4", "--candidate_beta", "0"], "must be >= 1"),
+        (["--candidate_lookahead", "4", "--labels", "mc"], "use `--labels effects`"),
+        (["--eval_samples", "12"], "multiple of 16"),
+        (["--betas", "0.5", "0"], "> 0"),
+    ],
+)
+def test_bad_flags_are_refused_before_anything_runs(argv, message):
+    with pytest.raises(ValueError, match=message):
+        demo.parse_args(argv)
+    assert demo.parse_args(["--candidate_lookahead", "4"]).candidate_beta == 0.3

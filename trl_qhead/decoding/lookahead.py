@@ -7,14 +7,24 @@ record, and it is the "oracle one-step tilt" of docs/DESIGN.md: the tilt that th
 `generate_and_score(candidate_rewards=k)` teach a Q head, computed exactly at decode time instead of learned. It
 calls the reward functions at every step, `rows x (k + 1)` texts (memoised within a generation), so it is a
 reference row for benchmarks and a decoder for cheap rewards, not a replacement for a trained head.
+
+With `lookahead_k=k2` it looks two steps ahead: `Q(s, a) = r'(s, a) + V1(s + a)`, `V1` the soft value at `beta` of
+the base model's top-k2 tokens after `a` (`soft.lookahead_soft_values`), read off one branch forward per step
+(`branches.branch_top_k`) and `rows x k x k2` more texts: the exact counterpart of the two-step candidate labels
+(`generate_and_score(candidate_lookahead=k2)`).
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
 
+from ..branches import branch_top_k
 from ..candidates import LabelCost, PrefixScorer
+from ..returns import check_beta
 from ..reward_functions import RewardFunctions, texts_for_rewards
+from ..soft import lookahead_soft_values
 from ..stop_tokens import stop_token_ids
 from .sources import LMHeadCapture, QSource
 
@@ -37,6 +47,10 @@ class RewardLookahead(QSource):
         k: candidates scored per row and step.
         reward_weights: one weight per reward function (default all 1).
         batch_size: texts per reward call.
+        lookahead_k: k2, or None (default): also value each candidate by the soft value of its top-k2 next tokens
+            (two steps ahead; stop tokens have nothing after them). The processor does not know the generation's
+            last step, which looks ahead too.
+        beta: the temperature of that soft value (> 0), with `lookahead_k`: the processor's beta.
 
     Example:
     ```python
@@ -47,9 +61,29 @@ class RewardLookahead(QSource):
     ```
     """
 
-    def __init__(self, model, tokenizer, reward_funcs, k: int = 20, *, reward_weights=None, batch_size: int = 256):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        reward_funcs,
+        k: int = 20,
+        *,
+        reward_weights=None,
+        batch_size: int = 256,
+        lookahead_k: int | None = None,
+        beta: float | None = None,
+    ):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+        if lookahead_k is not None:
+            if isinstance(lookahead_k, bool) or not isinstance(lookahead_k, int) or lookahead_k < 1:
+                raise ValueError(f"`lookahead_k` must be a positive integer or None, got {lookahead_k!r}.")
+            if beta is None:
+                raise ValueError("`lookahead_k` needs `beta`, the temperature of the soft value ahead.")
+            beta = check_beta(beta)
+        elif beta is not None:
+            raise ValueError("`beta` was given without `lookahead_k` to use it.")
+        self.lookahead_k, self.beta = lookahead_k, beta
         self.model = model  # also where QTiltLogitsProcessor finds the stop tokens
         self.tokenizer = tokenizer
         self.functions = RewardFunctions(reward_funcs, reward_weights=reward_weights)
@@ -74,6 +108,31 @@ class RewardLookahead(QSource):
         if self._scorer is not None:
             self.cost.add(self._scorer.cost)
             self._scorer = None
+
+    def _continuations(self, completions, candidates, live) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
+        """Per row, candidate index -> (ids, log-probs) of the base model's top-k2 next tokens after it (none after a
+        stop token, none for finished rows), from one branch forward with this step's hooks paused."""
+        rows, branches, indices = [], [], []
+        for row, completion in enumerate(completions):
+            sequence = self._prompt_ids[self._groups[row]] + completion
+            chosen = (
+                [] if not live[row] else [i for i, a in enumerate(candidates[row].tolist()) if a not in self._stop_ids]
+            )
+            rows.append(sequence)
+            branches.append([(len(sequence), candidates[row, i].item()) for i in chosen])
+            indices.append(chosen)
+        began = time.perf_counter()
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self._capture.paused = True  # the branch forward runs the same LM head: not this step's hidden state
+        try:
+            found = branch_top_k(self.model, rows, branches, self.lookahead_k, pad)
+        finally:
+            self._capture.paused = False
+        self.cost.topk_seconds += time.perf_counter() - began
+        return [
+            {i: (ids[n], log_probs[n]) for n, i in enumerate(chosen)}
+            for chosen, (ids, log_probs) in zip(indices, found, strict=True)
+        ]
 
     def _start_generation(self, input_ids: torch.LongTensor) -> None:
         self._finish_generation()
@@ -101,23 +160,36 @@ class RewardLookahead(QSource):
         candidates = token_ids if token_ids is not None else logits.float().topk(self.k, dim=-1).indices
         candidates = candidates.cpu()
         completions = input_ids[:, self._width :].cpu().tolist()
+        live = [not self._stop_ids.intersection(completion) for completion in completions]
+        ahead = self._continuations(completions, candidates, live) if self.lookahead_k else None
         plans = []
         for row, completion in enumerate(completions):
-            if self._stop_ids.intersection(completion):
+            if not live[row]:
                 plans.append(None)
                 continue
             group = self._groups[row]
             prompt_ids = self._prompt_ids[group]
             here = self._scorer.request(group, prompt_ids, completion)
             keys = [self._scorer.request(group, prompt_ids, completion + [a]) for a in candidates[row].tolist()]
-            plans.append((here, keys))
+            next_keys = {}  # candidate index -> the keys of its top-k2 continuations
+            if ahead is not None:
+                for i, (ids, _) in ahead[row].items():
+                    a = candidates[row, i].item()
+                    next_keys[i] = [self._scorer.request(group, prompt_ids, completion + [a, b]) for b in ids.tolist()]
+            plans.append((here, keys, next_keys))
         self._scorer.flush()
         effects = torch.zeros(candidates.shape, dtype=torch.float32)  # (N, k)
         for row, plan in enumerate(plans):
             if plan is not None:
-                here, keys = plan
+                here, keys, next_keys = plan
                 base = self._scorer.score(here)
-                effects[row] = torch.tensor([self._scorer.score(key) - base for key in keys])
+                for i, key in enumerate(keys):
+                    after = self._scorer.score(key)
+                    effects[row, i] = after - base
+                    if i in next_keys:
+                        log_probs = ahead[row][i][1]
+                        ahead_effects = torch.tensor([self._scorer.score(k2) - after for k2 in next_keys[i]])
+                        effects[row, i] += lookahead_soft_values(log_probs, ahead_effects, self.beta).item()
         effects = effects.to(input_ids.device)
         if token_ids is not None:
             return effects
