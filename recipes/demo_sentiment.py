@@ -619,7 +619,7 @@ def write_outputs(results: dict, rows: Sequence[FrontierRow], out_dir: Path, arg
     )
     md = (
         f"# Demo results: {args.model}\n\n{table}\n\n"
-        f"Q-tilted against best-of-N at equal KL (interpolated):\n{comparison}\n\n"
+        f"Against best-of-N at equal KL (interpolated):\n{comparison}\n\n"
         f"Mean gain ratio (tilt gain / best-of-N gain at equal KL) over tilted rows with KL in [0.2, 1.5]: "
         + _ratio(ratio)
         + f" (labels {args.labels}, q_target {args.q_target}, {args.q_head_type} head, lora_r {args.lora_r}); "
