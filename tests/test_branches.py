@@ -50,8 +50,22 @@ def test_a_branch_outside_its_sequence_is_refused(prefix_length):
         branch_top_k(make_tiny_llama(), [[1, 2, 3, 4, 5, 6]], [[(prefix_length, 3)]], k=2, pad_token_id=0)
 
 
-def test_flash_attention_is_refused():
+def test_flash_attention_is_refused_before_anything_runs(gpt2_tokenizer):
+    from datasets import Dataset
+
+    from trl_qhead import generate_and_score
+    from trl_qhead.decoding import RewardLookahead
+
     model = make_tiny_llama()
     model.config._attn_implementation_internal = "flash_attention_2"
     with pytest.raises(ValueError, match="4D attention mask"):
         branch_top_k(model, [[1, 2]], [[(1, 3)]], k=2, pad_token_id=0)
+    with pytest.raises(ValueError, match="4D attention mask"):  # at the call, not after sampling a batch
+        generate_and_score(
+            AutoModelForCausalLMWithQHead(model), gpt2_tokenizer, Dataset.from_dict({"prompt": ["Hi"]}),
+            lambda completions, **kwargs: [0.0] * len(completions), num_generations=1, max_new_tokens=2,
+            candidate_rewards=2, candidate_lookahead=2, candidate_beta=0.3, show_progress=False,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="4D attention mask"):
+        RewardLookahead(model, gpt2_tokenizer, lambda completions, **kwargs: [0.0] * len(completions), k=2,
+                        lookahead_k=2, beta=0.3)  # fmt: skip

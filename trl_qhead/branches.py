@@ -20,7 +20,7 @@ import torch
 
 from .modeling import transformers_model
 
-__all__ = ["branch_top_k"]
+__all__ = ["branch_top_k", "check_branch_support"]
 
 
 def _branch_inputs(
@@ -51,6 +51,17 @@ def _branch_inputs(
     return ids, positions, mask[:, None], length
 
 
+def check_branch_support(model) -> None:
+    """A ValueError unless `model` (a Q-head wrapper or a transformers causal LM) can take a custom 4D attention mask:
+    FlashAttention cannot."""
+    config = getattr(transformers_model(model), "config", None)
+    if str(getattr(config, "_attn_implementation", "")).startswith("flash"):
+        raise ValueError(
+            "Branch forwards need a 4D attention mask, which FlashAttention takes no part of: load the model with "
+            "`attn_implementation='sdpa'` or `'eager'`."
+        )
+
+
 @torch.no_grad()
 def branch_top_k(
     model,
@@ -77,12 +88,7 @@ def branch_top_k(
         first), on the CPU.
     """
     model = transformers_model(model)
-    config = getattr(model, "config", None)
-    if str(getattr(config, "_attn_implementation", "")).startswith("flash"):
-        raise ValueError(
-            "Branch forwards need a 4D attention mask, which FlashAttention takes no part of: load the model with "
-            "`attn_implementation='sdpa'` or `'eager'`."
-        )
+    check_branch_support(model)
     for row, (tokens, row_branches) in enumerate(zip(sequences, branches, strict=True)):
         for prefix_length, _ in row_branches:
             if not 1 <= prefix_length <= len(tokens):

@@ -323,13 +323,14 @@ def label_completions(
     scorer.flush()
 
     def value_after(row: int, j: int, a: int, key) -> float:
-        """`r'(s_j, a)`, plus `V1(s_j + a)` with lookahead."""
+        """`r'(s_j, a)` (`key`: the text of `c_{<j} + [a]`), plus `V1(s_j + a)` with lookahead."""
+        _, prefix_keys, _, next_keys = plans[row]
         here = scorer.score(key)
-        effect = here - scorer.score(plans[row][1][j])
-        if ahead is None or (j, a) not in ahead[row]:
+        effect = here - scorer.score(prefix_keys[j])
+        if (j, a) not in next_keys:  # no lookahead, a stop token, or the last step
             return effect
         _, log_probs = ahead[row][j, a]
-        effects = torch.tensor([scorer.score(next_key) - here for next_key in plans[row][3][j, a]])
+        effects = torch.tensor([scorer.score(next_key) - here for next_key in next_keys[j, a]])  # (k2,)
         return effect + lookahead_soft_values(log_probs, effects, beta).item()
 
     out = []

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, set_seed
 from trl.data_utils import maybe_apply_chat_template
 
+from .branches import check_branch_support
 from .candidates import LabelCost, check_candidate_args, label_completions
 from .chat import completions_like, is_messages
 from .reward_functions import RewardFunc, RewardFunctions, texts_for_rewards
@@ -148,6 +149,8 @@ def generate_and_score(
     labelling = candidate_rewards is not None or prefix_shaping
     if labelling and reward_funcs is None:
         raise ValueError("`candidate_rewards` and `prefix_shaping` score prefixes with `reward_funcs`: pass some.")
+    if candidate_lookahead is not None:
+        check_branch_support(model)  # before sampling anything
     if candidate_rewards is not None:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         vocab_size = getattr(getattr(head, "weight", None), "shape", [None])[0]

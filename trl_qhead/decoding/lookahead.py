@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from ..branches import branch_top_k
+from ..branches import branch_top_k, check_branch_support
 from ..candidates import LabelCost, PrefixScorer
 from ..returns import check_beta
 from ..reward_functions import RewardFunctions, texts_for_rewards
@@ -81,6 +81,7 @@ class RewardLookahead(QSource):
             if beta is None:
                 raise ValueError("`lookahead_k` needs `beta`, the temperature of the soft value ahead.")
             beta = check_beta(beta)
+            check_branch_support(model)
         elif beta is not None:
             raise ValueError("`beta` was given without `lookahead_k` to use it.")
         self.lookahead_k, self.beta = lookahead_k, beta
