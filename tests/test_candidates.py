@@ -246,7 +246,12 @@ def test_candidates_do_not_pack(gpt2_tokenizer):
         ({"candidate_rewards": 2, "candidate_lookahead": 2}, "needs `candidate_beta`"),
         ({"candidate_rewards": 2, "candidate_lookahead": 0, "candidate_beta": 0.3}, "`candidate_lookahead` \\(k2\\)"),
         ({"candidate_rewards": 2, "candidate_lookahead": True, "candidate_beta": 0.3}, "positive integer"),
-        ({"candidate_rewards": 2, "candidate_lookahead": 2, "candidate_beta": -1.0}, "`beta` must be"),
+        ({"candidate_rewards": 2, "candidate_lookahead": 2, "candidate_beta": -1.0}, "`candidate_beta` must be"),
+        ({"candidate_rewards": 2, "candidate_lookahead": 2, "candidate_beta": "abc"}, "`candidate_beta` must be"),
+        (
+            {"candidate_rewards": 2, "candidate_lookahead": 50258, "candidate_beta": 0.3},
+            "`candidate_lookahead` \\(k=50258\\) is larger",
+        ),
         ({"candidate_rewards": 2, "candidate_beta": 0.3}, "without `candidate_lookahead`"),
     ],
 )

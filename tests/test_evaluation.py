@@ -223,6 +223,12 @@ def test_kl_optimal_rows_refuse_unscored_samples_and_bad_betas():
     samples = _scored_samples([[0.0, 1.0]])
     with pytest.raises(ValueError, match="betas"):
         evaluation.kl_optimal_rows(samples, [0.5, 0.0])
+    samples.rewards = [0.0, float("nan")]
+    with pytest.raises(ValueError, match=r"`base.rewards\[1\]` is nan"):
+        evaluation.kl_optimal_rows(samples, [0.5])
+    samples.rewards = [0.0]
+    with pytest.raises(ValueError, match="1 rewards for 2 samples"):
+        evaluation.kl_optimal_rows(samples, [0.5])
     samples.rewards = []
     with pytest.raises(ValueError, match="no rewards"):
         evaluation.kl_optimal_rows(samples, [0.5])

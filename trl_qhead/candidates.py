@@ -103,7 +103,7 @@ def check_candidate_args(
             raise ValueError("`candidate_lookahead` looks ahead of the candidates: set `candidate_rewards` (k) too.")
         if candidate_beta is None:
             raise ValueError("`candidate_lookahead` needs `candidate_beta`, the temperature of the soft value ahead.")
-        check_beta(candidate_beta)
+        check_beta(candidate_beta, "candidate_beta")
     elif candidate_beta is not None:
         raise ValueError("`candidate_beta` was given without `candidate_lookahead` to use it.")
 

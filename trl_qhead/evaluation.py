@@ -270,6 +270,11 @@ def kl_optimal_rows(base: Samples, betas: Sequence[float]) -> list[FrontierRow]:
     """
     if not base.rewards:
         raise ValueError("`base` has no rewards: score the samples before estimating the KL-optimal rows.")
+    if len(base.rewards) != len(base.texts):
+        raise ValueError(f"`base` has {len(base.rewards)} rewards for {len(base.texts)} samples.")
+    bad = next((i for i, r in enumerate(base.rewards) if not math.isfinite(r)), None)
+    if bad is not None:
+        raise ValueError(f"`base.rewards[{bad}]` is {base.rewards[bad]!r}: the weights need finite rewards.")
     if any(not beta > 0 for beta in betas):
         raise ValueError(f"`betas` must all be > 0, got {list(betas)}.")
     n = base.num_samples

@@ -52,14 +52,14 @@ def _check_2d(name: str, x: torch.Tensor, shape: torch.Size | None) -> None:
         raise ValueError(f"`{name}` must have the shape of `rewards` {tuple(shape)}, got {tuple(x.shape)}")
 
 
-def check_beta(beta: float) -> float:
-    """``beta`` as a float, or a ValueError unless it is a finite number > 0."""
+def check_beta(beta: float, name: str = "beta") -> float:
+    """``beta`` as a float, or a ValueError (naming the argument ``name``) unless it is a finite number > 0."""
     try:
         value = float(beta)
     except (TypeError, ValueError):
-        raise ValueError(f"`beta` must be a finite number > 0 (or None), got {beta!r}") from None
+        raise ValueError(f"`{name}` must be a finite number > 0 (or None), got {beta!r}") from None
     if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"`beta` must be a finite number > 0 (or None), got {beta!r}")
+        raise ValueError(f"`{name}` must be a finite number > 0 (or None), got {beta!r}")
     return value
 
 

@@ -154,11 +154,9 @@ def generate_and_score(
     if candidate_rewards is not None:
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         vocab_size = getattr(getattr(head, "weight", None), "shape", [None])[0]
-        if vocab_size is not None and candidate_rewards > vocab_size:
-            raise ValueError(
-                f"`candidate_rewards` (k={candidate_rewards}) is larger than the model's vocabulary ({vocab_size} "
-                "tokens)."
-            )
+        for name, k in (("candidate_rewards", candidate_rewards), ("candidate_lookahead", candidate_lookahead)):
+            if vocab_size is not None and k is not None and k > vocab_size:
+                raise ValueError(f"`{name}` (k={k}) is larger than the model's vocabulary ({vocab_size} tokens).")
     column_names = getattr(prompts, "column_names", None)
     if column_names is not None and "prompt" not in column_names:
         raise ValueError(f"The prompt dataset has columns {sorted(column_names)}; expected a `prompt` column.")
