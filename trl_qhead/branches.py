@@ -14,7 +14,7 @@ custom mask and is refused.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
 
 import torch
 
@@ -66,42 +66,44 @@ def check_branch_support(model) -> None:
 def branch_top_k(
     model,
     sequences: Sequence[Sequence[int]],
-    branches: Sequence[Sequence[tuple[int, int]]],
+    branches: Sequence[Mapping[Hashable, tuple[int, int]]],
     k: int,
     pad_token_id: int,
     batch_size: int = 8,
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
+) -> list[dict[Hashable, tuple[torch.Tensor, torch.Tensor]]]:
     """The `k` most likely next tokens after each branch, and their log-probabilities.
 
     Args:
         model: an `AutoModelForCausalLMWithQHead` or a transformers causal LM (the one `generate` runs is used: its
             LM head, adapters included), with eager or SDPA attention (a 4D attention mask).
         sequences: per row, its token ids (no padding).
-        branches: per row, `(prefix_length, token_id)` pairs: the continuation `sequence[:prefix_length] + [token_id]`,
-            with `1 <= prefix_length <= len(sequence)`.
+        branches: per row, a mapping from the caller's key for each branch to its `(prefix_length, token_id)`: the
+            continuation `sequence[:prefix_length] + [token_id]`, with `1 <= prefix_length <= len(sequence)`.
         k: next tokens kept per branch.
         pad_token_id: fills the padding (masked out).
         batch_size: rows per forward.
 
     Returns:
-        Per row, `(ids [m, k] long, log_probs [m, k] float32)` for its `m` branches (sorted by probability, highest
+        Per row, the same keys mapped to `(ids [k] long, log_probs [k] float32)` (sorted by probability, highest
         first), on the CPU.
     """
     model = transformers_model(model)
     check_branch_support(model)
-    for row, (tokens, row_branches) in enumerate(zip(sequences, branches, strict=True)):
-        for prefix_length, _ in row_branches:
+    keys = [list(row_branches) for row_branches in branches]
+    pairs = [[row_branches[key] for key in row_keys] for row_branches, row_keys in zip(branches, keys, strict=True)]
+    for row, (tokens, row_pairs) in enumerate(zip(sequences, pairs, strict=True)):
+        for prefix_length, _ in row_pairs:
             if not 1 <= prefix_length <= len(tokens):
                 raise ValueError(f"Row {row}: branch after {prefix_length} tokens of a {len(tokens)}-token sequence.")
     device = next(model.parameters()).device
     dtype = next(p for p in model.parameters() if p.is_floating_point()).dtype
     parameters = inspect.signature(model.forward).parameters.values()
     keeps_logits = any(p.name == "logits_to_keep" or p.kind is p.VAR_KEYWORD for p in parameters)
-    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    out: list[dict[Hashable, tuple[torch.Tensor, torch.Tensor]]] = []
     for start in range(0, len(sequences), batch_size):
-        chunk, chunk_branches = sequences[start : start + batch_size], branches[start : start + batch_size]
+        chunk, chunk_branches = sequences[start : start + batch_size], pairs[start : start + batch_size]
         if not any(chunk_branches):
-            out.extend((torch.empty(0, k, dtype=torch.long), torch.empty(0, k)) for _ in chunk)
+            out.extend({} for _ in chunk)
             continue
         ids, positions, mask, length = _branch_inputs(chunk, chunk_branches, pad_token_id, dtype)
         inputs = {"input_ids": ids.to(device), "position_ids": positions.to(device), "attention_mask": mask.to(device)}
@@ -109,7 +111,7 @@ def branch_top_k(
             inputs["logits_to_keep"] = ids.shape[1] - length
         logits = model(**inputs).logits[:, -(ids.shape[1] - length) :]  # (B, m_max, V)
         top = logits.float().log_softmax(-1).topk(k, dim=-1)
-        for row, row_branches in enumerate(chunk_branches):
-            m = len(row_branches)
-            out.append((top.indices[row, :m].cpu(), top.values[row, :m].cpu()))
+        ids, log_probs = top.indices.cpu(), top.values.cpu()  # (B, m_max, k)
+        for row, row_keys in enumerate(keys[start : start + batch_size]):
+            out.append({key: (ids[row, i], log_probs[row, i]) for i, key in enumerate(row_keys)})
     return out

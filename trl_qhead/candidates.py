@@ -161,23 +161,18 @@ def _continuations(
     """Per row, `(j, a) -> (ids [k2], log_probs [k2])`: the base model's top-k2 tokens after each candidate `a` of
     each labelled state `j` and after the sampled token, from one branch forward per row (`branch_top_k`). Stop tokens
     and the states at `horizon - 1` get no entry: nothing follows them."""
-    sequences, branches, keys = [], [], []
+    sequences, branches = [], []
     for p_ids, c_ids, states, row_top in zip(prompt_ids, completion_ids, states_of, top, strict=True):
-        pairs = []
+        row_branches = {}
         for j in states:
             if horizon is not None and j >= horizon - 1:
                 continue
-            for a in dict.fromkeys([*row_top[j].tolist(), c_ids[j]]):
+            for a in [*row_top[j].tolist(), c_ids[j]]:
                 if a not in stop_ids:
-                    pairs.append((j, a))
+                    row_branches[j, a] = (len(p_ids) + j, a)
         sequences.append(p_ids + c_ids)
-        branches.append([(len(p_ids) + j, a) for j, a in pairs])
-        keys.append(pairs)
-    found = branch_top_k(model, sequences, branches, k2, pad_token_id)
-    return [
-        {pair: (ids[i], log_probs[i]) for i, pair in enumerate(pairs)}
-        for pairs, (ids, log_probs) in zip(keys, found, strict=True)
-    ]
+        branches.append(row_branches)
+    return branch_top_k(model, sequences, branches, k2, pad_token_id)
 
 
 class PrefixScorer:

@@ -113,27 +113,23 @@ class RewardLookahead(QSource):
     def _continuations(self, completions, candidates, live) -> list[dict[int, tuple[torch.Tensor, torch.Tensor]]]:
         """Per row, candidate index -> (ids, log-probs) of the base model's top-k2 next tokens after it (none after a
         stop token, none for finished rows), from one branch forward with this step's hooks paused."""
-        rows, branches, indices = [], [], []
+        rows, branches = [], []
         for row, completion in enumerate(completions):
             sequence = self._prompt_ids[self._groups[row]] + completion
-            chosen = (
-                [] if not live[row] else [i for i, a in enumerate(candidates[row].tolist()) if a not in self._stop_ids]
-            )
             rows.append(sequence)
-            branches.append([(len(sequence), candidates[row, i].item()) for i in chosen])
-            indices.append(chosen)
+            branches.append(
+                {i: (len(sequence), a) for i, a in enumerate(candidates[row].tolist()) if a not in self._stop_ids}
+                if live[row]
+                else {}
+            )
         began = time.perf_counter()
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._capture.paused = True  # the branch forward runs the same LM head: not this step's hidden state
         try:
-            found = branch_top_k(self.model, rows, branches, self.lookahead_k, pad)
+            return branch_top_k(self.model, rows, branches, self.lookahead_k, pad)
         finally:
             self._capture.paused = False
-        self.cost.topk_seconds += time.perf_counter() - began
-        return [
-            {i: (ids[n], log_probs[n]) for n, i in enumerate(chosen)}
-            for chosen, (ids, log_probs) in zip(indices, found, strict=True)
-        ]
+            self.cost.topk_seconds += time.perf_counter() - began
 
     def _start_generation(self, input_ids: torch.LongTensor) -> None:
         self._finish_generation()
