@@ -69,6 +69,7 @@ if not __package__ and str(REPO_ROOT) not in sys.path:  # `python recipes/demo_s
     sys.path.insert(0, str(REPO_ROOT))
 
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, generate_and_score  # noqa: E402
+from trl_qhead.candidates import check_candidate_args  # noqa: E402
 from trl_qhead.decoding import QTiltLogitsProcessor  # noqa: E402
 from trl_qhead.evaluation import (  # noqa: E402
     BEST_OF_NS,
@@ -421,13 +422,19 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
         raise ValueError(f"`--eval_samples` must be a multiple of {max(BEST_OF_NS)} (the largest best-of-N).")
     if any(b <= 0 for b in args.betas):
         raise ValueError("`--betas` must all be > 0.")
-    if args.candidate_lookahead is not None:
-        if args.candidate_lookahead < 1 or args.candidate_beta <= 0:
-            raise ValueError("`--candidate_lookahead` must be >= 1 and `--candidate_beta` > 0.")
-        if args.labels == "mc":
+    if args.labels == "mc":
+        if args.candidate_lookahead is not None:
             raise ValueError(
                 "`--candidate_lookahead` looks past candidate labels: use `--labels effects` or `candidates`."
             )
+    else:  # generate_and_score's own checks, before the model loads
+        lookahead = args.candidate_lookahead
+        try:
+            check_candidate_args(
+                args.candidate_k, args.candidate_stride, False, lookahead, args.candidate_beta if lookahead else None
+            )
+        except ValueError as error:
+            raise ValueError(f"{error} (`--candidate_k` is generate_and_score's `candidate_rewards`)") from None
     return args
 
 

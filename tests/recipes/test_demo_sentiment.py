@@ -141,8 +141,10 @@ def test_reward_choice_resolves_vader_or_an_import_path():
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["--candidate_lookahead", "0"], "must be >= 1"),
-        (["--candidate_lookahead", "4", "--candidate_beta", "0"], "must be >= 1"),
+        (["--candidate_lookahead", "0"], "`candidate_lookahead` \\(k2\\) must be a positive integer"),
+        (["--candidate_lookahead", "4", "--candidate_beta", "0"], "`candidate_beta` must be a finite number > 0"),
+        (["--candidate_k", "0"], "`candidate_rewards` \\(k\\) must be a positive integer"),
+        (["--candidate_stride", "0"], "`candidate_stride` must be a positive integer"),
         (["--candidate_lookahead", "4", "--labels", "mc"], "use `--labels effects`"),
         (["--eval_samples", "12"], "multiple of 16"),
         (["--betas", "0.5", "0"], "> 0"),
