@@ -9,7 +9,8 @@ Pipeline (`make demo` runs it with the defaults below):
    ships its own lexicon), and candidate labels (`--labels effects` or `candidates`): at every completion state the
    base model's top `--candidate_k` next tokens, each scored by the reward on the prefix it makes
    (`generate_and_score(candidate_rewards=k)`).
-3. Training: a dense Q head (`--q_head_type dense`; `tied` for `Q = W_lm (U h) + b`) on the frozen pretrained model
+3. Training: a tied Q head (`--q_head_type tied`, `Q = W_lm (U h) + b`; `dense` for a free `[|V|, H]` head) on the
+   frozen pretrained model
    (`--lora_r 0`, the default; `--lora_r 16` adds LoRA adapters on the top layers), with `QHeadTrainer`. With
    `--labels effects` (the default) every label is a candidate's immediate effect relative to the sampled token,
    `r'(s, a) - r'(s, a_t)` (the rewards are set to 0, so the sampled token sits at 0): a one-step head. With
@@ -403,7 +404,7 @@ def build_parser(description: str = __doc__.split("\n")[0]) -> argparse.Argument
     p.add_argument(
         "--q_head_type",
         choices=("dense", "tied"),
-        default="dense",
+        default="tied",
         help="dense: a free [|V|, H] Q head; tied: Q = W_lm (U h) + b on the LM head's rows",
     )
     p.add_argument("--lora_r", type=int, default=0, help="0: no adapters, the Q head on the frozen model")
