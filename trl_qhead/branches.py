@@ -111,7 +111,7 @@ def branch_top_k(
             inputs["logits_to_keep"] = ids.shape[1] - length
         logits = model(**inputs).logits[:, -(ids.shape[1] - length) :]  # (B, m_max, V)
         top = logits.float().log_softmax(-1).topk(k, dim=-1)
-        ids, log_probs = top.indices.cpu(), top.values.cpu()  # (B, m_max, k)
+        top_ids, top_log_probs = top.indices.cpu(), top.values.cpu()  # (B, m_max, k)
         for row, row_keys in enumerate(keys[start : start + batch_size]):
-            out.append({key: (ids[row, i], log_probs[row, i]) for i, key in enumerate(row_keys)})
+            out.append({key: (top_ids[row, i], top_log_probs[row, i]) for i, key in enumerate(row_keys)})
     return out
