@@ -53,6 +53,11 @@ def test_a_branch_outside_its_sequence_is_refused(prefix_length):
         branch_top_k(make_tiny_llama(), [[1, 2, 3, 4, 5, 6]], [{"a": (prefix_length, 3)}], k=2, pad_token_id=0)
 
 
+def test_branches_that_are_not_mappings_are_refused():
+    with pytest.raises(TypeError, match="Row 1: `branches` rows must map keys"):
+        branch_top_k(make_tiny_llama(), [[1, 2], [3, 4]], [{}, [(1, 3)]], k=2, pad_token_id=0)
+
+
 def test_flash_attention_is_refused_before_anything_runs(gpt2_tokenizer):
     from datasets import Dataset
 

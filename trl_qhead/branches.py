@@ -89,6 +89,12 @@ def branch_top_k(
     """
     model = transformers_model(model)
     check_branch_support(model)
+    for row, row_branches in enumerate(branches):
+        if not isinstance(row_branches, Mapping):
+            raise TypeError(
+                f"Row {row}: `branches` rows must map keys to (prefix_length, token_id), got "
+                f"{type(row_branches).__name__}."
+            )
     keys = [list(row_branches) for row_branches in branches]
     pairs = [[row_branches[key] for key in row_keys] for row_branches, row_keys in zip(branches, keys, strict=True)]
     for row, (tokens, row_pairs) in enumerate(zip(sequences, pairs, strict=True)):
