@@ -252,7 +252,8 @@ def train_qhead(
     Three learning rates: the adapters (`lr`), the Q head's weight (`q_lr`) and its bias (`q_bias_lr`). Adam moves every
     parameter by about its learning rate per step, and `Q(s, a) = W_q[a] . h + b_q[a]` sums `H` weight terms against one
     bias term. With a normed final hidden state (`sum |h|` is in the hundreds for SmolLM2), a weight step moves Q
-    hundreds of times further than a bias step: the weight needs a small rate, the bias a large one. The bias is the
+    hundreds of times further than a bias step: the weight needs a small rate, the bias a large one (the tied head's
+    U takes the weight's rate: `Q(s, a) = W_lm[a] . (U h) + b[a]` is the same kind of sum). The bias is the
     part that generalises across prompts from little data (a learned lexicon: "great", "wonderful" up, "avoid",
     "destroying" down), the weight the context-dependent part.
     """
