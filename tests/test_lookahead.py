@@ -104,7 +104,7 @@ def test_lookahead_rejects_a_bad_k(gpt2_tokenizer):
         with pytest.raises(ValueError, match="`k`"):
             RewardLookahead(model, gpt2_tokenizer, letter_count_reward, k=k)
     for kwargs, message in [
-        ({"lookahead_k": 0, "beta": 0.3}, "`lookahead_k` must be"),
+        ({"lookahead_k": 0, "beta": 0.3}, "`lookahead_k` \\(k2\\) must be a positive integer"),
         ({"lookahead_k": 2}, "needs `beta`"),
         ({"lookahead_k": 2, "beta": 0.0}, "`beta` must be"),
         ({"beta": 0.3}, "without `lookahead_k`"),

@@ -51,7 +51,14 @@ from .returns import check_beta
 from .reward_functions import RewardFunctions, texts_for_rewards
 from .soft import lookahead_soft_values
 
-__all__ = ["LabelCost", "PrefixScorer", "check_candidate_args", "label_completions", "top_k_next_tokens"]
+__all__ = [
+    "LabelCost",
+    "PrefixScorer",
+    "check_candidate_args",
+    "check_lookahead_args",
+    "label_completions",
+    "top_k_next_tokens",
+]
 
 
 @dataclass
@@ -90,22 +97,26 @@ def check_candidate_args(
         raise ValueError(f"`candidate_stride` must be a positive integer (1: every state), got {candidate_stride!r}.")
     if not isinstance(prefix_shaping, bool):
         raise ValueError(f"`prefix_shaping` must be True or False, got {prefix_shaping!r}.")
-    if candidate_lookahead is not None:
-        if (
-            isinstance(candidate_lookahead, bool)
-            or not isinstance(candidate_lookahead, int)
-            or candidate_lookahead < 1
-        ):
-            raise ValueError(
-                f"`candidate_lookahead` (k2) must be a positive integer or None, got {candidate_lookahead!r}."
-            )
-        if candidate_rewards is None:
-            raise ValueError("`candidate_lookahead` looks ahead of the candidates: set `candidate_rewards` (k) too.")
-        if candidate_beta is None:
-            raise ValueError("`candidate_lookahead` needs `candidate_beta`, the temperature of the soft value ahead.")
-        check_beta(candidate_beta, "candidate_beta")
-    elif candidate_beta is not None:
-        raise ValueError("`candidate_beta` was given without `candidate_lookahead` to use it.")
+    check_lookahead_args(candidate_lookahead, candidate_beta, "candidate_lookahead", "candidate_beta")
+    if candidate_lookahead is not None and candidate_rewards is None:
+        raise ValueError("`candidate_lookahead` looks ahead of the candidates: set `candidate_rewards` (k) too.")
+
+
+def check_lookahead_args(
+    lookahead: int | None, beta: float | None, lookahead_name: str, beta_name: str
+) -> float | None:
+    """A two-step lookahead's k2 and temperature (`generate_and_score`'s `candidate_lookahead` / `candidate_beta`,
+    `RewardLookahead`'s `lookahead_k` / `beta`): both or neither, k2 a positive integer, beta a finite number > 0.
+    Returns beta as a float (None without lookahead); ValueErrors name the arguments."""
+    if lookahead is None:
+        if beta is not None:
+            raise ValueError(f"`{beta_name}` was given without `{lookahead_name}` to use it.")
+        return None
+    if isinstance(lookahead, bool) or not isinstance(lookahead, int) or lookahead < 1:
+        raise ValueError(f"`{lookahead_name}` (k2) must be a positive integer or None, got {lookahead!r}.")
+    if beta is None:
+        raise ValueError(f"`{lookahead_name}` needs `{beta_name}`, the temperature of the soft value ahead.")
+    return check_beta(beta, beta_name)
 
 
 @torch.no_grad()
@@ -242,6 +253,13 @@ class PrefixScorer:
     def score(self, key: tuple[Any, str]) -> float:
         return self._scores[key]
 
+    def soft_value_ahead(self, key, next_keys, log_probs: torch.Tensor, beta: float) -> float:
+        """`V1(s')` of the text `key` (`s'`): the soft value at `beta` of its scored continuations `next_keys` (their
+        effects on `s'`'s score, with the base model's `log_probs` of those tokens; `soft.lookahead_soft_values`)."""
+        here = self.score(key)
+        effects = torch.tensor([self.score(next_key) - here for next_key in next_keys])  # (k2,)
+        return lookahead_soft_values(log_probs, effects, beta).item()
+
 
 def label_completions(
     model,
@@ -320,13 +338,10 @@ def label_completions(
     def value_after(row: int, j: int, a: int, key) -> float:
         """`r'(s_j, a)` (`key`: the text of `c_{<j} + [a]`), plus `V1(s_j + a)` with lookahead."""
         _, prefix_keys, _, next_keys = plans[row]
-        here = scorer.score(key)
-        effect = here - scorer.score(prefix_keys[j])
+        effect = scorer.score(key) - scorer.score(prefix_keys[j])
         if (j, a) not in next_keys:  # no lookahead, a stop token, or the last step
             return effect
-        _, log_probs = ahead[row][j, a]
-        effects = torch.tensor([scorer.score(next_key) - here for next_key in next_keys[j, a]])  # (k2,)
-        return effect + lookahead_soft_values(log_probs, effects, beta).item()
+        return effect + scorer.soft_value_ahead(key, next_keys[j, a], ahead[row][j, a][1], beta)
 
     out = []
     for row, (states, prefix_keys, cand_keys, _) in enumerate(plans):

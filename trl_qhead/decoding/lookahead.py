@@ -21,10 +21,8 @@ import time
 import torch
 
 from ..branches import branch_top_k, check_branch_support
-from ..candidates import LabelCost, PrefixScorer
-from ..returns import check_beta
+from ..candidates import LabelCost, PrefixScorer, check_lookahead_args
 from ..reward_functions import RewardFunctions, texts_for_rewards
-from ..soft import lookahead_soft_values
 from ..stop_tokens import stop_token_ids
 from .sources import LMHeadCapture, QSource
 
@@ -75,15 +73,9 @@ class RewardLookahead(QSource):
     ):
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive integer, got {k!r}.")
+        beta = check_lookahead_args(lookahead_k, beta, "lookahead_k", "beta")
         if lookahead_k is not None:
-            if isinstance(lookahead_k, bool) or not isinstance(lookahead_k, int) or lookahead_k < 1:
-                raise ValueError(f"`lookahead_k` must be a positive integer or None, got {lookahead_k!r}.")
-            if beta is None:
-                raise ValueError("`lookahead_k` needs `beta`, the temperature of the soft value ahead.")
-            beta = check_beta(beta)
             check_branch_support(model)
-        elif beta is not None:
-            raise ValueError("`beta` was given without `lookahead_k` to use it.")
         self.lookahead_k, self.beta = lookahead_k, beta
         self.model = model  # also where QTiltLogitsProcessor finds the stop tokens
         self.tokenizer = tokenizer
@@ -181,12 +173,11 @@ class RewardLookahead(QSource):
                 here, keys, next_keys = plan
                 base = self._scorer.score(here)
                 for i, key in enumerate(keys):
-                    after = self._scorer.score(key)
-                    effects[row, i] = after - base
+                    effects[row, i] = self._scorer.score(key) - base
                     if i in next_keys:
-                        log_probs = ahead[row][i][1]
-                        ahead_effects = torch.tensor([self._scorer.score(k2) - after for k2 in next_keys[i]])
-                        effects[row, i] += lookahead_soft_values(log_probs, ahead_effects, self.beta).item()
+                        effects[row, i] += self._scorer.soft_value_ahead(
+                            key, next_keys[i], ahead[row][i][1], self.beta
+                        )
         effects = effects.to(input_ids.device)
         if token_ids is not None:
             return effects
