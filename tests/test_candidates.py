@@ -247,7 +247,6 @@ def test_candidates_do_not_pack(gpt2_tokenizer):
         ({"candidate_rewards": 2, "candidate_lookahead": 0, "candidate_beta": 0.3}, "`candidate_lookahead` \\(k2\\)"),
         ({"candidate_rewards": 2, "candidate_lookahead": True, "candidate_beta": 0.3}, "positive integer"),
         ({"candidate_rewards": 2, "candidate_lookahead": 2, "candidate_beta": -1.0}, "`candidate_beta` must be"),
-        ({"candidate_rewards": 2, "candidate_lookahead": 2, "candidate_beta": "abc"}, "`candidate_beta` must be"),
         (
             {"candidate_rewards": 2, "candidate_lookahead": 50258, "candidate_beta": 0.3},
             "`candidate_lookahead` \\(k=50258\\) is larger",
@@ -267,6 +266,23 @@ def test_generate_and_score_rejects_bad_candidate_arguments(gpt2_tokenizer, kwar
             max_new_tokens=2,
             show_progress=False,
             **kwargs,
+        )
+
+
+def test_generate_and_score_refuses_a_candidate_beta_that_is_not_a_number(gpt2_tokenizer):
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=512))
+    with pytest.raises(TypeError, match="`candidate_beta` must be a number > 0, got str 'abc'"):
+        generate_and_score(
+            model,
+            gpt2_tokenizer,
+            Dataset.from_dict({"prompt": ["Hi"]}),
+            lexicon_reward,
+            num_generations=1,
+            max_new_tokens=2,
+            show_progress=False,
+            candidate_rewards=2,
+            candidate_lookahead=2,
+            candidate_beta="abc",
         )
 
 

@@ -3,7 +3,7 @@
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
-from .exclusion import TokenExclusionLogitsProcessor, exclusion_logprobs, sequence_ban
+from .decoding.exclusion import TokenExclusionLogitsProcessor, exclusion_logprobs, sequence_ban
 from .gvpo import GVPOConfig, GVPOTrainer, gvpo_loss, gvpo_loss_on_groups
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .returns import compute_returns

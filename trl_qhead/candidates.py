@@ -47,7 +47,7 @@ import torch
 
 from .branches import branch_top_k
 from .chat import completions_like, is_messages
-from .returns import check_beta
+from .checks import check_beta
 from .reward_functions import RewardFunctions, texts_for_rewards
 from .soft import lookahead_soft_values
 
@@ -116,7 +116,7 @@ def check_lookahead_args(
         raise ValueError(f"`{lookahead_name}` (k2) must be a positive integer or None, got {lookahead!r}.")
     if beta is None:
         raise ValueError(f"`{lookahead_name}` needs `{beta_name}`, the temperature of the soft value ahead.")
-    return check_beta(beta, beta_name)
+    return check_beta(beta, name=beta_name)
 
 
 @torch.no_grad()

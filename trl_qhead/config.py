@@ -8,6 +8,8 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from .checks import check_beta
+
 PACKING_STRATEGIES = ("wrapped", "bfd", "bfd_split")
 REWARD_NORMALIZATIONS = (None, "batch", "running")
 Q_TARGETS = ("mean", "soft")
@@ -249,10 +251,9 @@ class QHeadConfig(TrainingArguments):
         if self.q_target not in Q_TARGETS:
             raise ValueError(f"`q_target` must be one of {Q_TARGETS}, got {self.q_target!r}.")
         if self.q_target == "soft":
-            beta = self.target_beta
-            if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (math.isfinite(beta) and beta > 0):
-                raise ValueError(f"`target_beta` must be a finite number > 0 with q_target='soft', got {beta!r}.")
-            self.target_beta = float(beta)
+            if self.target_beta is None:
+                raise ValueError("`target_beta` must be a finite number > 0 with q_target='soft', got None.")
+            self.target_beta = check_beta(self.target_beta, name="target_beta")
         elif self.target_beta is not None:
             raise ValueError("`target_beta` is the beta of q_target='soft': set q_target='soft' or drop it.")
         _check_finite("candidate_weight", self.candidate_weight)

@@ -23,6 +23,8 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
+from .checks import check_beta
+
 __all__ = [
     "GVPOConfig",
     "GVPOLossOutput",
@@ -100,8 +102,7 @@ def gvpo_loss(
     Returns:
         A `GVPOLossOutput`; the loss is float32.
     """
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
-        raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}.")
+    beta = check_beta(beta)
     if policy_logps.dim() != 2:
         raise ValueError(f"`policy_logps` must have shape [G, k], got {tuple(policy_logps.shape)}.")
     for name, tensor in (("ref_logps", ref_logps), ("rewards", rewards), ("mask", mask)):
@@ -277,10 +278,7 @@ class GVPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
-        beta = self.beta
-        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta <= 0:
-            raise ValueError(f"`beta` must be a finite number > 0 for GVPO, got {beta!r}.")
-        self.beta = float(beta)
+        self.beta = check_beta(self.beta)
         k = self.num_generations
         if isinstance(k, bool) or not isinstance(k, int) or k < 2:
             raise ValueError(

@@ -38,6 +38,7 @@ import math
 
 import torch
 
+from .checks import check_beta
 from .mdp import last_action_mask
 
 __all__ = ["compute_returns"]
@@ -50,17 +51,6 @@ def _check_2d(name: str, x: torch.Tensor, shape: torch.Size | None) -> None:
         raise ValueError(f"`{name}` must be 2-D [batch, seq_len], got shape {tuple(x.shape)}")
     if shape is not None and x.shape != shape:
         raise ValueError(f"`{name}` must have the shape of `rewards` {tuple(shape)}, got {tuple(x.shape)}")
-
-
-def check_beta(beta: float, name: str = "beta") -> float:
-    """``beta`` as a float, or a ValueError (naming the argument ``name``) unless it is a finite number > 0."""
-    try:
-        value = float(beta)
-    except (TypeError, ValueError):
-        raise ValueError(f"`{name}` must be a finite number > 0 (or None), got {beta!r}") from None
-    if not (math.isfinite(value) and value > 0.0):
-        raise ValueError(f"`{name}` must be a finite number > 0 (or None), got {beta!r}")
-    return value
 
 
 @torch.no_grad()

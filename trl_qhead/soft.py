@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from .returns import check_beta
+from .checks import check_beta
 
 __all__ = [
     "candidate_targets",

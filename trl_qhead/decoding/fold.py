@@ -12,9 +12,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..backbone import is_peft_model
+from ..checks import check_beta
 from ..modeling import AutoModelForCausalLMWithQHead
 from ..tied_head import TiedQHead
-from .tilt import check_beta
 
 
 @torch.no_grad()
@@ -46,7 +46,7 @@ def fold_tilt(model: AutoModelForCausalLMWithQHead, beta: float, *, verify: bool
     Returns:
         The folded `PreTrainedModel`, in eval mode.
     """
-    beta = check_beta(beta)
+    beta = check_beta(beta, allow_inf=True)
     if not isinstance(model, AutoModelForCausalLMWithQHead):
         raise TypeError(f"`model` must be an AutoModelForCausalLMWithQHead, got {type(model).__name__}.")
     folded = copy.deepcopy(model.pretrained_model)

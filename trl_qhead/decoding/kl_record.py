@@ -3,12 +3,13 @@
 `generate` calls its logits processors once per step with every row's ids so far, and beam search reorders the rows
 between steps; a sequence's record must follow it, and stop at its stop token (EOS or pad: `generate` pads a finished
 row, and the padding steps are not the model's choices). Both `QTiltLogitsProcessor` and
-`TokenExclusionLogitsProcessor` keep their KL this way.
+`TokenExclusionLogitsProcessor` keep their KL this way, through their common base `KLRecordingProcessor`.
 """
 
 from __future__ import annotations
 
 import torch
+from transformers import LogitsProcessor
 
 
 class SequenceKLRecord:
@@ -58,3 +59,23 @@ class SequenceKLRecord:
         """Add this step's `[rows]` KL to the rows that are not finished."""
         counted = ~self.finished.to(step_kl.device)
         self.kl = self.kl.to(step_kl.device) + torch.where(counted, step_kl, torch.zeros_like(step_kl))
+
+
+class KLRecordingProcessor(LogitsProcessor):
+    """Base of the logits processors that keep the exact KL they add per sequence in a `SequenceKLRecord`.
+
+    A subclass sets `self._record` in its `__init__` and calls `self._record.step(input_ids)` then
+    `self._record.add(step_kl)` in `__call__`; `reset` and `kl` are the same for every such processor.
+    """
+
+    _record: SequenceKLRecord
+
+    def reset(self) -> None:
+        """Forget the running record: the next call starts a new generation."""
+        self._record.reset()
+
+    @property
+    def kl(self) -> torch.Tensor | None:
+        """`[rows]` the exact KL (nats) this processor added to each sequence of the last generation, or None before
+        any step."""
+        return None if self._record.kl is None else self._record.kl.clone()

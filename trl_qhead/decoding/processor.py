@@ -7,20 +7,20 @@ import weakref
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor
 
+from ..checks import check_beta
 from ..modeling import AutoModelForCausalLMWithQHead
 from ..stop_tokens import stop_token_ids
-from .kl_record import SequenceKLRecord
+from .kl_record import KLRecordingProcessor, SequenceKLRecord
 from .sources import QHeadSource, QSource
-from .tilt import check_beta, check_top_k, tilt_logprobs_and_kl
+from .tilt import check_top_k, tilt_logprobs_and_kl
 
 # The smallest beta for which a tied head tilts inside the LM head (`record_kl=False`); smaller ones use the processor's
 # overflow-free tilt.
 HEAD_TILT_MIN_BETA = 1e-3
 
 
-class QTiltLogitsProcessor(LogitsProcessor):
+class QTiltLogitsProcessor(KLRecordingProcessor):
     r"""Tilt `generate` towards high Q: scores become `log_softmax(scores + Q(s, .) / beta)`.
 
     Sampling then draws from `pi'(a|s) ∝ pi(a|s) exp(Q(s, a) / beta)`; greedy decoding takes its argmax; beam search
@@ -75,7 +75,7 @@ class QTiltLogitsProcessor(LogitsProcessor):
         record_kl: bool = True,
         eos_token_id: int | list[int] | None = None,
     ):
-        self.beta = check_beta(beta)
+        self.beta = check_beta(beta, allow_inf=True)
         self.top_k = check_top_k(top_k)
         self.record_kl = bool(record_kl)
         self.source = model if isinstance(model, QSource) else QHeadSource(model)
@@ -113,15 +113,6 @@ class QTiltLogitsProcessor(LogitsProcessor):
 
     def __exit__(self, *exc) -> None:
         self.remove()
-
-    def reset(self) -> None:
-        """Forget the running record: the next call starts a new generation (new KL record, new caches)."""
-        self._record.reset()
-
-    @property
-    def kl(self) -> torch.Tensor | None:
-        """`[rows]` summed exact `KL(pi' || pi)` (nats) of the last generation, or None before any step."""
-        return None if self._record.kl is None else self._record.kl.clone()
 
     # ---- per step ---------------------------------------------------------------------------------------------------
 

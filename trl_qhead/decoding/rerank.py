@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from ..backbone import forward_parameters
+from ..checks import check_beta
 from ..modeling import AutoModelForCausalLMWithQHead, transformers_model
 from ..q_values import gather_action_q
 from ..stop_tokens import generation_config
-from .tilt import check_beta
 
 
 @dataclass
@@ -68,7 +68,7 @@ def rerank(
             f"{num_samples}."
         )
     if beta is not None:
-        beta = check_beta(beta, allow_inf=False)
+        beta = check_beta(beta)
     mask = _sample_mask(model, sequences, attention_mask, prompt_length, eos_token_id, pad_token_id)
     last = mask.shape[1] - 1 - mask.flip(-1).int().argmax(-1)  # index of the final real token
     if bool((mask.sum(-1) < 2).any()):

@@ -11,16 +11,6 @@ import math
 import torch
 
 
-def check_beta(beta, *, name: str = "beta", allow_inf: bool = True) -> float:
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)):
-        raise TypeError(f"`{name}` must be a positive number, got {type(beta).__name__}.")
-    beta = float(beta)
-    if math.isnan(beta) or beta <= 0 or (math.isinf(beta) and not allow_inf):
-        allowed = "a positive number (float('inf') disables the tilt)" if allow_inf else "a positive, finite number"
-        raise ValueError(f"`{name}` must be {allowed}, got {beta}.")
-    return beta
-
-
 def check_top_k(top_k) -> int | None:
     if top_k is None:
         return None

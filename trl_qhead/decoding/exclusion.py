@@ -18,10 +18,9 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
-from transformers import LogitsProcessor
 
-from .decoding.kl_record import SequenceKLRecord
-from .stop_tokens import stop_token_ids
+from ..stop_tokens import stop_token_ids
+from .kl_record import KLRecordingProcessor, SequenceKLRecord
 
 __all__ = ["TokenExclusionLogitsProcessor", "exclusion_logprobs", "sequence_ban"]
 
@@ -46,6 +45,8 @@ def exclusion_logprobs(scores: torch.Tensor, banned: torch.Tensor) -> tuple[torc
     logp = torch.log_softmax(scores.float(), dim=-1)
     kept = logp.masked_fill(banned, float("-inf"))
     log_mass = torch.logsumexp(kept, dim=-1)  # log p(A): more accurate than log1p(-p(banned)) when p(A) is small
+    # A row that bans nothing has p(A) = 1 exactly; its log-sum-exp can round to a few 1e-7 and charge a phantom KL.
+    log_mass = torch.where(banned.expand_as(kept).any(-1), log_mass, 0.0)
     return kept - log_mass[:, None], -log_mass
 
 
@@ -111,7 +112,7 @@ def sequence_ban(sequences: Iterable[Sequence[int]], vocab_size: int) -> BanFn:
 # ---- the logits processor -----------------------------------------------------------------------------------------------
 
 
-class TokenExclusionLogitsProcessor(LogitsProcessor):
+class TokenExclusionLogitsProcessor(KLRecordingProcessor):
     r"""Ban tokens without distorting the rest: scores become `log(p(x) / p(A))` on allowed tokens, `-inf` on banned.
 
     With `p = softmax(scores)` and `A` the allowed tokens, the returned normalised log-probabilities are the KL
@@ -207,15 +208,6 @@ class TokenExclusionLogitsProcessor(LogitsProcessor):
     def __repr__(self) -> str:
         n, fn = len(self.banned_token_ids), self.banned_fn
         return f"{type(self).__name__}({n} banned ids, banned_fn={fn!r}, vocab_size={self.vocab_size})"
-
-    def reset(self) -> None:
-        """Forget the running record: the next call starts a new generation."""
-        self._record.reset()
-
-    @property
-    def kl(self) -> torch.Tensor | None:
-        """`[rows]` summed exact `KL(q || p)` (nats) of the last generation, or None before any step."""
-        return None if self._record.kl is None else self._record.kl.clone()
 
     def _banned(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
         rows, width = scores.shape

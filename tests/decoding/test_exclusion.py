@@ -158,6 +158,10 @@ def test_every_token_banned_or_no_mass_left_raises_instead_of_nan():
         banned_fn=lambda x: (x[:, -1:] == EOS).expand(-1, VOCAB).clone(), vocab_size=VOCAB, eos_token_id=EOS
     )
     step0 = torch.tensor([[7, 8], [7, 9]])
+    torch.manual_seed(0)
+    for _ in range(20):  # a row that bans nothing adds exactly 0, whatever the scores (no rounding in log p(A))
+        _, kl = exclusion_logprobs(torch.randn(2, VOCAB) * 5, torch.zeros(1, VOCAB, dtype=torch.bool))
+        assert torch.equal(kl, torch.zeros(2))
     processor(step0, torch.randn(2, VOCAB))
     kl_before = processor.kl
     scores = torch.randn(2, VOCAB)
