@@ -92,7 +92,7 @@ def _levels(values: Sequence[float], n: int) -> tuple[list[float], list[float], 
         count = sum(1 for _ in group)
         levels.append(level)
         q.append(count / m)
-        p.append(((below + count) / m) ** n - (below / m) ** n)
+        p.append(((below + count) ** n - below**n) / m**n)  # in integers: exact, no cancellation (n = 1 gives q)
         below += count
     return levels, q, p
 
