@@ -52,6 +52,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -77,6 +78,7 @@ from trl_qhead.evaluation import (  # noqa: E402
     KL_OPTIMAL,
     FrontierRow,
     base_and_best_of_n_rows,
+    bootstrap_gain_ratio,
     frontier_comparison,
     frontier_json,
     kl_optimal_rows,
@@ -575,6 +577,12 @@ def run(args: argparse.Namespace) -> dict:
         "rows": frontier_json(rows),
         "tilted_vs_best_of_n_at_equal_kl": comparison,
         "mean_gain_ratio_kl_0.2_1.5": mean_gain_ratio(comparison, (0.2, 1.5), method="Q-tilted"),
+        # best-of-N at the bound log N - (N - 1)/N (every figure before the exact KL), and the exact-KL ratio's 95%
+        # interval from resampling the prompts (base, best-of-N and tilted rows together)
+        "mean_gain_ratio_kl_0.2_1.5_bound": mean_gain_ratio(
+            frontier_comparison(rows, "bound"), (0.2, 1.5), "Q-tilted"
+        ),
+        "mean_gain_ratio_interval": asdict(bootstrap_gain_ratio(base, {f"beta={b:g}": s for b, s in tilted.items()})),
         "kl_optimal_mean_gain_ratio_kl_0.2_1.5": mean_gain_ratio(comparison, (0.2, 1.5), method=KL_OPTIMAL),
         "labelling_cost": labelling_cost,
         "data_seconds": data_seconds,
@@ -613,6 +621,12 @@ def _ratio(value: float | None) -> str:
     return "none in range" if value is None else f"{value:.2f}"
 
 
+def _interval(interval: dict | None) -> str:
+    if not interval or interval["low"] is None:
+        return ""
+    return f" (95% interval over prompts {interval['low']:.2f} to {interval['high']:.2f}, best-of-N at its exact KL)"
+
+
 def write_outputs(results: dict, rows: Sequence[FrontierRow], out_dir: Path, args: argparse.Namespace) -> None:
     table = markdown_table(rows)
     ratio = results.get("mean_gain_ratio_kl_0.2_1.5")
@@ -631,6 +645,7 @@ def write_outputs(results: dict, rows: Sequence[FrontierRow], out_dir: Path, arg
         f"Against best-of-N at equal KL (interpolated):\n{comparison}\n\n"
         f"Mean gain ratio (tilt gain / best-of-N gain at equal KL) over tilted rows with KL in [0.2, 1.5]: "
         + _ratio(ratio)
+        + _interval(results.get("mean_gain_ratio_interval"))
         + f" (labels {args.labels}, q_target {args.q_target}, {args.q_head_type} head, lora_r {args.lora_r}); "
         f"the KL-optimal estimate's: {_ratio(results.get('kl_optimal_mean_gain_ratio_kl_0.2_1.5'))}.\n\n"
         f"Drift of the adapted LM from the pretrained model, KL(pi_LoRA || pi_pretrained) per completion: "

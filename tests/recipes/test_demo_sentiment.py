@@ -114,7 +114,8 @@ def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
     assert optimal[0]["kl"] < optimal[1]["kl"] < math.log(16) and optimal[1]["reward"] >= base["reward"]
     assert base["kl"] == 0.0 and base["n"] == 2 * 16
     for row, n in zip(bon, (2, 4, 8, 16), strict=True):
-        assert row["kl"] == pytest.approx(math.log(n) - (n - 1) / n)
+        # the exact KL of the base samples' reward distribution, at most the bound (which the row keeps beside it)
+        assert row["kl_bound"] == pytest.approx(math.log(n) - (n - 1) / n) and 0.0 <= row["kl"] <= row["kl_bound"]
         assert row["samples_per_output"] == n and row["n"] == 2 * 16 // n
     rewards = [r["reward"] for r in (base, *bon)]
     assert rewards == sorted(rewards)  # a group of 2N is two groups of N: the mean of the maxima cannot drop
@@ -124,6 +125,9 @@ def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
     for row in (base, *bon, *tilted):
         assert -1.0 <= row["reward"] <= 1.0 and 0.0 <= row["distinct_2"] <= 1.0 and row["perplexity"] > 1.0
     assert results["mean_gain_ratio_kl_0.2_1.5"] is None or -10 < results["mean_gain_ratio_kl_0.2_1.5"] < 10
+    interval, ratio = results["mean_gain_ratio_interval"], results["mean_gain_ratio_kl_0.2_1.5"]
+    assert interval["n_boot"] == 1000 and (interval["estimate"] is None) == (ratio is None)
+    assert ratio is None or interval["estimate"] == pytest.approx(ratio, abs=1e-9)
     assert results["policy_drift_kl_lora_vs_pretrained"] >= -1e-5  # a KL, up to float rounding
     assert "| best-of-N | N=16 |" in (out / "results.md").read_text()
 
