@@ -1,7 +1,8 @@
 # `make test` and `make demo` work on a fresh clone: they create .venv if absent and install exactly the locked set in
 # constraints.txt (written by `make lock`). `make test-latest` and `make test-oldest` run the same suite on the newest
 # releases and on the lower bounds of pyproject.toml, each in a virtualenv of its own. `make test-deepspeed` runs the
-# DeepSpeed tests on the locked set plus deepspeed (not in the lock), in a virtualenv of its own too.
+# DeepSpeed tests on the locked set plus deepspeed (not in the lock), in a virtualenv of its own too. `make docs` builds
+# the docs site with its own pinned tools (docs/requirements.txt) in .venv-docs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
