@@ -1,7 +1,8 @@
 # `make test` and `make demo` work on a fresh clone: they create .venv if absent and install exactly the locked set in
 # constraints.txt (written by `make lock`). `make test-latest` and `make test-oldest` run the same suite on the newest
 # releases and on the lower bounds of pyproject.toml, each in a virtualenv of its own. `make test-deepspeed` runs the
-# DeepSpeed tests on the locked set plus deepspeed (not in the lock), in a virtualenv of its own too.
+# DeepSpeed tests on the locked set plus deepspeed (not in the lock), in a virtualenv of its own too. `make docs` builds
+# the docs site with its own pinned tools (docs/requirements.txt) in .venv-docs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,7 @@ TORCH := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: test lint demo install lock check-lock test-latest test-oldest test-deepspeed clean
+.PHONY: test lint demo docs install lock check-lock test-latest test-oldest test-deepspeed clean
 
 # The lock also reaches pip's build environments (setuptools for the editable install) through PIP_CONSTRAINT.
 $(VENV)/.installed: pyproject.toml constraints.txt
@@ -90,5 +91,18 @@ test-deepspeed:
 demo: install
 	$(PY) recipes/demo_sentiment.py $(DEMO_ARGS)
 
+# The docs site (mkdocs.yml, docs/) built into site/ by MkDocs, failing on any warning: a broken link or reference, a
+# page missing from the nav, a docstring mkdocstrings cannot read. Its tools live in .venv-docs, pinned in
+# docs/requirements.txt and kept out of the lock: the API reference is read from the source by griffe, so neither
+# torch nor trl_qhead is installed there.
+DOCS_VENV := .venv-docs
+$(DOCS_VENV)/.installed: docs/requirements.txt
+	test -d $(DOCS_VENV) || $(PYTHON) -m venv $(DOCS_VENV)
+	$(DOCS_VENV)/bin/python -m pip install -q -r docs/requirements.txt
+	touch $@
+
+docs: $(DOCS_VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(DOCS_VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .venv-latest .venv-oldest .venv-deepspeed .venv-lock .cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .venv-latest .venv-oldest .venv-deepspeed .venv-lock $(DOCS_VENV) site .cache .pytest_cache .hypothesis

@@ -33,7 +33,7 @@ RSS at its own start:
 Memory, CUDA: the same two figures from `torch.cuda.max_memory_allocated` (reset at the same points).
 Each figure is the median over the rounds.
 
-Usage (the README's tables):
+Usage (the tables of docs/benchmarks.md):
     python recipes/benchmark_training.py --threads 1 --dtype fp32 --rows a,b,c,e,lm,a-lora,d --json bench_fp32.json
     python recipes/benchmark_training.py --threads 1 --dtype bf16 --rows a,b,c,e,lm,a-lora,d --json bench_bf16.json
     python recipes/benchmark_training.py --threads 1 --batch_size 1 --seq_len 1024 --rounds 1 --rows a,b,e,lm

@@ -6,7 +6,7 @@ The weights are random (no model hub here) but the shapes, hence the file sizes,
 
     python recipes/checkpoint_size.py [--r 16] [--n_layer 12]
 
-(`--n_layer 1` is a quick smoke run; the README's table uses the default, GPT-2 small's 12 blocks.)
+(`--n_layer 1` is a quick smoke run; the table in docs/training_at_scale.md uses the default, GPT-2 small's 12 blocks.)
 """
 
 from __future__ import annotations

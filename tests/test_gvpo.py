@@ -245,6 +245,32 @@ def test_offline_groups_from_generate_and_score_with_lora_reference(gpt2_tokeniz
         gvpo_loss_on_groups(make_tiny_gpt2(seed=3), groups, beta=0.2)
 
 
+def test_offline_groups_take_the_librarys_own_peft_model(gpt2_tokenizer):
+    # AutoModelForCausalLMWithQHead wraps the PEFT model: the loss reads its backbone (reference = adapters disabled),
+    # the same numbers as passing `model.pretrained_model`; `group_rows` is importable from the package.
+    from trl_qhead import AutoModelForCausalLMWithQHead
+    from trl_qhead import group_rows as exported_group_rows
+
+    assert exported_group_rows is group_rows
+    model = AutoModelForCausalLMWithQHead(
+        get_peft_model(make_tiny_gpt2(seed=3, **NO_DROPOUT), LoraConfig(**GPT2_LORA))
+    )
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # adapters that move the policy: Delta != 0
+    prompts = Dataset.from_dict({"prompt": ["The cat", "Once upon a time"]})
+    data = generate_and_score(
+        model, gpt2_tokenizer, prompts, count_a, num_generations=2, max_new_tokens=4, show_progress=False
+    )
+    groups = exported_group_rows(data, 2)
+    wrapped = gvpo_loss_on_groups(model, groups, beta=0.2, pad_token_id=gpt2_tokenizer.pad_token_id)
+    backbone = gvpo_loss_on_groups(model.pretrained_model, groups, beta=0.2, pad_token_id=gpt2_tokenizer.pad_token_id)
+    assert wrapped.log_ratio.abs().max() > 1e-3
+    torch.testing.assert_close(wrapped.loss, backbone.loss)
+    torch.testing.assert_close(wrapped.log_ratio, backbone.log_ratio)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The trainer
 # ---------------------------------------------------------------------------------------------------------------------

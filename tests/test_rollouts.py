@@ -218,3 +218,47 @@ def test_sample_completions_cuts_at_eos_and_reads_the_processor_kl(gpt2_tokenize
         logits_processor_factory=lambda: QTiltLogitsProcessor(model, beta=0.5),
     )  # fmt: skip
     assert len(tilted.kl) == 6 and all(k >= -1e-5 for k in tilted.kl)
+
+
+def test_generate_and_score_pads_with_eos_when_the_tokenizer_has_no_pad_token():
+    # GPT-2's tokenizer has no pad token: batched prompts of different lengths could not be padded. As TRL's trainers
+    # do, generate_and_score sets pad = EOS, and the result equals that of a tokenizer given pad = EOS by hand.
+    from transformers import AutoTokenizer
+
+    from recipes.offline_assets import gpt2_tokenizer_dir
+
+    model = make_tiny_gpt2()
+    prompts = Dataset.from_dict({"prompt": ["The movie was", "Hi"]})
+    data = {}
+    for name in ("no pad", "pad = eos"):
+        tokenizer = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir())
+        assert tokenizer.pad_token is None
+        if name == "pad = eos":
+            tokenizer.pad_token = tokenizer.eos_token
+        data[name] = generate_and_score(
+            model,
+            tokenizer,
+            prompts,
+            one_point,
+            num_generations=2,
+            max_new_tokens=3,
+            batch_size=2,
+            seed=0,
+            show_progress=False,
+        )
+        assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    assert data["no pad"]["input_ids"] == data["pad = eos"]["input_ids"]
+    assert len(data["no pad"]) == 4 and data["no pad"]["reward"] == [1.0] * 4
+
+
+def test_generate_and_score_refuses_a_tokenizer_without_pad_and_eos_tokens():
+    from transformers import AutoTokenizer
+
+    from recipes.offline_assets import gpt2_tokenizer_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(gpt2_tokenizer_dir())
+    tokenizer.eos_token = None
+    with pytest.raises(ValueError, match="neither a pad nor an EOS token"):
+        generate_and_score(
+            make_tiny_gpt2(), tokenizer, [{"prompt": "Hi"}], one_point, max_new_tokens=2, show_progress=False
+        )

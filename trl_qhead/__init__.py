@@ -4,7 +4,7 @@ from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
 from .decoding.exclusion import TokenExclusionLogitsProcessor, exclusion_logprobs, sequence_ban
-from .gvpo import GVPOConfig, GVPOTrainer, gvpo_loss, gvpo_loss_on_groups
+from .gvpo import GVPOConfig, GVPOTrainer, group_rows, gvpo_loss, gvpo_loss_on_groups
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .returns import compute_returns
 from .rewards import RewardFunctions
@@ -32,6 +32,7 @@ __all__ = [
     "exclusion_logprobs",
     "fold_tilt",
     "generate_and_score",
+    "group_rows",
     "gvpo_loss",
     "gvpo_loss_on_groups",
     "prepare_dataset",

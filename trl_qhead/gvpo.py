@@ -203,7 +203,8 @@ def gvpo_loss_on_groups(
     Each row needs `input_ids` (prompt + completion tokens), `completion_mask` (same length, 1 on completion tokens) and
     `reward` (a float, or None for an unscorable completion, left out of its group). The completions may come from any
     policy (GVPO needs no importance weights). The reference log-probs come from `ref_model` when given, else from
-    `model` with its PEFT adapters disabled; a model with neither raises a `ValueError`. Every group must have the
+    `model` with its PEFT adapters disabled; a model with neither raises a `ValueError`. An
+    `AutoModelForCausalLMWithQHead` is read through its backbone (`model.pretrained_model`); its Q head plays no part. Every group must have the
     same size k (a `[G, k]` grid). See `gvpo_loss` for the exact loss.
     """
     if not groups:
@@ -213,6 +214,8 @@ def gvpo_loss_on_groups(
         raise ValueError(
             f"Every group must have the same number of completions, got sizes {[len(g) for g in groups]}."
         )
+    # An `AutoModelForCausalLMWithQHead` scores with its backbone (the PEFT model whose adapters give the reference).
+    model = getattr(model, "pretrained_model", model)
     rows = [row for group in groups for row in group]
     device = next(model.parameters()).device
     input_ids = _pad([row["input_ids"] for row in rows], pad_token_id, device)

@@ -165,9 +165,7 @@ def generate_and_score(
         functions = RewardFunctions(reward_funcs, reward_processing_classes, reward_weights)
     elif reward_weights is not None:
         raise ValueError("`reward_weights` was given without `reward_funcs` to weigh.")
-    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_token_id is None:
-        raise ValueError("The tokenizer has neither a pad nor an EOS token to pad prompts with.")
+    pad_token_id = ensure_pad_token(tokenizer)
     eos_ids = eos_token_ids(model, tokenizer)
     kwargs = {"do_sample": True, **(generation_kwargs or {})}
     kwargs.update(max_new_tokens=max_new_tokens, num_return_sequences=num_generations, pad_token_id=pad_token_id)
@@ -234,6 +232,20 @@ def generate_and_score(
         logger.info("Labelling cost: %s", summary)
         info = DatasetInfo(description=json.dumps({"labelling_cost": summary}))
     return Dataset.from_list([{key: row.get(key) for key in keys} for row in rows], info=info)
+
+
+def ensure_pad_token(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The tokenizer's pad id, setting `pad_token = eos_token` first when it has none (GPT-2), as TRL's trainers do.
+
+    Batched prompts are padded by the tokenizer itself (`padding=True`), which refuses to pad without a pad token.
+    Padding is read from the attention mask, never from token ids, so EOS as the pad is safe. Raises a `ValueError`
+    when the tokenizer has neither token.
+    """
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("The tokenizer has neither a pad nor an EOS token to pad prompts with.")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer.pad_token_id
 
 
 def _share_of_prompts(prompts, state: PartialState) -> tuple[list[dict], int]:
@@ -484,7 +496,7 @@ def sample_completions(
         raise ValueError("`num_samples`, `max_new_tokens` and `batch_size` must all be >= 1.")
     set_seed(seed)
     eos = eos_token_ids(model, tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = ensure_pad_token(tokenizer)
     prompts_per_call = max(1, batch_size // num_samples)
     prompt_ids, completion_ids, kls = [], [], []
     seconds = 0.0
