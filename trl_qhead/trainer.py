@@ -175,7 +175,8 @@ class QHeadTrainer(Trainer):
         if args.q_labels == "effects":
             if reward_functions is not None:
                 raise ValueError("`q_labels='effects'` trains on candidate effects alone: drop `reward_funcs`.")
-            if "candidate_ids" not in (getattr(train_dataset, "column_names", None) or ["candidate_ids"]):
+            columns = getattr(train_dataset, "column_names", None)  # None: a stream that does not say
+            if columns is not None and "candidate_ids" not in columns:
                 raise ValueError(
                     "`q_labels='effects'` needs candidate labels: the training data has no `candidate_ids` column "
                     "(see `generate_and_score(candidate_rewards=k)`)."
