@@ -15,14 +15,19 @@ Rows:
 - one tilted curve per configuration `LABELS/TARGET/HEAD` (`--configs`): labels `mc` (one Monte Carlo label per
   sampled action) or `candidates` (also the top-`--candidate_k` candidates of every state), target `mean` or `soft`
   (`QHeadConfig.q_target`, `--target_beta`), head `dense` or `tied`; `effects` are candidate labels without the
-  returns (every row's reward set to 0), so every label is an immediate effect relative to the sampled token,
+  returns (`QHeadConfig(q_labels="effects")`), so every label is an immediate effect relative to the sampled token,
   `r'(s, a) - r'(s, a_t)`, and the sampled token sits at 0: a learned one-step head, the trained counterpart of the
   oracle, free of the noise the sampled return adds to every label of a state; each trained on the first `scale x
-  --num_generations` completions of each training prompt for every `--scales` entry (a data-scaling curve).
+  --num_generations` completions of each training prompt for every `--scales` entry (a data-scaling curve), and on
+  the first N training prompts for every N of `--prompt_counts` (a prompt-count scaling curve, e.g. 64 256 1024).
+
+The task: `--prompts_file` and `--reward` (split as the demo splits them), or `--task tone` / `--task judge`, the
+context-dependent tasks of `recipes/tasks.py` (docs/tasks.md), whose held-out openings are never seen in training.
 
 Usage:
     python recipes/benchmark_frontier.py                                     # six configurations + the oracle
     python recipes/benchmark_frontier.py --configs effects/mean/dense --scales 0.25 0.5 1 2 --oracle_k 0
+    python recipes/benchmark_frontier.py --task tone --configs effects/mean/tied --prompt_counts 64 256 1024
     python recipes/benchmark_frontier.py --help                             # every flag of the demo, and these
 
 Outputs in `--output_dir` (default `outputs/frontier/`): `results.md`, `results.json`, `frontier.png`.
@@ -32,30 +37,25 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see demo_sentiment.py
-
-import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
-from transformers import set_seed  # noqa: E402
-
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if not __package__ and str(REPO_ROOT) not in sys.path:  # `python recipes/benchmark_frontier.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
+# `common` first: it sets the environment (offline hub, OpenMP's passive waiting) that torch reads at its import.
 if __package__:
-    from . import demo_sentiment as demo
+    from . import common, tasks
 else:
-    from recipes import demo_sentiment as demo
+    from recipes import common, tasks
+
+import torch  # noqa: E402
+from datasets import Dataset  # noqa: E402
+from transformers import set_seed  # noqa: E402
 
 from trl_qhead.candidates import LabelCost  # noqa: E402
 from trl_qhead.decoding import QTiltLogitsProcessor, RewardLookahead  # noqa: E402
@@ -80,7 +80,7 @@ DEFAULT_CONFIGS = (
     "candidates/mean/tied",
     "candidates/soft/tied",
 )
-LABELS, TARGETS, HEADS = demo.LABELS, ("mean", "soft"), ("dense", "tied")
+LABELS, TARGETS, HEADS = common.LABELS, ("mean", "soft"), ("dense", "tied")
 KL_RANGE = (0.2, 1.5)
 
 
@@ -93,8 +93,23 @@ def parse_config(spec: str) -> tuple[str, str, str]:
 
 
 def parse_args(argv: Sequence[str] | None = None):
-    p = demo.build_parser(__doc__.split("\n")[0])
-    p.set_defaults(output_dir=str(REPO_ROOT / "outputs" / "frontier"), lora_r=0)
+    p = common.build_parser(__doc__.split("\n")[0], str(REPO_ROOT / "outputs" / "frontier"))
+    p.set_defaults(lora_r=0)
+    p.add_argument(
+        "--task",
+        choices=tasks.TASKS,
+        default=None,
+        help="a task of recipes/tasks.py (its prompts, held-out split and reward; --prompts_file and --reward stay "
+        "unset); none: --prompts_file and --reward, split as the demo splits them",
+    )
+    p.add_argument(
+        "--prompt_counts",
+        type=int,
+        nargs="+",
+        default=None,
+        help="a prompt-count scaling curve: train every configuration on the first N training prompts for each N "
+        "(e.g. 64 256 1024; data sampled once for the largest); default: --n_train_prompts alone",
+    )
     p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="LABELS/TARGET/HEAD, one per curve")
     p.add_argument(
         "--scales",
@@ -110,7 +125,13 @@ def parse_args(argv: Sequence[str] | None = None):
         default=0,
         help="k2: also a two-step oracle row (RewardLookahead(lookahead_k=k2, beta=each row's beta)); 0: none",
     )
-    args = demo.check_args(p.parse_args(argv))
+    args = common.check_args(p.parse_args(argv))
+    if args.task is not None and (args.reward != "vader" or args.prompts_file != str(tasks.PROMPTS_FILE)):
+        raise ValueError("`--task` sets the prompts and the reward: drop `--prompts_file` and `--reward`.")
+    if args.prompt_counts is not None:
+        if min(args.prompt_counts) < 1 or len(set(args.prompt_counts)) != len(args.prompt_counts):
+            raise ValueError(f"`--prompt_counts` must be distinct numbers >= 1, got {args.prompt_counts}.")
+        args.n_train_prompts = max(args.prompt_counts)  # the training prompts sampled; each count takes the first N
     if args.lora_r != 0:
         raise ValueError("`--lora_r` must be 0 here: every row is measured against the one frozen base policy.")
     for spec in args.configs:
@@ -131,16 +152,28 @@ def parse_args(argv: Sequence[str] | None = None):
     return args
 
 
-def subset(scored: Dataset, per_prompt: int, used: int, labels: str) -> Dataset:
-    """The first `used` of each prompt's `per_prompt` completions (prompt-major rows), as the demo's training rows
-    with `labels` (`demo.training_rows`)."""
-    keep = [i for i in range(len(scored)) if i % per_prompt < used]
-    return demo.training_rows(scored.select(keep), used, labels=labels)
+def subset(scored: Dataset, per_prompt: int, used: int, labels: str, n_prompts: int | None = None) -> Dataset:
+    """The first `used` of each prompt's `per_prompt` completions (prompt-major rows) of the first `n_prompts` prompts
+    (all by default), as the demo's training rows with `labels` (`common.training_rows`)."""
+    rows = len(scored) if n_prompts is None else n_prompts * per_prompt
+    keep = [i for i in range(rows) if i % per_prompt < used]
+    return common.training_rows(scored.select(keep), used, labels=labels)
+
+
+def task_of(args) -> tuple[list[str], list[str], object]:
+    """`(train_prompts, eval_prompts, reward_fn)`: `--task`'s, or `--prompts_file` split as the demo splits it with
+    `--reward`."""
+    if args.task is not None:
+        train, held_out = tasks.task_prompts(args.task, args.n_train_prompts, args.n_eval_prompts, args.seed)
+        return train, held_out, tasks.resolve_reward(tasks.TASK_REWARDS[args.task])
+    prompts = tasks.load_prompts(args.prompts_file)
+    train, held_out = tasks.split_prompts(prompts, args.n_train_prompts, args.n_eval_prompts, args.seed)
+    return train, held_out, tasks.resolve_reward(args.reward)
 
 
 def tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method: str, beta: float, make_processor):
-    """One tilted row: `demo.sample_scored` with the processor, the likelihood under the pretrained model."""
-    samples = demo.sample_scored(
+    """One tilted row: `common.sample_scored` with the processor, the likelihood under the pretrained model."""
+    samples = common.sample_scored(
         model, tokenizer, eval_prompts, reward_fn, args, tilt=make_processor, desc=f"{method} beta={beta:g}"
     )
     score_likelihood(samples, model.pretrained_model, tokenizer.pad_token_id)
@@ -154,24 +187,22 @@ def run(args) -> dict:
     out_dir = Path(args.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
-    model, tokenizer = demo.load_model(args.model, 0, 0)
-    reward_fn = demo.resolve_reward(args.reward)
-    train_prompts, eval_prompts = demo.split_prompts(
-        demo.load_prompts(args.prompts_file), args.n_train_prompts, args.n_eval_prompts, args.seed
-    )
+    model, tokenizer = common.load_model(args.model, 0, 0)
+    train_prompts, eval_prompts, reward_fn = task_of(args)
+    counts = sorted(args.prompt_counts or [len(train_prompts)])
     configs = [parse_config(spec) for spec in args.configs]
     per_prompt = int(args.num_generations * max(args.scales))
     with_candidates = any(labels != "mc" for labels, _, _ in configs)
 
     print(f"[data] {per_prompt} completions for each of {len(train_prompts)} training prompts", flush=True)
     t0 = time.perf_counter()
-    scored, labelling_cost = demo.sample_training_data(
+    scored, labelling_cost = common.sample_training_data(
         model, tokenizer, train_prompts, reward_fn, args, per_prompt, candidates=with_candidates
     )
     data_seconds = time.perf_counter() - t0
 
     print(f"[base] {args.eval_samples} samples for each of {len(eval_prompts)} held-out prompts", flush=True)
-    base = demo.sample_scored(model, tokenizer, eval_prompts, reward_fn, args)
+    base = common.sample_scored(model, tokenizer, eval_prompts, reward_fn, args)
     score_likelihood(base, model.pretrained_model, tokenizer.pad_token_id)
     rows = base_and_best_of_n_rows(base) + kl_optimal_rows(base, args.betas)
     runs = [{"method": KL_OPTIMAL, "seconds": 0.0}]  # the ceiling, from the base samples alone
@@ -199,33 +230,34 @@ def run(args) -> dict:
         runs.append({"method": method, "seconds": time.perf_counter() - t0, "reward_cost": cost.as_dict()})
         results = report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
 
-    for scale in sorted(
-        args.scales
-    ):  # smallest data first: a long run that stops early has compared every configuration
-        for labels, target, head in configs:
-            used = int(args.num_generations * scale)
-            method = f"{labels}/{target}/{head}" + (f" x{scale:g}" if len(args.scales) > 1 else "")
-            print(f"[{method}] training on {used} completions per prompt", flush=True)
-            set_seed(args.seed)
-            model, tokenizer = demo.load_model(args.model, 0, 0, q_head_type=head)
-            t0 = time.perf_counter()
-            log = demo.train_from_args(
-                model, tokenizer, subset(scored, per_prompt, used, labels), args, q_target=target
-            )
-            train_seconds = time.perf_counter() - t0
-            model.eval()
-            for beta in args.betas:
-                tilt = partial(QTiltLogitsProcessor, model, beta=beta)
-                rows.append(tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt))
-            runs.append(
-                {
-                    "method": method,
-                    "completions_per_prompt": used,
-                    "train_seconds": train_seconds,
-                    "final_loss_q": next((e["loss_q"] for e in reversed(log) if "loss_q" in e), None),
-                }
-            )
-            results = report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
+    # smallest data first: a long run that stops early has compared every configuration
+    for count, scale, (labels, target, head) in [
+        (n, x, c) for n in counts for x in sorted(args.scales) for c in configs
+    ]:
+        used = int(args.num_generations * scale)
+        method = f"{labels}/{target}/{head}" + (f" x{scale:g}" if len(args.scales) > 1 else "")
+        method += f" n{count}" if len(counts) > 1 else ""
+        print(f"[{method}] training on {used} completions for each of {count} prompts", flush=True)
+        set_seed(args.seed)
+        model, tokenizer = common.load_model(args.model, 0, 0, q_head_type=head)
+        t0 = time.perf_counter()
+        rows_used = subset(scored, per_prompt, used, labels, count)
+        log = common.train_from_args(model, tokenizer, rows_used, args, q_target=target, labels=labels)
+        train_seconds = time.perf_counter() - t0
+        model.eval()
+        for beta in args.betas:
+            tilt = partial(QTiltLogitsProcessor, model, beta=beta)
+            rows.append(tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt))
+        runs.append(
+            {
+                "method": method,
+                "completions_per_prompt": used,
+                "prompts": count,
+                "train_seconds": train_seconds,
+                "final_loss_q": next((e["loss_q"] for e in reversed(log) if "loss_q" in e), None),
+            }
+        )
+        results = report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
     return results  # `--configs` takes at least one: the last configuration's report holds every row
 
 

@@ -42,11 +42,11 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if not __package__ and str(REPO_ROOT) not in sys.path:  # `python recipes/gvpo_frontier.py` from anywhere
     sys.path.insert(0, str(REPO_ROOT))
 
-# The demo first: it sets the environment (offline hub, OpenMP's passive waiting) that torch reads at its import.
+# `common` first: it sets the environment (offline hub, OpenMP's passive waiting) that torch reads at its import.
 if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
-    from . import demo_sentiment as demo
+    from . import common, tasks
 else:
-    from recipes import demo_sentiment as demo
+    from recipes import common, tasks
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
@@ -93,10 +93,10 @@ class GVPOPolicy:
 
 def training_groups(model, tokenizer, train_prompts: Sequence[str], reward_fn: Callable, args) -> Dataset:
     """The demo's training data: `args.num_generations` scored completions per prompt from the pretrained policy
-    (adapters disabled), sampled as `recipes/demo_sentiment.py` samples them (`demo.sample_training_data`: same seed,
+    (adapters disabled), sampled as `recipes/demo_sentiment.py` samples them (`common.sample_training_data`: same seed,
     batching and sampling arguments), without candidate labels."""
     with as_reference(model.pretrained_model):
-        scored, _ = demo.sample_training_data(
+        scored, _ = common.sample_training_data(
             model, tokenizer, train_prompts, reward_fn, args, args.num_generations, candidates=False
         )
     return scored
@@ -104,10 +104,10 @@ def training_groups(model, tokenizer, train_prompts: Sequence[str], reward_fn: C
 
 def base_rows(model, tokenizer, eval_prompts: Sequence[str], reward_fn: Callable, args) -> list[FrontierRow]:
     """Base sampling and best-of-N rows from `args.eval_samples` samples per held-out prompt of the pretrained policy
-    (adapters disabled), drawn as the demo draws them (`demo.sample_scored`, seed `seed + 1`)."""
+    (adapters disabled), drawn as the demo draws them (`common.sample_scored`, seed `seed + 1`)."""
     backbone = model.pretrained_model
     with as_reference(backbone):
-        base = demo.sample_scored(model, tokenizer, eval_prompts, reward_fn, args)
+        base = common.sample_scored(model, tokenizer, eval_prompts, reward_fn, args)
         score_likelihood(base, backbone, tokenizer.pad_token_id)
     return base_and_best_of_n_rows(base)
 
@@ -183,10 +183,10 @@ def evaluate_policy(
         max_new_tokens=max_new_tokens,
         batch_size=gen_batch_size,
         seed=seed + 2,
-        generation_kwargs=demo.SAMPLING,
+        generation_kwargs=common.SAMPLING,
         desc=f"{METHOD} {setting}",
     )
-    demo.score(samples, reward_fn)
+    common.score(samples, reward_fn)
     prompt_ids = [samples.prompt_ids[i // samples.num_samples] for i in range(len(samples.completion_ids))]
     log_ratios = policy_log_ratios(backbone, prompt_ids, samples.completion_ids, pad_token_id=tokenizer.pad_token_id)
     with as_reference(backbone):
@@ -200,7 +200,7 @@ def gvpo_policies(
     tokenizer: PreTrainedTokenizerBase,
     scored: Dataset,
     eval_prompts: Sequence[str],
-    reward_fn: Callable = demo.sentiment_reward,
+    reward_fn: Callable = tasks.sentiment_reward,
     *,
     betas: Sequence[float] = DEFAULT_BETAS,
     num_generations: int = 8,
@@ -216,7 +216,7 @@ def gvpo_policies(
     """Train one GVPO policy per beta on the scored groups and evaluate each on the held-out prompts.
 
     Args:
-        model: an `AutoModelForCausalLMWithQHead` with LoRA adapters (`recipes/demo_sentiment.py::load_model`); the
+        model: an `AutoModelForCausalLMWithQHead` with LoRA adapters (`recipes/common.py::load_model`); the
             adapters disabled are the reference (the base policy of the KL), and every policy starts from the adapter
             weights as given (LoRA's init: the pretrained model). They are restored when this returns.
         tokenizer: its tokenizer.
@@ -297,7 +297,9 @@ def gvpo_rows(*args, **kwargs) -> list[FrontierRow]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    d = demo.parse_args([])  # the demo's data and evaluation settings are this script's defaults
+    d = common.build_parser("", "").parse_args(
+        []
+    )  # the demo's data and evaluation settings are this script's defaults
     p = argparse.ArgumentParser(
         description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
@@ -348,10 +350,10 @@ def run(args: argparse.Namespace) -> dict:
     print(
         f"[1/4] Loading {args.model} with LoRA adapters (r={args.lora_r}, top {args.lora_layers} blocks)", flush=True
     )
-    model, tokenizer = demo.load_model(args.model, args.lora_r, args.lora_layers)
-    reward_fn = demo.resolve_reward(args.reward)
-    train_prompts, eval_prompts = demo.split_prompts(
-        demo.load_prompts(args.prompts_file), args.n_train_prompts, args.n_eval_prompts, args.seed
+    model, tokenizer = common.load_model(args.model, args.lora_r, args.lora_layers)
+    reward_fn = tasks.resolve_reward(args.reward)
+    train_prompts, eval_prompts = tasks.split_prompts(
+        tasks.load_prompts(args.prompts_file), args.n_train_prompts, args.n_eval_prompts, args.seed
     )
 
     print(f"[2/4] The demo's training groups: {args.num_generations} completions x {len(train_prompts)}", flush=True)

@@ -13,6 +13,11 @@ from .checks import check_beta
 PACKING_STRATEGIES = ("wrapped", "bfd", "bfd_split")
 REWARD_NORMALIZATIONS = (None, "batch", "running")
 Q_TARGETS = ("mean", "soft")
+Q_LABELS = ("returns", "effects")
+# The Q head's learning rates when it trains alone on the frozen policy (`q_head_only=True`) and the config leaves them
+# unset: the values of `make demo` (recipes/demo_sentiment.py), tuned on SmolLM2-135M's normed hidden state.
+Q_HEAD_ONLY_LEARNING_RATE = 2e-5
+Q_HEAD_ONLY_BIAS_LEARNING_RATE = 1e-2
 
 
 @dataclass
@@ -59,6 +64,25 @@ class QHeadConfig(TrainingArguments):
             number of sampled actions `N` as `L_LM` is. So with weight 1 each pair counts as much as a sampled action,
             and a fully labelled state carries `1 + k` Q terms (a candidate equal to the sampled token is skipped: its
             target is `G_t`, already there). 0 ignores the columns.
+        q_labels (`str`, *optional*, defaults to `"returns"`):
+            What the Q head regresses on. `"returns"`: each sampled action on its return `G_t`, each candidate of
+            candidate labels on `G_t + r'(s_t, a) - r'(s_t, a_t)`. `"effects"`: one-step effect labels, the
+            best configuration measured (README "Candidate labels"): the returns are left out (`G_t = 0`), so each
+            candidate `a` is regressed on its immediate effect relative to the sampled token, `r'(s_t, a) - r'(s_t,
+            a_t)`, and the sampled token on 0: a one-step head, the learned counterpart of `RewardLookahead`, free of
+            the noise the sampled return adds to every label of a state and blind to later rewards. Needs candidate
+            columns (`generate_and_score(candidate_rewards=k)`); the rows' `reward`/`rewards` are read (and logged)
+            but not trained on, so `gamma` and `gae_lambda` do not matter. Cannot combine with `use_lm_rewards`,
+            `reward_normalization`, `reward_clip` (they shape returns that are not used), `candidate_weight=0` or
+            the trainer's `reward_funcs`.
+        q_head_only (`bool`, *optional*, defaults to `False`):
+            Train the Q head alone on a frozen policy: the trainer freezes every weight of the model
+            (`model.pretrained_model`) and leaves `L_LM` out of the loss (`L = q_weight * L_Q`; `loss_lm` is still
+            logged), so the policy stays exactly the base model and only the head's parameters move. The head's
+            learning rates default to `Q_HEAD_ONLY_LEARNING_RATE` (2e-5, the weight, or the tied head's `U`) and
+            `Q_HEAD_ONLY_BIAS_LEARNING_RATE` (1e-2, the bias) where `q_head_learning_rate` /
+            `q_head_bias_learning_rate` are unset (`make demo`'s values). Cannot combine with a model that has
+            adapters (`peft_config`) or with `q_weight=0`.
         value_chunk_size (`int`, *optional*, defaults to `256`):
             Positions per chunk wherever the loss takes a product over the vocabulary (the LM log-softmax of `L_LM` and
             its gradient, `V(s)`, the reference log-probs): bounds those buffers to a few `value_chunk_size * |V|`
@@ -151,6 +175,12 @@ class QHeadConfig(TrainingArguments):
     target_beta: float | None = field(default=None, metadata={"help": "beta of q_target='soft' (finite, > 0)."})
     candidate_weight: float = field(
         default=1.0, metadata={"help": "Weight of each (state, candidate) pair of candidate labels, >= 0."}
+    )
+    q_labels: str = field(
+        default="returns", metadata={"help": "'returns' (G_t) or 'effects' (one-step candidate effects only)."}
+    )
+    q_head_only: bool = field(
+        default=False, metadata={"help": "Train the Q head alone on the frozen policy (no LM loss, weights frozen)."}
     )
     value_chunk_size: int = field(
         default=256, metadata={"help": "Positions per chunk of the products over the vocabulary (log pi, V(s))."}
@@ -297,7 +327,40 @@ class QHeadConfig(TrainingArguments):
             )
         if self.dataset_data_files is not None and self.dataset_name is None:
             raise ValueError("`dataset_data_files` needs `dataset_name` (e.g. 'text' or 'json').")
+        _check_q_labels_and_q_head_only(self)
         super().__post_init__()
+
+
+def _check_q_labels_and_q_head_only(config: QHeadConfig) -> None:
+    """`q_labels` and `q_head_only`: their values, the combinations they refuse, and the head-only learning rates."""
+    if config.q_labels not in Q_LABELS:
+        raise ValueError(f"`q_labels` must be one of {Q_LABELS}, got {config.q_labels!r}.")
+    if config.q_labels == "effects":
+        shaped = {
+            "use_lm_rewards": config.use_lm_rewards,
+            "reward_normalization": config.reward_normalization is not None,
+            "reward_clip": config.reward_clip is not None,
+        }
+        for name, is_set in shaped.items():
+            if is_set:
+                raise ValueError(
+                    f"`q_labels='effects'` trains on the candidates' one-step effects alone (G_t = 0), so `{name}`, "
+                    "which shapes the returns, would do nothing: drop it, or use q_labels='returns'."
+                )
+        if config.candidate_weight == 0:
+            raise ValueError(
+                "`q_labels='effects'` trains on candidate labels alone: `candidate_weight` must be > 0 (with 0 every "
+                "target would be 0)."
+            )
+    if not isinstance(config.q_head_only, bool):
+        raise ValueError(f"`q_head_only` must be True or False, got {config.q_head_only!r}.")
+    if config.q_head_only:
+        if config.q_weight == 0:
+            raise ValueError("`q_head_only=True` trains the Q head alone on `q_weight * L_Q`: `q_weight` must be > 0.")
+        if config.q_head_learning_rate is None:
+            config.q_head_learning_rate = Q_HEAD_ONLY_LEARNING_RATE
+        if config.q_head_bias_learning_rate is None:
+            config.q_head_bias_learning_rate = Q_HEAD_ONLY_BIAS_LEARNING_RATE
 
 
 def _check_float_fields(config: QHeadConfig) -> None:

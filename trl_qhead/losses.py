@@ -31,6 +31,7 @@ def qhead_loss(
     candidate_targets: torch.Tensor | None = None,
     candidate_mask: torch.Tensor | None = None,
     candidate_weight: float = 1.0,
+    lm_loss: bool = True,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`L = L_LM + q_weight * L_Q` summed over the action positions and divided by the number of actions.
 
@@ -53,6 +54,8 @@ def qhead_loss(
         candidate_q, candidate_targets, candidate_mask: `(B, T, k)` `Q(s_t, a)` with grad, targets (constants, e.g.
             `soft.candidate_targets`) and the pairs that count; all three or none.
         candidate_weight: the weight of each pair.
+        lm_loss: `False` leaves `L_LM` out of the loss (`q_head_only`: the policy is frozen); `loss_lm` is still
+            reported.
 
     Returns:
         `(loss, stats)`: `loss` a scalar; `stats` holds detached scalars `loss_lm`, `loss_q` (means over this batch's
@@ -81,7 +84,7 @@ def qhead_loss(
         n_pairs = pairs.sum()
         stats["loss_candidates"] = c_sum.detach() / n_pairs.clamp(min=1)
         stats["candidates_per_action"] = n_pairs.float() / local_items
-    loss = (lm_sum + q_weight * total_q) / denominator
+    loss = ((lm_sum if lm_loss else 0.0) + q_weight * total_q) / denominator
     return loss, stats
 
 

@@ -123,6 +123,13 @@ class QHeadTrainer(Trainer):
             logger.warning("`model_init_kwargs` are ignored: the model is already loaded (as SFTTrainer does).")
             model_init_kwargs = {}
         model = self._build_model(model, peft_config, **model_init_kwargs)
+        if args.q_head_only:  # the policy stays the base model exactly: only the Q head's parameters train
+            if model.is_peft_model:
+                raise ValueError(
+                    "`q_head_only=True` trains the Q head alone on the frozen policy, but the model has adapters "
+                    "(`peft_config`): drop them, or set `q_head_only=False` to train them with the LM loss."
+                )
+            model.pretrained_model.requires_grad_(False)
 
         if processing_class is None:
             if not model_id:
@@ -164,6 +171,15 @@ class QHeadTrainer(Trainer):
                     "The dataset has candidate labels (`candidate_ids`), whose effects are in the reward's own units, "
                     f"and `reward_normalization={args.reward_normalization!r}` rescales the returns they are added "
                     "to: set `reward_normalization=None` (or `candidate_weight=0`)."
+                )
+        if args.q_labels == "effects":
+            if reward_functions is not None:
+                raise ValueError("`q_labels='effects'` trains on candidate effects alone: drop `reward_funcs`.")
+            columns = getattr(train_dataset, "column_names", None)  # None: a stream that does not say
+            if columns is not None and "candidate_ids" not in columns:
+                raise ValueError(
+                    "`q_labels='effects'` needs candidate labels: the training data has no `candidate_ids` column "
+                    "(see `generate_and_score(candidate_rewards=k)`)."
                 )
         vocab_size = model.vocab_size  # token ids index the rows of the LM and Q heads
         train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards, vocab_size)
@@ -323,6 +339,9 @@ class QHeadTrainer(Trainer):
             episode_ids=episodes,
         )  # (B, T)
 
+        if args.q_labels == "effects":  # one-step labels: G_t = 0, so a candidate's target is its effect alone
+            returns = torch.zeros_like(returns)
+
         # 5b. Candidate labels: Q(s_t, a) for k tokens per state, gathered, and their targets G_t + r'(a) - r'(a_t).
         candidates = self._candidate_terms(model, inputs, outputs, actions, action_mask, returns)
 
@@ -336,6 +355,7 @@ class QHeadTrainer(Trainer):
             num_items=num_items_in_batch,
             target_beta=args.target_beta if soft else None,
             candidate_weight=args.candidate_weight,
+            lm_loss=not args.q_head_only,
             **candidates,
         )
         if not torch.isfinite(loss):  # one sync per micro-batch: a NaN or inf must not reach the weights

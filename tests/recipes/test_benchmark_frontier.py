@@ -49,8 +49,10 @@ def test_subset_takes_the_first_completions_of_each_prompt_and_the_labels_asked_
     assert not [c for c in mc.column_names if c.startswith("candidate_")]
     cand = frontier.subset(scored, 3, 2, "candidates")
     assert cand["reward"] == mc["reward"] and cand["candidate_rewards"] == [[[], [0.5, -0.5]]] * 4
-    effects = frontier.subset(scored, 3, 2, "effects")
-    assert effects["reward"] == [0.0] * 4 and effects["candidate_rewards"] == cand["candidate_rewards"]
+    effects = frontier.subset(scored, 3, 2, "effects")  # the rows of `candidates`: the trainer leaves the returns out
+    assert effects.to_list() == cand.to_list()
+    first = frontier.subset(scored, 3, 2, "mc", n_prompts=1)  # a prompt-count subset: the first prompt's rows
+    assert first["input_ids"] == [[7, 1], [7, 2]] and first["reward"] == [0.5, -0.5]
     plain = scored.remove_columns(["candidate_ids", "candidate_rewards", "candidate_sampled_reward"])
     with pytest.raises(ValueError, match="needs candidate columns"):
         frontier.subset(plain, 3, 2, "effects")

@@ -7,6 +7,7 @@ import math
 import pytest
 from datasets import Dataset
 
+from recipes import common, tasks
 from recipes import demo_sentiment as demo
 from tests.conftest import make_tiny_gpt2
 
@@ -15,29 +16,29 @@ pytest.importorskip("vaderSentiment", reason="the `demo` extra (make test instal
 
 def test_split_prompts_disjoint_and_seeded():
     prompts = [f"p{i}" for i in range(10)]
-    train, held_out = demo.split_prompts(prompts, 6, 3, seed=1)
+    train, held_out = tasks.split_prompts(prompts, 6, 3, seed=1)
     assert len(train) == 6 and len(held_out) == 3 and not set(train) & set(held_out)
-    assert (train, held_out) == demo.split_prompts(prompts, 6, 3, seed=1)
+    assert (train, held_out) == tasks.split_prompts(prompts, 6, 3, seed=1)
     with pytest.raises(ValueError, match="available"):
-        demo.split_prompts(prompts, 8, 3, seed=1)
+        tasks.split_prompts(prompts, 8, 3, seed=1)
 
 
 def test_sentiment_reward_is_vader_compound():
-    scores = demo.sentiment_reward(prompts=["x", "x"], completions=["I love it, wonderful!", "Awful and sad."])
+    scores = tasks.sentiment_reward(prompts=["x", "x"], completions=["I love it, wonderful!", "Awful and sad."])
     assert scores[0] > 0.5 and scores[1] < -0.5
 
 
 def test_tone_reward_flips_the_sentiment_with_the_request_in_the_prompt():
     completions = ["I love it, wonderful!", "Awful and sad."]
-    plain = demo.sentiment_reward(prompts=["x", "x"], completions=completions)
-    five = demo.tone_reward(prompts=["Five stars. The food"] * 2, completions=completions)
-    one = demo.tone_reward(prompts=[" One star. The food"] * 2, completions=completions)
+    plain = tasks.sentiment_reward(prompts=["x", "x"], completions=completions)
+    five = tasks.tone_reward(prompts=["Five stars. The food"] * 2, completions=completions)
+    one = tasks.tone_reward(prompts=[" One star. The food"] * 2, completions=completions)
     assert five == pytest.approx(plain) and one == pytest.approx([-r for r in plain])
     with pytest.raises(ValueError, match="prompt 1"):
-        demo.tone_reward(prompts=["Five stars. a", "Three stars. b"], completions=completions)
-    assert demo.resolve_reward("tone") is demo.tone_reward
-    prompts = demo.load_prompts(demo.TONE_PROMPTS_FILE)  # every shipped prompt carries a request, both kinds
-    signs = demo.tone_reward(prompts=prompts, completions=["wonderful"] * len(prompts))
+        tasks.tone_reward(prompts=["Five stars. a", "Three stars. b"], completions=completions)
+    assert tasks.resolve_reward("tone") is tasks.tone_reward
+    prompts = tasks.load_prompts(tasks.TONE_PROMPTS_FILE)  # every shipped prompt carries a request, both kinds
+    signs = tasks.tone_reward(prompts=prompts, completions=["wonderful"] * len(prompts))
     assert {s > 0 for s in signs} == {True, False}
 
 
@@ -50,13 +51,13 @@ def test_training_rows_centre_per_prompt_and_keep_done():
             "reward": [0.5, -0.5, 1.0, 0.0],
         }
     )
-    rows = demo.training_rows(data, 2).to_list()
+    rows = common.training_rows(data, 2).to_list()
     assert [r["input_ids"] for r in rows] == data["input_ids"]  # no EOS appended: `done` marks the episode's end
     assert [r["completion_mask"] for r in rows] == data["completion_mask"]
     assert [r["done"] for r in rows] == [True, True, False, True]
     assert [r["reward"] for r in rows] == pytest.approx([0.5, -0.5, 0.5, -0.5])
     with pytest.raises(ValueError, match="whole number"):
-        demo.training_rows(data.select(range(3)), 2)
+        common.training_rows(data.select(range(3)), 2)
 
 
 def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
@@ -135,11 +136,11 @@ def test_demo_end_to_end_on_tiny_gpt2(tmp_path, gpt2_tokenizer):
 def test_reward_choice_resolves_vader_or_an_import_path():
     from trl.rewards import think_format_reward
 
-    assert demo.resolve_reward("vader") is demo.sentiment_reward
-    assert demo.resolve_reward("trl.rewards:think_format_reward") is think_format_reward
+    assert tasks.resolve_reward("vader") is tasks.sentiment_reward
+    assert tasks.resolve_reward("trl.rewards:think_format_reward") is think_format_reward
     for bad in ("nonsense", "trl.rewards:", "trl.rewards:no_such_function"):
         with pytest.raises(ValueError, match="--reward"):
-            demo.resolve_reward(bad)
+            tasks.resolve_reward(bad)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from recipes import demo_sentiment as demo
+from recipes import tasks
 from tests.conftest import make_tiny_gpt2
 from tests.recipe_assets import run
 
@@ -103,7 +104,7 @@ def test_gvpo_frontier_runs_end_to_end_as_a_script(tmp_path, tiny_model_dir):
         assert all(math.isfinite(entry["loss"]) for entry in policy["train_log"])
         assert 0.0 <= row["distinct_2"] <= 1.0 and row["perplexity"] > 1.0
         texts = [s["text"] for s in samples]
-        rewards = demo.sentiment_reward(prompts=[s["prompt"] for s in samples], completions=texts)
+        rewards = tasks.sentiment_reward(prompts=[s["prompt"] for s in samples], completions=texts)
         assert [s["reward"] for s in samples] == pytest.approx(rewards)
         assert row["reward"] == pytest.approx(sum(rewards) / len(rewards))
         # The KL: the mean over the policy's samples of log pi_theta - log pi_base, recomputed from the saved adapters.
