@@ -5,6 +5,7 @@ from .data import DataCollatorForQHead, prepare_dataset
 from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
 from .exclusion import TokenExclusionLogitsProcessor, exclusion_logprobs, sequence_ban
 from .gvpo import GVPOConfig, GVPOTrainer, gvpo_loss, gvpo_loss_on_groups
+from .labels import CandidateLabels, FutureValueLabels, LabelSource, PrefixShaping, TwoStepLabels
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .returns import compute_returns
 from .rewards import RewardFunctions
@@ -15,11 +16,15 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoModelForCausalLMWithQHead",
+    "CandidateLabels",
     "CausalLMWithQHeadOutput",
     "DataCollatorForQHead",
+    "FutureValueLabels",
     "GVPOConfig",
     "GVPOTrainer",
     "ImplicitQ",
+    "LabelSource",
+    "PrefixShaping",
     "QHeadConfig",
     "QHeadSource",
     "QHeadTrainer",
@@ -28,6 +33,7 @@ __all__ = [
     "RerankOutput",
     "RewardFunctions",
     "TokenExclusionLogitsProcessor",
+    "TwoStepLabels",
     "compute_returns",
     "exclusion_logprobs",
     "fold_tilt",
