@@ -7,6 +7,7 @@ from .exclusion import TokenExclusionLogitsProcessor, exclusion_logprobs, sequen
 from .gvpo import GVPOConfig, GVPOTrainer, gvpo_loss, gvpo_loss_on_groups
 from .labels import CandidateLabels, FutureValueLabels, LabelSource, PrefixShaping, TwoStepLabels
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
+from .offline_rl import OfflineRLRounds, offline_rl_rounds
 from .returns import compute_returns
 from .rewards import RewardFunctions
 from .rollouts import generate_and_score
@@ -24,6 +25,7 @@ __all__ = [
     "GVPOTrainer",
     "ImplicitQ",
     "LabelSource",
+    "OfflineRLRounds",
     "PrefixShaping",
     "QHeadConfig",
     "QHeadSource",
@@ -40,6 +42,7 @@ __all__ = [
     "generate_and_score",
     "gvpo_loss",
     "gvpo_loss_on_groups",
+    "offline_rl_rounds",
     "prepare_dataset",
     "rerank",
     "sequence_ban",
