@@ -41,8 +41,9 @@ __all__ = [
     "LabelSource",
     "PrefixShaping",
     "TwoStepLabels",
-    "check_label_sources",
+    "check_fields",
     "check_fits_vocabulary",
+    "check_label_sources",
     "label_batch",
     "labels_from_candidate_keywords",
     "labels_summary",
@@ -114,6 +115,19 @@ def _check_positive_int(value, name: str) -> None:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
 
 
+def check_fields(source: LabelSource, positive: tuple[str, ...] = (), beta: str | None = None) -> None:
+    """A source's `__post_init__` checks: the `positive` fields positive integers (or None where the field's default
+    is None), the `beta` field a finite number > 0 (stored as a float); ValueErrors name `Class.field`."""
+    name = type(source).__name__
+    defaults = {f.name: f.default for f in fields(source)}
+    for field_name in positive:
+        value = getattr(source, field_name)
+        if not (value is None and defaults[field_name] is None):
+            _check_positive_int(value, f"{name}.{field_name}")
+    if beta is not None:
+        object.__setattr__(source, beta, check_beta(getattr(source, beta), f"{name}.{beta}"))
+
+
 def vocabulary_size(model) -> int | None:
     """The number of rows of the model's output embeddings (the LM head), or None where it has none to read."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -127,8 +141,9 @@ def check_fits_vocabulary(model, k: int | None, name: str) -> None:
         raise ValueError(f"`{name}` (k={k}) is larger than the model's vocabulary ({size} tokens).")
 
 
-def _candidate_columns(batch: LabelBatch, k: int, stride: int, lookahead: int | None = None, beta=None):
-    """The candidate columns of `candidates.label_completions` (one- or two-step), on the batch's shared scorer."""
+def _label_completions(batch: LabelBatch, **options):
+    """`candidates.label_completions` on the batch, with its shared scorer (`options`: `k`, `stride`,
+    `prefix_shaping`, `lookahead`, `beta`)."""
     return label_completions(
         batch.model,
         batch.tokenizer,
@@ -138,15 +153,11 @@ def _candidate_columns(batch: LabelBatch, k: int, stride: int, lookahead: int | 
         batch.groups,
         batch.group_prompts,
         batch.group_columns,
-        k=k,
-        stride=stride,
-        prefix_shaping=False,
         pad_token_id=batch.pad_token_id,
-        lookahead=lookahead,
-        beta=beta,
         horizon=batch.horizon,
         stop_ids=batch.stop_ids,
         scorer=batch.scorer,
+        **options,
     )
 
 
@@ -166,24 +177,10 @@ class PrefixShaping(LabelSource):
     columns: ClassVar[tuple[str, ...]] = ("rewards", "reward", "sequence_reward")
 
     def __post_init__(self):
-        _check_positive_int(self.batch_size, "PrefixShaping.batch_size")
+        check_fields(self, ("batch_size",))
 
     def label(self, batch: LabelBatch) -> tuple[list[dict[str, Any]], LabelCost]:
-        columns, cost = label_completions(
-            batch.model,
-            batch.tokenizer,
-            batch.scorer.functions,
-            batch.prompt_ids,
-            batch.completion_ids,
-            batch.groups,
-            batch.group_prompts,
-            batch.group_columns,
-            k=None,
-            stride=1,
-            prefix_shaping=True,
-            pad_token_id=batch.pad_token_id,
-            scorer=batch.scorer,
-        )
+        columns, cost = _label_completions(batch, k=None, stride=1, prefix_shaping=True)
         # A prefix's score sums per-token outputs too: the shaped rewards replace every reward of the functions.
         out = [
             {"sequence_reward": reward, "reward": None, "rewards": row["prefix_rewards"]}
@@ -214,15 +211,13 @@ class CandidateLabels(LabelSource):
     columns: ClassVar[tuple[str, ...]] = CANDIDATE_COLUMNS
 
     def __post_init__(self):
-        _check_positive_int(self.k, "CandidateLabels.k")
-        _check_positive_int(self.stride, "CandidateLabels.stride")
-        _check_positive_int(self.batch_size, "CandidateLabels.batch_size")
+        check_fields(self, ("k", "stride", "batch_size"))
 
     def check(self, model, horizon: int | None) -> None:
         check_fits_vocabulary(model, self.k, "CandidateLabels.k")
 
     def label(self, batch: LabelBatch) -> tuple[list[dict[str, Any]], LabelCost]:
-        return _candidate_columns(batch, self.k, self.stride)
+        return _label_completions(batch, k=self.k, stride=self.stride, prefix_shaping=False)
 
 
 @dataclass(frozen=True)
@@ -250,11 +245,7 @@ class TwoStepLabels(LabelSource):
     columns: ClassVar[tuple[str, ...]] = CANDIDATE_COLUMNS
 
     def __post_init__(self):
-        _check_positive_int(self.k, "TwoStepLabels.k")
-        _check_positive_int(self.lookahead, "TwoStepLabels.lookahead")
-        object.__setattr__(self, "beta", check_beta(self.beta, "TwoStepLabels.beta"))
-        _check_positive_int(self.stride, "TwoStepLabels.stride")
-        _check_positive_int(self.batch_size, "TwoStepLabels.batch_size")
+        check_fields(self, ("k", "lookahead", "stride", "batch_size"), beta="beta")
 
     def check(self, model, horizon: int | None) -> None:
         check_fits_vocabulary(model, self.k, "TwoStepLabels.k")
@@ -262,7 +253,9 @@ class TwoStepLabels(LabelSource):
         check_branch_support(model)
 
     def label(self, batch: LabelBatch) -> tuple[list[dict[str, Any]], LabelCost]:
-        return _candidate_columns(batch, self.k, self.stride, self.lookahead, self.beta)
+        return _label_completions(
+            batch, k=self.k, stride=self.stride, prefix_shaping=False, lookahead=self.lookahead, beta=self.beta
+        )
 
 
 @dataclass(frozen=True)
@@ -310,14 +303,11 @@ class FutureValueLabels(LabelSource):
     columns: ClassVar[tuple[str, ...]] = CANDIDATE_COLUMNS
 
     def __post_init__(self):
-        _check_positive_int(self.k, "FutureValueLabels.k")
-        _check_positive_int(self.num_continuations, "FutureValueLabels.num_continuations")
-        object.__setattr__(self, "beta", check_beta(self.beta, "FutureValueLabels.beta"))
-        _check_positive_int(self.stride, "FutureValueLabels.stride")
-        if self.max_horizon is not None:
-            _check_positive_int(self.max_horizon, "FutureValueLabels.max_horizon")
-        _check_positive_int(self.batch_size, "FutureValueLabels.batch_size")
-        _check_positive_int(self.generation_batch_size, "FutureValueLabels.generation_batch_size")
+        check_fields(
+            self,
+            ("k", "num_continuations", "stride", "max_horizon", "batch_size", "generation_batch_size"),
+            beta="beta",
+        )
 
     def check(self, model, horizon: int | None) -> None:
         check_fits_vocabulary(model, self.k, "FutureValueLabels.k")
