@@ -53,6 +53,10 @@ def test_rounds_sample_from_the_previous_rounds_tilt_and_train_on_the_union(tmp_
     assert list(result.train_dataset["round"]) == [0] * 64 + [1] * 64
     rounds_ids = [list(d["input_ids"]) for d in result.datasets]
     assert list(result.train_dataset["input_ids"]) == rounds_ids[0] + rounds_ids[1]
+    print(
+        f"offline_rl_rounds, toy task: mean reward round 0 (base) {result.mean_rewards[0]:.3f}, round 1 (tilted) "
+        f"{result.mean_rewards[1]:.3f}"
+    )
     # the tilt of round 0's head samples far more b's than the base policy did
     assert result.mean_rewards[1] > result.mean_rewards[0] + 1.0
 
