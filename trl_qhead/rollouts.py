@@ -144,9 +144,9 @@ def generate_and_score(
         weighted sum of the sequence rewards, `None` where no function applied), `rewards` (token-aligned, when a
         function returns per-token rewards), one `reward_<name>` column per reward function (its raw output), the
         candidate columns above when asked, and the prompt's other columns. `QHeadTrainer` trains on it as a
-        pre-tokenised dataset. With candidate labels or prefix shaping, the labelling cost (`LabelCost`: reward
-        calls, texts scored, seconds) is logged and kept as JSON in `dataset.info.description`
-        (`json.loads(data.info.description)["labelling_cost"]`).
+        pre-tokenised dataset. With label sources, the labelling cost (`LabelCost`: reward calls, texts scored,
+        continuations sampled, seconds; with the sources' names, `labels`, and options, `labels.labels_summary`) is
+        logged and kept as JSON in `dataset.info.description` (`json.loads(data.info.description)["labelling_cost"]`).
 
     Example:
     ```python
