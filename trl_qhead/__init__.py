@@ -5,7 +5,9 @@ from .data import DataCollatorForQHead, prepare_dataset
 from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
 from .decoding.exclusion import TokenExclusionLogitsProcessor, exclusion_logprobs, sequence_ban
 from .gvpo import GVPOConfig, GVPOTrainer, group_rows, gvpo_loss, gvpo_loss_on_groups
+from .labels import CandidateLabels, FutureValueLabels, LabelSource, PrefixShaping, TwoStepLabels
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
+from .offline_rl import OfflineRLRounds, offline_rl_rounds
 from .returns import compute_returns
 from .rewards import RewardFunctions
 from .rollouts import generate_and_score
@@ -15,11 +17,16 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AutoModelForCausalLMWithQHead",
+    "CandidateLabels",
     "CausalLMWithQHeadOutput",
     "DataCollatorForQHead",
+    "FutureValueLabels",
     "GVPOConfig",
     "GVPOTrainer",
     "ImplicitQ",
+    "LabelSource",
+    "OfflineRLRounds",
+    "PrefixShaping",
     "QHeadConfig",
     "QHeadSource",
     "QHeadTrainer",
@@ -28,6 +35,7 @@ __all__ = [
     "RerankOutput",
     "RewardFunctions",
     "TokenExclusionLogitsProcessor",
+    "TwoStepLabels",
     "compute_returns",
     "exclusion_logprobs",
     "fold_tilt",
@@ -35,6 +43,7 @@ __all__ = [
     "group_rows",
     "gvpo_loss",
     "gvpo_loss_on_groups",
+    "offline_rl_rounds",
     "prepare_dataset",
     "rerank",
     "sequence_ban",

@@ -64,7 +64,9 @@ __all__ = [
 @dataclass
 class LabelCost:
     """What labelling cost: reward calls (`RewardFunctions.score` calls), texts scored (distinct) and looked up (with
-    memo hits), and seconds in the top-k forward and in the reward functions."""
+    memo hits), states labelled, seconds in the top-k forward and in the reward functions, and, for future-value
+    labels (`trl_qhead.labels.FutureValueLabels`), the continuations sampled, their tokens and the seconds of
+    `generate`."""
 
     reward_calls: int = 0
     texts_scored: int = 0
@@ -72,6 +74,9 @@ class LabelCost:
     states_labelled: int = 0
     topk_seconds: float = 0.0
     reward_seconds: float = 0.0
+    continuations_sampled: int = 0
+    continuation_tokens: int = 0
+    sampling_seconds: float = 0.0
 
     def add(self, other: LabelCost) -> None:
         for key, value in asdict(other).items():
@@ -280,6 +285,7 @@ def label_completions(
     beta: float | None = None,
     horizon: int | None = None,
     stop_ids: frozenset[int] = frozenset(),
+    scorer: PrefixScorer | None = None,
 ) -> tuple[list[dict[str, list]], LabelCost]:
     """Candidate columns (and, with `prefix_shaping`, token-aligned shaped `rewards`) for a batch of completions.
 
@@ -296,12 +302,16 @@ def label_completions(
             `r'(s_j, a) + V1(s_j + a)`, `V1` the soft value one step ahead (`soft.lookahead_soft_values` at `beta`)
             over the base model's top-k2 tokens after `a` (`branches.branch_top_k`), each scored on the prefix it
             makes; `V1 = 0` after a token of `stop_ids` and at state `horizon - 1` (the episode's last step).
+        scorer: a `PrefixScorer` shared with other label sources of the same batch (its memo then spans them, and its
+            cost is the caller's to count); None: one of this call's own (`batch_size` texts per reward call).
 
     Returns:
         Per completion a dict of the columns (see the module docstring), and the `LabelCost`.
     """
     cost = LabelCost()
-    scorer = PrefixScorer(functions, tokenizer, batch_size)
+    own_scorer = scorer is None
+    if own_scorer:
+        scorer = PrefixScorer(functions, tokenizer, batch_size)
     for g, (prompt, columns) in enumerate(zip(group_prompts, group_columns, strict=True)):
         scorer.add_group(g, prompt, columns)
     top = None
@@ -365,5 +375,6 @@ def label_completions(
                 raise ValueError("A prefix score is not finite: the reward functions must return finite numbers.")
             columns["prefix_rewards"] = shaped
         out.append(columns)
-    cost.add(scorer.cost)
+    if own_scorer:
+        cost.add(scorer.cost)
     return out, cost

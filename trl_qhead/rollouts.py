@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,9 +26,16 @@ from tqdm.auto import tqdm
 from transformers import LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerBase, set_seed
 from trl.data_utils import maybe_apply_chat_template
 
-from .branches import check_branch_support
-from .candidates import LabelCost, check_candidate_args, label_completions
+from .candidates import LabelCost, PrefixScorer
 from .chat import completions_like, is_messages
+from .labels import (
+    LabelBatch,
+    LabelSource,
+    check_label_sources,
+    label_batch,
+    labels_from_candidate_keywords,
+    labels_summary,
+)
 from .reward_functions import RewardFunc, RewardFunctions, texts_for_rewards
 from .stop_tokens import eos_token_ids
 
@@ -53,6 +61,7 @@ def generate_and_score(
     show_progress: bool = True,
     truncated_completions: str = "terminal",
     seed: int | None = None,
+    labels: LabelSource | Sequence[LabelSource] | None = None,
     candidate_rewards: int | None = None,
     candidate_stride: int = 1,
     prefix_shaping: bool = False,
@@ -89,6 +98,17 @@ def generate_and_score(
             `torch.manual_seed(seed + i)` (torch's RNG is restored afterwards), so its completions do not depend on
             `batch_size`, on the other prompts, or on how many processes share the work. `None` (default): one `generate`
             call per `batch_size` prompts, from the current RNG state.
+        labels: a label source, or a list of them, labelling every batch after it is scored
+            (`trl_qhead.labels`, docs/labels.md): `CandidateLabels(k, stride)` (the base model's top-k next tokens at
+            every `stride`-th state, with their effects on the reward), `TwoStepLabels(k, lookahead, beta)` (plus the
+            soft value one step ahead), `FutureValueLabels(k, num_continuations, beta)` (soft values of sampled
+            continuations), `PrefixShaping()` (per-token shaped rewards); sources in a list share one memoised
+            scorer (its batch size the smallest of theirs). Needs `reward_funcs`. `None` (default): no labels.
+        candidate_rewards, candidate_stride, prefix_shaping, candidate_batch_size, candidate_lookahead,
+            candidate_beta: deprecated (a `FutureWarning`; removed in the next release) in favour of `labels`,
+            which they translate to: `candidate_rewards=k, candidate_stride=m, candidate_batch_size=b` is
+            `labels=CandidateLabels(k, m, b)`; with `candidate_lookahead=k2, candidate_beta=beta`,
+            `TwoStepLabels(k, k2, beta, m, b)`; `prefix_shaping=True` adds `PrefixShaping(b)`. Their meaning:
         candidate_rewards: k, or `None` (default) for none. Candidate labels (`trl_qhead.candidates`): at every
             `candidate_stride`-th state of each completion, the base model's (the model's LM head's) top-k next
             tokens `a`, with effects `R(prompt, decode(so_far + [a])) - R(prompt, decode(so_far))` from the reward
@@ -124,9 +144,9 @@ def generate_and_score(
         weighted sum of the sequence rewards, `None` where no function applied), `rewards` (token-aligned, when a
         function returns per-token rewards), one `reward_<name>` column per reward function (its raw output), the
         candidate columns above when asked, and the prompt's other columns. `QHeadTrainer` trains on it as a
-        pre-tokenised dataset. With candidate labels or prefix shaping, the labelling cost (`LabelCost`: reward
-        calls, texts scored, seconds) is logged and kept as JSON in `dataset.info.description`
-        (`json.loads(data.info.description)["labelling_cost"]`).
+        pre-tokenised dataset. With label sources, the labelling cost (`LabelCost`: reward calls, texts scored,
+        continuations sampled, seconds; with the sources' names, `labels`, and options, `labels.labels_summary`) is
+        logged and kept as JSON in `dataset.info.description` (`json.loads(data.info.description)["labelling_cost"]`).
 
     Example:
     ```python
@@ -145,18 +165,40 @@ def generate_and_score(
         raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
     if truncated_completions not in ("terminal", "bootstrap"):
         raise ValueError(f"`truncated_completions` must be 'terminal' or 'bootstrap', got {truncated_completions!r}.")
-    check_candidate_args(candidate_rewards, candidate_stride, prefix_shaping, candidate_lookahead, candidate_beta)
-    labelling = candidate_rewards is not None or prefix_shaping
-    if labelling and reward_funcs is None:
-        raise ValueError("`candidate_rewards` and `prefix_shaping` score prefixes with `reward_funcs`: pass some.")
-    if candidate_lookahead is not None:
-        check_branch_support(model)  # before sampling anything
-    if candidate_rewards is not None:
-        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        vocab_size = getattr(getattr(head, "weight", None), "shape", [None])[0]
-        for name, k in (("candidate_rewards", candidate_rewards), ("candidate_lookahead", candidate_lookahead)):
-            if vocab_size is not None and k is not None and k > vocab_size:
-                raise ValueError(f"`{name}` (k={k}) is larger than the model's vocabulary ({vocab_size} tokens).")
+    keywords = {
+        "candidate_rewards": (candidate_rewards, None),
+        "candidate_stride": (candidate_stride, 1),
+        "prefix_shaping": (prefix_shaping, False),
+        "candidate_batch_size": (candidate_batch_size, 256),
+        "candidate_lookahead": (candidate_lookahead, None),
+        "candidate_beta": (candidate_beta, None),
+    }
+    deprecated = [
+        name for name, (value, default) in keywords.items() if type(value) is not type(default) or value != default
+    ]
+    if deprecated and labels is not None:
+        raise ValueError(f"Pass `labels` or the deprecated {deprecated}, not both.")
+    if deprecated:
+        warnings.warn(
+            f"`generate_and_score`'s {deprecated} are deprecated and will be removed in the next release: pass "
+            "`labels=` a label source instead (`CandidateLabels(k, stride)`, `TwoStepLabels(k, lookahead, beta)`, "
+            "`PrefixShaping()`; trl_qhead.labels).",
+            FutureWarning,
+            stacklevel=2,
+        )
+        sources = labels_from_candidate_keywords(
+            model, candidate_rewards, candidate_stride, prefix_shaping, candidate_batch_size, candidate_lookahead,
+            candidate_beta,
+        )  # fmt: skip
+    else:
+        sources = check_label_sources(labels) if labels is not None else ()
+    if sources and reward_funcs is None:
+        raise ValueError(
+            "Label sources (`labels`, `candidate_rewards`, `prefix_shaping`) score prefixes with "
+            "`reward_funcs`: pass some."
+        )
+    for source in sources:  # before sampling anything
+        source.check(model, max_new_tokens if truncated_completions == "terminal" else None)
     column_names = getattr(prompts, "column_names", None)
     if column_names is not None and "prompt" not in column_names:
         raise ValueError(f"The prompt dataset has columns {sorted(column_names)}; expected a `prompt` column.")
@@ -180,11 +222,6 @@ def generate_and_score(
         show_progress = show_progress and state.is_main_process
     total = len(prompts) if hasattr(prompts, "__len__") else None
     rows: list[dict[str, Any]] = []
-    labels = {"k": candidate_rewards, "stride": candidate_stride, "shaping": prefix_shaping}
-    labels["batch_size"] = candidate_batch_size
-    labels.update(
-        lookahead=candidate_lookahead, beta=candidate_beta, horizon=max_new_tokens if terminal_cuts else None
-    )
     cost = LabelCost()
     was_training = getattr(model, "training", False)
     model.eval()
@@ -206,7 +243,7 @@ def generate_and_score(
                         kwargs,
                         num_generations,
                         terminal_cuts,
-                        labels if labelling else None,
+                        sources,
                         cost,
                     )
                 )
@@ -221,14 +258,8 @@ def generate_and_score(
     # A batch where no function returned per-token rewards has no `rewards` key: every row gets every column.
     keys = list(dict.fromkeys(key for row in rows for key in row))
     info = None
-    if labelling:
-        summary = {
-            **cost.as_dict(),
-            "k": candidate_rewards,
-            "stride": candidate_stride,
-            "prefix_shaping": prefix_shaping,
-            "lookahead": candidate_lookahead,
-        }
+    if sources:
+        summary = labels_summary(sources, cost)
         logger.info("Labelling cost: %s", summary)
         info = DatasetInfo(description=json.dumps({"labelling_cost": summary}))
     return Dataset.from_list([{key: row.get(key) for key in keys} for row in rows], info=info)
@@ -317,7 +348,7 @@ def _generate_batch(
     kwargs,
     num_generations,
     cut_is_terminal: bool,
-    labels: dict | None = None,
+    sources: Sequence[LabelSource] = (),
     cost: LabelCost | None = None,
 ) -> list[dict]:
     texts = [maybe_apply_chat_template({"prompt": e["prompt"]}, tokenizer)["prompt"] for e in examples]
@@ -383,37 +414,29 @@ def _generate_batch(
             values = scored.per_token[i][row]
             value = sequence[row, i].item()
             data[f"reward_{name}"] = values.tolist() if values is not None else None if math.isnan(value) else value
-    if labels is not None:
+    if sources:
         extra = [{key: value for key, value in e.items() if key != "prompt"} for e in examples]
-        labelled, batch_cost = label_completions(
-            model,
-            tokenizer,
-            functions,
-            prompt_ids,
-            completion_ids,
-            [row // num_generations for row in range(len(rows))],
-            [e["prompt"] for e in examples],
-            extra,
-            k=labels["k"],
-            stride=labels["stride"],
-            prefix_shaping=labels["shaping"],
+        scorer = PrefixScorer(functions, tokenizer, min(getattr(source, "batch_size", 256) for source in sources))
+        for g, (example, columns) in enumerate(zip(examples, extra, strict=True)):
+            scorer.add_group(g, example["prompt"], columns)
+        batch = LabelBatch(
+            model=model,
+            tokenizer=tokenizer,
+            scorer=scorer,
+            prompt_ids=prompt_ids,
+            completion_ids=completion_ids,
+            groups=[row // num_generations for row in range(len(rows))],
+            group_prompts=[e["prompt"] for e in examples],
+            group_columns=extra,
+            sequence_rewards=[data["reward"] for data in rows],
             pad_token_id=kwargs["pad_token_id"],
-            batch_size=labels["batch_size"],
-            lookahead=labels["lookahead"],
-            beta=labels["beta"],
-            horizon=labels["horizon"],
+            horizon=kwargs["max_new_tokens"] if cut_is_terminal else None,
             stop_ids=frozenset(eos_ids),
         )
+        labelled, batch_cost = label_batch(sources, batch)
         cost.add(batch_cost)
         for data, columns in zip(rows, labelled, strict=True):
-            shaped = columns.pop("prefix_rewards", None)
             data.update(columns)
-            if shaped is not None:
-                # Potential-based shaping replaces every reward of the functions (a prefix's score sums per-token
-                # outputs too): it telescopes to R(completion) - R(empty completion).
-                data["sequence_reward"] = data["reward"]
-                data["reward"] = None
-                data["rewards"] = shaped
     return rows
 
 
