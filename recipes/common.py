@@ -29,6 +29,7 @@ from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, 
 from trl_qhead.candidates import check_candidate_args  # noqa: E402
 from trl_qhead.config import Q_HEAD_ONLY_BIAS_LEARNING_RATE, Q_HEAD_ONLY_LEARNING_RATE  # noqa: E402
 from trl_qhead.evaluation import BEST_OF_NS  # noqa: E402
+from trl_qhead.labels import CandidateLabels, TwoStepLabels  # noqa: E402
 from trl_qhead.rollouts import PURE_SAMPLING, Samples, sample_completions  # noqa: E402
 
 if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
@@ -312,6 +313,18 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
+def training_labels(args: argparse.Namespace) -> CandidateLabels | TwoStepLabels:
+    """The label source of `--candidate_k`, `--candidate_stride` and (two-step) `--candidate_lookahead` / `--candidate_beta`."""
+    if args.candidate_lookahead:
+        return TwoStepLabels(
+            args.candidate_k,
+            lookahead=args.candidate_lookahead,
+            beta=args.candidate_beta,
+            stride=args.candidate_stride,
+        )
+    return CandidateLabels(args.candidate_k, stride=args.candidate_stride)
+
+
 def sample_training_data(
     model,
     tokenizer,
@@ -335,10 +348,7 @@ def sample_training_data(
         max_new_tokens=args.max_new_tokens,
         batch_size=max(1, args.gen_batch_size // num_generations),
         generation_kwargs=SAMPLING,
-        candidate_rewards=args.candidate_k if candidates else None,
-        candidate_stride=args.candidate_stride if candidates else 1,
-        candidate_lookahead=args.candidate_lookahead if candidates else None,
-        candidate_beta=args.candidate_beta if candidates and args.candidate_lookahead else None,
+        labels=training_labels(args) if candidates else None,
     )
     return scored, json.loads(scored.info.description)["labelling_cost"] if candidates else None
 
