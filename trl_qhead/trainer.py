@@ -45,6 +45,7 @@ from .reward_functions import RewardFunc, RewardFunctions
 from .rewards import RewardComputer
 from .soft import candidate_targets, chunked_soft_state_values
 from .tied_head import is_tied
+from .training_settings import save_training_settings
 
 REWARD_MOMENTS_NAME = "reward_moments.json"
 CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
@@ -509,6 +510,7 @@ class QHeadTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         # As `Trainer._save`: the arguments beside the model (checkpoints keep them), and TRL's card at every save.
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        save_training_settings(output_dir, self.args, getattr(self.reward_computer.functions, "names", None))
         model_name = (self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1]  # not `checkpoint-N`
         self._model_card(model_name).save(os.path.join(output_dir, "README.md"))
 

@@ -1,0 +1,57 @@
+"""TRL habits a user brings to trl-qhead (docs/trl_compat.md): what TRL's trainers do and QHeadTrainer does alike, and
+the differences stated where they are kept."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from datasets import Dataset
+
+from tests.conftest import make_tiny_gpt2
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
+
+# ---- the reward settings travel with the model ---------------------------------------------------------------------
+
+
+def test_eval_without_the_training_config_uses_the_saved_reward_settings(tmp_path, capsys):
+    from recipes.offline_assets import gpt2_tokenizer_dir
+    from tests.recipe_assets import save_tiny_gpt2, write_corpus
+    from trl_qhead import cli
+    from trl_qhead.training_settings import TRAINING_SETTINGS_NAME
+
+    model_dir, corpus = save_tiny_gpt2(tmp_path / "gpt2"), write_corpus(tmp_path / "c.txt", n_lines=6)
+    common = ["--tokenizer_name_or_path", str(gpt2_tokenizer_dir()), "--dataset_name", "text"]
+    common += ["--dataset_data_files", str(corpus), "--max_length", "16", "--report_to", "none"]
+    common += ["--disable_tqdm", "true"]
+    # The training run's reward settings, in the config file a user may not have at hand when evaluating.
+    settings = {"use_lm_rewards": True, "lm_reward_coef": 2.0, "gamma": 0.9, "reward_scale": 3.0}
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    cli.main(
+        ["train", "--config", str(config), "--model_name_or_path", str(model_dir), *common]
+        + ["--output_dir", str(tmp_path / "run"), "--max_steps", "1", "--lora_r", "2", "--save_strategy", "no"]
+        + ["--per_device_train_batch_size", "2"]
+    )
+    saved = json.loads((tmp_path / "run" / TRAINING_SETTINGS_NAME).read_text())
+    assert {k: saved[k] for k in settings} == settings and saved["reward_functions"] == []
+
+    runs = iter(range(10))
+
+    def evaluate(*extra):
+        capsys.readouterr()
+        out = str(tmp_path / f"eval{next(runs)}")
+        args = ["eval", "--model_name_or_path", str(tmp_path / "run"), *common, "--dataset_test_split", "train"]
+        cli.main([*args, "--output_dir", out, "--per_device_eval_batch_size", "4", *extra])
+        return json.loads((tmp_path / out / "eval_results.json").read_text()), capsys.readouterr().err
+
+    with_config, _ = evaluate("--config", str(config))
+    without, err = evaluate()
+    assert without["eval_loss_q"] == pytest.approx(with_config["eval_loss_q"], rel=1e-5)
+    assert with_config["eval_loss_q"] > 1.0  # the reference log-probs reward, times 2: far from zero
+    assert TRAINING_SETTINGS_NAME in without["reward_settings"] and "use_lm_rewards=True" in err
+    # A flag still wins over the saved settings.
+    flagged, _ = evaluate("--use_lm_rewards", "false", "--lm_reward_coef", "1.0")
+    assert flagged["eval_loss_q"] != pytest.approx(with_config["eval_loss_q"], rel=1e-3)
