@@ -55,3 +55,46 @@ def test_eval_without_the_training_config_uses_the_saved_reward_settings(tmp_pat
     # A flag still wins over the saved settings.
     flagged, _ = evaluate("--use_lm_rewards", "false", "--lm_reward_coef", "1.0")
     assert flagged["eval_loss_q"] != pytest.approx(with_config["eval_loss_q"], rel=1e-3)
+
+
+# ---- reward functions get TRL's keywords ----------------------------------------------------------------------------
+
+
+def config(tmp_path, **kwargs) -> QHeadConfig:
+    defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=2, logging_steps=1, report_to=[])
+    return QHeadConfig(**{**defaults, "save_strategy": "no", "disable_tqdm": True, **kwargs})
+
+
+def test_a_grpo_reward_function_that_logs_extra_columns_trains_and_fills_the_completions_table(
+    tmp_path, gpt2_tokenizer
+):
+    import pandas as pd
+
+    seen = []
+
+    def length_reward(completions, trainer_state, log_extra, log_metric, **kwargs):  # as in TRL's GRPO docs
+        lengths = [len(c) for c in completions]
+        log_extra("length", lengths)
+        log_metric("mean_length", sum(lengths) / len(lengths))
+        seen.append((trainer_state.global_step, list(completions)))
+        return [float(n) for n in lengths]
+
+    dataset = Dataset.from_dict({"prompt": ["The sky is", "Roses are", "A cat", "Dogs"]})
+    dataset = dataset.add_column("completion", [" blue.", " red, and", " sat.", " bark"])
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(),
+        config(tmp_path, max_steps=2, log_completions=True, num_completions_to_print=1),
+        train_dataset=dataset,
+        processing_class=gpt2_tokenizer,
+        reward_funcs=length_reward,
+    )
+    trainer.train()
+    assert [step for step, _ in seen] == [0, 1]
+    assert trainer.state.log_history[0]["mean_length"] == pytest.approx(sum(map(len, seen[0][1])) / 2)
+    # Where TRL's GRPOTrainer writes its table: output_dir/completions/completions_<step>.parquet, the latest step's rows.
+    table = pd.read_parquet(tmp_path / "completions" / "completions_00002.parquet")
+    assert list(table["completion"]) == seen[1][1]
+    assert list(table["length"]) == [len(c) for c in seen[1][1]]
+    assert list(table["length_reward"]) == [float(len(c)) for c in seen[1][1]] and set(table["step"]) == {2}
+    rows = set(zip(dataset["prompt"], dataset["completion"], strict=True))
+    assert set(zip(table["prompt"], table["completion"], strict=True)) <= rows

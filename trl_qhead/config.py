@@ -77,6 +77,14 @@ class QHeadConfig(TrainingArguments):
             Normalisation of the sequence rewards before scaling: `"batch"` (the mean and std of the optimizer step:
             every micro-batch of a gradient accumulation cycle, over all processes), `"running"` (running mean and
             std over training, updated once per optimizer step) or `None`. Per-token rewards are not normalised.
+        log_completions (`bool`, *optional*, defaults to `False`):
+            As `GRPOConfig.log_completions`: at every log, the samples the reward functions scored in the latest
+            optimizer step (prompt, completion, one column per reward function, and the columns they add with their
+            `log_extra` keyword) are printed with `rich` (when installed), written to
+            `output_dir/completions/completions_<step>.parquet` and logged to wandb / trackio (see
+            `trl_qhead.completion_log`). Needs `reward_funcs`.
+        num_completions_to_print (`int` or `None`, *optional*, defaults to `None`):
+            Samples printed with `rich` at each log; `None` prints all (as `GRPOConfig`).
         completion_only_loss (`bool`, *optional*, defaults to `True`):
             Train the LM and Q losses on completion tokens only where the data separates a completion (prompt/
             completion formats, a `completion_mask` column). `False` trains on the prompt's tokens too.
@@ -164,6 +172,13 @@ class QHeadConfig(TrainingArguments):
     )
     reward_normalization: str | None = field(
         default=None, metadata={"help": "Normalise sequence rewards: 'batch', 'running' or None."}
+    )
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "Log the samples the reward functions score (rich, parquet, wandb/trackio), as GRPO."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "Samples printed with rich at each log; None prints all."}
     )
     completion_only_loss: bool = field(
         default=True, metadata={"help": "Train on completion tokens only where the data marks a completion."}

@@ -494,6 +494,14 @@ class QHeadTrainer(Trainer):
             metrics = {f"{prefix}{name}": value for name, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
+        if self.reward_computer.completion_log is not None and self.accelerator.is_main_process:  # as GRPOTrainer
+            self.reward_computer.completion_log.write(
+                self.state.global_step,
+                self.args.output_dir,
+                self.reward_computer.functions.names,
+                self.args.report_to,
+                self.args.num_completions_to_print,
+            )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Every process gets here (after any collective gather of `state_dict`); only the main one writes, once.
