@@ -98,3 +98,30 @@ def test_a_grpo_reward_function_that_logs_extra_columns_trains_and_fills_the_com
     assert list(table["length_reward"]) == [float(len(c)) for c in seen[1][1]] and set(table["step"]) == {2}
     rows = set(zip(dataset["prompt"], dataset["completion"], strict=True))
     assert set(zip(table["prompt"], table["completion"], strict=True)) <= rows
+
+
+# ---- prompt and completion tokens that merge ------------------------------------------------------------------------
+
+
+def test_a_prompt_that_merges_with_its_completion_is_warned_about_once_naming_the_row(gpt2_tokenizer, caplog):
+    import logging
+
+    from trl.rewards import think_format_reward
+
+    from trl_qhead.data import prepare_dataset
+
+    prompts = ["<|user|>\nWhat is 2+2?\n<|assistant|>", "<|user|>\nHi\n<|assistant|>", "<|user|>\nOk\n<|assistant|>\n"]
+    dataset = Dataset.from_dict({"prompt": prompts, "completion": ["<think>4</think>4", "<think>h</think>hi", "<t>"]})
+    with caplog.at_level(logging.WARNING, logger="trl_qhead.data"):
+        rows = prepare_dataset(dataset, gpt2_tokenizer, reward_columns=True)
+    warnings = [r.getMessage() for r in caplog.records if "merge at their boundary" in r.getMessage()]
+    assert len(warnings) == 1  # once, though two rows merge
+    assert "example 0" in warnings[0] and "'><'" in warnings[0]  # the row and the merged token
+    # What reward functions then see: the merged '>' starts the completion, and TRL's format reward scores 0.
+    completion = gpt2_tokenizer.decode(rows[0]["input_ids"][rows[0]["prompt_length"] :], skip_special_tokens=True)
+    assert completion.startswith("><think>")
+    assert think_format_reward([[{"content": completion}]]) == [0.0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="trl_qhead.data"):  # a prompt ending on a token boundary: silent
+        prepare_dataset(dataset.select([2]), gpt2_tokenizer)
+    assert not [r for r in caplog.records if "merge at their boundary" in r.getMessage()]

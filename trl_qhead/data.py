@@ -320,8 +320,37 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _tokenize(example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_field: str) -> tuple[list, int, Any]:
+class BoundaryMerges:
+    """Warns once (per `prepare_dataset` call and process) when a prompt's last tokens and its completion's first ones
+    merge into other tokens, as TRL's `SFTTrainer` warns: the completion then starts where the two tokenisations part,
+    inside the prompt's text, so reward functions receive the merged characters at the start of the completion (a
+    prompt ending in `<|assistant|>` and a completion starting with `<think>` gives GPT-2's `><` token, and the
+    completion `'><think>...'` that TRL's `think_format_reward` scores 0)."""
+
+    def __init__(self):
+        self.warned = False
+
+    def check(self, tokenizer, prompt_ids: list[int], input_ids: list[int], prompt_length: int, where: str) -> None:
+        if self.warned or prompt_length >= len(prompt_ids):
+            return
+        self.warned = True
+        merged = tokenizer.decode(input_ids[prompt_length : prompt_length + 1])
+        completion = tokenizer.decode(input_ids[prompt_length:])
+        logger.warning(
+            f"The prompt and the completion of {where} merge at their boundary: the prompt's end "
+            f"{tokenizer.decode(prompt_ids[prompt_length:])!r} and the completion's start tokenise together as "
+            f"{merged!r}, so the completion starts inside the prompt's text ({completion[:40]!r}...): reward functions "
+            "see it so (a format reward anchored at the completion's start scores 0) and the model is trained on a "
+            "context it does not see when generating from the prompt. End prompts on a token boundary (a newline after "
+            "the generation prompt of the chat template, say). Shown once; it likely applies to more rows."
+        )
+
+
+def _tokenize(
+    example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_field: str, merges: BoundaryMerges | None = None
+) -> tuple[list, int, Any]:
     """`(input_ids, prompt_length, prompt)` of one example; `prompt` is what reward functions get as the prompt."""
+    merges = merges if merges is not None else BoundaryMerges()
     if fmt == "tokenized":
         input_ids = list(example["input_ids"])
         mask = example.get("completion_mask")
@@ -343,7 +372,9 @@ def _tokenize(example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_
             prompt_text = tokenizer.apply_chat_template(
                 messages[:-1], tokenize=False, add_generation_prompt=messages[-1]["role"] == "assistant"
             )
-            prompt_length = common_prefix_length(_encode(tokenizer, prompt_text), input_ids)
+            prompt_ids = _encode(tokenizer, prompt_text)
+            prompt_length = common_prefix_length(prompt_ids, input_ids)
+            merges.check(tokenizer, prompt_ids, input_ids, prompt_length, where)
         return input_ids, prompt_length, messages[:-1]
     prompt, completion = example["prompt"], example["completion"]
     if is_messages(prompt) and is_messages(completion):
@@ -361,7 +392,9 @@ def _tokenize(example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_
     if eos and input_ids[-1:] != eos:
         input_ids += eos
     # Tokens can merge across the boundary: the completion starts where the two tokenisations part, as in TRL's SFT.
-    return input_ids, common_prefix_length(prompt_ids, input_ids), prompt
+    prompt_length = common_prefix_length(prompt_ids, input_ids)
+    merges.check(tokenizer, prompt_ids, input_ids, prompt_length, where)
+    return input_ids, prompt_length, prompt
 
 
 def _to_row(
@@ -376,13 +409,16 @@ def _to_row(
     completion_only_loss: bool,
     reward_columns: bool,
     vocab_size: int | None,
+    merges: BoundaryMerges | None = None,
 ) -> dict:
     """Tokenise, check, truncate to `max_length` (the module docstring's truncation rule); keep `reward` and `done`
     apart, or fold them into the token-aligned `rewards` and `dones` and number the tokens (`position_ids`, packing)."""
     where = f"example {idx}"
     if fmt == "tokenized":
         example = _strip_padding(example, where)
-    input_ids, prompt_length, prompt = _tokenize(example, where, fmt=fmt, tokenizer=tokenizer, text_field=text_field)
+    input_ids, prompt_length, prompt = _tokenize(
+        example, where, fmt=fmt, tokenizer=tokenizer, text_field=text_field, merges=merges
+    )
     if fmt == "tokenized":  # the other formats come from the tokenizer
         input_ids = _check_token_ids(input_ids, where, vocab_size)
     n = len(input_ids)
@@ -516,6 +552,7 @@ def prepare_dataset(
         "completion_only_loss": completion_only_loss,
         "reward_columns": reward_columns,
         "vocab_size": vocab_size,
+        "merges": BoundaryMerges(),  # warns once for this dataset
     }
     consumed = [c for c in columns if c in FORMAT_COLUMNS or c == text_field]
     remove = consumed if reward_columns else columns
