@@ -125,3 +125,18 @@ def test_a_prompt_that_merges_with_its_completion_is_warned_about_once_naming_th
     with caplog.at_level(logging.WARNING, logger="trl_qhead.data"):  # a prompt ending on a token boundary: silent
         prepare_dataset(dataset.select([2]), gpt2_tokenizer)
     assert not [r for r in caplog.records if "merge at their boundary" in r.getMessage()]
+
+
+# ---- the model card states the head it describes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("q_head_type", ["tied", "dense"])
+def test_the_model_card_states_the_formula_and_type_of_its_q_head(tmp_path, gpt2_tokenizer, q_head_type):
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=len(gpt2_tokenizer)), q_head_type=q_head_type)
+    dataset = Dataset.from_dict({"text": ["The cat sat.", "A dog barked."]})
+    trainer = QHeadTrainer(model, config(tmp_path), train_dataset=dataset, processing_class=gpt2_tokenizer)
+    trainer.create_model_card()
+    card = (tmp_path / "README.md").read_text()
+    assert f"`q_head_type={q_head_type}`" in card
+    tied, dense = "`Q(s, a) = W_lm (U h_s) + b`", "`Q(s, a) = W_q h_s + b_q`"
+    assert (tied in card, dense in card) == ((True, False) if q_head_type == "tied" else (False, True))

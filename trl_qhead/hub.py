@@ -75,7 +75,7 @@ def qhead_model_card(
         hub_model_id: `user/name` where it lives (or will) on the Hub; the loading snippet uses it.
         dataset_name: the training dataset's name.
         tags: card tags (`trl` and `trl-qhead` are always added).
-        q_head: the contents of `q_head_config.json`.
+        q_head: the contents of `q_head_config.json` (its `q_head_type` picks the formula the card states).
         settings: Q-learning settings to list (gamma, gae_lambda, q_weight, ...).
         reward_sources: one line per reward source.
         peft: the folder holds LoRA adapters (not a full model).
@@ -97,6 +97,14 @@ def qhead_model_card(
     return card
 
 
+# What `Q(s, a)` is for each `q_head_type` (see `trl_qhead.modeling` and `trl_qhead.tied_head`).
+Q_HEAD_FORMULAS = {
+    "dense": "`Q(s, a) = W_q h_s + b_q` (a dense head, `q_head_type=dense`)",
+    "tied": "`Q(s, a) = W_lm (U h_s) + b` (a tied head, `q_head_type=tied`: the LM head's rows `W_lm` after an "
+    "H x H map `U` of the hidden state, plus a per-token bias)",
+}
+
+
 def _qhead_section(model_id: str, q_head: dict, settings: dict, reward_sources: list[str] | None, peft: bool) -> str:
     lines = [
         "",
@@ -105,7 +113,8 @@ def _qhead_section(model_id: str, q_head: dict, settings: dict, reward_sources: 
         "Besides the "
         + ("LoRA adapters" if peft else "causal LM")
         + ", this repository holds a vocabulary-sized Q head, `q_head.safetensors` (fp32) and `q_head_config.json`: "
-        "`Q(s, a) = W_q h_s + b_q` for every next token `a`. Sampling from the tilted policy "
+        + Q_HEAD_FORMULAS[q_head.get("q_head_type", "dense")]
+        + " for every next token `a`. Sampling from the tilted policy "
         "`pi'(a|s) ∝ pi(a|s) exp(Q(s,a)/beta)` needs the `trl-qhead` package (`pip install trl-qhead`); "
         "the pipeline above samples from the untilted model.",
         "",

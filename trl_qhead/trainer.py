@@ -552,7 +552,9 @@ class QHeadTrainer(Trainer):
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         hub_model_id = getattr(self, "hub_model_id", None) or args.hub_model_id
         q_head = {"hidden_size": model.q_head.in_features, "vocab_size": model.q_head.out_features}
-        q_head["q_head_init"] = model.q_head_init
+        q_head.update(q_head_init=model.q_head_init, q_head_type=model.q_head_type)
+        if model.q_head_type == "tied":
+            q_head["q_head_rank"] = model.q_head_rank
         settings = {
             name: getattr(args, name)
             for name in ("gamma", "gae_lambda", "q_weight", "use_lm_rewards", "q_head_learning_rate", "max_length")
