@@ -140,3 +140,23 @@ def test_the_model_card_states_the_formula_and_type_of_its_q_head(tmp_path, gpt2
     assert f"`q_head_type={q_head_type}`" in card
     tied, dense = "`Q(s, a) = W_lm (U h_s) + b`", "`Q(s, a) = W_q h_s + b_q`"
     assert (tied in card, dense in card) == ((True, False) if q_head_type == "tied" else (False, True))
+
+
+# ---- the demo without its extra -------------------------------------------------------------------------------------
+
+
+def test_the_demo_without_its_extra_ends_with_the_install_command(monkeypatch, tmp_path):
+    import importlib
+    import sys
+
+    from trl_qhead import cli
+
+    monkeypatch.chdir(tmp_path)
+    # This checkout's recipes (an editable install of another checkout would map `trl_qhead.recipes` there).
+    monkeypatch.setattr(cli, "recipe", lambda name: importlib.import_module(f"recipes.{name}"))
+    monkeypatch.setitem(sys.modules, "vaderSentiment", None)  # as if the `demo` extra were not installed
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["demo"])
+    message = str(exit_.value.code)
+    assert 'pip install "trl-qhead[demo]"' in message and "vaderSentiment" in message
+    assert not (tmp_path / "outputs").exists()  # before any work
