@@ -160,3 +160,57 @@ def test_the_demo_without_its_extra_ends_with_the_install_command(monkeypatch, t
     message = str(exit_.value.code)
     assert 'pip install "trl-qhead[demo]"' in message and "vaderSentiment" in message
     assert not (tmp_path / "outputs").exists()  # before any work
+
+
+# ---- importing the library prints nothing ---------------------------------------------------------------------------
+
+# Runs `import trl_qhead` as on a CPU with AVX512-BF16 and no `kernels` package, where bitsandbytes' import (through
+# transformers -> PEFT) logs "Failed to load CPU gemm_4bit_forward from kernels-community".
+AVX512_BF16_CPU = """
+import importlib.abc, importlib.machinery, sys
+sys.modules["kernels"] = None  # not installed
+
+class AVX512BF16(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name != "bitsandbytes.functional":
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            module.has_avx512bf16 = lambda: True
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, AVX512BF16())
+"""
+
+
+def run_python(code: str):
+    import subprocess
+    import sys
+
+    from tests.recipe_assets import REPO
+
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_importing_the_library_prints_nothing_and_the_kernel_notice_waits_for_4bit():
+    code = AVX512_BF16_CPU + "\n".join(
+        [
+            "import trl_qhead, trl_qhead.trainer, trl_qhead.gvpo",
+            "import logging",
+            "from trl_qhead import bnb_notice",
+            "held = [f for f in logging.getLogger(bnb_notice.LOGGER_NAME).filters if hasattr(f, 'records')]",
+            "sys.stderr.write(f'IMPORTED {len(held[0].records)}\\n')",  # the notice was emitted, and held
+            "from trl_qhead.quantization import prepare_quantization_config",
+            "prepare_quantization_config({'load_in_4bit': True}, 'unused')",
+        ]
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    before, _, after = result.stderr.partition("IMPORTED 1\n")
+    assert (result.stdout, before) == ("", "")  # `import trl_qhead` prints nothing
+    assert "gemm_4bit_forward" in after  # said when 4-bit is asked for

@@ -20,6 +20,8 @@ import os
 import torch
 from torch import nn
 
+from . import bnb_notice
+
 QUANT_INSTALL_HINT = "pip install 'trl-qhead[quant]'  (or: pip install bitsandbytes)"
 
 
@@ -79,6 +81,7 @@ def prepare_quantization_config(quantization_config, pretrained_model_name_or_pa
     if not is_kbit_config(quantization_config):
         return quantization_config
     require_bitsandbytes()
+    bnb_notice.release()  # bitsandbytes' CPU kernel notice, held back at import, is about what is asked for now
     from transformers import BitsAndBytesConfig
 
     if isinstance(quantization_config, dict):
