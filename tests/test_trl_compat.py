@@ -214,3 +214,42 @@ def test_importing_the_library_prints_nothing_and_the_kernel_notice_waits_for_4b
     before, _, after = result.stderr.partition("IMPORTED 1\n")
     assert (result.stdout, before) == ("", "")  # `import trl_qhead` prints nothing
     assert "gemm_4bit_forward" in after  # said when 4-bit is asked for
+
+
+# ---- defaults: TRL's, or ours with the reason -------------------------------------------------------------------------
+
+
+def documented_defaults(cls) -> dict[str, str]:
+    """`{field: "the text between the backticks of 'defaults to `...`'"}` of a TRL-style `Args` docstring."""
+    import re
+
+    pattern = re.compile(r"^\s{8}(\w+) \(.*?\*optional\*, defaults to `(.+?)`\):", re.M)
+    return {name: value for name, value in pattern.findall(cls.__doc__)}
+
+
+def test_every_documented_default_is_the_default():
+    import dataclasses
+
+    documented = documented_defaults(QHeadConfig)
+    assert len(documented) > 30
+    defaults = {f.name: f.default for f in dataclasses.fields(QHeadConfig)}
+    for name, text in documented.items():
+        assert name in defaults, name
+        assert text.strip('"') == str(defaults[name]) or float(text) == defaults[name], (name, text, defaults[name])
+
+
+def test_defaults_that_differ_from_trl_say_why():
+    import dataclasses
+
+    from trl import SFTConfig
+
+    trl_defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
+    trl_defaults["activation_checkpointing"] = trl_defaults["gradient_checkpointing"]  # transformers' new name
+    ours = {f.name: f.default for f in dataclasses.fields(QHeadConfig)}
+    differ = sorted(n for n in ours if n in trl_defaults and ours[n] != trl_defaults[n] and n != "gradient_checkpointing")
+    assert {"learning_rate", "bf16", "activation_checkpointing"} <= set(differ)
+    section = QHeadConfig.__doc__.split("> Defaults that differ from TRL's")[1].split("Example:")[0]
+    for name in differ:  # each in the section, with TRL's value and a reason
+        entry = section.split(f"        {name} (")[1].split("\n        ")[0:3]
+        assert "TRL" in " ".join(entry), name
+    assert QHeadConfig(output_dir="x", report_to=[]).logging_steps == trl_defaults["logging_steps"]
