@@ -15,24 +15,28 @@ PUSH_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr", "re
 def resolve_file(path_or_repo_id: str | os.PathLike, filename: str, kwargs: dict) -> str | None:
     """The local path of `filename` in a folder or a Hub repo, or `None` where it has none.
 
-    A folder is read directly. Anything else is taken as a repo id and fetched with `hf_hub_download` (honouring
-    `revision`, `token`, `cache_dir`, `subfolder`, `local_files_only` and the `HF_HUB_OFFLINE` cache). `None` when the
-    repo has no such file, or when offline and the file is not in the cache (then nothing can tell whether it exists).
+    transformers' `cached_file` (a folder is read directly; a repo id is fetched with `hf_hub_download`, honouring
+    `revision`, `token`, `cache_dir`, `subfolder`, `local_files_only` and the `HF_HUB_OFFLINE` cache, and served from
+    the cache when the Hub cannot be reached). `None` when the repo has no such file, or when offline and the file is
+    not in the cache (then nothing can tell whether it exists), or when `path_or_repo_id` is neither a folder nor a
+    valid repo id (the backbone's loader reports the bad name).
     """
-    folder = os.path.join(path_or_repo_id, kwargs.get("subfolder") or "")
-    if os.path.isdir(path_or_repo_id):
-        candidate = os.path.join(folder, filename)
-        return candidate if os.path.isfile(candidate) else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+    from huggingface_hub.errors import HFValidationError
+    from transformers.utils import cached_file
 
     hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
     try:
-        return hf_hub_download(str(path_or_repo_id), filename, **hub_kwargs)
-    except (EntryNotFoundError, HFValidationError):
-        # EntryNotFoundError: the repo has no such file (RemoteEntryNotFoundError), or offline and not cached
-        # (LocalEntryNotFoundError). HFValidationError: not a repo id; the backbone's loader reports the bad name.
-        return None
+        return cached_file(
+            str(path_or_repo_id),
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+    except OSError as error:
+        if isinstance(error.__cause__, HFValidationError):
+            return None
+        raise
 
 
 def upload_folder(folder: str | os.PathLike, repo_id: str, **kwargs):

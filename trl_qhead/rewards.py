@@ -73,7 +73,11 @@ __all__ = [
 
 
 def normalize_rewards(rewards: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | float, eps: float = 1e-4):
-    """`(R - mean) / (std + eps)`; NaN stays NaN."""
+    """`(R - mean) / (std + eps)`; NaN stays NaN.
+
+    TRL has no function for this: `GRPOTrainer` writes the same expression inline (`(rewards - mean) / (std + 1e-4)`).
+    The moments are TRL's: `batch_moments` (`torch.nanmean` and TRL's `nanstd`) over the values of every process,
+    gathered with accelerate (`QHeadTrainer._gather_rows`: `pad_across_processes` with NaN, then `gather`)."""
     return (rewards - mean) / (std + eps)
 
 
