@@ -253,3 +253,22 @@ def test_defaults_that_differ_from_trl_say_why():
         entry = section.split(f"        {name} (")[1].split("\n        ")[0:3]
         assert "TRL" in " ".join(entry), name
     assert QHeadConfig(output_dir="x", report_to=[]).logging_steps == trl_defaults["logging_steps"]
+
+
+# ---- missing TRL features: a dataset mixture, formatting_func, padding_free ----------------------------------------
+
+
+def test_a_datasets_mixture_in_the_yaml_config_trains_on_every_dataset(tmp_path):
+    from recipes.qhead_lora import main, make_parser
+    from tests.recipe_assets import recipe_args, save_tiny_gpt2, write_corpus
+
+    model_dir = save_tiny_gpt2(tmp_path / "gpt2")
+    a, b = write_corpus(tmp_path / "a.txt", n_lines=5, seed=1), write_corpus(tmp_path / "b.txt", n_lines=3, seed=2)
+    config = tmp_path / "mixture.yaml"
+    mixture = [{"path": "text", "data_files": str(a)}, {"path": "text", "data_files": str(b)}]
+    config.write_text(yaml.safe_dump({"datasets": mixture}))
+    args = recipe_args(
+        model_dir, a, tmp_path / "run", packing="false", max_steps=1, dataset_name=None, dataset_data_files=None
+    )
+    trainer = main(*make_parser().parse_args_and_config(["--config", str(config), *args, "--save_strategy", "no"]))
+    assert len(trainer.train_dataset) == 5 + 3  # every line of both files (TRL's get_dataset concatenates them)
