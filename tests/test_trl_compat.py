@@ -246,7 +246,9 @@ def test_defaults_that_differ_from_trl_say_why():
     trl_defaults = {f.name: f.default for f in dataclasses.fields(SFTConfig)}
     trl_defaults["activation_checkpointing"] = trl_defaults["gradient_checkpointing"]  # transformers' new name
     ours = {f.name: f.default for f in dataclasses.fields(QHeadConfig)}
-    differ = sorted(n for n in ours if n in trl_defaults and ours[n] != trl_defaults[n] and n != "gradient_checkpointing")
+    differ = sorted(
+        n for n in ours if n in trl_defaults and ours[n] != trl_defaults[n] and n != "gradient_checkpointing"
+    )
     assert {"learning_rate", "bf16", "activation_checkpointing"} <= set(differ)
     section = QHeadConfig.__doc__.split("> Defaults that differ from TRL's")[1].split("Example:")[0]
     for name in differ:  # each in the section, with TRL's value and a reason
@@ -272,3 +274,33 @@ def test_a_datasets_mixture_in_the_yaml_config_trains_on_every_dataset(tmp_path)
     )
     trainer = main(*make_parser().parse_args_and_config(["--config", str(config), *args, "--save_strategy", "no"]))
     assert len(trainer.train_dataset) == 5 + 3  # every line of both files (TRL's get_dataset concatenates them)
+
+
+def test_formatting_func_turns_each_example_into_the_text_trained_on(tmp_path, gpt2_tokenizer):
+    def formatting_func(example):
+        return f"Question: {example['prompt']} Answer: {example['completion']}"
+
+    dataset = Dataset.from_dict({"prompt": ["2+2?", "Sky?"], "completion": ["4", "blue"], "level": [1, 2]})
+    trainer = QHeadTrainer(
+        make_tiny_gpt2(),
+        config(tmp_path, max_steps=1),
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=gpt2_tokenizer,
+        formatting_func=formatting_func,
+    )
+    for prepared in (trainer.train_dataset, trainer.eval_dataset):
+        for row, example in zip(prepared, dataset, strict=True):
+            expected = gpt2_tokenizer(formatting_func(example))["input_ids"] + [gpt2_tokenizer.eos_token_id]
+            assert row["input_ids"] == expected
+            assert row.get("completion_mask") is None  # the whole text is trained on, as SFTTrainer's formatting
+    trainer.train()
+    assert trainer.state.global_step == 1
+    with pytest.raises(TypeError, match="example 0"):
+        QHeadTrainer(
+            make_tiny_gpt2(),
+            config(tmp_path),
+            train_dataset=dataset,
+            processing_class=gpt2_tokenizer,
+            formatting_func=lambda example: [example["prompt"]],
+        )

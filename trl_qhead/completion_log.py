@@ -62,9 +62,7 @@ class CompletionLog:
         if is_rich_available():
             from trl.trainer.utils import print_prompt_completions_sample
 
-            print_prompt_completions_sample(
-                prompts, completions, rewards, None, step, num_to_print, extra=columns
-            )
+            print_prompt_completions_sample(prompts, completions, rewards, None, step, num_to_print, extra=columns)
         table = pd.DataFrame(
             {"step": [step] * len(prompts), "prompt": prompts, "completion": completions, **rewards, **columns}
         )

@@ -262,7 +262,9 @@ class QHeadConfig(TrainingArguments):
     learning_rate: float = field(
         default=5e-5, metadata={"help": "Initial learning rate for AdamW (TRL's SFTConfig: 2e-5; see docstring)."}
     )
-    bf16: bool = field(default=False, metadata={"help": "bf16 mixed precision (TRL: True unless fp16; see docstring)."})
+    bf16: bool = field(
+        default=False, metadata={"help": "bf16 mixed precision (TRL: True unless fp16; see docstring)."}
+    )
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 

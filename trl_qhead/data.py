@@ -46,6 +46,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -496,6 +497,7 @@ def prepare_dataset(
     completion_only_loss: bool = True,
     reward_columns: bool = False,
     vocab_size: int | None = None,
+    formatting_func: Callable[[dict], str] | None = None,
 ) -> Dataset | IterableDataset:
     """Turn a dataset in any supported format into training rows (see the module docstring).
 
@@ -514,6 +516,10 @@ def prepare_dataset(
         reward_columns: keep the prompt and the extra columns for reward functions (not with `packing`).
         vocab_size: pre-tokenised ids (and candidate ids) must be below it; defaults to `len(tokenizer)`, or no upper
             bound without a tokenizer. `QHeadTrainer` passes the model's vocabulary size.
+        formatting_func: as `SFTTrainer`'s: `f(example) -> str`, applied to every example first; its text becomes
+            the `text_field` column and the example is plain text (its `prompt`, `completion` and `messages` columns
+            are dropped, so the whole text is trained on and reward functions see it all as the completion; other
+            columns stay). Ignored, with a warning, for a pre-tokenised dataset (as SFTTrainer does).
 
     Raises:
         ValueError: for an empty dataset, or one in which no row has a token to train on (see `has_action`), and for
@@ -528,6 +534,8 @@ def prepare_dataset(
     [0, 0, 0, 0, 1, 1]
     ```
     """
+    if formatting_func is not None:
+        dataset = apply_formatting_func(dataset, formatting_func, text_field, num_proc)
     columns = get_dataset_column_names(dataset)
     fmt = detect_format(columns, text_field)
     if fmt != "tokenized" and tokenizer is None:
@@ -571,6 +579,31 @@ def prepare_dataset(
         # A row that holds only the last token of a document cut at the row's start (wrapped) has no action.
         dataset = _drop_rows_without_action(dataset, "packed rows")
     return dataset
+
+
+def apply_formatting_func(dataset, formatting_func: Callable[[dict], str], text_field: str, num_proc=None):
+    """`dataset` with `text_field = formatting_func(example)` and without its other format columns (`prompt`,
+    `completion`, `messages`): plain text, as `SFTTrainer` makes it. A pre-tokenised dataset is returned as it is, with
+    a warning. A `TypeError` names the first example for which the function does not return a string."""
+    columns = get_dataset_column_names(dataset)
+    if "input_ids" in columns:
+        logger.warning(
+            "The dataset is already tokenised (it has `input_ids`): `formatting_func` is ignored (as SFTTrainer does)."
+        )
+        return dataset
+
+    def format_example(example, idx):
+        text = formatting_func(example)
+        if not isinstance(text, str):
+            raise TypeError(
+                f"`formatting_func` returned {type(text).__name__} for example {idx}: it must return one string per "
+                "example (the text to train on)."
+            )
+        return {text_field: text}
+
+    remove = [c for c in columns if c in ("prompt", "completion", "messages") and c != text_field]
+    map_kwargs = {"num_proc": num_proc} if isinstance(dataset, Dataset) and num_proc else {}
+    return dataset.map(format_example, with_indices=True, remove_columns=remove, **map_kwargs)
 
 
 def _seq_lengths_from_positions(row: dict[str, Any]) -> dict[str, list[int]]:

@@ -216,6 +216,7 @@ def gvpo_loss_on_groups(
         )
     rows = [row for group in groups for row in group]
     device = next(model.parameters()).device
+
     def column(name: str) -> list[torch.Tensor]:
         return [torch.as_tensor(list(row[name]), dtype=torch.long, device=device) for row in rows]
 

@@ -78,6 +78,8 @@ class QHeadTrainer(Trainer):
             `logits[:, 0]`; a name or path loaded with `AutoModelForSequenceClassification` (`num_labels=1`); or a
             list of these, weighted by `args.reward_weights`. See `trl_qhead.rewards`.
         reward_processing_classes: tokenizers of the reward models (one, or a list aligned with `reward_funcs`).
+        formatting_func: as for `SFTTrainer`: `f(example) -> str`, the text to train on, applied to every example of
+            the train and eval datasets (`trl_qhead.data.apply_formatting_func`).
         compute_metrics: as for `Trainer`; its `EvalPrediction.predictions` are `(log pi(a_t|s_t), Q(s_t, a_t))`, two
             `[N, T]` arrays (zero off the actions), and `label_ids` the labels (-100 off targets; the action at
             position t is token t + 1).
@@ -109,6 +111,7 @@ class QHeadTrainer(Trainer):
         reward_funcs: RewardFunc | list[RewardFunc] | None = None,
         reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase] | None = None,
         compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        formatting_func: Callable[[dict], str] | None = None,
     ):
         model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         if args is None:
@@ -167,15 +170,18 @@ class QHeadTrainer(Trainer):
                     "to: set `reward_normalization=None` (or `candidate_weight=0`)."
                 )
         vocab_size = model.vocab_size  # token ids index the rows of the LM and Q heads
-        train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards, vocab_size)
+        train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards, vocab_size, formatting_func)
         if isinstance(eval_dataset, dict):  # several evaluation sets, logged as `eval_<name>_*` (as SFTTrainer)
             eval_dataset = {
-                k: _keep_prompts(d, self._prepare(d, processing_class, args, with_rewards, vocab_size))
+                k: _keep_prompts(
+                    d, self._prepare(d, processing_class, args, with_rewards, vocab_size, formatting_func)
+                )
                 for k, d in eval_dataset.items()
             }
         elif eval_dataset is not None:
             eval_dataset = _keep_prompts(
-                eval_dataset, self._prepare(eval_dataset, processing_class, args, with_rewards, vocab_size)
+                eval_dataset,
+                self._prepare(eval_dataset, processing_class, args, with_rewards, vocab_size, formatting_func),
             )
         eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
         if with_rewards and any(isinstance(d, IterableDataset) for d in (train_dataset, *eval_datasets)):
@@ -231,7 +237,7 @@ class QHeadTrainer(Trainer):
         return model
 
     @staticmethod
-    def _prepare(dataset, tokenizer, args: QHeadConfig, reward_columns: bool = False, vocab_size: int | None = None):
+    def _prepare(dataset, tokenizer, args: QHeadConfig, reward_columns=False, vocab_size=None, formatting_func=None):
         # Under `accelerate launch` the main process fills the datasets cache first; the others then read it.
         with PartialState().main_process_first():
             return prepare_dataset(
@@ -245,6 +251,7 @@ class QHeadTrainer(Trainer):
                 completion_only_loss=args.completion_only_loss,
                 reward_columns=reward_columns,
                 vocab_size=vocab_size,
+                formatting_func=formatting_func,
             )
 
     # ---- loss -------------------------------------------------------------------------------------------------------
