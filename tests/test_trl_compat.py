@@ -304,3 +304,9 @@ def test_formatting_func_turns_each_example_into_the_text_trained_on(tmp_path, g
             processing_class=gpt2_tokenizer,
             formatting_func=lambda example: [example["prompt"]],
         )
+
+
+def test_padding_free_is_refused_with_the_reason_and_the_alternative():
+    with pytest.raises(ValueError, match=r"padding_free=True.*packing=True"):
+        QHeadConfig(output_dir="x", report_to=[], padding_free=True)
+    assert QHeadConfig(output_dir="x", report_to=[], packing=True).padding_free is False

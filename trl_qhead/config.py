@@ -111,6 +111,14 @@ class QHeadConfig(TrainingArguments):
         packing (`bool`, *optional*, defaults to `False`):
             Pack tokenised documents (each ending with EOS, so its last action is terminal) into `max_length` rows;
             each document stays its own episode and attention span.
+        padding_free (`bool`, *optional*, defaults to `False`):
+            TRL's field, refused when `True`. TRL flattens each batch into one sequence with `position_ids`
+            restarting at 0 per row and no attention mask; here that would make each row a packed document, which
+            is not the same training: a packed document's EOS ends its episode (an unpacked multi-turn row's earlier
+            EOS does not), a row's scalar `reward` becomes a per-token reward (`reward_normalization` normalises
+            only sequence rewards), and reward functions score one completion per row. Use `packing=True`: rows
+            without padding between documents, positions restarting at 0 and attention kept to each document, as
+            TRL's padding-free batches have them, with the packed semantics stated above.
         packing_strategy (`str`, *optional*, defaults to `"wrapped"`):
             `"wrapped"` concatenates and cuts; `"bfd"` / `"bfd_split"` are TRL's best-fit-decreasing strategies
             (TRL's default is `"bfd"`: see below).
@@ -226,6 +234,7 @@ class QHeadConfig(TrainingArguments):
     dataset_text_field: str = field(default="text", metadata={"help": "Column holding plain text."})
     max_length: int = field(default=1024, metadata={"help": "Tokens per training sequence."})
     packing: bool = field(default=False, metadata={"help": "Pack documents into max_length rows."})
+    padding_free: bool = field(default=False, metadata={"help": "Not supported (True raises): use packing=True."})
     packing_strategy: str = field(default="wrapped", metadata={"help": "'wrapped', 'bfd' or 'bfd_split'."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
 
@@ -337,6 +346,14 @@ class QHeadConfig(TrainingArguments):
             )
         if not isinstance(self.completion_only_loss, bool):
             raise ValueError(f"`completion_only_loss` must be True or False, got {self.completion_only_loss!r}.")
+        if self.padding_free:
+            raise ValueError(
+                "`padding_free=True` is not supported by QHeadTrainer: flattening a batch of rows into one sequence "
+                "would make each row a packed document, whose EOS ends its episode, whose scalar `reward` becomes a "
+                "per-token reward that `reward_normalization` leaves alone, and which reward functions cannot score "
+                "one by one. Set `packing=True` instead: documents without padding between them, position ids "
+                "restarting at each and attention kept to each, as TRL's padding-free batches have them."
+            )
         if self.packing_strategy not in PACKING_STRATEGIES:
             raise ValueError(f"`packing_strategy` must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}.")
         if not self.dataset_text_field:
