@@ -74,11 +74,12 @@ def evaluate(argv: Sequence[str]) -> dict:
     parser = module.make_parser()
     parser.prog = "trl-qhead eval"
     argv = _resolve_config(list(argv))
+    explicit = explicit_fields(parser, argv)
     script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if training_args.dataset_name is None:
         raise SystemExit("trl-qhead eval: set --dataset_name (and --dataset_test_split, default 'test').")
     name = model_args.model_name_or_path
-    training_args, source = _with_training_settings(training_args, name, argv, revision=model_args.model_revision)
+    training_args, source = _with_training_settings(training_args, name, explicit, revision=model_args.model_revision)
     print(f"trl-qhead eval: reward and return settings {source}", file=sys.stderr)
     model = AutoModelForCausalLMWithQHead.from_pretrained(
         name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
@@ -106,23 +107,23 @@ def evaluate(argv: Sequence[str]) -> dict:
     return metrics
 
 
-def explicit_fields(argv: Sequence[str]) -> set[str]:
-    """The field names a command line sets: its `--name` / `--name=value` flags and the keys of its `--config` YAML."""
-    import yaml
+def explicit_fields(parser, argv: Sequence[str]) -> set[str]:
+    """The field names a command line sets, filled in when `parser.parse_args_and_config(argv)` runs: its
+    `--name` / `--name=value` flags, and the keys of its `--config` YAML (recorded as TRL's parser applies them)."""
+    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    apply_config = parser.set_defaults_with_config
 
-    names = set()
-    for i, arg in enumerate(argv):
-        if arg.startswith("--"):
-            names.add(arg[2:].split("=", 1)[0].replace("-", "_"))
-        if arg == "--config" and i + 1 < len(argv) and os.path.isfile(argv[i + 1]):
-            with open(argv[i + 1]) as f:
-                names.update((yaml.safe_load(f) or {}).keys())
+    def set_defaults_with_config(**config):
+        names.update(config)
+        return apply_config(**config)
+
+    parser.set_defaults_with_config = set_defaults_with_config
     return names
 
 
-def _with_training_settings(training_args, name: str, argv: Sequence[str], revision: str | None = None):
+def _with_training_settings(training_args, name: str, explicit: set[str], revision: str | None = None):
     """`(training_args, where its reward settings come from)`: the saved settings of the model `name` fill every
-    reward/return field that `argv` does not set (`trl_qhead.training_settings`)."""
+    reward/return field not in `explicit` (`trl_qhead.training_settings`)."""
     from .training_settings import TRAINING_SETTINGS_NAME, apply_training_settings, load_training_settings
 
     settings = load_training_settings(name, revision=revision)
@@ -131,7 +132,7 @@ def _with_training_settings(training_args, name: str, argv: Sequence[str], revis
             f"from the command line and QHeadConfig's defaults ({name} has no {TRAINING_SETTINGS_NAME}: pass the "
             "training run's --config, or the flags, to score with the settings it was trained with)"
         )
-    training_args, applied = apply_training_settings(training_args, settings, explicit_fields(argv))
+    training_args, applied = apply_training_settings(training_args, settings, explicit)
     saved = f"{name}/{TRAINING_SETTINGS_NAME}"
     if applied:
         source = f"from {saved}: {', '.join(f'{k}={v!r}' for k, v in applied.items())} (flags and --config win)"

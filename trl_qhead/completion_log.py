@@ -53,7 +53,7 @@ class CompletionLog:
         `report_to`. Nothing without rows."""
         if not self.rows:
             return
-        import pandas as pd
+        from datasets import Dataset
         from transformers.utils import is_rich_available
 
         columns = self.columns()
@@ -63,25 +63,23 @@ class CompletionLog:
             from trl.trainer.utils import print_prompt_completions_sample
 
             print_prompt_completions_sample(prompts, completions, rewards, None, step, num_to_print, extra=columns)
-        table = pd.DataFrame(
+        table = Dataset.from_dict(
             {"step": [step] * len(prompts), "prompt": prompts, "completion": completions, **rewards, **columns}
         )
         folder = os.path.join(output_dir, COMPLETIONS_FOLDER)
         os.makedirs(folder, exist_ok=True)
         table.to_parquet(os.path.join(folder, f"completions_{step:05d}.parquet"))
-        for backend in _logging_backends(report_to or []):
-            backend.log({"completions": backend.Table(dataframe=table)})
+        backends = _logging_backends(report_to or [])
+        if backends:
+            frame = table.to_pandas()
+            for backend in backends:
+                backend.log({"completions": backend.Table(dataframe=frame)})
 
 
 def _logging_backends(report_to: list[str]) -> list:
-    backends = []
-    if "wandb" in report_to:
-        import wandb
+    """The wandb / trackio modules among `report_to` (transformers' integrations: installed by whoever reports to
+    them, and imported by name for that reason), as `GRPOTrainer.log` picks them; wandb only with a run."""
+    import importlib
 
-        if wandb.run is not None:
-            backends.append(wandb)
-    if "trackio" in report_to:
-        import trackio
-
-        backends.append(trackio)
-    return backends
+    backends = [importlib.import_module(name) for name in ("wandb", "trackio") if name in report_to]
+    return [b for b in backends if b.__name__ != "wandb" or b.run is not None]
