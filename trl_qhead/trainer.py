@@ -45,7 +45,7 @@ from .reward_functions import RewardFunc, RewardFunctions
 from .rewards import RewardComputer
 from .soft import candidate_targets, chunked_soft_state_values
 from .tied_head import is_tied
-from .training_settings import save_training_settings
+from .training_settings import TRAINING_SETTINGS_NAME, save_training_settings
 
 REWARD_MOMENTS_NAME = "reward_moments.json"
 CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
@@ -602,7 +602,7 @@ class QHeadTrainer(Trainer):
         # transformers copies the model files it knows by name from the checkpoint to `output_dir` before uploading
         # it; the Q head's are not among them.
         if self.is_world_process_zero():
-            for name in (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME, "README.md"):
+            for name in (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME, TRAINING_SETTINGS_NAME, "README.md"):
                 if os.path.isfile(os.path.join(checkpoint_folder, name)):
                     os.makedirs(self.args.output_dir, exist_ok=True)
                     shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))
