@@ -262,7 +262,31 @@ def write_outputs(results: dict, rows: Sequence[FrontierRow], out_dir: Path, arg
     print(f"Outputs in {out_dir}/: results.md, results.json, samples.md, frontier.png")
 
 
+# The modules of the `demo` extra (pyproject.toml): the sentiment reward, the GGUF reader of the offline model, the plot.
+DEMO_MODULES = ("vaderSentiment", "gguf", "matplotlib", "tqdm")
+DEMO_INSTALL = 'pip install "trl-qhead[demo]"'
+
+
+def require_demo_extra() -> None:
+    """Exit with the install command when a module of the `demo` extra is missing (rather than a `ModuleNotFoundError`
+    minutes into the run)."""
+    import importlib
+
+    missing = []
+    for name in DEMO_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if missing:
+        raise SystemExit(
+            f"The demo needs the `demo` extra, and {', '.join(missing)} cannot be imported: {DEMO_INSTALL} "
+            "(from a clone: pip install -e '.[demo]')."
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    require_demo_extra()
     run(parse_args(argv))
 
 

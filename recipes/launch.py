@@ -8,10 +8,14 @@ accelerate 1.x has two pitfalls there, both silent:
   `--use_cpu` / `ACCELERATE_USE_CPU` each one sets itself up as a separate single-process run: N independent trainings
   writing the same output folder.
 
-`ensure_cpu_processes()`, called first thing by a training script, turns both into the intended N-process gloo run: in
-the first case it replaces the lone process by `torch.distributed.run` with the process count read from the
-`accelerate launch` command line that started it, in the second it sets `ACCELERATE_USE_CPU` so that
-`TrainingArguments` initialises the gloo process group.
+A third one it refuses: `accelerate launch --num_processes N` with neither `--cpu` nor `--multi_gpu` starts ONE process
+on a machine without GPUs (accelerate enables multi-GPU only when it finds several GPUs); see
+`check_gpu_launch_without_gpus`.
+
+`ensure_cpu_processes()`, called first thing by a training script, turns the first two into the intended N-process
+gloo run: in the first case it replaces the lone process by `torch.distributed.run` with the process count read from
+the `accelerate launch` command line that started it, in the second it sets `ACCELERATE_USE_CPU` so that
+`TrainingArguments` initialises the gloo process group. The third raises a `RuntimeError` that says to add `--cpu`.
 """
 
 from __future__ import annotations
@@ -81,7 +85,10 @@ def ensure_cpu_processes() -> None:
             check_sharding_on_cpu()
         return
     # accelerate's simple launcher sets MASTER_ADDR only when asked for more than one process.
-    if not (_flag("ACCELERATE_USE_CPU") and "MASTER_ADDR" in os.environ and "LOCAL_RANK" not in os.environ):
+    if "MASTER_ADDR" not in os.environ or "LOCAL_RANK" in os.environ:
+        return
+    if not _flag("ACCELERATE_USE_CPU"):
+        check_gpu_launch_without_gpus()
         return
     try:
         import psutil
@@ -119,6 +126,36 @@ def ensure_cpu_processes() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, command)
+
+
+def check_gpu_launch_without_gpus() -> None:
+    """`accelerate launch --num_processes N script.py` (no `--cpu`, no `--multi_gpu`) on a machine without GPUs.
+
+    accelerate's launcher turns a multi-process request into a multi-GPU run only when it finds several GPUs
+    (accelerate/commands/launch.py, `_validate_launch_command`); without any it starts the script once, through its
+    simple launcher, which still sets `MASTER_ADDR` for the N processes asked for but `ACCELERATE_USE_CPU=False` and no
+    `LOCAL_RANK` (accelerate/utils/launch.py, `prepare_simple_launcher_cmd_env`): one process trains alone
+    (`PartialState().num_processes == 1`) while the user believes N share the batch. Raises a `RuntimeError` with the
+    fix when the launching command asked for more than one process; nothing otherwise (or when it cannot tell).
+    """
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    try:
+        import psutil
+
+        requested = requested_num_processes(psutil.Process(os.getppid()).cmdline())
+    except (Exception, SystemExit):  # not an accelerate command line we can read: nothing to say
+        return
+    if requested is None or requested <= 1:
+        return
+    raise RuntimeError(
+        f"`accelerate launch` was asked for {requested} processes on a machine without GPUs, and accelerate starts a "
+        "single one there unless told to use the CPU (it would train alone, silently). Add `--cpu`: "
+        f"`accelerate launch --cpu --num_processes {requested} ...` (trl-qhead then starts {requested} gloo processes), "
+        "or launch with `--num_processes 1`."
+    )
 
 
 CPU_SHARDING_FLAG = "TRL_QHEAD_CPU_FSDP"

@@ -31,7 +31,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoTokenizer, set_seed
-from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+from trl import DatasetMixtureConfig, ModelConfig, TrlParser, get_dataset, get_peft_config, get_quantization_config
+from trl.scripts.utils import DatasetConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if not __package__ and str(REPO_ROOT) not in sys.path:  # `python recipes/qhead_lora.py` or `accelerate launch`
@@ -73,6 +74,20 @@ class ScriptArguments:
     dataset_streaming: bool = field(
         default=False, metadata={"help": "Stream the dataset (TRL's name for --streaming; needs --max_steps)."}
     )
+    # TRL's `DatasetMixtureConfig` (a `datasets:` list in the --config YAML), but its `streaming`: that is --streaming.
+    datasets: list[DatasetConfig] = field(
+        default_factory=list,
+        metadata={
+            "help": "A mixture of datasets (TRL's `datasets:` list of the YAML config, loaded with trl.get_dataset); "
+            "when set, --dataset_name is ignored."
+        },
+    )
+    test_split_size: float | None = field(
+        default=None, metadata={"help": "Split this share of the mixture off as its test split (TRL's name)."}
+    )
+
+    def __post_init__(self):
+        self.datasets = [DatasetConfig(**d) if isinstance(d, dict) else d for d in self.datasets]  # from the YAML
 
 
 class _SeedAlias(argparse.Action):
@@ -193,17 +208,35 @@ def load_eval_dataset(script_args: ScriptArguments, training_args: QHeadConfig):
         ) from error
 
 
+def load_mixture(script_args: ScriptArguments, training_args: QHeadConfig):
+    """`(train, eval)` of the `datasets:` mixture with TRL's `get_dataset` (eval: its `test` split when
+    `--eval_strategy` is not `no`), or `None` without a mixture."""
+    if not script_args.datasets:
+        return None
+    mixture = DatasetMixtureConfig(
+        datasets=script_args.datasets, streaming=training_args.streaming, test_split_size=script_args.test_split_size
+    )
+    dataset = get_dataset(mixture)
+    evaluating = str(getattr(training_args.eval_strategy, "value", training_args.eval_strategy)) != "no"
+    if evaluating and "test" not in dataset:
+        raise ValueError("`--eval_strategy` evaluates on the mixture's test split: set `test_split_size`.")
+    return dataset["train"], dataset["test"] if evaluating else None
+
+
 def main(script_args: ScriptArguments, training_args: QHeadConfig, model_args: ModelConfig) -> QHeadTrainer:
     """Build the model and tokenizer, train (resuming when asked), save the final model; returns the trainer."""
     apply_trl_dataset_flags(script_args, training_args)
-    eval_dataset = load_eval_dataset(script_args, training_args)
+    mixture = load_mixture(script_args, training_args)
+    train_dataset, eval_dataset = mixture if mixture else (None, load_eval_dataset(script_args, training_args))
     set_seed(training_args.seed)  # LoRA's random init happens before the Trainer seeds anything
     model = load_model(script_args, model_args, training_args)
     tokenizer = AutoTokenizer.from_pretrained(
         script_args.tokenizer_name_or_path or model_args.model_name_or_path,
         trust_remote_code=training_args.trust_remote_code,
     )
-    trainer = QHeadTrainer(model, training_args, processing_class=tokenizer, eval_dataset=eval_dataset)
+    trainer = QHeadTrainer(
+        model, training_args, processing_class=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset
+    )
 
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)

@@ -1,5 +1,6 @@
 """trl-qhead: a vocabulary-sized Q head for causal LMs, trained with TRL, and Q-tilted decoding."""
 
+from . import bnb_notice  # noqa: F401 (first: holds bitsandbytes' import-time notice back, see its docstring)
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
 from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank

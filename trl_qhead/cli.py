@@ -3,7 +3,9 @@
 - `train`: `recipes/qhead_lora.py` (LoRA + Q head; TRL's parser: QHeadConfig, TRL's ModelConfig, the recipe's
   script arguments, `--config file.yaml`);
 - `eval`: the same arguments; loads `--model_name_or_path` (a saved Q-head folder or Hub repo), evaluates the Q-head
-  loss on `--dataset_test_split` and writes `eval_results.json` to `--output_dir`;
+  loss on `--dataset_test_split` and writes `eval_results.json` to `--output_dir`. The reward and return settings
+  (`gamma`, `use_lm_rewards`, `reward_scale`, ...) are those the model was trained with
+  (`qhead_training_settings.json`, see `trl_qhead.training_settings`) unless a flag or `--config` sets them;
 - `demo`: `recipes/demo_sentiment.py` (needs the `demo` extra).
 
 The recipes and their configs ship inside the wheel as `trl_qhead.recipes`; `--config qhead_lora.yaml` names a shipped
@@ -71,10 +73,14 @@ def evaluate(argv: Sequence[str]) -> dict:
     module = recipe("qhead_lora")
     parser = module.make_parser()
     parser.prog = "trl-qhead eval"
-    script_args, training_args, model_args = parser.parse_args_and_config(_resolve_config(list(argv)))
+    argv = _resolve_config(list(argv))
+    explicit = explicit_fields(parser, argv)
+    script_args, training_args, model_args = parser.parse_args_and_config(argv)
     if training_args.dataset_name is None:
         raise SystemExit("trl-qhead eval: set --dataset_name (and --dataset_test_split, default 'test').")
     name = model_args.model_name_or_path
+    training_args, source = _with_training_settings(training_args, name, explicit, revision=model_args.model_revision)
+    print(f"trl-qhead eval: reward and return settings {source}", file=sys.stderr)
     model = AutoModelForCausalLMWithQHead.from_pretrained(
         name, revision=model_args.model_revision, trust_remote_code=training_args.trust_remote_code
     )
@@ -92,12 +98,52 @@ def evaluate(argv: Sequence[str]) -> dict:
     )
     metrics = trainer.evaluate()
     metrics = {**metrics, **trainer.state.log_history[-1]}  # with the Q-head metrics `log` added (loss_q, q_mean, ...)
+    metrics["reward_settings"] = source
     if trainer.is_world_process_zero():
         os.makedirs(training_args.output_dir, exist_ok=True)
         with open(os.path.join(training_args.output_dir, "eval_results.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         print(json.dumps(metrics, indent=2))
     return metrics
+
+
+def explicit_fields(parser, argv: Sequence[str]) -> set[str]:
+    """The field names a command line sets, filled in when `parser.parse_args_and_config(argv)` runs: its
+    `--name` / `--name=value` flags, and the keys of its `--config` YAML (recorded as TRL's parser applies them)."""
+    names = {arg[2:].split("=", 1)[0].replace("-", "_") for arg in argv if arg.startswith("--")}
+    apply_config = parser.set_defaults_with_config
+
+    def set_defaults_with_config(**config):
+        names.update(config)
+        return apply_config(**config)
+
+    parser.set_defaults_with_config = set_defaults_with_config
+    return names
+
+
+def _with_training_settings(training_args, name: str, explicit: set[str], revision: str | None = None):
+    """`(training_args, where its reward settings come from)`: the saved settings of the model `name` fill every
+    reward/return field not in `explicit` (`trl_qhead.training_settings`)."""
+    from .training_settings import TRAINING_SETTINGS_NAME, apply_training_settings, load_training_settings
+
+    settings = load_training_settings(name, revision=revision)
+    if settings is None:
+        return training_args, (
+            f"from the command line and QHeadConfig's defaults ({name} has no {TRAINING_SETTINGS_NAME}: pass the "
+            "training run's --config, or the flags, to score with the settings it was trained with)"
+        )
+    training_args, applied = apply_training_settings(training_args, settings, explicit)
+    saved = f"{name}/{TRAINING_SETTINGS_NAME}"
+    if applied:
+        source = f"from {saved}: {', '.join(f'{k}={v!r}' for k, v in applied.items())} (flags and --config win)"
+    else:
+        source = f"from the command line and --config (the rest already match {saved})"
+    if settings.get("reward_functions"):
+        source += (
+            f"; the model was also trained with the reward functions {settings['reward_functions']}, which this "
+            "command cannot call: its loss_q leaves them out"
+        )
+    return training_args, source
 
 
 def demo(argv: Sequence[str]) -> None:

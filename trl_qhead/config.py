@@ -103,9 +103,18 @@ class QHeadConfig(TrainingArguments):
             Normalisation of the sequence rewards before scaling: `"batch"` (the mean and std of the optimizer step:
             every micro-batch of a gradient accumulation cycle, over all processes), `"running"` (running mean and
             std over training, updated once per optimizer step) or `None`. Per-token rewards are not normalised.
+        log_completions (`bool`, *optional*, defaults to `False`):
+            As `GRPOConfig.log_completions`: at every log, the samples the reward functions scored in the latest
+            optimizer step (prompt, completion, one column per reward function, and the columns they add with their
+            `log_extra` keyword) are printed with `rich` (when installed), written to
+            `output_dir/completions/completions_<step>.parquet` and logged to wandb / trackio (see
+            `trl_qhead.completion_log`). Needs `reward_funcs`.
+        num_completions_to_print (`int` or `None`, *optional*, defaults to `None`):
+            Samples printed with `rich` at each log; `None` prints all (as `GRPOConfig`).
         completion_only_loss (`bool`, *optional*, defaults to `True`):
             Train the LM and Q losses on completion tokens only where the data separates a completion (prompt/
-            completion formats, a `completion_mask` column). `False` trains on the prompt's tokens too.
+            completion formats, a `completion_mask` column). `False` trains on the prompt's tokens too. (TRL's
+            `None` means the same: see below.)
 
         > Data
 
@@ -128,8 +137,17 @@ class QHeadConfig(TrainingArguments):
         packing (`bool`, *optional*, defaults to `False`):
             Pack tokenised documents (each ending with EOS, so its last action is terminal) into `max_length` rows;
             each document stays its own episode and attention span.
+        padding_free (`bool`, *optional*, defaults to `False`):
+            TRL's field, refused when `True`. TRL flattens each batch into one sequence with `position_ids`
+            restarting at 0 per row and no attention mask; here that would make each row a packed document, which
+            is not the same training: a packed document's EOS ends its episode (an unpacked multi-turn row's earlier
+            EOS does not), a row's scalar `reward` becomes a per-token reward (`reward_normalization` normalises
+            only sequence rewards), and reward functions score one completion per row. Use `packing=True`: rows
+            without padding between documents, positions restarting at 0 and attention kept to each document, as
+            TRL's padding-free batches have them, with the packed semantics stated above.
         packing_strategy (`str`, *optional*, defaults to `"wrapped"`):
-            `"wrapped"` concatenates and cuts; `"bfd"` / `"bfd_split"` are TRL's best-fit-decreasing strategies.
+            `"wrapped"` concatenates and cuts; `"bfd"` / `"bfd_split"` are TRL's best-fit-decreasing strategies
+            (TRL's default is `"bfd"`: see below).
         dataset_num_proc (`int` or `None`, *optional*, defaults to `None`):
             Processes for tokenisation (map-style datasets only).
 
@@ -149,6 +167,35 @@ class QHeadConfig(TrainingArguments):
             generation config.
         assistant_only_loss (`bool`, *optional*, defaults to `False`):
             Not supported (`True` raises): use prompt/completion rows with `completion_only_loss`.
+
+        > Defaults that differ from TRL's (`_BaseConfig`, `SFTConfig`), with the reason
+
+        learning_rate (`float`, *optional*, defaults to `5e-5`):
+            transformers' default, kept (TRL's `SFTConfig`: `2e-5`). The Q head starts at zero and Adam moves each
+            weight by about the learning rate per step, so returns of magnitude R take about R / lr steps to reach:
+            at 2e-5 a fresh head learns 2.5 times slower. LoRA backbones are trained faster still (the shipped
+            recipe uses 2e-4); `q_head_learning_rate` gives the head a rate of its own.
+        activation_checkpointing (`bool` or `None`, *optional*, defaults to `None`):
+            Off (`None` is `False`): transformers' default, kept (TRL's `gradient_checkpointing`, the deprecated alias
+            of this field in transformers >= 5.24, defaults to `True`). Checkpointing re-runs the backbone's forward in
+            the backward pass (about 20% slower, says TRL) to save activation memory, which small backbones and the
+            CPU runs of the quick start do not need; the Q-head loss itself adds no activation memory that grows with
+            the vocabulary (`value_chunk_size`). Turn it on for large backbones or long sequences (PEFT models
+            included).
+        bf16 (`bool`, *optional*, defaults to `False`):
+            transformers' default, kept (TRL's: `True` unless `fp16`). bf16 autocast needs a GPU of the Ampere
+            generation or newer (on a CPU it is slow), and it rounds the backbone's hidden states, which the fp32 Q
+            head regresses on, and the reference log-probs that `use_lm_rewards` pays as rewards. Set `bf16=True` on
+            GPUs that support it.
+        remove_unused_columns (`bool`, *optional*, defaults to `False`):
+            TRL's `SFTConfig`: `True`. The collator needs the reward, mask and `done` columns that the model's
+            forward does not name, and reward functions get the extra columns as keyword arguments (as in GRPO).
+        packing_strategy (`str`, *optional*, defaults to `"wrapped"`):
+            TRL's `SFTConfig`: `"bfd"`. `"wrapped"` drops no token, where `"bfd"` truncates each document to
+            `max_length`; with `"bfd"` a cut document bootstraps at the cut (see `trl_qhead.data`).
+        completion_only_loss (`bool`, *optional*, defaults to `True`):
+            TRL's `SFTConfig`: `None`, which means the same: completion tokens only where the data marks a
+            completion, every token otherwise.
 
     Example:
     ```python
@@ -197,6 +244,13 @@ class QHeadConfig(TrainingArguments):
     reward_normalization: str | None = field(
         default=None, metadata={"help": "Normalise sequence rewards: 'batch', 'running' or None."}
     )
+    log_completions: bool = field(
+        default=False,
+        metadata={"help": "Log the samples the reward functions score (rich, parquet, wandb/trackio), as GRPO."},
+    )
+    num_completions_to_print: int | None = field(
+        default=None, metadata={"help": "Samples printed with rich at each log; None prints all."}
+    )
     completion_only_loss: bool = field(
         default=True, metadata={"help": "Train on completion tokens only where the data marks a completion."}
     )
@@ -212,6 +266,7 @@ class QHeadConfig(TrainingArguments):
     dataset_text_field: str = field(default="text", metadata={"help": "Column holding plain text."})
     max_length: int = field(default=1024, metadata={"help": "Tokens per training sequence."})
     packing: bool = field(default=False, metadata={"help": "Pack documents into max_length rows."})
+    padding_free: bool = field(default=False, metadata={"help": "Not supported (True raises): use packing=True."})
     packing_strategy: str = field(default="wrapped", metadata={"help": "'wrapped', 'bfd' or 'bfd_split'."})
     dataset_num_proc: int | None = field(default=None, metadata={"help": "Processes for tokenisation."})
 
@@ -241,9 +296,16 @@ class QHeadConfig(TrainingArguments):
         metadata={"help": "Not supported: conversational rows train on the whole conversation (see README)."},
     )
 
+    # Defaults of TrainingArguments fields: TRL's where ours agree, reasons in the docstring where they do not.
     # Our collator needs the reward and mask columns that the model's forward does not name.
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep dataset columns for the collator."})
-    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every X update steps (TRL's default)."})
+    learning_rate: float = field(
+        default=5e-5, metadata={"help": "Initial learning rate for AdamW (TRL's SFTConfig: 2e-5; see docstring)."}
+    )
+    bf16: bool = field(
+        default=False, metadata={"help": "bf16 mixed precision (TRL: True unless fp16; see docstring)."}
+    )
 
     _VALID_DICT_FIELDS = TrainingArguments._VALID_DICT_FIELDS + ["model_init_kwargs"]
 
@@ -315,6 +377,14 @@ class QHeadConfig(TrainingArguments):
             )
         if not isinstance(self.completion_only_loss, bool):
             raise ValueError(f"`completion_only_loss` must be True or False, got {self.completion_only_loss!r}.")
+        if self.padding_free:
+            raise ValueError(
+                "`padding_free=True` is not supported by QHeadTrainer: flattening a batch of rows into one sequence "
+                "would make each row a packed document, whose EOS ends its episode, whose scalar `reward` becomes a "
+                "per-token reward that `reward_normalization` leaves alone, and which reward functions cannot score "
+                "one by one. Set `packing=True` instead: documents without padding between them, position ids "
+                "restarting at each and attention kept to each, as TRL's padding-free batches have them."
+            )
         if self.packing_strategy not in PACKING_STRATEGIES:
             raise ValueError(f"`packing_strategy` must be one of {PACKING_STRATEGIES}, got {self.packing_strategy!r}.")
         if not self.dataset_text_field:

@@ -46,6 +46,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -320,8 +321,37 @@ def _encode(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _tokenize(example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_field: str) -> tuple[list, int, Any]:
+class BoundaryMerges:
+    """Warns once (per `prepare_dataset` call and process) when a prompt's last tokens and its completion's first ones
+    merge into other tokens, as TRL's `SFTTrainer` warns: the completion then starts where the two tokenisations part,
+    inside the prompt's text, so reward functions receive the merged characters at the start of the completion (a
+    prompt ending in `<|assistant|>` and a completion starting with `<think>` gives GPT-2's `><` token, and the
+    completion `'><think>...'` that TRL's `think_format_reward` scores 0)."""
+
+    def __init__(self):
+        self.warned = False
+
+    def check(self, tokenizer, prompt_ids: list[int], input_ids: list[int], prompt_length: int, where: str) -> None:
+        if self.warned or prompt_length >= len(prompt_ids):
+            return
+        self.warned = True
+        merged = tokenizer.decode(input_ids[prompt_length : prompt_length + 1])
+        completion = tokenizer.decode(input_ids[prompt_length:])
+        logger.warning(
+            f"The prompt and the completion of {where} merge at their boundary: the prompt's end "
+            f"{tokenizer.decode(prompt_ids[prompt_length:])!r} and the completion's start tokenise together as "
+            f"{merged!r}, so the completion starts inside the prompt's text ({completion[:40]!r}...): reward functions "
+            "see it so (a format reward anchored at the completion's start scores 0) and the model is trained on a "
+            "context it does not see when generating from the prompt. End prompts on a token boundary (a newline after "
+            "the generation prompt of the chat template, say). Shown once; it likely applies to more rows."
+        )
+
+
+def _tokenize(
+    example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_field: str, merges: BoundaryMerges | None = None
+) -> tuple[list, int, Any]:
     """`(input_ids, prompt_length, prompt)` of one example; `prompt` is what reward functions get as the prompt."""
+    merges = merges if merges is not None else BoundaryMerges()
     if fmt == "tokenized":
         input_ids = list(example["input_ids"])
         mask = example.get("completion_mask")
@@ -343,7 +373,9 @@ def _tokenize(example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_
             prompt_text = tokenizer.apply_chat_template(
                 messages[:-1], tokenize=False, add_generation_prompt=messages[-1]["role"] == "assistant"
             )
-            prompt_length = common_prefix_length(_encode(tokenizer, prompt_text), input_ids)
+            prompt_ids = _encode(tokenizer, prompt_text)
+            prompt_length = common_prefix_length(prompt_ids, input_ids)
+            merges.check(tokenizer, prompt_ids, input_ids, prompt_length, where)
         return input_ids, prompt_length, messages[:-1]
     prompt, completion = example["prompt"], example["completion"]
     if is_messages(prompt) and is_messages(completion):
@@ -361,7 +393,9 @@ def _tokenize(example: dict[str, Any], where: str, *, fmt: str, tokenizer, text_
     if eos and input_ids[-1:] != eos:
         input_ids += eos
     # Tokens can merge across the boundary: the completion starts where the two tokenisations part, as in TRL's SFT.
-    return input_ids, common_prefix_length(prompt_ids, input_ids), prompt
+    prompt_length = common_prefix_length(prompt_ids, input_ids)
+    merges.check(tokenizer, prompt_ids, input_ids, prompt_length, where)
+    return input_ids, prompt_length, prompt
 
 
 def _to_row(
@@ -376,13 +410,16 @@ def _to_row(
     completion_only_loss: bool,
     reward_columns: bool,
     vocab_size: int | None,
+    merges: BoundaryMerges | None = None,
 ) -> dict:
     """Tokenise, check, truncate to `max_length` (the module docstring's truncation rule); keep `reward` and `done`
     apart, or fold them into the token-aligned `rewards` and `dones` and number the tokens (`position_ids`, packing)."""
     where = f"example {idx}"
     if fmt == "tokenized":
         example = _strip_padding(example, where)
-    input_ids, prompt_length, prompt = _tokenize(example, where, fmt=fmt, tokenizer=tokenizer, text_field=text_field)
+    input_ids, prompt_length, prompt = _tokenize(
+        example, where, fmt=fmt, tokenizer=tokenizer, text_field=text_field, merges=merges
+    )
     if fmt == "tokenized":  # the other formats come from the tokenizer
         input_ids = _check_token_ids(input_ids, where, vocab_size)
     n = len(input_ids)
@@ -460,6 +497,7 @@ def prepare_dataset(
     completion_only_loss: bool = True,
     reward_columns: bool = False,
     vocab_size: int | None = None,
+    formatting_func: Callable[[dict], str] | None = None,
 ) -> Dataset | IterableDataset:
     """Turn a dataset in any supported format into training rows (see the module docstring).
 
@@ -478,6 +516,10 @@ def prepare_dataset(
         reward_columns: keep the prompt and the extra columns for reward functions (not with `packing`).
         vocab_size: pre-tokenised ids (and candidate ids) must be below it; defaults to `len(tokenizer)`, or no upper
             bound without a tokenizer. `QHeadTrainer` passes the model's vocabulary size.
+        formatting_func: as `SFTTrainer`'s: `f(example) -> str`, applied to every example first; its text becomes
+            the `text_field` column and the example is plain text (its `prompt`, `completion` and `messages` columns
+            are dropped, so the whole text is trained on and reward functions see it all as the completion; other
+            columns stay). Ignored, with a warning, for a pre-tokenised dataset (as SFTTrainer does).
 
     Raises:
         ValueError: for an empty dataset, or one in which no row has a token to train on (see `has_action`), and for
@@ -492,6 +534,8 @@ def prepare_dataset(
     [0, 0, 0, 0, 1, 1]
     ```
     """
+    if formatting_func is not None:
+        dataset = apply_formatting_func(dataset, formatting_func, text_field, num_proc)
     columns = get_dataset_column_names(dataset)
     fmt = detect_format(columns, text_field)
     if fmt != "tokenized" and tokenizer is None:
@@ -516,6 +560,7 @@ def prepare_dataset(
         "completion_only_loss": completion_only_loss,
         "reward_columns": reward_columns,
         "vocab_size": vocab_size,
+        "merges": BoundaryMerges(),  # warns once for this dataset
     }
     consumed = [c for c in columns if c in FORMAT_COLUMNS or c == text_field]
     remove = consumed if reward_columns else columns
@@ -534,6 +579,31 @@ def prepare_dataset(
         # A row that holds only the last token of a document cut at the row's start (wrapped) has no action.
         dataset = _drop_rows_without_action(dataset, "packed rows")
     return dataset
+
+
+def apply_formatting_func(dataset, formatting_func: Callable[[dict], str], text_field: str, num_proc=None):
+    """`dataset` with `text_field = formatting_func(example)` and without its other format columns (`prompt`,
+    `completion`, `messages`): plain text, as `SFTTrainer` makes it. A pre-tokenised dataset is returned as it is, with
+    a warning. A `TypeError` names the first example for which the function does not return a string."""
+    columns = get_dataset_column_names(dataset)
+    if "input_ids" in columns:
+        logger.warning(
+            "The dataset is already tokenised (it has `input_ids`): `formatting_func` is ignored (as SFTTrainer does)."
+        )
+        return dataset
+
+    def format_example(example, idx):
+        text = formatting_func(example)
+        if not isinstance(text, str):
+            raise TypeError(
+                f"`formatting_func` returned {type(text).__name__} for example {idx}: it must return one string per "
+                "example (the text to train on)."
+            )
+        return {text_field: text}
+
+    remove = [c for c in columns if c in ("prompt", "completion", "messages") and c != text_field]
+    map_kwargs = {"num_proc": num_proc} if isinstance(dataset, Dataset) and num_proc else {}
+    return dataset.map(format_example, with_indices=True, remove_columns=remove, **map_kwargs)
 
 
 def _seq_lengths_from_positions(row: dict[str, Any]) -> dict[str, list[int]]:

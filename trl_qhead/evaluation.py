@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from tqdm.auto import tqdm
+from trl.trainer.utils import selective_log_softmax
 
 from .modeling import AutoModelForCausalLMWithQHead
 from .reference import as_reference
@@ -198,11 +199,14 @@ def completion_nll(
             ids[row, :n] = torch.tensor(p + c)
             attn[row, :n] = 1
             target[row, len(p) : n] = torch.tensor(c, dtype=torch.long)
-        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1].float()
-        labels = target[:, 1:].to(device)
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
-        nlls.extend(nll.sum(1).tolist())
-        counts.extend((labels != -100).sum(1).tolist())
+        logits = model(input_ids=ids.to(device), attention_mask=attn.to(device)).logits[:, :-1]  # (B, T - 1, V)
+        labels = target[:, 1:].to(device)  # (B, T - 1)
+        scored = labels != -100
+        # TRL's `selective_log_softmax` (log-softmax then gather, one row's buffer at a time), in fp32: on bf16 logits
+        # it would stay in bf16.
+        logps = selective_log_softmax(logits.float(), labels.clamp(min=0))  # (B, T - 1)
+        nlls.extend((-logps * scored).sum(1).tolist())
+        counts.extend(scored.sum(1).tolist())
     return nlls, counts
 
 

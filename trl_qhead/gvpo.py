@@ -21,7 +21,13 @@ from typing import Any, NamedTuple
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
+from trl.trainer.utils import (
+    pad,
+    selective_log_softmax,
+    split_pixel_values_by_grid,
+    split_tensor_dict,
+    unsplit_pixel_values_by_grid,
+)
 
 from .checks import check_beta
 
@@ -160,7 +166,8 @@ def sequence_logprobs(
     weights = completion_mask[:, 1:].to(logits.dtype)
     out = []
     for row in range(input_ids.shape[0]):
-        row_logps = torch.log_softmax(logits[row, :-1].float(), dim=-1).gather(-1, targets[row, :, None]).squeeze(-1)
+        # TRL's `selective_log_softmax` on one fp32 row: its own loop over rows would keep bf16 logits in bf16.
+        row_logps = selective_log_softmax(logits[row, :-1].float(), targets[row])  # (T - 1,)
         out.append((row_logps * weights[row].float()).sum())
     return torch.stack(out)
 
@@ -184,11 +191,6 @@ def group_rows(rows: Iterable[dict[str, Any]], num_generations: int) -> list[lis
                 "GVPO needs the k completions of one prompt as consecutive rows."
             )
     return groups
-
-
-def _pad(sequences: Sequence[Sequence[int]], value: int, device) -> torch.Tensor:
-    width = max(len(s) for s in sequences)
-    return torch.tensor([list(s) + [value] * (width - len(s)) for s in sequences], dtype=torch.long, device=device)
 
 
 def gvpo_loss_on_groups(
@@ -218,9 +220,13 @@ def gvpo_loss_on_groups(
     model = getattr(model, "pretrained_model", model)
     rows = [row for group in groups for row in group]
     device = next(model.parameters()).device
-    input_ids = _pad([row["input_ids"] for row in rows], pad_token_id, device)
-    attention_mask = _pad([[1] * len(row["input_ids"]) for row in rows], 0, device)
-    completion_mask = _pad([row["completion_mask"] for row in rows], 0, device)
+
+    def column(name: str) -> list[torch.Tensor]:
+        return [torch.as_tensor(list(row[name]), dtype=torch.long, device=device) for row in rows]
+
+    input_ids = pad(column("input_ids"), pad_token_id)  # (N, T), right-padded (TRL's `pad`)
+    attention_mask = pad([torch.ones_like(ids) for ids in column("input_ids")], 0)
+    completion_mask = pad(column("completion_mask"), 0)
     rewards = torch.tensor(
         [math.nan if row["reward"] is None else float(row["reward"]) for row in rows], device=device
     ).view(-1, k)

@@ -15,24 +15,28 @@ PUSH_KWARGS = ("repo_id", "commit_message", "private", "token", "create_pr", "re
 def resolve_file(path_or_repo_id: str | os.PathLike, filename: str, kwargs: dict) -> str | None:
     """The local path of `filename` in a folder or a Hub repo, or `None` where it has none.
 
-    A folder is read directly. Anything else is taken as a repo id and fetched with `hf_hub_download` (honouring
-    `revision`, `token`, `cache_dir`, `subfolder`, `local_files_only` and the `HF_HUB_OFFLINE` cache). `None` when the
-    repo has no such file, or when offline and the file is not in the cache (then nothing can tell whether it exists).
+    transformers' `cached_file` (a folder is read directly; a repo id is fetched with `hf_hub_download`, honouring
+    `revision`, `token`, `cache_dir`, `subfolder`, `local_files_only` and the `HF_HUB_OFFLINE` cache, and served from
+    the cache when the Hub cannot be reached). `None` when the repo has no such file, or when offline and the file is
+    not in the cache (then nothing can tell whether it exists), or when `path_or_repo_id` is neither a folder nor a
+    valid repo id (the backbone's loader reports the bad name).
     """
-    folder = os.path.join(path_or_repo_id, kwargs.get("subfolder") or "")
-    if os.path.isdir(path_or_repo_id):
-        candidate = os.path.join(folder, filename)
-        return candidate if os.path.isfile(candidate) else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+    from huggingface_hub.errors import HFValidationError
+    from transformers.utils import cached_file
 
     hub_kwargs = {k: kwargs[k] for k in HUB_KWARGS if kwargs.get(k) is not None}
     try:
-        return hf_hub_download(str(path_or_repo_id), filename, **hub_kwargs)
-    except (EntryNotFoundError, HFValidationError):
-        # EntryNotFoundError: the repo has no such file (RemoteEntryNotFoundError), or offline and not cached
-        # (LocalEntryNotFoundError). HFValidationError: not a repo id; the backbone's loader reports the bad name.
-        return None
+        return cached_file(
+            str(path_or_repo_id),
+            filename,
+            _raise_exceptions_for_missing_entries=False,
+            _raise_exceptions_for_connection_errors=False,
+            **hub_kwargs,
+        )
+    except OSError as error:
+        if isinstance(error.__cause__, HFValidationError):
+            return None
+        raise
 
 
 def upload_folder(folder: str | os.PathLike, repo_id: str, **kwargs):
@@ -75,7 +79,7 @@ def qhead_model_card(
         hub_model_id: `user/name` where it lives (or will) on the Hub; the loading snippet uses it.
         dataset_name: the training dataset's name.
         tags: card tags (`trl` and `trl-qhead` are always added).
-        q_head: the contents of `q_head_config.json`.
+        q_head: the contents of `q_head_config.json` (its `q_head_type` picks the formula the card states).
         settings: Q-learning settings to list (gamma, gae_lambda, q_weight, ...).
         reward_sources: one line per reward source.
         peft: the folder holds LoRA adapters (not a full model).
@@ -97,6 +101,14 @@ def qhead_model_card(
     return card
 
 
+# What `Q(s, a)` is for each `q_head_type` (see `trl_qhead.modeling` and `trl_qhead.tied_head`).
+Q_HEAD_FORMULAS = {
+    "dense": "`Q(s, a) = W_q h_s + b_q` (a dense head, `q_head_type=dense`)",
+    "tied": "`Q(s, a) = W_lm (U h_s) + b` (a tied head, `q_head_type=tied`: the LM head's rows `W_lm` after an "
+    "H x H map `U` of the hidden state, plus a per-token bias)",
+}
+
+
 def _qhead_section(model_id: str, q_head: dict, settings: dict, reward_sources: list[str] | None, peft: bool) -> str:
     lines = [
         "",
@@ -105,7 +117,8 @@ def _qhead_section(model_id: str, q_head: dict, settings: dict, reward_sources: 
         "Besides the "
         + ("LoRA adapters" if peft else "causal LM")
         + ", this repository holds a vocabulary-sized Q head, `q_head.safetensors` (fp32) and `q_head_config.json`: "
-        "`Q(s, a) = W_q h_s + b_q` for every next token `a`. Sampling from the tilted policy "
+        + Q_HEAD_FORMULAS[q_head.get("q_head_type", "dense")]
+        + " for every next token `a`. Sampling from the tilted policy "
         "`pi'(a|s) ∝ pi(a|s) exp(Q(s,a)/beta)` needs the `trl-qhead` package (`pip install trl-qhead`); "
         "the pipeline above samples from the untilted model.",
         "",

@@ -20,6 +20,8 @@ import os
 import torch
 from torch import nn
 
+from . import bnb_notice
+
 QUANT_INSTALL_HINT = "pip install 'trl-qhead[quant]'  (or: pip install bitsandbytes)"
 
 
@@ -68,6 +70,11 @@ def output_embedding_names(pretrained_model_name_or_path: str | os.PathLike, **c
 def prepare_quantization_config(quantization_config, pretrained_model_name_or_path, **config_kwargs):
     """Check bitsandbytes and keep the LM head (and what is tied to it) out of quantization.
 
+    Not TRL's `get_quantization_config`, which builds a `BitsAndBytesConfig` from `ModelConfig`'s flags (the recipe,
+    `recipes/qhead_lora.py`, uses it): this completes the config a caller passes, whatever built it. TRL 1.16 has no
+    `get_kbit_device_map`; the recipe places each process's 4-bit weights on its own GPU with accelerate's
+    `PartialState().local_process_index`, as that function used to.
+
     Args:
         quantization_config: a `BitsAndBytesConfig` or its dict; other configs are returned unchanged.
         pretrained_model_name_or_path: the model about to be loaded (to find its LM head's module name).
@@ -79,6 +86,7 @@ def prepare_quantization_config(quantization_config, pretrained_model_name_or_pa
     if not is_kbit_config(quantization_config):
         return quantization_config
     require_bitsandbytes()
+    bnb_notice.release()  # bitsandbytes' CPU kernel notice, held back at import, is about what is asked for now
     from transformers import BitsAndBytesConfig
 
     if isinstance(quantization_config, dict):

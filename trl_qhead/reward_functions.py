@@ -234,8 +234,13 @@ class RewardFunctions:
             completions: completions as strings, or lists of one assistant message (conversational data).
             completion_ids: token ids of each completion (what per-token rewards are aligned to).
             kwargs: dataset columns (one list entry per sample) and anything else passed to every function
-                (`trainer_state`, `log_metric`).
+                (`trainer_state`, `log_metric`, `log_extra`). The last three are always passed, as TRL's
+                `GRPOTrainer` passes them: outside a trainer (`generate_and_score`) `trainer_state` is `None` and
+                `log_metric(name, value)` / `log_extra(column, values)` record nothing.
         """
+        kwargs.setdefault("trainer_state", None)
+        kwargs.setdefault("log_metric", _log_nothing)
+        kwargs.setdefault("log_extra", _log_nothing)
         n = len(completions)
         sequence = torch.full((n, len(self.funcs)), math.nan, dtype=torch.float32)
         per_token: list[list[torch.Tensor | None]] = [[None] * n for _ in self.funcs]
@@ -381,6 +386,10 @@ class RewardFunctions:
             f"The reward function '{self.names[i]}' returned {what} for sample {b}, which is not finite in float32 "
             f"(|R| <= {FLOAT32_MAX:.3g}) times its weight {weight:g}: rewards are computed in float32. Scale it down."
         )
+
+
+def _log_nothing(name: str, value: Any) -> None:
+    """`log_metric` and `log_extra` where nothing collects what reward functions log."""
 
 
 def _unique(names: list[str]) -> list[str]:

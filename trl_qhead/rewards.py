@@ -39,6 +39,7 @@ from transformers import PreTrainedTokenizerBase
 from trl.trainer.utils import nanstd
 
 from .chat import completions_like, is_messages
+from .completion_log import CompletionLog
 from .config import REWARD_NORMALIZATIONS
 from .mdp import episode_ids_from_positions, fold_onto_actions, sequence_rewards_to_actions, token_rewards_to_actions
 from .reference import as_reference, frozen_copy, reference_logprobs
@@ -72,7 +73,11 @@ __all__ = [
 
 
 def normalize_rewards(rewards: torch.Tensor, mean: torch.Tensor | float, std: torch.Tensor | float, eps: float = 1e-4):
-    """`(R - mean) / (std + eps)`; NaN stays NaN."""
+    """`(R - mean) / (std + eps)`; NaN stays NaN.
+
+    TRL has no function for this: `GRPOTrainer` writes the same expression inline (`(rewards - mean) / (std + 1e-4)`).
+    The moments are TRL's: `batch_moments` (`torch.nanmean` and TRL's `nanstd`) over the values of every process,
+    gathered with accelerate (`QHeadTrainer._gather_rows`: `pad_across_processes` with NaN, then `gather`)."""
     return (rewards - mean) / (std + eps)
 
 
@@ -195,13 +200,20 @@ class RewardComputer:
         self.reward_clip = reward_clip
         self.normalization = reward_normalization
         self.moments = RunningMoments()
+        # TRL's completions table (`QHeadConfig.log_completions`), filled as the reward functions score; `None`: off.
+        self.completion_log: CompletionLog | None = None
 
     @classmethod
     def from_config(cls, tokenizer: PreTrainedTokenizerBase, reward_functions: RewardFunctions | None, args):
         """The reward pipeline a `QHeadConfig` describes (`lm_reward_coef`, `reward_scale`, `reward_clip`,
-        `reward_normalization`)."""
+        `reward_normalization`), with a completions table when it asks for `log_completions` (one optimizer step's
+        rows, as TRL keeps one generation batch)."""
         fields = ("lm_reward_coef", "reward_scale", "reward_clip", "reward_normalization")  # same names in both
-        return cls(tokenizer, reward_functions, **{name: getattr(args, name) for name in fields})
+        computer = cls(tokenizer, reward_functions, **{name: getattr(args, name) for name in fields})
+        if getattr(args, "log_completions", False) and reward_functions is not None:
+            steps = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            computer.completion_log = CompletionLog(maxlen=steps)
+        return computer
 
     def prepare_step(
         self,
@@ -379,9 +391,13 @@ class RewardComputer:
             prompts.append(given if is_messages(given) else text)  # a conversation stays a list of messages
         completions = completions_like(prompts, texts)
         extra_metrics: dict[str, list[float]] = {}
+        extra_columns: dict[str, list] = {}
 
         def log_metric(name: str, value: float) -> None:
             extra_metrics.setdefault(name, []).append(float(value))
+
+        def log_extra(column: str, values: list) -> None:  # TRL's: a column of the completions table
+            extra_columns.setdefault(column, []).extend(values)
 
         scored = self.functions.score(
             prompts,
@@ -389,9 +405,26 @@ class RewardComputer:
             completion_ids,
             trainer_state=trainer_state,
             log_metric=log_metric,
+            log_extra=log_extra,
             **columns,
         )
+        if self.completion_log is not None:
+            self._add_to_completion_log(prompts, completions, scored, extra_columns)
         return scored, extra_metrics
+
+    def _add_to_completion_log(self, prompts: list, completions: list, scored: FunctionRewards, extra: dict) -> None:
+        """Every process's samples, rewards and `log_extra` columns into `completion_log`, gathered as TRL gathers
+        them (column names sorted, so that every process gathers them in the same order; `None` where a process's
+        functions logged no such column)."""
+        from accelerate.utils import gather_object
+
+        totals = scored.totals()
+        rewards = {name: gather_object(totals[:, i].tolist()) for i, name in enumerate(self.functions.names)}
+        columns = {}
+        for column in sorted(set(gather_object(list(extra)))):
+            values = list(extra.get(column, [None] * len(prompts)))
+            columns[column] = gather_object(values)
+        self.completion_log.add(gather_object(list(prompts)), gather_object(list(completions)), rewards, columns)
 
     @staticmethod
     def _log(metrics: dict[str, float], mean_key: str, std_key: str, rows: torch.Tensor, gather) -> None:

@@ -45,6 +45,7 @@ from .reward_functions import RewardFunc, RewardFunctions
 from .rewards import RewardComputer
 from .soft import candidate_targets, chunked_soft_state_values
 from .tied_head import is_tied
+from .training_settings import TRAINING_SETTINGS_NAME, save_training_settings
 
 REWARD_MOMENTS_NAME = "reward_moments.json"
 CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
@@ -77,6 +78,8 @@ class QHeadTrainer(Trainer):
             `logits[:, 0]`; a name or path loaded with `AutoModelForSequenceClassification` (`num_labels=1`); or a
             list of these, weighted by `args.reward_weights`. See `trl_qhead.rewards`.
         reward_processing_classes: tokenizers of the reward models (one, or a list aligned with `reward_funcs`).
+        formatting_func: as for `SFTTrainer`: `f(example) -> str`, the text to train on, applied to every example of
+            the train and eval datasets (`trl_qhead.data.apply_formatting_func`).
         compute_metrics: as for `Trainer`; its `EvalPrediction.predictions` are `(log pi(a_t|s_t), Q(s_t, a_t))`, two
             `[N, T]` arrays (zero off the actions), and `label_ids` the labels (-100 off targets; the action at
             position t is token t + 1).
@@ -108,6 +111,7 @@ class QHeadTrainer(Trainer):
         reward_funcs: RewardFunc | list[RewardFunc] | None = None,
         reward_processing_classes: PreTrainedTokenizerBase | list[PreTrainedTokenizerBase] | None = None,
         compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        formatting_func: Callable[[dict], str] | None = None,
     ):
         model_id = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         if args is None:
@@ -182,15 +186,18 @@ class QHeadTrainer(Trainer):
                     "(see `generate_and_score(candidate_rewards=k)`)."
                 )
         vocab_size = model.vocab_size  # token ids index the rows of the LM and Q heads
-        train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards, vocab_size)
+        train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards, vocab_size, formatting_func)
         if isinstance(eval_dataset, dict):  # several evaluation sets, logged as `eval_<name>_*` (as SFTTrainer)
             eval_dataset = {
-                k: _keep_prompts(d, self._prepare(d, processing_class, args, with_rewards, vocab_size))
+                k: _keep_prompts(
+                    d, self._prepare(d, processing_class, args, with_rewards, vocab_size, formatting_func)
+                )
                 for k, d in eval_dataset.items()
             }
         elif eval_dataset is not None:
             eval_dataset = _keep_prompts(
-                eval_dataset, self._prepare(eval_dataset, processing_class, args, with_rewards, vocab_size)
+                eval_dataset,
+                self._prepare(eval_dataset, processing_class, args, with_rewards, vocab_size, formatting_func),
             )
         eval_datasets = list(eval_dataset.values()) if isinstance(eval_dataset, dict) else [eval_dataset]
         if with_rewards and any(isinstance(d, IterableDataset) for d in (train_dataset, *eval_datasets)):
@@ -246,7 +253,7 @@ class QHeadTrainer(Trainer):
         return model
 
     @staticmethod
-    def _prepare(dataset, tokenizer, args: QHeadConfig, reward_columns: bool = False, vocab_size: int | None = None):
+    def _prepare(dataset, tokenizer, args: QHeadConfig, reward_columns=False, vocab_size=None, formatting_func=None):
         # Under `accelerate launch` the main process fills the datasets cache first; the others then read it.
         with PartialState().main_process_first():
             return prepare_dataset(
@@ -260,6 +267,7 @@ class QHeadTrainer(Trainer):
                 completion_only_loss=args.completion_only_loss,
                 reward_columns=reward_columns,
                 vocab_size=vocab_size,
+                formatting_func=formatting_func,
             )
 
     # ---- loss -------------------------------------------------------------------------------------------------------
@@ -513,6 +521,14 @@ class QHeadTrainer(Trainer):
             metrics = {f"{prefix}{name}": value for name, value in metrics.items()}
         super().log({**logs, **metrics}, start_time)
         self._metrics[mode].clear()
+        if self.reward_computer.completion_log is not None and self.accelerator.is_main_process:  # as GRPOTrainer
+            self.reward_computer.completion_log.write(
+                self.state.global_step,
+                self.args.output_dir,
+                self.reward_computer.functions.names,
+                self.args.report_to,
+                self.args.num_completions_to_print,
+            )
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Every process gets here (after any collective gather of `state_dict`); only the main one writes, once.
@@ -529,6 +545,7 @@ class QHeadTrainer(Trainer):
             self.processing_class.save_pretrained(output_dir)
         # As `Trainer._save`: the arguments beside the model (checkpoints keep them), and TRL's card at every save.
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+        save_training_settings(output_dir, self.args, getattr(self.reward_computer.functions, "names", None))
         model_name = (self.args.hub_model_id or Path(self.args.output_dir).name).split("/")[-1]  # not `checkpoint-N`
         self._model_card(model_name).save(os.path.join(output_dir, "README.md"))
 
@@ -562,7 +579,9 @@ class QHeadTrainer(Trainer):
         tags = [tags] if isinstance(tags, str) else list(tags or [])
         hub_model_id = getattr(self, "hub_model_id", None) or args.hub_model_id
         q_head = {"hidden_size": model.q_head.in_features, "vocab_size": model.q_head.out_features}
-        q_head["q_head_init"] = model.q_head_init
+        q_head.update(q_head_init=model.q_head_init, q_head_type=model.q_head_type)
+        if model.q_head_type == "tied":
+            q_head["q_head_rank"] = model.q_head_rank
         settings = {
             name: getattr(args, name)
             for name in ("gamma", "gae_lambda", "q_weight", "use_lm_rewards", "q_head_learning_rate", "max_length")
@@ -603,7 +622,7 @@ class QHeadTrainer(Trainer):
         # transformers copies the model files it knows by name from the checkpoint to `output_dir` before uploading
         # it; the Q head's are not among them.
         if self.is_world_process_zero():
-            for name in (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME, "README.md"):
+            for name in (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME, TRAINING_SETTINGS_NAME, "README.md"):
                 if os.path.isfile(os.path.join(checkpoint_folder, name)):
                     os.makedirs(self.args.output_dir, exist_ok=True)
                     shutil.copy(os.path.join(checkpoint_folder, name), os.path.join(self.args.output_dir, name))

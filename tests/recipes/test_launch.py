@@ -87,3 +87,24 @@ def test_deepspeed_without_gpus_gets_gloo_and_keeps_deepspeed(monkeypatch):
     ensure_cpu_processes()
     assert "ACCELERATE_USE_CPU" not in os.environ  # with it, accelerate would drop DeepSpeed for DDP
     assert sys.argv[-2:] == ["--ddp_backend", "gloo"]
+
+
+def test_a_multi_process_launch_without_cpu_on_a_machine_without_gpus_is_refused_with_the_fix(monkeypatch):
+    # What `accelerate launch --num_processes 4 -m trl_qhead.cli train` leaves a lone process without GPUs: the simple
+    # launcher's MASTER_ADDR (set for the 4 processes asked for), ACCELERATE_USE_CPU=False, no LOCAL_RANK.
+    import psutil
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "False")
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    launcher = ["/venv/bin/python", "/venv/bin/accelerate", "launch", "--num_processes", "4", "-m", "trl_qhead.cli"]
+    monkeypatch.setattr(psutil.Process, "cmdline", lambda self: [*launcher, "train"])
+    with pytest.raises(RuntimeError, match=r"accelerate launch --cpu --num_processes 4"):
+        ensure_cpu_processes()
+    monkeypatch.setattr(psutil.Process, "cmdline", lambda self: ["bash"])  # not accelerate: left alone
+    ensure_cpu_processes()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)  # with GPUs accelerate's own launch decides
+    monkeypatch.setattr(psutil.Process, "cmdline", lambda self: [*launcher, "train"])
+    ensure_cpu_processes()
