@@ -31,8 +31,8 @@ import torch
 
 from .branches import check_branch_support
 from .candidates import LabelCost, PrefixScorer, check_candidate_args, label_completions, top_k_next_tokens
+from .checks import check_beta
 from .continuations import sample_continuations
-from .returns import check_beta
 
 __all__ = [
     "CandidateLabels",
@@ -125,7 +125,7 @@ def check_fields(source: LabelSource, positive: tuple[str, ...] = (), beta: str 
         if not (value is None and defaults[field_name] is None):
             _check_positive_int(value, f"{name}.{field_name}")
     if beta is not None:
-        object.__setattr__(source, beta, check_beta(getattr(source, beta), f"{name}.{beta}"))
+        object.__setattr__(source, beta, check_beta(getattr(source, beta), name=f"{name}.{beta}"))
 
 
 def vocabulary_size(model) -> int | None:

@@ -12,9 +12,9 @@ from typing import Any
 
 from datasets import Dataset, concatenate_datasets
 
+from .checks import check_beta
 from .config import QHeadConfig
 from .decoding import QTiltLogitsProcessor
-from .decoding.tilt import check_beta
 from .labels import LabelSource
 from .rollouts import generate_and_score
 from .trainer import QHeadTrainer
