@@ -129,7 +129,7 @@ def test_lookahead_accepts_a_full_distribution_and_rounding_within_the_tolerance
     for probs in ([0.5, 0.5], [0.5, 0.5 + PROBABILITY_SUM_TOLERANCE / 2]):
         value = lookahead_soft_values(torch.log(torch.tensor(probs, dtype=torch.float64)), effects, beta).item()
         rest = max(0.0, 1 - sum(probs))
-        expected = beta * math.log(sum(p * math.exp(e / beta) for p, e in zip(probs, [1.0, -2.0])) + rest)
+        expected = beta * math.log(sum(p * math.exp(e / beta) for p, e in zip(probs, [1.0, -2.0], strict=True)) + rest)
         assert value == pytest.approx(expected, rel=1e-9)
     # -inf log-probs (probability 0) are fine: the rest of the mass counts with effect 0
     value = lookahead_soft_values(torch.tensor([-math.inf, math.log(0.25)]), effects, beta).item()
