@@ -102,3 +102,24 @@ def test_rerank_with_a_tiny_beta_samples_the_argmax_without_nan():
     samples = torch.tensor([[11, 12, 3], [11, 12, 7], [11, 12, 4], [20, 21, 31], [20, 21, 2], [20, 21, 5]])
     result = rerank(model, samples, num_samples=3, attention_mask=torch.ones_like(samples), beta=1e-45)
     assert result.indices.tolist() == [1, 3]  # the samples ending in a token of largest Q
+
+
+# ---- issue 27: RewardLookahead's k against the vocabulary, at construction -------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{"k": 60000}, {"k": 4, "lookahead_k": 60000, "beta": 0.5}])
+def test_reward_lookahead_refuses_a_k_beyond_the_vocabulary_at_construction(gpt2_tokenizer, kwargs):
+    from trl_qhead.decoding import RewardLookahead
+
+    name = "lookahead_k" if "lookahead_k" in kwargs else "k"
+    with pytest.raises(
+        ValueError, match=f"`{name}` \\(60000\\) is larger than the model's vocabulary \\(50257 tokens\\)"
+    ):
+        RewardLookahead(make_tiny_gpt2(), gpt2_tokenizer, lambda completions, **kw: [0.0] * len(completions), **kwargs)
+
+
+def test_reward_lookahead_takes_k_equal_to_the_vocabulary():
+    from trl_qhead.decoding import RewardLookahead
+
+    source = RewardLookahead(make_tiny_gpt2(vocab_size=VOCAB), None, lambda completions, **kw: [0.0], k=VOCAB)
+    assert source.k == VOCAB

@@ -298,6 +298,45 @@ class QHeadConfig(TrainingArguments):
             raise ValueError("`dataset_data_files` needs `dataset_name` (e.g. 'text' or 'json').")
         super().__post_init__()
 
+    def check_dataset_columns(self, columns, name: str = "dataset") -> None:
+        """A ValueError, before the data is prepared, for settings a dataset's columns cannot be trained with.
+
+        Candidate labels (`candidate_ids`, trained with `candidate_weight > 0`) have targets
+        `G_t + reward_scale * (r'(s_t, a) - r'(s_t, a_t))`, exact only where every other reward term of `G_t` is the
+        same for the candidate as for the sampled token. Three settings break that, so they are refused rather than
+        trained on silently wrong targets: `reward_normalization` (rescales `G_t` but not the effects),
+        `reward_clip` (clips `G_t`, not the candidate's own reward) and `use_lm_rewards` (the sampled token's
+        `lm_reward_coef * log pi_ref(a_t|s_t)` would stay in every candidate's target instead of its own).
+
+        Args:
+            columns: the dataset's column names (`None` for a stream that does not know them: nothing is checked).
+            name: how the error names the dataset (e.g. `"train_dataset"`).
+        """
+        if not columns or "candidate_ids" not in columns or self.candidate_weight == 0:
+            return
+        refused = {  # field -> (set?, why), each refused unless at its default (None, None, False)
+            "reward_normalization": (
+                self.reward_normalization is not None,
+                "rescales the returns the effects (in the reward's own units) are added to",
+            ),
+            "reward_clip": (
+                self.reward_clip is not None,
+                "clips the sampled return G_t, not each candidate's own reward",
+            ),
+            "use_lm_rewards": (
+                self.use_lm_rewards,
+                "would leave the sampled token's `lm_reward_coef * log pi_ref(a_t|s_t)` in every candidate's target "
+                "instead of the candidate's own",
+            ),
+        }
+        for field_name, (is_set, why) in refused.items():
+            if is_set:
+                raise ValueError(
+                    f"The {name} has candidate labels (`candidate_ids`), and `{field_name}="
+                    f"{getattr(self, field_name)!r}` {why}: set `{field_name}={self.__dataclass_fields__[field_name].default!r}`, "
+                    "or `candidate_weight=0` to leave the candidate columns out."
+                )
+
 
 def _check_float_fields(config: QHeadConfig) -> None:
     """No field holds NaN or an infinity: ours and every inherited `TrainingArguments` one (`learning_rate`,

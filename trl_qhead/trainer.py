@@ -157,14 +157,9 @@ class QHeadTrainer(Trainer):
                 streaming=args.streaming,
             )
         with_rewards = reward_functions is not None
-        for dataset in (train_dataset, eval_dataset):
-            columns = getattr(dataset, "column_names", None) or []
-            if "candidate_ids" in columns and args.reward_normalization is not None and args.candidate_weight > 0:
-                raise ValueError(
-                    "The dataset has candidate labels (`candidate_ids`), whose effects are in the reward's own units, "
-                    f"and `reward_normalization={args.reward_normalization!r}` rescales the returns they are added "
-                    "to: set `reward_normalization=None` (or `candidate_weight=0`)."
-                )
+        evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval_dataset": eval_dataset}
+        for name, dataset in {"train_dataset": train_dataset, **evals}.items():
+            args.check_dataset_columns(getattr(dataset, "column_names", None), name)
         vocab_size = model.vocab_size  # token ids index the rows of the LM and Q heads
         train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards, vocab_size)
         if isinstance(eval_dataset, dict):  # several evaluation sets, logged as `eval_<name>_*` (as SFTTrainer)
@@ -244,6 +239,8 @@ class QHeadTrainer(Trainer):
                 completion_only_loss=args.completion_only_loss,
                 reward_columns=reward_columns,
                 vocab_size=vocab_size,
+                reward_scale=args.reward_scale,
+                reward_normalization=args.reward_normalization,
             )
 
     # ---- loss -------------------------------------------------------------------------------------------------------
