@@ -59,3 +59,8 @@ def test_demo_counts_in_range_are_read():
 
     args = parse_args(["--num_generations", "2", "--max_new_tokens", "1", "--train_batch_size", "1"])
     assert (args.num_generations, args.max_new_tokens, args.train_batch_size) == (2, 1, 1)
+
+
+def test_an_empty_model_name_is_named(tmp_path):
+    with pytest.raises(SystemExit, match="`--model_name_or_path` is required"):
+        cli.main(["eval", "--model_name_or_path", "", "--dataset_name", "text", "--output_dir", str(tmp_path)])

@@ -93,3 +93,15 @@ def test_candidate_weight_zero_leaves_the_columns_out_and_is_accepted():
     _config().check_dataset_columns(list(CANDIDATE_ROW))  # the defaults train them
     _config(use_lm_rewards=True).check_dataset_columns(["input_ids", "reward"])  # no candidates: nothing to refuse
     _config(use_lm_rewards=True).check_dataset_columns(None)  # a stream of unknown columns
+
+
+def test_a_stream_of_candidate_rows_is_checked_by_its_first_row():
+    from datasets import IterableDataset
+
+    def rows():
+        yield CANDIDATE_ROW
+
+    stream = IterableDataset.from_generator(rows)
+    with pytest.raises(ValueError, match="The train_dataset has candidate labels .*use_lm_rewards"):
+        _config(use_lm_rewards=True).check_dataset_columns(stream, "train_dataset")
+    _config().check_dataset_columns(stream, "train_dataset")  # the defaults: nothing to refuse, nothing read

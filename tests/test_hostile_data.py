@@ -342,3 +342,50 @@ def test_a_bad_prompt_length_is_refused(gpt2_tokenizer, value, error, match):
     data = _no_arrow(rows) if isinstance(value, (str, bool, float)) else Dataset.from_list(rows)
     with pytest.raises(error, match=match):
         list(prepare_dataset(data, gpt2_tokenizer))
+
+
+# ---- attack round: boundaries of the new checks -------------------------------------------------------------------
+
+
+def test_the_largest_float32_reward_is_accepted_and_the_next_is_not(gpt2_tokenizer):
+    largest = float(torch.finfo(torch.float32).max)
+    rows = prepare_dataset(Dataset.from_dict({"input_ids": [[5, 6, 7]], "reward": [largest]}), gpt2_tokenizer)
+    assert torch.tensor(rows["reward"], dtype=torch.float32).isfinite().all()
+    with pytest.raises(ValueError, match="does not fit in float32"):
+        prepare_dataset(Dataset.from_dict({"input_ids": [[5, 6, 7]], "reward": [largest * 1.0001]}), gpt2_tokenizer)
+
+
+def test_a_reward_clip_bounds_a_scaled_reward_beyond_float32(gpt2_tokenizer):
+    # clip(10 * 1e38) = clip: the product never reaches the loss, so the row is fine
+    data = Dataset.from_dict({"input_ids": [[5, 6, 7]], "reward": [1e38], "rewards": [[0.0, -1e38, 0.0]]})
+    rows = prepare_dataset(data, gpt2_tokenizer, reward_scale=10.0, reward_clip=5.0)
+    assert rows[0]["reward"] == 1e38 and rows[0]["rewards"][1] == -1e38
+    with pytest.raises(ValueError, match="times `reward_scale`"):
+        prepare_dataset(data, gpt2_tokenizer, reward_scale=10.0)
+
+
+def test_a_completion_mask_of_bools_is_read_as_zero_one(gpt2_tokenizer):
+    data = Dataset.from_dict({"input_ids": [[5, 6, 7]], "completion_mask": [[False, True, True]]})
+    assert prepare_dataset(data, gpt2_tokenizer)[0]["completion_mask"] == [False, True, True]
+
+
+def test_an_empty_prompt_length_falls_back_to_the_completion_mask(gpt2_tokenizer):
+    data = Dataset.from_list(
+        [{"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1], "prompt_length": None},
+         {"input_ids": [5, 6, 7, 8], "completion_mask": [0, 0, 1, 1], "prompt_length": 1}]
+    )  # fmt: skip
+    rows = prepare_dataset(data, gpt2_tokenizer)
+    assert [row["prompt_length"] for row in rows] == [2, 1]  # a given one is honoured beside a mask that disagrees
+    assert [row["completion_mask"] for row in rows] == [[0, 0, 1, 1]] * 2
+
+
+def test_a_prompt_length_as_long_as_the_row_leaves_nothing_to_train(gpt2_tokenizer):
+    data = Dataset.from_dict({"input_ids": [[5, 6, 7], [5, 6, 7]], "prompt_length": [3, 1]})
+    rows = prepare_dataset(data, gpt2_tokenizer)  # the all-prompt row has no action: dropped (and counted)
+    assert len(rows) == 1 and rows[0]["prompt_length"] == 1
+
+
+def test_an_empty_content_string_is_a_valid_message(chat_tokenizer):
+    data = Dataset.from_dict({"messages": [[{"role": "user", "content": ""}, {"role": "assistant", "content": "Hi"}]]})
+    rows = prepare_dataset(data, chat_tokenizer)
+    assert chat_tokenizer.decode(rows[0]["input_ids"]) == "user:\n\nassistant:\nHi<|endoftext|>"

@@ -123,3 +123,29 @@ def test_reward_lookahead_takes_k_equal_to_the_vocabulary():
 
     source = RewardLookahead(make_tiny_gpt2(vocab_size=VOCAB), None, lambda completions, **kw: [0.0], k=VOCAB)
     assert source.k == VOCAB
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_reward_lookahead_keeps_a_leading_pad_id_that_is_a_real_token(gpt2_tokenizer, masked):
+    """GPT-2's BOS is its pad id (<|endoftext|>): a prompt that starts with it, left-padded with it, keeps it, as the
+    attention mask says (the branch forward of the lookahead reads it; a source that took it for padding valued the
+    candidates on another sequence)."""
+    from tests.test_lookahead import direct_tilted_logprobs, letter_count_reward
+    from trl_qhead.decoding import RewardLookahead
+
+    model = make_tiny_gpt2(seed=3).eval()
+    model.generation_config.pad_token_id = gpt2_tokenizer.eos_token_id
+    bos = gpt2_tokenizer.eos_token
+    enc = gpt2_tokenizer([f"{bos}{bos}The house", "A cat sat on a mat"], padding=True, padding_side="left",
+                         return_tensors="pt")  # fmt: skip
+    assert enc["input_ids"][0, :4].tolist() == [gpt2_tokenizer.eos_token_id] * 4  # 2 pads, then 2 real BOS tokens
+    beta, k, k2 = 0.5, 6, 3
+    source = RewardLookahead(model, gpt2_tokenizer, letter_count_reward, k=k, lookahead_k=k2, beta=beta)
+    processor = QTiltLogitsProcessor(source, beta, top_k=k if masked else None)
+    torch.manual_seed(0)
+    out = model.generate(**enc, logits_processor=[processor], do_sample=True, top_k=0, max_new_tokens=4,
+                         output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    steps = direct_tilted_logprobs(model, gpt2_tokenizer, enc, out.sequences, beta, k, masked, k2)
+    for scores, (_, expected) in zip(out.scores, steps, strict=True):
+        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    processor.remove()

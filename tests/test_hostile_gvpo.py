@@ -153,3 +153,30 @@ def test_trainer_takes_an_unsaved_model_with_lora_adapters(tmp_path, gpt2_tokeni
         processing_class=gpt2_tokenizer, peft_config=lora,
     )  # fmt: skip
     assert trainer.ref_model is None  # its adapters disabled are the reference: no path needed
+
+
+# ---- attack round: groups of one, bool betas, numpy and tensor rows -----------------------------------------------
+
+
+def test_gvpo_loss_on_groups_refuses_groups_of_one():
+    model = _Forwards()
+    with pytest.raises(ValueError, match="at least 2"):
+        gvpo_loss_on_groups(model, [[row] for group in _groups() for row in group], 0.1, ref_model=model)
+    assert model.calls == 0
+
+
+@pytest.mark.parametrize("beta", [True, 0.0, -0.1, math.nan, math.inf, "0.1"])
+def test_gvpo_loss_refuses_a_bad_beta(beta):
+    with pytest.raises(ValueError, match="`beta` must be a finite number > 0"):
+        gvpo_loss(torch.zeros(1, 2), torch.zeros(1, 2), torch.zeros(1, 2), beta)
+
+
+def test_gvpo_loss_on_groups_reads_numpy_and_tensor_rows_as_lists():
+    import numpy as np
+
+    model = make_tiny_gpt2(vocab_size=64, seed=1).eval()
+    plain = gvpo_loss_on_groups(model, _groups(), 0.1, ref_model=model)
+    typed = _groups()
+    typed[0][0] = {k: np.asarray(v) if k != "reward" else np.float32(v) for k, v in typed[0][0].items()}
+    typed[1][1] = {k: torch.tensor(v) for k, v in typed[1][1].items()}
+    torch.testing.assert_close(gvpo_loss_on_groups(model, typed, 0.1, ref_model=model).loss, plain.loss)

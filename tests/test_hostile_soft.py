@@ -128,9 +128,70 @@ def test_lookahead_accepts_a_full_distribution_and_rounding_within_the_tolerance
     beta, effects = 0.5, torch.tensor([1.0, -2.0])
     for probs in ([0.5, 0.5], [0.5, 0.5 + PROBABILITY_SUM_TOLERANCE / 2]):
         value = lookahead_soft_values(torch.log(torch.tensor(probs, dtype=torch.float64)), effects, beta).item()
-        rest = max(0.0, 1 - sum(probs))
-        expected = beta * math.log(sum(p * math.exp(e / beta) for p, e in zip(probs, [1.0, -2.0], strict=True)) + rest)
+        total = sum(probs)  # a sum above 1 is rounding: the probabilities are read as summing to 1
+        expected = beta * math.log(
+            sum(p / total * math.exp(e / beta) for p, e in zip(probs, [1.0, -2.0], strict=True))
+        )
         assert value == pytest.approx(expected, rel=1e-9)
     # -inf log-probs (probability 0) are fine: the rest of the mass counts with effect 0
     value = lookahead_soft_values(torch.tensor([-math.inf, math.log(0.25)]), effects, beta).item()
     assert value == pytest.approx(beta * math.log(0.25 * math.exp(-4.0) + 0.75), rel=1e-6)
+
+
+# ---- attack round: betas at float32's ends, empty inputs, infinite targets ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "q,target,beta",
+    [
+        (0.0, 1.0, 1e30),  # u = 1e-30: the series; beta^2 = 1e60 overflows float32, the loss is d^2 / 2 = 0.5
+        (0.0, 1.5e19, 5e19),  # u = 0.3: beta^2 (e^u - u - 1) ~ 1.2e38 fits, beta^2 does not
+        (0.0, 1.0, 1e-30),  # u = 1e30: the linear rise only
+        (2.0, -1.0, 1e-30),  # u = -3e30
+    ],
+)
+def test_linex_at_betas_near_float32s_ends_matches_the_definition(q, target, beta):
+    qs = torch.tensor([q], requires_grad=True)
+    loss = linex_loss(qs, torch.tensor([target]), beta, torch.ones(1), reduction="sum")
+    assert loss.item() == pytest.approx(linex_reference(q, target, beta), rel=1e-5)
+    loss.backward()
+    assert qs.grad.item() == pytest.approx(linex_gradient_reference(q, target, beta), rel=1e-5, abs=1e-30)
+
+
+def test_linex_of_nothing_is_zero_with_a_gradient():
+    q = torch.zeros(0, requires_grad=True)
+    for reduction in ("mean", "sum"):
+        loss = linex_loss(q, torch.zeros(0), 0.5, torch.zeros(0, dtype=torch.bool), reduction=reduction)
+        assert loss.item() == 0.0 and loss.requires_grad
+    q = torch.zeros(3, requires_grad=True)  # every position masked out: 0, whatever they hold
+    loss = linex_loss(q, torch.tensor([math.nan, math.inf, -math.inf]), 0.5, torch.zeros(3))
+    loss.backward()
+    assert loss.item() == 0.0 and q.grad.tolist() == [0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("target", [math.inf, -math.inf])
+def test_linex_of_an_infinite_target_is_infinite_not_nan(target):
+    loss = linex_loss(torch.zeros(2), torch.tensor([0.0, target]), 0.5, torch.ones(2))
+    assert loss.item() == math.inf
+
+
+def test_lookahead_over_no_tokens_is_zero():
+    value = lookahead_soft_values(torch.zeros(2, 0), torch.zeros(2, 0), 0.5)
+    assert value.tolist() == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("beta", [1e-40, 1e-30, 1e-6])
+def test_lookahead_at_a_tiny_beta_is_the_best_effect_or_zero(beta):
+    # beta -> 0: max(0, max_b r') while the top-k leave mass outside them, max_b r' when they hold it all
+    log_probs = torch.log(torch.tensor([[0.5, 0.25], [0.5, 0.5], [0.5, 0.25]]))
+    effects = torch.tensor([[1.0, 3.0], [-1.0, -2.0], [-1.0, -2.0]])
+    value = lookahead_soft_values(log_probs, effects, beta)
+    assert value[0].item() == pytest.approx(3.0, rel=1e-5)
+    assert value[1].item() == pytest.approx(-1.0, rel=1e-5)  # no rest: the best of the two
+    assert value[2].item() == pytest.approx(0.0, abs=1e-4)  # the rest (effect 0) beats both
+
+
+def test_lookahead_at_a_huge_beta_is_the_mean_effect():
+    log_probs, effects = torch.log(torch.tensor([0.5, 0.25])), torch.tensor([1.0, 3.0])
+    value = lookahead_soft_values(log_probs, effects, 1e30).item()
+    assert value == pytest.approx(0.5 * 1.0 + 0.25 * 3.0, rel=1e-5)

@@ -22,7 +22,7 @@ def _model_and_batch(gpt2_tokenizer):
     return model, enc
 
 
-def _direct_tilted_logprobs(model, tokenizer, enc, sequences, beta, k, masked, lookahead_k=None):
+def direct_tilted_logprobs(model, tokenizer, enc, sequences, beta, k, masked, lookahead_k=None):
     """Every step recomputed from scratch: the model's logits at the step, its top-k, the reward called on each
     candidate text, `log_softmax(logits + q / beta)` (q = 0 off the top-k, or the top-k alone when `masked`). With
     `lookahead_k`, each candidate's q adds `beta log(sum_b p(b) exp(effect_b / beta) + 1 - sum_b p(b))` over the
@@ -83,7 +83,7 @@ def test_lookahead_tilt_matches_a_direct_step_by_step_computation(gpt2_tokenizer
         num_return_sequences=2, output_scores=True, return_dict_in_generate=True,
     )  # fmt: skip
     enc = {key: value.repeat_interleave(2, dim=0) for key, value in enc.items()}
-    steps = _direct_tilted_logprobs(model, gpt2_tokenizer, enc, out.sequences, beta, k, masked, lookahead_k)
+    steps = direct_tilted_logprobs(model, gpt2_tokenizer, enc, out.sequences, beta, k, masked, lookahead_k)
     kl = torch.zeros(out.sequences.shape[0])
     for scores, (z, expected) in zip(out.scores, steps, strict=True):
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
@@ -111,26 +111,3 @@ def test_lookahead_rejects_a_bad_k(gpt2_tokenizer):
     ]:
         with pytest.raises(ValueError, match=message):
             RewardLookahead(model, gpt2_tokenizer, letter_count_reward, k=4, **kwargs)
-
-
-@pytest.mark.parametrize("masked", [False, True])
-def test_a_leading_pad_id_that_is_a_real_token_stays_in_the_prompt(gpt2_tokenizer, masked):
-    """GPT-2's BOS is its pad id (<|endoftext|>): a prompt that starts with it, left-padded with it, keeps it, as the
-    attention mask says (the branch forward of the lookahead reads it; a source that took it for padding valued the
-    candidates on another sequence)."""
-    model = make_tiny_gpt2(seed=3).eval()
-    model.generation_config.pad_token_id = gpt2_tokenizer.eos_token_id
-    bos = gpt2_tokenizer.eos_token
-    enc = gpt2_tokenizer([f"{bos}{bos}The house", "A cat sat on a mat"], padding=True, padding_side="left",
-                         return_tensors="pt")  # fmt: skip
-    assert enc["input_ids"][0, :4].tolist() == [gpt2_tokenizer.eos_token_id] * 4  # 2 pads, then 2 real BOS tokens
-    beta, k, k2 = 0.5, 6, 3
-    source = RewardLookahead(model, gpt2_tokenizer, letter_count_reward, k=k, lookahead_k=k2, beta=beta)
-    processor = QTiltLogitsProcessor(source, beta, top_k=k if masked else None)
-    torch.manual_seed(0)
-    out = model.generate(**enc, logits_processor=[processor], do_sample=True, top_k=0, max_new_tokens=4,
-                         output_scores=True, return_dict_in_generate=True)  # fmt: skip
-    steps = _direct_tilted_logprobs(model, gpt2_tokenizer, enc, out.sequences, beta, k, masked, k2)
-    for scores, (_, expected) in zip(out.scores, steps, strict=True):
-        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
-    processor.remove()

@@ -298,7 +298,7 @@ class QHeadConfig(TrainingArguments):
             raise ValueError("`dataset_data_files` needs `dataset_name` (e.g. 'text' or 'json').")
         super().__post_init__()
 
-    def check_dataset_columns(self, columns, name: str = "dataset") -> None:
+    def check_dataset_columns(self, dataset, name: str = "dataset") -> None:
         """A ValueError, before the data is prepared, for settings a dataset's columns cannot be trained with.
 
         Candidate labels (`candidate_ids`, trained with `candidate_weight > 0`) have targets
@@ -309,10 +309,18 @@ class QHeadConfig(TrainingArguments):
         `lm_reward_coef * log pi_ref(a_t|s_t)` would stay in every candidate's target instead of its own).
 
         Args:
-            columns: the dataset's column names (`None` for a stream that does not know them: nothing is checked).
+            dataset: the dataset (its `column_names`; a stream that does not know them is read for its first row),
+                or a list of column names; `None` checks nothing.
             name: how the error names the dataset (e.g. `"train_dataset"`).
         """
-        if not columns or "candidate_ids" not in columns or self.candidate_weight == 0:
+        if dataset is None or self.candidate_weight == 0:
+            return
+        if not (self.reward_normalization is not None or self.reward_clip is not None or self.use_lm_rewards):
+            return
+        columns = dataset if isinstance(dataset, (list, tuple)) else getattr(dataset, "column_names", None)
+        if columns is None and hasattr(dataset, "__iter__"):  # a stream of unknown columns: its first row's keys
+            columns = list(next(iter(dataset), None) or {})
+        if "candidate_ids" not in (columns or []):
             return
         refused = {  # field -> (set?, why), each refused unless at its default (None, None, False)
             "reward_normalization": (

@@ -451,6 +451,7 @@ def _to_row(
     reward_columns: bool,
     vocab_size: int | None,
     reward_scale: float = 1.0,
+    candidate_scale: float = 1.0,
     sequence_reward_scale: float = 1.0,
 ) -> dict:
     """Tokenise, check, truncate to `max_length` (the module docstring's truncation rule); keep `reward` and `done`
@@ -497,7 +498,7 @@ def _to_row(
     # Every row of a dataset must have the same keys: a column that exists gives a key, `None` where it is empty.
     has_done = "done" in example or "reward" in example
     if any(name in example for name in CANDIDATE_COLUMNS):
-        candidates = check_candidates(example, n, where, vocab_size, reward_scale)
+        candidates = check_candidates(example, n, where, vocab_size, candidate_scale)
         if candidates and fold_reward:
             raise ValueError(f"{where} has candidate labels, which do not survive packing: set `packing=False`.")
         for name in CANDIDATE_COLUMNS:
@@ -543,6 +544,7 @@ def prepare_dataset(
     reward_columns: bool = False,
     vocab_size: int | None = None,
     reward_scale: float = 1.0,
+    reward_clip: float | None = None,
     reward_normalization: str | None = None,
 ) -> Dataset | IterableDataset:
     """Turn a dataset in any supported format into training rows (see the module docstring).
@@ -562,9 +564,10 @@ def prepare_dataset(
         reward_columns: keep the prompt and the extra columns for reward functions (not with `packing`).
         vocab_size: pre-tokenised ids (and candidate ids) must be below it; defaults to `len(tokenizer)`, or no upper
             bound without a tokenizer. `QHeadTrainer` passes the model's vocabulary size.
-        reward_scale, reward_normalization: the trainer's (`QHeadConfig`): every reward of the data, times
-            `reward_scale`, must fit in float32, where it is trained on (the sequence `reward` is normalised before it
-            is scaled, so with `reward_normalization` only it must fit). `QHeadTrainer` passes its config's.
+        reward_scale, reward_clip, reward_normalization: the trainer's (`QHeadConfig`): every reward of the data
+            must fit in float32, and so must each times `reward_scale` unless `reward_clip` bounds the product (the
+            sequence `reward` is normalised before it is scaled: with `reward_normalization` only it must fit);
+            candidate effects are scaled and never clipped. `QHeadTrainer` passes its config's.
 
     Raises:
         ValueError: for an empty dataset, or one in which no row has a token to train on (see `has_action`), and for
@@ -603,8 +606,12 @@ def prepare_dataset(
         "completion_only_loss": completion_only_loss,
         "reward_columns": reward_columns,
         "vocab_size": vocab_size,
-        "reward_scale": float(reward_scale),
-        "sequence_reward_scale": 1.0 if reward_normalization is not None else float(reward_scale),
+        # What each reward is multiplied by in float32 before anything bounds it (a clip bounds the scaled rewards).
+        "reward_scale": 1.0 if reward_clip is not None else float(reward_scale),
+        "candidate_scale": float(reward_scale),
+        "sequence_reward_scale": 1.0
+        if reward_normalization is not None or reward_clip is not None
+        else float(reward_scale),
     }
     consumed = [c for c in columns if c in FORMAT_COLUMNS or c == text_field]
     remove = consumed if reward_columns else columns

@@ -110,7 +110,7 @@ def gvpo_loss(
     Returns:
         A `GVPOLossOutput`; the loss is float32.
     """
-    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}.")
     if policy_logps.dim() != 2:
         raise ValueError(f"`policy_logps` must have shape [G, k], got {tuple(policy_logps.shape)}.")
@@ -286,6 +286,11 @@ def gvpo_loss_on_groups(
     if any(len(group) != k for group in groups):
         raise ValueError(
             f"Every group must have the same number of completions, got sizes {[len(g) for g in groups]}."
+        )
+    if k < 2:
+        raise ValueError(
+            f"Every group has {k} completion(s): GVPO's loss is a variance within each group of completions of one "
+            "prompt, so a group needs at least 2 (with 1 the loss is 0 and nothing is learnt)."
         )
     rows = [row for group in groups for row in group]
     device = next(model.parameters()).device

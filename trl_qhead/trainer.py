@@ -159,7 +159,7 @@ class QHeadTrainer(Trainer):
         with_rewards = reward_functions is not None
         evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval_dataset": eval_dataset}
         for name, dataset in {"train_dataset": train_dataset, **evals}.items():
-            args.check_dataset_columns(getattr(dataset, "column_names", None), name)
+            args.check_dataset_columns(dataset, name)
         vocab_size = model.vocab_size  # token ids index the rows of the LM and Q heads
         train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards, vocab_size)
         if isinstance(eval_dataset, dict):  # several evaluation sets, logged as `eval_<name>_*` (as SFTTrainer)
@@ -240,6 +240,7 @@ class QHeadTrainer(Trainer):
                 reward_columns=reward_columns,
                 vocab_size=vocab_size,
                 reward_scale=args.reward_scale,
+                reward_clip=args.reward_clip,
                 reward_normalization=args.reward_normalization,
             )
 
