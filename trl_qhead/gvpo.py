@@ -110,7 +110,7 @@ def gvpo_loss(
     Returns:
         A `GVPOLossOutput`; the loss is float32.
     """
-    if isinstance(beta, bool) or not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
+    if not (isinstance(beta, (int, float)) and math.isfinite(beta) and beta > 0):
         raise ValueError(f"`beta` must be a finite number > 0, got {beta!r}.")
     if policy_logps.dim() != 2:
         raise ValueError(f"`policy_logps` must have shape [G, k], got {tuple(policy_logps.shape)}.")
