@@ -6,7 +6,9 @@ A training row is `input_ids` (at least two tokens, so at least one action) with
   document's last target token, which is the same thing and survives packing;
 - `completion_mask`: 1 where a token is a training target (with `completion_only_loss`, the default);
 - `prompt_length`: how many leading tokens are the prompt (0 when absent). Reward functions see the tokens after it as
-  the completion;
+  the completion; a pre-tokenised row may give it (counting its own left padding), else its `completion_mask` (or
+  `labels`) sets it at the first target; given alone, under `completion_only_loss` it also takes the prompt out of the
+  targets;
 - `done`: a boolean (`None` is `False`), the row's last action ends the episode even without EOS: a completion cut at a
   generation limit whose reward judged it as finished. Packing folds it into a token-aligned `dones` list (1 at the
   document's last target token), which survives the cuts and reorderings of every packing strategy;
@@ -38,7 +40,9 @@ Formats recognised, the way TRL's trainers recognise them (first match wins):
 Every format may carry a scalar `reward` and a `done` flag; the tokenised one a per-token `rewards` list too.
 Bad values raise a `TypeError` or `ValueError` naming the column, the row's index in the dataset and what was
 expected, when the data is prepared: token ids that are not integers in `[0, vocab_size)`, rewards that are not finite
-numbers, a `done` that is not a bool.
+numbers or do not fit in float32 (alone, or times the trainer's `reward_scale`), a `completion_mask` entry other than
+0/1, a message without `content`, a `prompt_length` that is not an integer within the row, a `done` that is not a
+bool.
 """
 
 from __future__ import annotations
