@@ -351,7 +351,7 @@ def test_a_reward_of_1e39_stops_generate_and_score_naming_the_function():
         )
 
 
-# ---- issue 27: a reward times `reward_scale` that leaves float32; moments of huge rewards -------------------------------
+# ---- issue 27: a reward times `reward_scale` that leaves float32; moments of huge rewards ---------------------------
 
 
 def _scored_batch(tokenizer, **columns):

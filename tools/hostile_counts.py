@@ -2,8 +2,9 @@
 
 Usage: `python tools/hostile_counts.py [--run] [--json]` from the repository root.
 
-Each file attacks one feature (`FEATURES`). Every collected test case counts as one hostile input (each parametrization is a case; a test that loops over several
-inputs, such as a save killed at each of its file operations, counts once). A case is checked to give a **clear
+Each file attacks one feature (`FEATURES`). Every collected test case counts as one hostile input (each
+parametrization is a case; a test that loops over several inputs, such as a save killed at each of its file
+operations, counts once). A case is checked to give a **clear
 error** when its test function calls `pytest.raises` (the error's type and message, naming the field, file, function
 or row, are matched), and to give the **correct result** otherwise (its numbers or files are compared with a reference
 or a hand-worked value). Without `--run` the cases are only collected (a few seconds); with `--run` they are run too and

@@ -339,10 +339,10 @@ class QHeadConfig(TrainingArguments):
         }
         for field_name, (is_set, why) in refused.items():
             if is_set:
+                value, default = getattr(self, field_name), self.__dataclass_fields__[field_name].default
                 raise ValueError(
-                    f"The {name} has candidate labels (`candidate_ids`), and `{field_name}="
-                    f"{getattr(self, field_name)!r}` {why}: set `{field_name}={self.__dataclass_fields__[field_name].default!r}`, "
-                    "or `candidate_weight=0` to leave the candidate columns out."
+                    f"The {name} has candidate labels (`candidate_ids`), and `{field_name}={value!r}` {why}: set "
+                    f"`{field_name}={default!r}`, or `candidate_weight=0` to leave the candidate columns out."
                 )
 
 

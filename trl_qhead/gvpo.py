@@ -124,8 +124,8 @@ def gvpo_loss(
         if bad.any():
             g, i = bad.nonzero()[0].tolist()
             raise ValueError(
-                f"`mask` holds {mask[g, i].item()} at group {g}, member {i}: it must be bool or 0/1 (a member is in its "
-                "group or not; the loss is a group variance, which has no meaning for a fractional member)."
+                f"`mask` holds {mask[g, i].item()} at group {g}, member {i}: it must be bool or 0/1 (a member is in "
+                "its group or not; the loss is a group variance, which has no meaning for a fractional member)."
             )
     policy_logps = policy_logps.float()
     ref_logps = ref_logps.detach().float().to(policy_logps.device)

@@ -145,7 +145,8 @@ def chunked_soft_state_values(
     return values
 
 
-# Below u = -_LINEAR_BELOW, exp(u) is under 1e-43 of the loss: it is linear there, -beta^2 (u + 1), computed from beta * d.
+# Below u = -_LINEAR_BELOW, exp(u) is under 1e-43 of the loss: it is linear there, -beta^2 (u + 1), taken from
+# beta * d.
 _LINEAR_BELOW = 100.0
 
 
@@ -227,7 +228,8 @@ def linex_loss(
     # beta^2 (exp(u) - u - 1) with u = d / beta, in three pieces, none of which overflows unless the loss does:
     # (1) beta^2 (exp(u) - u - 1) on u clamped to [-low, c] (u itself may overflow to +-inf: the clamp takes it back);
     # (2) beyond c, the tangent's linear rise beta^2 (e^c - 1)(u - c) = (e^c - 1) beta (d - beta c);
-    # (3) below -low (exp(u) < 1e-43: the loss is linear, -beta^2 (u + 1)), the rise beta^2 (-low - u) = beta (-d - beta low).
+    # (3) below -low (exp(u) < 1e-43: the loss is linear, -beta^2 (u + 1)), the rise
+    #     beta^2 (-low - u) = beta (-d - beta low).
     # Each rise is taken from beta * d, never from u. `clamp(min=0)`, not `u - u.clamp(max=c)`: below c the gradient
     # must be exactly 0, not e^c - e^c (which rounds to ~e^c * eps and would shift the minimiser).
     u = (d / beta).clamp(-low, c)
@@ -325,8 +327,8 @@ def lookahead_soft_values(log_probs: torch.Tensor, effects: torch.Tensor, beta: 
     if (total > math.log1p(PROBABILITY_SUM_TOLERANCE)).any():
         worst = total.max().exp().item()
         raise ValueError(
-            f"`log_probs` are the log-probabilities of distinct next tokens, so their probabilities must sum to at most "
-            f"1 (+ {PROBABILITY_SUM_TOLERANCE:g} for rounding), got a sum of {worst:.6g}."
+            "`log_probs` are the log-probabilities of distinct next tokens, so their probabilities must sum to at "
+            f"most 1 (+ {PROBABILITY_SUM_TOLERANCE:g} for rounding), got a sum of {worst:.6g}."
         )
     if not torch.isfinite(effects).all():
         raise ValueError("`effects` must be finite (the reward differences of the next tokens), got NaN or inf.")

@@ -32,7 +32,8 @@ class RewardLookahead(QSource):
     """Q values from calling the reward functions on each candidate next token (one-step lookahead).
 
     For every row of a generation step, the prompt is the row's prompt tokens (what `generate` received, without the
-    left padding its attention mask marks: a leading pad id that is a real token, GPT-2's BOS, stays) and the completion `c` the tokens generated since; the reward functions see their texts as in training
+    left padding its attention mask marks: a leading pad id that is a real token, GPT-2's BOS, stays) and the
+    completion `c` the tokens generated since; the reward functions see their texts as in training
     (`reward_functions.texts_for_rewards`: the prompt's decode and what the completion adds to it). The `k` tokens
     with the largest base logits (read off the LM head of the same forward pass, no extra forward) are scored as
     `R(prompt, text(c + [a])) - R(prompt, text(c))`. Tokens outside the top `k` get `Q = 0` (no effect assumed);
