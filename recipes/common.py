@@ -229,18 +229,37 @@ def load_model(
     return model, tokenizer
 
 
+def int_at_least(low: int):
+    """An argparse `type`: an integer >= `low`, or the parser's own error naming the flag (exit code 2, at parse time,
+    before any model loads)."""
+
+    def parse(text: str) -> int:
+        value = int(text)  # argparse reports the ValueError as "invalid parse value"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {low}"
+    return parse
+
+
 def build_parser(description: str, output_dir: str) -> argparse.ArgumentParser:
     """The demo's command line (other recipes add their own flags to it)."""
     p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default="smollm2", help="'smollm2' (offline, from PyPI) or a hub name / local folder")
     p.add_argument("--output_dir", default=output_dir)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n_train_prompts", type=int, default=64)
+    p.add_argument("--n_train_prompts", type=int_at_least(1), default=64)
     p.add_argument("--n_eval_prompts", type=int, default=32)
-    p.add_argument("--num_generations", type=int, default=8, help="completions per training prompt")
-    p.add_argument("--max_new_tokens", type=int, default=24)
+    p.add_argument(
+        "--num_generations",
+        type=int_at_least(2),
+        default=8,
+        help="completions per training prompt (>= 2: each reward is centred on its prompt's mean)",
+    )
+    p.add_argument("--max_new_tokens", type=int_at_least(1), default=24)
     p.add_argument("--epochs", type=float, default=2.0)
-    p.add_argument("--train_batch_size", type=int, default=16)
+    p.add_argument("--train_batch_size", type=int_at_least(1), default=16)
     p.add_argument("--learning_rate", type=float, default=1e-5, help="LoRA adapters")
     p.add_argument("--q_learning_rate", type=float, default=Q_HEAD_ONLY_LEARNING_RATE, help="Q head weight")
     p.add_argument("--q_bias_learning_rate", type=float, default=Q_HEAD_ONLY_BIAS_LEARNING_RATE, help="Q head bias")
@@ -286,7 +305,7 @@ def build_parser(description: str, output_dir: str) -> argparse.ArgumentParser:
     p.add_argument("--eval_samples", type=int, default=16, help="base samples per held-out prompt (>= max best-of-N)")
     p.add_argument("--tilted_samples", type=int, default=4, help="Q-tilted samples per held-out prompt and beta")
     p.add_argument("--betas", type=float, nargs="+", default=list(DEFAULT_BETAS))
-    p.add_argument("--gen_batch_size", type=int, default=64)
+    p.add_argument("--gen_batch_size", type=int_at_least(1), default=64)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p
 

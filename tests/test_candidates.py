@@ -28,13 +28,13 @@ def lexicon_reward(completions, **kwargs) -> list[float]:
 
 
 class Counting:
-    """A reward function that records every text it is called on."""
+    """A reward function that records every (prompt, text, completion ids) it is called on."""
 
     def __init__(self):
-        self.calls: list[list[tuple[str, str]]] = []
+        self.calls: list[list[tuple[str, str, tuple[int, ...]]]] = []
 
-    def __call__(self, prompts, completions, **kwargs):
-        self.calls.append(list(zip(prompts, completions, strict=True)))
+    def __call__(self, prompts, completions, completion_ids, **kwargs):
+        self.calls.append(list(zip(prompts, completions, map(tuple, completion_ids), strict=True)))
         return lexicon_reward(completions)
 
 
@@ -126,7 +126,8 @@ def test_labelling_is_batched_and_memoised(gpt2_tokenizer):
     _, data = _labelled(gpt2_tokenizer, counting, k=4, stride=1, candidate_batch_size=16)
     labelling_calls = counting.calls[1:]  # the first call scores the sampled completions
     seen = [pair for call in labelling_calls for pair in call]
-    assert len(seen) == len(set(seen)), "a (prompt, text) pair was scored twice"
+    # a function reads `completion_ids`: texts are memoised by (prompt, ids), two tokenisations of one text apart
+    assert len(seen) == len(set(seen)), "a (prompt, completion ids) pair was scored twice"
     assert all(len(call) <= 16 for call in labelling_calls)
     cost = json.loads(data.info.description)["labelling_cost"]
     assert cost["reward_calls"] == len(labelling_calls) > 1
@@ -135,7 +136,7 @@ def test_labelling_is_batched_and_memoised(gpt2_tokenizer):
     # previous state's sampled prefix, counted as a lookup once per request)
     assert cost["texts_requested"] > cost["texts_scored"]  # the shared prefixes were looked up, not rescored
     # the empty completion of each prompt is scored once, not once per completion
-    assert sum(1 for prompt, text in seen if text == "") == len(PROMPTS)
+    assert sum(1 for prompt, text, ids in seen if not ids) == len(PROMPTS)
 
 
 def test_prefix_shaping_writes_telescoping_token_rewards(gpt2_tokenizer):

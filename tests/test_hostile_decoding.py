@@ -102,3 +102,50 @@ def test_rerank_with_a_tiny_beta_samples_the_argmax_without_nan():
     samples = torch.tensor([[11, 12, 3], [11, 12, 7], [11, 12, 4], [20, 21, 31], [20, 21, 2], [20, 21, 5]])
     result = rerank(model, samples, num_samples=3, attention_mask=torch.ones_like(samples), beta=1e-45)
     assert result.indices.tolist() == [1, 3]  # the samples ending in a token of largest Q
+
+
+# ---- issue 27: RewardLookahead's k against the vocabulary, at construction -------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs", [{"k": 60000}, {"k": 4, "lookahead_k": 60000, "beta": 0.5}])
+def test_reward_lookahead_refuses_a_k_beyond_the_vocabulary_at_construction(gpt2_tokenizer, kwargs):
+    from trl_qhead.decoding import RewardLookahead
+
+    name = "lookahead_k" if "lookahead_k" in kwargs else "k"
+    with pytest.raises(
+        ValueError, match=f"`{name}` \\(60000\\) is larger than the model's vocabulary \\(50257 tokens\\)"
+    ):
+        RewardLookahead(make_tiny_gpt2(), gpt2_tokenizer, lambda completions, **kw: [0.0] * len(completions), **kwargs)
+
+
+def test_reward_lookahead_takes_k_equal_to_the_vocabulary():
+    from trl_qhead.decoding import RewardLookahead
+
+    source = RewardLookahead(make_tiny_gpt2(vocab_size=VOCAB), None, lambda completions, **kw: [0.0], k=VOCAB)
+    assert source.k == VOCAB
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_reward_lookahead_keeps_a_leading_pad_id_that_is_a_real_token(gpt2_tokenizer, masked):
+    """GPT-2's BOS is its pad id (<|endoftext|>): a prompt that starts with it, left-padded with it, keeps it, as the
+    attention mask says (the branch forward of the lookahead reads it; a source that took it for padding valued the
+    candidates on another sequence)."""
+    from tests.test_lookahead import direct_tilted_logprobs, letter_count_reward
+    from trl_qhead.decoding import RewardLookahead
+
+    model = make_tiny_gpt2(seed=3).eval()
+    model.generation_config.pad_token_id = gpt2_tokenizer.eos_token_id
+    bos = gpt2_tokenizer.eos_token
+    enc = gpt2_tokenizer([f"{bos}{bos}The house", "A cat sat on a mat"], padding=True, padding_side="left",
+                         return_tensors="pt")  # fmt: skip
+    assert enc["input_ids"][0, :4].tolist() == [gpt2_tokenizer.eos_token_id] * 4  # 2 pads, then 2 real BOS tokens
+    beta, k, k2 = 0.5, 6, 3
+    source = RewardLookahead(model, gpt2_tokenizer, letter_count_reward, k=k, lookahead_k=k2, beta=beta)
+    processor = QTiltLogitsProcessor(source, beta, top_k=k if masked else None)
+    torch.manual_seed(0)
+    out = model.generate(**enc, logits_processor=[processor], do_sample=True, top_k=0, max_new_tokens=4,
+                         output_scores=True, return_dict_in_generate=True)  # fmt: skip
+    steps = direct_tilted_logprobs(model, gpt2_tokenizer, enc, out.sequences, beta, k, masked, k2)
+    for scores, (_, expected) in zip(out.scores, steps, strict=True):
+        torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    processor.remove()

@@ -349,3 +349,93 @@ def test_a_reward_of_1e39_stops_generate_and_score_naming_the_function():
             max_new_tokens=2,
             show_progress=False,
         )
+
+
+# ---- issue 27: a reward times `reward_scale` that leaves float32; moments of huge rewards ---------------------------
+
+
+def _scored_batch(tokenizer, **columns):
+    from trl_qhead import DataCollatorForQHead, prepare_dataset
+
+    data = Dataset.from_dict({"prompt": ["Hi", "A"], "completion": [" there", " cat sat"], **columns})
+    rows = list(prepare_dataset(data, tokenizer, reward_columns=True))
+    batch = DataCollatorForQHead(tokenizer.eos_token_id)(rows)
+    return batch, action_mask_from_labels(batch["labels"], batch["attention_mask"])
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ([0.0, 1e38], r"The sequence reward of batch row 1 is 1e\+38 .* `reward_scale` \(10\)"),
+        (
+            [[0.0, 0.0], [0.0, -1e38, 0.0]],
+            r"The per-token reward of batch row 1 at action position \d+ is -1e\+38",
+        ),
+    ],
+    ids=["sequence", "per_token"],
+)
+def test_a_function_reward_times_reward_scale_beyond_float32_names_the_row(gpt2_tokenizer, output, message):
+    from trl_qhead.rewards import RewardComputer, RewardFunctions
+
+    batch, action_mask = _scored_batch(gpt2_tokenizer)
+    computer = RewardComputer(gpt2_tokenizer, RewardFunctions(_returning(output)), reward_scale=10.0)
+    with pytest.raises(ValueError, match=message):  # was: inf, dropped as "no reward" (or "rewards must be finite")
+        computer(batch, action_mask)
+    fits, _ = RewardComputer(gpt2_tokenizer, RewardFunctions(_returning(output)), reward_scale=3.0)(batch, action_mask)
+    assert torch.isfinite(fits).all() and fits.abs().max().item() == pytest.approx(3e38, rel=1e-6)
+
+
+def test_data_and_function_rewards_summing_beyond_float32_name_the_row(gpt2_tokenizer):
+    from trl_qhead.rewards import RewardComputer, RewardFunctions
+
+    batch, action_mask = _scored_batch(gpt2_tokenizer, reward=[0.0, 2e38])  # each fits, their sum does not
+    computer = RewardComputer(gpt2_tokenizer, RewardFunctions(_returning([0.0, 2e38])))
+    with pytest.raises(ValueError, match="The weighted sum|batch row 1"):
+        computer(batch, action_mask)
+
+
+@pytest.mark.parametrize("normalization", ["batch", "running"])
+def test_normalising_rewards_near_float32s_limit_keeps_their_order(gpt2_tokenizer, normalization):
+    from trl_qhead.rewards import RewardComputer
+
+    batch, action_mask = _scored_batch(gpt2_tokenizer, reward=[3e38, -3e38])  # their std (4.2e38) overflows float32
+    rewards, _ = RewardComputer(gpt2_tokenizer, reward_normalization=normalization)(batch, action_mask)
+    last = rewards.sum(1)
+    # (R - mean) / (std + 1e-4) with mean 0 and std 3e38 * sqrt(2): +-1/sqrt(2), not 0 (inf std) or NaN
+    assert last.tolist() == pytest.approx([2**-0.5, -(2**-0.5)], rel=1e-6)
+
+
+# ---- issue 27: prefix scores keyed on token ids when a function reads them -------------------------------------------
+
+
+def _overlong(completion_ids, **kwargs):
+    """TRL-style: a penalty of one per completion token."""
+    return [-float(len(ids)) for ids in completion_ids]
+
+
+def test_prefix_scores_of_two_tokenisations_of_one_text_are_kept_apart(gpt2_tokenizer):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from trl_qhead.candidates import PrefixScorer
+    from trl_qhead.reward_functions import RewardFunctions
+
+    prompt = gpt2_tokenizer("The")["input_ids"]
+    split, whole = gpt2_tokenizer.convert_tokens_to_ids(["Ġc", "at"]), gpt2_tokenizer.convert_tokens_to_ids(["Ġcat"])
+    assert gpt2_tokenizer.decode(split) == gpt2_tokenizer.decode(whole) == " cat"
+    scorer = PrefixScorer(RewardFunctions(_overlong), gpt2_tokenizer)
+    scorer.add_group(0, "The", {})
+    keys = [scorer.request(0, prompt, ids) for ids in (split, whole)]
+    scorer.flush()
+    assert [scorer.score(key) for key in keys] == [-2.0, -1.0]  # was: one memoised score for both
+    # a reward model reads only the text: the one text is scored once
+    torch.manual_seed(0)
+    model = GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, num_labels=1))
+    functions = RewardFunctions(model, reward_processing_classes=gpt2_tokenizer)
+    assert not functions.reads_completion_ids
+    texts = PrefixScorer(functions, gpt2_tokenizer)
+    texts.add_group(0, "The", {})
+    keys = [texts.request(0, prompt, ids) for ids in (split, whole)]
+    texts.flush()
+    direct = functions.score(["The"], [" cat"], [whole]).sequence[0, 0].item()
+    assert keys[0] == keys[1] and texts.cost.texts_scored == 1 and texts.score(keys[0]) == pytest.approx(direct)
+    assert RewardFunctions([model, _overlong], reward_processing_classes=[gpt2_tokenizer, None]).reads_completion_ids

@@ -22,7 +22,7 @@ def _model_and_batch(gpt2_tokenizer):
     return model, enc
 
 
-def _direct_tilted_logprobs(model, tokenizer, enc, sequences, beta, k, masked, lookahead_k=None):
+def direct_tilted_logprobs(model, tokenizer, enc, sequences, beta, k, masked, lookahead_k=None):
     """Every step recomputed from scratch: the model's logits at the step, its top-k, the reward called on each
     candidate text, `log_softmax(logits + q / beta)` (q = 0 off the top-k, or the top-k alone when `masked`). With
     `lookahead_k`, each candidate's q adds `beta log(sum_b p(b) exp(effect_b / beta) + 1 - sum_b p(b))` over the
@@ -83,7 +83,7 @@ def test_lookahead_tilt_matches_a_direct_step_by_step_computation(gpt2_tokenizer
         num_return_sequences=2, output_scores=True, return_dict_in_generate=True,
     )  # fmt: skip
     enc = {key: value.repeat_interleave(2, dim=0) for key, value in enc.items()}
-    steps = _direct_tilted_logprobs(model, gpt2_tokenizer, enc, out.sequences, beta, k, masked, lookahead_k)
+    steps = direct_tilted_logprobs(model, gpt2_tokenizer, enc, out.sequences, beta, k, masked, lookahead_k)
     kl = torch.zeros(out.sequences.shape[0])
     for scores, (z, expected) in zip(out.scores, steps, strict=True):
         torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)

@@ -84,6 +84,7 @@ def test_hostile_counts_classifies_every_hostile_case():
     counts = json.loads(_python("tools/hostile_counts.py", "--json"))
     files = sorted(path.name for path in (REPO / "tests").glob("test_hostile_*.py"))
     assert sorted(counts["files"]) == files
+    assert all(counts["features"][file] != file for file in files), "a hostile file without a feature in FEATURES"
     for kind in ("clear error", "correct result"):
         assert counts["total"][kind] == sum(c.get(kind, 0) for c in counts["files"].values())
     # This file's hostile rewards: the multi-turn returns are checked numbers, a reward of 1e39 a clear error.

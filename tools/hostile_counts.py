@@ -2,8 +2,9 @@
 
 Usage: `python tools/hostile_counts.py [--run] [--json]` from the repository root.
 
-Every collected test case counts as one hostile input (each parametrization is a case; a test that loops over several
-inputs, such as a save killed at each of its file operations, counts once). A case is checked to give a **clear
+Each file attacks one feature (`FEATURES`). Every collected test case counts as one hostile input (each
+parametrization is a case; a test that loops over several inputs, such as a save killed at each of its file
+operations, counts once). A case is checked to give a **clear
 error** when its test function calls `pytest.raises` (the error's type and message, naming the field, file, function
 or row, are matched), and to give the **correct result** otherwise (its numbers or files are compared with a reference
 or a hand-worked value). Without `--run` the cases are only collected (a few seconds); with `--run` they are run too and
@@ -24,6 +25,18 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+
+# The feature each file attacks (the table's first column); a file not listed is named by itself.
+FEATURES = {
+    "test_hostile_checkpoints.py": "checkpoints and the Hub: save, load, resume",
+    "test_hostile_cli.py": "the command line: trl-qhead train / eval / demo flags",
+    "test_hostile_config.py": "QHeadConfig: float fields, settings candidate labels refuse",
+    "test_hostile_data.py": "data preparation: columns, messages, masks, rewards float32 cannot hold, prompt_length",
+    "test_hostile_decoding.py": "decoding: tilt betas, RewardLookahead's k and prompts",
+    "test_hostile_gvpo.py": "GVPO: member masks, offline rows, the trainer's model source",
+    "test_hostile_rewards.py": "rewards: multi-turn rows, normalisation, float32 overflow, prefix-score memo",
+    "test_hostile_soft.py": "soft targets: LINEX at extreme targets and betas, mask weights, lookahead values",
+}
 
 
 def raises_checked(function) -> bool:
@@ -54,7 +67,7 @@ class _Recorder:
 
 
 def count(run: bool = False) -> dict:
-    """`{"files": {file: {kind: n}}, "total": {kind: n}, "passed": {kind: n} or None}`."""
+    """`{"features": {file: feature}, "files": {file: {kind: n}}, "total": {kind: n}, "passed": {kind: n} or None}`."""
     import pytest
 
     os.chdir(REPO)
@@ -72,6 +85,7 @@ def count(run: bool = False) -> dict:
     total = sum(per_file.values(), Counter())
     passed = Counter(kind for nodeid, (_, kind) in recorder.kinds.items() if nodeid in recorder.passed)
     return {
+        "features": {file: FEATURES.get(file, file) for file in per_file},
         "files": {file: dict(counts) for file, counts in per_file.items()},
         "total": dict(total),
         "passed": dict(passed) if run else None,
@@ -80,14 +94,15 @@ def count(run: bool = False) -> dict:
 
 def table(counts: dict) -> str:
     kinds = ("clear error", "correct result")
-    lines = ["| file | cases | clear error | correct result |", "| --- | --- | --- | --- |"]
+    lines = ["| feature | file | cases | clear error | correct result |", "| --- | --- | --- | --- | --- |"]
     for file, c in counts["files"].items():
-        lines.append(f"| {file} | {sum(c.values())} | {c.get(kinds[0], 0)} | {c.get(kinds[1], 0)} |")
+        feature = FEATURES.get(file, file)
+        lines.append(f"| {feature} | {file} | {sum(c.values())} | {c.get(kinds[0], 0)} | {c.get(kinds[1], 0)} |")
     total = counts["total"]
-    lines.append(f"| all | {sum(total.values())} | {total.get(kinds[0], 0)} | {total.get(kinds[1], 0)} |")
+    lines.append(f"| all | | {sum(total.values())} | {total.get(kinds[0], 0)} | {total.get(kinds[1], 0)} |")
     if counts["passed"] is not None:
         passed = counts["passed"]
-        lines.append(f"| passed | {sum(passed.values())} | {passed.get(kinds[0], 0)} | {passed.get(kinds[1], 0)} |")
+        lines.append(f"| passed | | {sum(passed.values())} | {passed.get(kinds[0], 0)} | {passed.get(kinds[1], 0)} |")
     return "\n".join(lines)
 
 

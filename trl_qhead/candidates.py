@@ -195,8 +195,11 @@ class PrefixScorer:
     """Scores `prompt + decode(token ids)` with reward functions, batched and memoised (the texts of the prompt's and
     the prefix's tokens, `reward_functions.texts_for_rewards`, as the whole completion is scored).
 
-    `request` registers a text (keyed by its prompt group and the decoded text: the same text is scored once, whatever
-    token ids produced it), `flush` scores everything pending in calls of at most `batch_size` texts, and `score`
+    `request` registers a text, keyed by its prompt group, the decoded text and, when a reward function may read
+    `completion_ids` (`RewardFunctions.reads_completion_ids`: any callable; TRL's overlong punishment scores
+    `len(completion_ids)`), the token ids too: `[" c", "at"]` and `[" cat"]` decode alike but are two completions to
+    such a function. Reward models read only the text, so with them alone the same text is scored once, whatever ids
+    produced it. `flush` scores everything pending in calls of at most `batch_size` texts, and `score`
     reads a result. A text's score is `nansum_i w_i R_i` over the functions (per-token outputs summed); a text no
     function scored counts 0.
 
@@ -212,18 +215,19 @@ class PrefixScorer:
         self.functions, self.tokenizer, self.batch_size = functions, tokenizer, batch_size
         self.cost = LabelCost()
         self._groups: dict[Any, tuple[Any, dict[str, Any]]] = {}
-        self._scores: dict[tuple[Any, str], float] = {}
-        self._pending: dict[tuple[Any, str], tuple[list[int], str]] = {}  # key -> (token ids, prompt text)
+        self._by_ids = functions.reads_completion_ids
+        self._scores: dict[tuple, float] = {}
+        self._pending: dict[tuple, tuple[list[int], str]] = {}  # key -> (token ids, prompt text)
 
     def add_group(self, group, prompt, columns: dict[str, Any]) -> None:
         """The prompt (and the extra dataset columns, passed to the functions) of a group of texts."""
         self._groups[group] = (prompt, columns)
 
-    def request(self, group, prompt_ids: list[int], token_ids: list[int]) -> tuple[Any, str]:
+    def request(self, group, prompt_ids: list[int], token_ids: list[int]) -> tuple:
         """Register `prompt + token_ids` of a group for scoring; the texts are those of the tokens
         (`reward_functions.texts_for_rewards`), as the whole completion is scored."""
         (prompt_text,), (text,) = texts_for_rewards(self.tokenizer, [prompt_ids], [token_ids])
-        key = (group, text)
+        key = (group, text, tuple(token_ids) if self._by_ids else None)
         self.cost.texts_requested += 1
         if key not in self._scores and key not in self._pending:
             self._pending[key] = (list(token_ids), prompt_text)
@@ -236,12 +240,12 @@ class PrefixScorer:
         for start in range(0, len(pending), self.batch_size):
             chunk = pending[start : start + self.batch_size]
             prompts = []
-            for (group, _), (_, prompt_text) in chunk:
+            for (group, _, _), (_, prompt_text) in chunk:
                 prompt = self._groups[group][0]
                 prompts.append(prompt if is_messages(prompt) else prompt_text)  # conversations stay messages
-            texts = [text for (_, text), _ in chunk]
+            texts = [text for (_, text, _), _ in chunk]
             columns: dict[str, list] = {}
-            for (group, _), _ in chunk:
+            for (group, _, _), _ in chunk:
                 for name, value in self._groups[group][1].items():
                     columns.setdefault(name, []).append(value)
             scored = self.functions.score(
@@ -255,7 +259,7 @@ class PrefixScorer:
             self.cost.texts_scored += len(chunk)
         self.cost.reward_seconds += time.perf_counter() - began
 
-    def score(self, key: tuple[Any, str]) -> float:
+    def score(self, key: tuple) -> float:
         return self._scores[key]
 
     def soft_value_ahead(self, key, next_keys, log_probs: torch.Tensor, beta: float) -> float:

@@ -56,12 +56,36 @@ def _resolve_config(argv: list[str]) -> list[str]:
     return argv
 
 
+def check_model_source(name: str | None, flag: str = "--model_name_or_path") -> None:
+    """A SystemExit naming the flag unless `name` is an existing folder or has the form of a Hub repo id (`name` or
+    `owner/name`): a path that does not exist would otherwise reach the Hub as a malformed repo id."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if not name:
+        raise SystemExit(f"`{flag}` is required: a saved model's folder or a Hub repo id.")
+    if os.path.isdir(name):
+        return
+    looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        looks_like_path = True
+    if looks_like_path:
+        raise SystemExit(
+            f"`{flag}` {name!r}: no such folder (and not a Hub repo id, which has the form 'name' or 'owner/name')."
+        )
+
+
 def train(argv: Sequence[str]):
     module = recipe("qhead_lora")
     module.ensure_cpu_processes()
     parser = module.make_parser()
     parser.prog = "trl-qhead train"
-    return module.main(*parser.parse_args_and_config(_resolve_config(list(argv))))
+    script_args, training_args, model_args = parser.parse_args_and_config(_resolve_config(list(argv)))
+    check_model_source(model_args.model_name_or_path)
+    if script_args.tokenizer_name_or_path:
+        check_model_source(script_args.tokenizer_name_or_path, "--tokenizer_name_or_path")
+    return module.main(script_args, training_args, model_args)
 
 
 def evaluate(argv: Sequence[str]) -> dict:
@@ -79,6 +103,9 @@ def evaluate(argv: Sequence[str]) -> dict:
     if training_args.dataset_name is None:
         raise SystemExit("trl-qhead eval: set --dataset_name (and --dataset_test_split, default 'test').")
     name = model_args.model_name_or_path
+    check_model_source(name)
+    if script_args.tokenizer_name_or_path:
+        check_model_source(script_args.tokenizer_name_or_path, "--tokenizer_name_or_path")
     training_args, source = _with_training_settings(training_args, name, explicit, revision=model_args.model_revision)
     print(f"trl-qhead eval: reward and return settings {source}", file=sys.stderr)
     model = AutoModelForCausalLMWithQHead.from_pretrained(

@@ -400,6 +400,53 @@ class QHeadConfig(TrainingArguments):
         _check_q_labels_and_q_head_only(self)
         super().__post_init__()
 
+    def check_dataset_columns(self, dataset, name: str = "dataset") -> None:
+        """A ValueError, before the data is prepared, for settings a dataset's columns cannot be trained with.
+
+        Candidate labels (`candidate_ids`, trained with `candidate_weight > 0`) have targets
+        `G_t + reward_scale * (r'(s_t, a) - r'(s_t, a_t))`, exact only where every other reward term of `G_t` is the
+        same for the candidate as for the sampled token. Three settings break that, so they are refused rather than
+        trained on silently wrong targets: `reward_normalization` (rescales `G_t` but not the effects),
+        `reward_clip` (clips `G_t`, not the candidate's own reward) and `use_lm_rewards` (the sampled token's
+        `lm_reward_coef * log pi_ref(a_t|s_t)` would stay in every candidate's target instead of its own).
+
+        Args:
+            dataset: the dataset (its `column_names`; a stream that does not know them is read for its first row),
+                or a list of column names; `None` checks nothing.
+            name: how the error names the dataset (e.g. `"train_dataset"`).
+        """
+        if dataset is None or self.candidate_weight == 0:
+            return
+        if not (self.reward_normalization is not None or self.reward_clip is not None or self.use_lm_rewards):
+            return
+        columns = dataset if isinstance(dataset, (list, tuple)) else getattr(dataset, "column_names", None)
+        if columns is None and hasattr(dataset, "__iter__"):  # a stream of unknown columns: its first row's keys
+            columns = list(next(iter(dataset), None) or {})
+        if "candidate_ids" not in (columns or []):
+            return
+        refused = {  # field -> (set?, why), each refused unless at its default (None, None, False)
+            "reward_normalization": (
+                self.reward_normalization is not None,
+                "rescales the returns the effects (in the reward's own units) are added to",
+            ),
+            "reward_clip": (
+                self.reward_clip is not None,
+                "clips the sampled return G_t, not each candidate's own reward",
+            ),
+            "use_lm_rewards": (
+                self.use_lm_rewards,
+                "would leave the sampled token's `lm_reward_coef * log pi_ref(a_t|s_t)` in every candidate's target "
+                "instead of the candidate's own",
+            ),
+        }
+        for field_name, (is_set, why) in refused.items():
+            if is_set:
+                value, default = getattr(self, field_name), self.__dataclass_fields__[field_name].default
+                raise ValueError(
+                    f"The {name} has candidate labels (`candidate_ids`), and `{field_name}={value!r}` {why}: set "
+                    f"`{field_name}={default!r}`, or `candidate_weight=0` to leave the candidate columns out."
+                )
+
 
 def _check_q_labels_and_q_head_only(config: QHeadConfig) -> None:
     """`q_labels` and `q_head_only`: their values, the combinations they refuse, and the head-only learning rates."""

@@ -6,7 +6,9 @@ A training row is `input_ids` (at least two tokens, so at least one action) with
   document's last target token, which is the same thing and survives packing;
 - `completion_mask`: 1 where a token is a training target (with `completion_only_loss`, the default);
 - `prompt_length`: how many leading tokens are the prompt (0 when absent). Reward functions see the tokens after it as
-  the completion;
+  the completion; a pre-tokenised row may give it (counting its own left padding), else its `completion_mask` (or
+  `labels`) sets it at the first target; given alone, under `completion_only_loss` it also takes the prompt out of the
+  targets;
 - `done`: a boolean (`None` is `False`), the row's last action ends the episode even without EOS: a completion cut at a
   generation limit whose reward judged it as finished. Packing folds it into a token-aligned `dones` list (1 at the
   document's last target token), which survives the cuts and reorderings of every packing strategy;
@@ -38,7 +40,9 @@ Formats recognised, the way TRL's trainers recognise them (first match wins):
 Every format may carry a scalar `reward` and a `done` flag; the tokenised one a per-token `rewards` list too.
 Bad values raise a `TypeError` or `ValueError` naming the column, the row's index in the dataset and what was
 expected, when the data is prepared: token ids that are not integers in `[0, vocab_size)`, rewards that are not finite
-numbers, a `done` that is not a bool.
+numbers or do not fit in float32 (alone, or times the trainer's `reward_scale`), a `completion_mask` entry other than
+0/1, a message without `content`, a `prompt_length` that is not an integer within the row, a `done` that is not a
+bool.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from trl.trainer.utils import pad
 
 from .chat import is_messages
+from .reward_functions import FLOAT32_MAX
 
 # Columns a format consumes; every other column is an extra one, handed to reward functions as a keyword argument.
 logger = logging.get_logger(__name__)
@@ -109,8 +114,23 @@ def _number(value: Any) -> float | None:
     return None
 
 
-def _check_rewards(rewards: Any, n_tokens: int, where: str) -> list[float]:
-    """The `rewards` of a row as floats, or a TypeError/ValueError naming the row and what is wrong."""
+def _check_float32(number: float, scale: float, what: str) -> None:
+    """A ValueError unless `number` and `number * scale` (the trainer's `reward_scale`) fit in float32, where rewards
+    are computed: a Python float of 1e39 is finite but float32's inf, which no loss can use."""
+    if abs(number) > FLOAT32_MAX:
+        raise ValueError(
+            f"{what} is {number:g}: it does not fit in float32 (|x| <= {FLOAT32_MAX:.4g}), as rewards are computed."
+        )
+    if abs(number * scale) > FLOAT32_MAX:
+        raise ValueError(
+            f"{what} is {number:g}, which times `reward_scale` ({scale:g}) does not fit in float32 (|x| <= "
+            f"{FLOAT32_MAX:.4g}): scale the data down or lower `reward_scale`."
+        )
+
+
+def _check_rewards(rewards: Any, n_tokens: int, where: str, scale: float = 1.0) -> list[float]:
+    """The `rewards` of a row as floats, or a TypeError/ValueError naming the row and what is wrong (also when a value,
+    or a value times `scale`, does not fit in float32)."""
     if isinstance(rewards, (str, bytes, dict)) or not hasattr(rewards, "__len__"):
         raise TypeError(
             f"`rewards` of {where} is {rewards!r} ({type(rewards).__name__}): it must be a list of numbers, one per "
@@ -131,12 +151,14 @@ def _check_rewards(rewards: Any, n_tokens: int, where: str) -> list[float]:
             )
         if not math.isfinite(number):
             raise ValueError(f"`rewards` of {where} holds NaN or inf ({number} at token {k}).")
+        _check_float32(number, scale, f"`rewards` of {where} at token {k}")
         values.append(number)
     return values
 
 
-def _check_reward(value: Any, where: str) -> float | None:
-    """The scalar `reward` of a row as a float (`None`: the row has none), or a TypeError/ValueError."""
+def _check_reward(value: Any, where: str, scale: float = 1.0) -> float | None:
+    """The scalar `reward` of a row as a float (`None`: the row has none), or a TypeError/ValueError (also when it, or
+    it times `scale`, does not fit in float32)."""
     if value is None:
         return None
     number = _number(value)
@@ -147,6 +169,7 @@ def _check_reward(value: Any, where: str) -> float | None:
         )
     if not math.isfinite(number):
         raise ValueError(f"`reward` of {where} is {number}: it must be finite (leave it empty for no reward).")
+    _check_float32(number, scale, f"`reward` of {where}")
     return number
 
 
@@ -232,6 +255,8 @@ def _strip_padding(example: dict[str, Any], where: str) -> dict[str, Any]:
     start, stop = _real_span(example["attention_mask"], n, where)
     if (start, stop) == (0, n):
         return example
+    if example.get("prompt_length") is not None:  # counts `input_ids` as given: the leading padding comes off it
+        example["prompt_length"] = _check_prompt_length(example["prompt_length"], stop - start, where, start)
     for name in TOKEN_COLUMNS:
         column = example.get(name)
         if column is None:
@@ -262,10 +287,12 @@ def _last_target(targets: list[int] | None, n_tokens: int) -> int:
     return n_tokens - 1
 
 
-def check_candidates(example: dict[str, Any], n_tokens: int, where: str, vocab_size: int | None = None) -> dict:
+def check_candidates(
+    example: dict[str, Any], n_tokens: int, where: str, vocab_size: int | None = None, reward_scale: float = 1.0
+) -> dict:
     """The candidate columns of a row, checked (a ValueError naming the column and the row otherwise): all three or
-    none, one entry per token, as many effects as ids at each token, ids in `[0, vocab_size)`, finite effects. Returns
-    `{}` when the row has none (all three `None` or absent)."""
+    none, one entry per token, as many effects as ids at each token, ids in `[0, vocab_size)`, finite effects that
+    fit in float32 times `reward_scale`. Returns `{}` when the row has none (all three `None` or absent)."""
     present = [name for name in CANDIDATE_COLUMNS if example.get(name) is not None]
     if not present:
         return {}
@@ -294,11 +321,15 @@ def check_candidates(example: dict[str, Any], n_tokens: int, where: str, vocab_s
                 )
         if not all(isinstance(r, (int, float)) and math.isfinite(r) for r in token_effects):
             raise ValueError(f"`candidate_rewards` of {where} holds a NaN, inf or non-number at token {i}.")
+        for r in token_effects:
+            _check_float32(r, reward_scale, f"`candidate_rewards` of {where} at token {i}")
         out_ids.append(token_ids)
         out_effects.append([float(r) for r in token_effects])
     sampled = [0.0 if r is None else r for r in sampled]
     if not all(isinstance(r, (int, float)) and math.isfinite(r) for r in sampled):
         raise ValueError(f"`candidate_sampled_reward` of {where} holds a NaN, inf or non-number.")
+    for i, r in enumerate(sampled):
+        _check_float32(r, reward_scale, f"`candidate_sampled_reward` of {where} at token {i}")
     return {"candidate_ids": out_ids, "candidate_rewards": out_effects, "candidate_sampled_reward": sampled}
 
 
@@ -314,6 +345,44 @@ def check_done(value: Any, where: str) -> bool:
         f"`done` of {where} is {value!r}: it must be a bool (or 0/1, or None for False), True when the row's last "
         "action ends the episode."
     )
+
+
+def _check_prompt_length(value: Any, n_tokens: int, where: str, padding: int = 0) -> int:
+    """A pre-tokenised row's `prompt_length` (leading tokens that are the prompt), an integer in `[0, n_tokens]`, less
+    the `padding` tokens its `attention_mask` marks before the first real token; a TypeError/ValueError otherwise."""
+    number = _number(value)
+    if isinstance(value, bool) or number is None or not float(number).is_integer():
+        raise TypeError(
+            f"`prompt_length` of {where} is {value!r} ({type(value).__name__}): it must be an integer, the number of "
+            "leading tokens of `input_ids` that are the prompt."
+        )
+    length = int(number) - padding
+    if not 0 <= length <= n_tokens:
+        raise ValueError(
+            f"`prompt_length` of {where} is {int(number)}: it must lie in [{padding}, {n_tokens + padding}] (the "
+            f"row's {padding} leading padding tokens, up to all of its {n_tokens} real tokens)."
+        )
+    return length
+
+
+def _check_messages(messages: Any, column: str, where: str) -> None:
+    """A TypeError/ValueError naming the column, the row and the message unless every message is a dict with a string
+    `role` and a `content` (a string or a list of content parts; `None` or absent only beside `tool_calls`): a chat
+    template renders a missing content as nothing, a silently empty turn."""
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise TypeError(
+                f"`{column}` of {where}: message {i} is {message!r}; every message must be a dict with a string `role`."
+            )
+        content = message.get("content")
+        if content is None and message.get("tool_calls"):
+            continue
+        if not isinstance(content, (str, list)):
+            got = "no `content`" if "content" not in message else f"`content` {content!r} ({type(content).__name__})"
+            raise ValueError(
+                f"`{column}` of {where}: message {i} (role {message['role']!r}) has {got}: it must be a string (or a "
+                "list of content parts; absent only for a message with `tool_calls`)."
+            )
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -354,6 +423,12 @@ def _tokenize(
     merges = merges if merges is not None else BoundaryMerges()
     if fmt == "tokenized":
         input_ids = list(example["input_ids"])
+        if example.get("prompt_length") is not None:  # the data's own split (its leading padding taken out)
+            return (
+                input_ids,
+                _check_prompt_length(example["prompt_length"], len(input_ids), where),
+                example.get("prompt"),
+            )
         mask = example.get("completion_mask")
         mask = example.get("labels") if mask is None else mask  # `labels` as 0/1 targets (`_strip_padding`)
         prompt_length = next((i for i, m in enumerate(mask) if m), len(mask)) if mask is not None else 0
@@ -367,6 +442,7 @@ def _tokenize(
         messages = example["messages"]
         if not is_messages(messages) or not messages:
             raise TypeError(f"`messages` of {where} must be a non-empty list of {{'role', 'content'}} dicts.")
+        _check_messages(messages, "messages", where)
         input_ids = _encode(tokenizer, apply_chat_template({"messages": messages}, tokenizer)["text"])
         prompt_length = 0
         if len(messages) > 1:
@@ -379,6 +455,8 @@ def _tokenize(
         return input_ids, prompt_length, messages[:-1]
     prompt, completion = example["prompt"], example["completion"]
     if is_messages(prompt) and is_messages(completion):
+        _check_messages(prompt, "prompt", where)
+        _check_messages(completion, "completion", where)
         rendered = apply_chat_template({"prompt": prompt, "completion": completion}, tokenizer)
         prompt_text, completion_text, eos = rendered["prompt"], rendered["completion"], []
     elif isinstance(prompt, str) and isinstance(completion, str):
@@ -411,6 +489,9 @@ def _to_row(
     reward_columns: bool,
     vocab_size: int | None,
     merges: BoundaryMerges | None = None,
+    reward_scale: float = 1.0,
+    candidate_scale: float = 1.0,
+    sequence_reward_scale: float = 1.0,
 ) -> dict:
     """Tokenise, check, truncate to `max_length` (the module docstring's truncation rule); keep `reward` and `done`
     apart, or fold them into the token-aligned `rewards` and `dones` and number the tokens (`position_ids`, packing)."""
@@ -425,15 +506,21 @@ def _to_row(
     n = len(input_ids)
     rewards = example.get("rewards")
     if rewards is not None:
-        rewards = _check_rewards(rewards, n, where)
+        rewards = _check_rewards(rewards, n, where, reward_scale)
     mask = example.get("completion_mask")
-    if mask is not None and (not hasattr(mask, "__len__") or len(mask) != n):
+    if mask is not None and (isinstance(mask, (str, bytes)) or not hasattr(mask, "__len__") or len(mask) != n):
         raise ValueError(f"`completion_mask` of {where} must have one entry per token of `input_ids`.")
-    if fmt == "prompt_completion":
+    for k, value in enumerate(mask if mask is not None else []):
+        if _number(value) not in (0.0, 1.0):
+            raise ValueError(
+                f"`completion_mask` of {where} holds {value!r} at token {k}: it must be 1 (a training target) or 0."
+            )
+    given_prompt_length = fmt == "tokenized" and example.get("prompt_length") is not None
+    labels = example.get("labels") if fmt == "tokenized" else None
+    if fmt == "prompt_completion" or (given_prompt_length and mask is None and labels is None):
         mask = [0] * prompt_length + [1] * (n - prompt_length)
     targets = list(mask) if mask is not None and completion_only_loss else None
     # 0/1 targets (`_strip_padding`), honoured whatever `completion_only_loss` says; other formats make their own.
-    labels = example.get("labels") if fmt == "tokenized" else None
     if labels is not None and targets is not None:  # a target where both say so
         targets = [int(bool(t) and bool(m)) for t, m in zip(labels, targets, strict=True)]
     elif labels is not None:
@@ -441,18 +528,18 @@ def _to_row(
     kept = min(n, max_length)
     cut = n > max_length
     row = {"input_ids": input_ids[:kept]}
-    if fmt in ("prompt_completion", "messages") or mask is not None or labels is not None:  # else no prompt: 0
+    if fmt in ("prompt_completion", "messages") or mask is not None or labels is not None or given_prompt_length:
         row["prompt_length"] = min(prompt_length, kept)
     if targets is not None:
         row["completion_mask"] = targets[:kept]
-    reward = _check_reward(example.get("reward"), where)
+    reward = _check_reward(example.get("reward"), where, sequence_reward_scale)
     done = check_done(example.get("done"), where)
     # The truncation rule: a cut row's last kept action bootstraps, unless a scalar reward judged the whole row.
     done = (done and not cut) or (cut and reward is not None)
     # Every row of a dataset must have the same keys: a column that exists gives a key, `None` where it is empty.
     has_done = "done" in example or "reward" in example
     if any(name in example for name in CANDIDATE_COLUMNS):
-        candidates = check_candidates(example, n, where, vocab_size)
+        candidates = check_candidates(example, n, where, vocab_size, candidate_scale)
         if candidates and fold_reward:
             raise ValueError(f"{where} has candidate labels, which do not survive packing: set `packing=False`.")
         for name in CANDIDATE_COLUMNS:
@@ -498,6 +585,9 @@ def prepare_dataset(
     reward_columns: bool = False,
     vocab_size: int | None = None,
     formatting_func: Callable[[dict], str] | None = None,
+    reward_scale: float = 1.0,
+    reward_clip: float | None = None,
+    reward_normalization: str | None = None,
 ) -> Dataset | IterableDataset:
     """Turn a dataset in any supported format into training rows (see the module docstring).
 
@@ -520,6 +610,10 @@ def prepare_dataset(
             the `text_field` column and the example is plain text (its `prompt`, `completion` and `messages` columns
             are dropped, so the whole text is trained on and reward functions see it all as the completion; other
             columns stay). Ignored, with a warning, for a pre-tokenised dataset (as SFTTrainer does).
+        reward_scale, reward_clip, reward_normalization: the trainer's (`QHeadConfig`): every reward of the data
+            must fit in float32, and so must each times `reward_scale` unless `reward_clip` bounds the product (the
+            sequence `reward` is normalised before it is scaled: with `reward_normalization` only it must fit);
+            candidate effects are scaled and never clipped. `QHeadTrainer` passes its config's.
 
     Raises:
         ValueError: for an empty dataset, or one in which no row has a token to train on (see `has_action`), and for
@@ -561,6 +655,12 @@ def prepare_dataset(
         "reward_columns": reward_columns,
         "vocab_size": vocab_size,
         "merges": BoundaryMerges(),  # warns once for this dataset
+        # What each reward is multiplied by in float32 before anything bounds it (a clip bounds the scaled rewards).
+        "reward_scale": 1.0 if reward_clip is not None else float(reward_scale),
+        "candidate_scale": float(reward_scale),
+        "sequence_reward_scale": 1.0
+        if reward_normalization is not None or reward_clip is not None
+        else float(reward_scale),
     }
     consumed = [c for c in columns if c in FORMAT_COLUMNS or c == text_field]
     remove = consumed if reward_columns else columns

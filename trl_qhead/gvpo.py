@@ -14,14 +14,18 @@ Layout: the pure loss (`gvpo_loss`, tensors in, no model) first; then the model-
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
+from accelerate.utils import is_peft_model
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import (
+    get_config_model_id,
     pad,
     selective_log_softmax,
     split_pixel_values_by_grid,
@@ -103,7 +107,9 @@ def gvpo_loss(
         ref_logps: `[G, k]` float, `log pi_ref(y_i|x)` likewise (treated as a constant).
         rewards: `[G, k]` float, the sequence rewards; NaN marks an unscorable completion, left out of its group.
         beta: the KL coefficient, finite and > 0.
-        mask: optional `[G, k]` bool, false for members to leave out (e.g. masked truncated completions).
+        mask: optional `[G, k]` bool (or 0/1), false for members to leave out (e.g. masked truncated completions).
+            Any other value is a ValueError: GVPO's loss is a variance over the members of a group, and weighing a
+            member by 0.4 has no unbiased meaning there (weight the reward instead).
 
     Returns:
         A `GVPOLossOutput`; the loss is float32.
@@ -116,14 +122,27 @@ def gvpo_loss(
             raise ValueError(
                 f"`{name}` must have the shape of `policy_logps` {tuple(policy_logps.shape)}, got {tuple(tensor.shape)}."
             )
+    if mask is not None and mask.dtype != torch.bool:
+        bad = ~((mask == 0) | (mask == 1))
+        if bad.any():
+            g, i = bad.nonzero()[0].tolist()
+            raise ValueError(
+                f"`mask` holds {mask[g, i].item()} at group {g}, member {i}: it must be bool or 0/1 (a member is in "
+                "its group or not; the loss is a group variance, which has no meaning for a fractional member)."
+            )
     policy_logps = policy_logps.float()
     ref_logps = ref_logps.detach().float().to(policy_logps.device)
     rewards = rewards.detach().float().to(policy_logps.device)
     valid = ~torch.isnan(rewards)
     if mask is not None:
         valid = valid & mask.to(device=policy_logps.device, dtype=torch.bool)
-    if torch.isinf(rewards[valid]).any():
-        raise ValueError("`rewards` must be finite (NaN marks an unscorable completion), got an infinite reward.")
+    infinite = torch.isinf(rewards) & valid
+    if infinite.any():
+        g, i = infinite.nonzero()[0].tolist()
+        raise ValueError(
+            f"`rewards` must be finite in float32 (NaN marks an unscorable completion), got {rewards[g, i].item()} at "
+            f"group {g}, member {i}."
+        )
     m = valid.float()
     n = m.sum(dim=1, keepdim=True)  # [G, 1]
     rewards = torch.where(valid, rewards, torch.zeros_like(rewards))
@@ -193,6 +212,55 @@ def group_rows(rows: Iterable[dict[str, Any]], num_generations: int) -> list[lis
     return groups
 
 
+def _check_row(row: Any, index: int, k: int, vocab_size: int | None) -> tuple[list[int], list[int], float]:
+    """`(input_ids, completion_mask, reward)` of row `index` of `gvpo_loss_on_groups`'s groups (`reward` NaN for an
+    unscorable one), or a TypeError/ValueError naming the row (its group and member) and the column."""
+    where = f"row {index} (group {index // k}, member {index % k})"
+    if not isinstance(row, dict):
+        raise TypeError(
+            f"{where} must be a dict with `input_ids`, `completion_mask` and `reward`, got {type(row).__name__}."
+        )
+    missing = [name for name in ("input_ids", "completion_mask", "reward") if name not in row]
+    if missing:
+        raise ValueError(
+            f"{where} has no {missing} (columns {sorted(row)}): every row needs `input_ids` (prompt + completion), "
+            "`completion_mask` (one 0/1 per token, 1 on completion tokens) and `reward` (a number, or None)."
+        )
+    ids, mask, reward = row["input_ids"], row["completion_mask"], row["reward"]
+    if isinstance(ids, (str, bytes)) or not hasattr(ids, "__len__") or len(ids) == 0:
+        raise ValueError(f"`input_ids` of {where} must be a non-empty list of token ids, got {ids!r}.")
+    ids = [i.item() if hasattr(i, "item") else i for i in ids]
+    for t, token in enumerate(ids):
+        if isinstance(token, bool) or not isinstance(token, int) or token < 0 or (vocab_size and token >= vocab_size):
+            raise ValueError(
+                f"`input_ids` of {where} holds {token!r} at token {t}: ids must be integers in [0, {vocab_size})."
+            )
+    if isinstance(mask, (str, bytes)) or not hasattr(mask, "__len__") or len(mask) != len(ids):
+        length = len(mask) if hasattr(mask, "__len__") else mask
+        raise ValueError(
+            f"`completion_mask` of {where} has {length!r} entries for {len(ids)} tokens of `input_ids`: it must have "
+            "one 0/1 per token (1 on completion tokens)."
+        )
+    mask = [m.item() if hasattr(m, "item") else m for m in mask]
+    for t, m in enumerate(mask):
+        if not (isinstance(m, bool) or (isinstance(m, numbers.Real) and m in (0, 1))):
+            raise ValueError(f"`completion_mask` of {where} holds {m!r} at token {t}: it must be 0 or 1.")
+    if mask[0]:
+        raise ValueError(
+            f"`completion_mask` of {where} is 1 on its first token, which no state precedes (it cannot be scored): the "
+            "row must start with at least one prompt token."
+        )
+    if reward is None:
+        return ids, [int(m) for m in mask], math.nan
+    value = reward.item() if hasattr(reward, "item") and getattr(reward, "ndim", 0) == 0 else reward
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"`reward` of {where} is {reward!r} ({type(reward).__name__}): it must be a number or None.")
+    value = float(value)
+    if math.isinf(value) or (math.isfinite(value) and abs(value) > torch.finfo(torch.float32).max):
+        raise ValueError(f"`reward` of {where} is {value}: it must be finite in float32 (None: unscorable).")
+    return ids, [int(m) for m in mask], value
+
+
 def gvpo_loss_on_groups(
     model,
     groups: Sequence[Sequence[dict[str, Any]]],
@@ -203,7 +271,10 @@ def gvpo_loss_on_groups(
     """The GVPO loss of `model` on offline groups (e.g. `group_rows(generate_and_score(...), k)`), with grad.
 
     Each row needs `input_ids` (prompt + completion tokens), `completion_mask` (same length, 1 on completion tokens) and
-    `reward` (a float, or None for an unscorable completion, left out of its group). The completions may come from any
+    `reward` (a float, or None for an unscorable completion, left out of its group); a row that lacks one, or whose
+    values are of the wrong type, length or range (ids outside the vocabulary, a mask entry other than 0/1 or 1 on the
+    first token, a reward that is not a number finite in float32) raises a TypeError/ValueError naming the row, its
+    group and member, and the column, before any forward. The completions may come from any
     policy (GVPO needs no importance weights). The reference log-probs come from `ref_model` when given, else from
     `model` with its PEFT adapters disabled; a model with neither raises a `ValueError`. An
     `AutoModelForCausalLMWithQHead` is read through its backbone (`model.pretrained_model`); its Q head plays no part. Every group must have the
@@ -216,20 +287,26 @@ def gvpo_loss_on_groups(
         raise ValueError(
             f"Every group must have the same number of completions, got sizes {[len(g) for g in groups]}."
         )
+    if k < 2:
+        raise ValueError(
+            f"Every group has {k} completion(s): GVPO's loss is a variance within each group of completions of one "
+            "prompt, so a group needs at least 2 (with 1 the loss is 0 and nothing is learnt)."
+        )
     # An `AutoModelForCausalLMWithQHead` scores with its backbone (the PEFT model whose adapters give the reference).
     model = getattr(model, "pretrained_model", model)
     rows = [row for group in groups for row in group]
     device = next(model.parameters()).device
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    vocab_size = getattr(embeddings, "num_embeddings", None)
+    checked = [_check_row(row, index, k, vocab_size) for index, row in enumerate(rows)]
 
-    def column(name: str) -> list[torch.Tensor]:
-        return [torch.as_tensor(list(row[name]), dtype=torch.long, device=device) for row in rows]
+    def column(values: list[list[int]]) -> list[torch.Tensor]:
+        return [torch.tensor(v, dtype=torch.long, device=device) for v in values]
 
-    input_ids = pad(column("input_ids"), pad_token_id)  # (N, T), right-padded (TRL's `pad`)
-    attention_mask = pad([torch.ones_like(ids) for ids in column("input_ids")], 0)
-    completion_mask = pad(column("completion_mask"), 0)
-    rewards = torch.tensor(
-        [math.nan if row["reward"] is None else float(row["reward"]) for row in rows], device=device
-    ).view(-1, k)
+    input_ids = pad(column([ids for ids, _, _ in checked]), pad_token_id)  # (N, T), right-padded (TRL's `pad`)
+    attention_mask = pad(column([[1] * len(ids) for ids, _, _ in checked]), 0)
+    completion_mask = pad(column([mask for _, mask, _ in checked]), 0)
+    rewards = torch.tensor([reward for _, _, reward in checked], dtype=torch.float32, device=device).view(-1, k)
     policy_logps = sequence_logprobs(model, input_ids, attention_mask, completion_mask)
     with torch.no_grad():
         if ref_model is not None:
@@ -348,6 +425,31 @@ def _shuffle_groups(batch: dict[str, Any], group_size: int) -> dict[str, Any]:
     return {key: permute(value) for key, value in batch.items()}
 
 
+def _check_model_source(model, *arguments, **kwargs) -> None:
+    """A ValueError, before GRPOTrainer's, for a model instance with no name or path (built from a config and never
+    saved) where GRPOTrainer would load something from that path: the reference model (unless the model is, or a
+    `peft_config` makes it, a PEFT model, whose disabled adapters give the reference) or the tokenizer (unless a
+    `processing_class` is passed). GRPOTrainer's own error there is "Repo id must use alphanumeric chars: ''"."""
+    config = getattr(model, "config", None)
+    if isinstance(model, str) or config is None or get_config_model_id(config):
+        return
+    bound = inspect.signature(GRPOTrainer.__init__).bind_partial(None, model, *arguments, **kwargs).arguments
+    why = []
+    if not is_peft_model(model) and bound.get("peft_config") is None:
+        why.append(
+            "its reference model (a frozen copy of the initial weights) is loaded from the model's name or path: save "
+            "the model with `save_pretrained(folder)` and pass the folder, or train LoRA adapters (`peft_config`), "
+            "whose disabled adapters are the reference"
+        )
+    if bound.get("processing_class") is None:
+        why.append("its tokenizer is loaded from the same name or path: pass `processing_class`")
+    if why:
+        raise ValueError(
+            f"The model ({type(model).__name__}) has no name or path (built from a config and never saved), and "
+            f"GVPOTrainer needs one: {'; '.join(why)}."
+        )
+
+
 class GVPOTrainer(GRPOTrainer):
     """TRL's `GRPOTrainer` with the GVPO loss (`gvpo_loss`): same arguments, same generation, reward functions,
     reference model (a frozen copy, or the PEFT model with its adapters disabled) and logging.
@@ -394,6 +496,7 @@ class GVPOTrainer(GRPOTrainer):
         if not isinstance(args, GVPOConfig):
             raise TypeError(f"`args` must be a GVPOConfig (it validates GVPO's settings), got {type(args).__name__}.")
         self._gvpo_rewards_per_func = None
+        _check_model_source(model, reward_funcs, args, *more, **kwargs)
         super().__init__(model, reward_funcs, args, *more, **kwargs)
 
     # Rewards: keep the raw per-function rewards (gathered over processes) that GRPOTrainer turns into advantages.

@@ -206,6 +206,12 @@ class RewardFunctions:
             self.processing_classes[i] = tokenizer
         self._loop = self._loop_thread = None
 
+    @property
+    def reads_completion_ids(self) -> bool:
+        """Whether a function may read `completion_ids`: every callable receives them (TRL's interface), so only a set
+        of reward models alone, which score the decoded texts, reads nothing but the text."""
+        return any(not isinstance(func, nn.Module) for func in self.funcs)
+
     @staticmethod
     def _name(func) -> str:
         if isinstance(func, nn.Module):

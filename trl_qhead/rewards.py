@@ -44,6 +44,7 @@ from .config import REWARD_NORMALIZATIONS
 from .mdp import episode_ids_from_positions, fold_onto_actions, sequence_rewards_to_actions, token_rewards_to_actions
 from .reference import as_reference, frozen_copy, reference_logprobs
 from .reward_functions import (
+    FLOAT32_MAX,
     FunctionRewards,
     RewardFunc,
     RewardFunctions,
@@ -88,8 +89,10 @@ def scale_and_clip(rewards: torch.Tensor, scale: float = 1.0, clip: float | None
 
 
 def batch_moments(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (Bessel-corrected) std of the non-NaN entries; std is 0 with fewer than two of them."""
-    return torch.nanmean(values), torch.nan_to_num(nanstd(values), nan=0.0)
+    """Mean and (Bessel-corrected) std of the non-NaN entries, float64 scalars; std is 0 with fewer than two of them.
+    In float64 because the squares (and the std) of rewards near float32's limit overflow float32."""
+    wide = values.double()
+    return torch.nanmean(wide), torch.nan_to_num(nanstd(wide), nan=0.0)
 
 
 class RunningMoments:
@@ -256,7 +259,7 @@ class RewardComputer:
             mean, std = self.moments.mean, self.moments.std
         for batch in batches:
             device = batch["input_ids"].device
-            batch[STEP_MOMENTS_KEY] = torch.tensor([float(mean), float(std)], dtype=torch.float32, device=device)
+            batch[STEP_MOMENTS_KEY] = torch.tensor([float(mean), float(std)], dtype=torch.float64, device=device)
 
     def _raw_sequence(self, batch: dict[str, Any], device, scored: FunctionRewards | None) -> torch.Tensor | None:
         """`[B]` the weighted sequence rewards of the data's `reward` and the reward functions' `scored` (`nansum`, NaN
@@ -331,11 +334,14 @@ class RewardComputer:
         if sequence is not None:
             raw_total = raw_total + torch.nan_to_num(sequence, nan=0.0)
             sequence = self._normalize(sequence, training, gather, batch.get(STEP_MOMENTS_KEY))
-            sequence = scale_and_clip(sequence, self.reward_scale, self.reward_clip)
-            rewards += sequence_rewards_to_actions(sequence, action_mask)
+            scaled = scale_and_clip(sequence, self.reward_scale, self.reward_clip)
+            self._check_float32(~torch.isnan(sequence) & ~torch.isfinite(scaled), sequence, "sequence reward")
+            rewards += sequence_rewards_to_actions(scaled, action_mask)
         if sequence is not None or self.functions is not None or "rewards" in batch:
             self._log(metrics, "reward", "reward_std", raw_total, gather)
-        rewards += scale_and_clip(token_rewards, self.reward_scale, self.reward_clip) * mask
+        scaled_tokens = scale_and_clip(token_rewards, self.reward_scale, self.reward_clip)
+        self._check_float32(action_mask.bool() & ~torch.isfinite(scaled_tokens), token_rewards, "per-token reward")
+        rewards += scaled_tokens * mask
 
         if lm_logprobs is not None:
             lm = lm_logprobs.float() * mask
@@ -343,11 +349,25 @@ class RewardComputer:
             rewards += self.lm_reward_coef * lm
         return rewards, metrics
 
+    def _check_float32(self, bad: torch.Tensor, values: torch.Tensor, what: str) -> None:
+        """A ValueError naming the batch row (and action) where a reward, summed over its sources and times
+        `reward_scale`, left float32: dropped as "no reward" or trained as inf, it would be a silent wrong number."""
+        if not bad.any():
+            return
+        where = bad.nonzero()[0].tolist()
+        position = f" at action position {where[1]}" if len(where) > 1 else ""
+        raise ValueError(
+            f"The {what} of batch row {where[0]}{position} is {values[tuple(where)].item():g} (summed over its "
+            f"sources), and times `reward_scale` ({self.reward_scale:g}) it does not fit in float32 (|x| <= "
+            f"{FLOAT32_MAX:.4g}): scale the rewards down or lower `reward_scale`."
+        )
+
     def _normalize(self, sequence: torch.Tensor, training: bool, gather, step_moments=None) -> torch.Tensor:
         if self.normalization is None:
             return sequence
+        # In float64: the moments of rewards near float32's limit do not fit in float32; the normalised values do.
         if step_moments is not None:  # the optimizer step's statistics (`prepare_step`)
-            return normalize_rewards(sequence, step_moments[0], step_moments[1])
+            return normalize_rewards(sequence.double(), step_moments[0], step_moments[1]).to(sequence.dtype)
         values = gather(sequence.detach())
         if self.normalization == "batch":
             mean, std = batch_moments(values)
@@ -355,7 +375,7 @@ class RewardComputer:
             if training:
                 self.moments.update(values)
             mean, std = self.moments.mean, self.moments.std
-        return normalize_rewards(sequence, mean, std)
+        return normalize_rewards(sequence.double(), mean, std).to(sequence.dtype)
 
     @staticmethod
     def _prompt_length(batch) -> torch.Tensor:

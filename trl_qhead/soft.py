@@ -145,6 +145,11 @@ def chunked_soft_state_values(
     return values
 
 
+# Below u = -_LINEAR_BELOW, exp(u) is under 1e-43 of the loss: it is linear there, -beta^2 (u + 1), taken from
+# beta * d.
+_LINEAR_BELOW = 100.0
+
+
 def linex_loss(
     q: torch.Tensor,
     target: torch.Tensor,
@@ -162,7 +167,8 @@ def linex_loss(
     it therefore learns `Q*(s, a) = beta log E[exp(G / beta) | s, a]`. As beta -> inf it tends to `(target - q)^2 / 2`,
     half the squared error of `L_Q` (same minimiser, the mean).
 
-    Numerics (all in the inputs' dtype promoted to float32):
+    Numerics (all in the inputs' dtype promoted to float32; float64 inside for beta > 1e15, where beta^2 leaves
+    float32):
     - Large exponents: beyond `u > max_exponent` the exponential is replaced by its tangent at `max_exponent`,
       `exp(c) (1 + u - c)`, so the loss continues linearly in q and its gradient stays bounded by
       `beta (exp(max_exponent) - 1)` instead of overflowing (the loss stays convex and continuously differentiable).
@@ -172,7 +178,11 @@ def linex_loss(
       weights: fewer than `exp(20) ~ 5e8` samples per Q); a rarer, larger sample pulls q up less than the exact
       soft value would (a Huber-like robustness). Far from the optimum (early training, q << target) the steps are
       bounded rather than exponential. Keep `max_exponent` below ~80 in float32 (exp(88) overflows).
-    - Very negative `u` (q far above the target) needs nothing: `exp(u) -> 0` and the loss is linear, `-beta^2 (u + 1)`.
+    - Very negative `u` (q far above the target): `exp(u) -> 0` and the loss is linear, `-beta^2 (u + 1)`.
+    - Huge `|u|` (huge targets at small beta, where `u` itself overflows): both linear parts are computed from
+      `beta * (target - q)`, never from `u`, so a loss that fits in the dtype is returned (e.g. `q = 0`,
+      `target = 1e30`, `beta = 0.01`: about `4.9e36`, not inf); the `"mean"` reduction sums `l w / sum(w)`, so a mean
+      that fits does not overflow through its sum either.
     - Small `|u|` (large beta): `exp(u) - u - 1` cancels catastrophically, so for `|u| < 0.1` its Taylor series to
       `u^10` is used (truncation below 1e-16 relative); elsewhere `expm1(u) - u` (relative error about
       `2 eps / |u|`, under 3e-6 in float32).
@@ -182,7 +192,7 @@ def linex_loss(
         q: `[...]` predictions (e.g. `Q(s_t, a_t)`, `[B, T]`, with grad).
         target: `[...]` targets, the same shape (detached here).
         beta: a finite float > 0.
-        mask: `[...]` bool / 0-1, or non-negative float weights.
+        mask: `[...]` bool / 0-1, or float weights, finite and >= 0 (a negative or NaN weight is a ValueError).
         max_exponent: `c` above: where the exponential turns linear; > 0.
         reduction: `"mean"` (`sum(w l) / sum(w)`, 0 when `sum(w) == 0`), `"sum"` (`sum(w l)`, for a caller that
             normalises by its own item count across micro-batches) or `"none"` (`w l` per position, 0 off the mask).
@@ -197,31 +207,55 @@ def linex_loss(
             f"`q`, `target` and `mask` must have the same shape, got {tuple(q.shape)}, {tuple(target.shape)}, "
             f"{tuple(mask.shape)}"
         )
-    dtype = _float_dtype(q, target)
+    if mask.dtype != torch.bool:
+        bad = ~torch.isfinite(mask) | (mask < 0) if mask.is_floating_point() else mask < 0
+        if bad.any():
+            value = mask[bad][0].item()
+            raise ValueError(
+                f"`mask` holds {value} at position {tuple(bad.nonzero()[0].tolist())}: its weights must be finite "
+                "and >= 0 (0 leaves a position out)."
+            )
+    # Above beta ~ 1e15 the factor beta^2 (and its gradient through 1 / beta) leaves float32's range on the way to a
+    # loss that fits: such betas are computed in float64 and the loss returned in the inputs' dtype.
+    out_dtype = _float_dtype(q, target)
+    dtype = torch.float64 if beta > 1e15 else out_dtype
     keep = mask != 0
     weights = mask.to(dtype)
+    c, low = float(max_exponent), _LINEAR_BELOW
     # torch.where keeps NaN off the mask out of the forward and gives those positions a zero gradient.
-    u = torch.where(keep, (target.detach().to(dtype) - q.to(dtype)) / beta, 0.0)
-    # exp(u) - u - 1, with exp continued by its tangent beyond c (each branch sees only inputs safe for it).
-    c = float(max_exponent)
-    # (u - c).clamp(min=0), not u - u.clamp(max=c): below c its gradient must be exactly 0, not e^c - e^c (which
-    # rounds to ~e^c * eps and would shift the minimiser).
-    phi_big = torch.expm1(u.clamp(max=c)) - u + math.exp(c) * (u - c).clamp(min=0.0)
+    t, qd = target.detach().to(dtype), q.to(dtype)
+    d = torch.where(keep, t - qd, 0.0)
+    # beta^2 (exp(u) - u - 1) with u = d / beta, in three pieces, none of which overflows unless the loss does:
+    # (1) beta^2 (exp(u) - u - 1) on u clamped to [-low, c] (u itself may overflow to +-inf: the clamp takes it back);
+    # (2) beyond c, the tangent's linear rise beta^2 (e^c - 1)(u - c) = (e^c - 1) beta (d - beta c);
+    # (3) below -low (exp(u) < 1e-43: the loss is linear, -beta^2 (u + 1)), the rise
+    #     beta^2 (-low - u) = beta (-d - beta low).
+    # Each rise is taken from beta * d, never from u. `clamp(min=0)`, not `u - u.clamp(max=c)`: below c the gradient
+    # must be exactly 0, not e^c - e^c (which rounds to ~e^c * eps and would shift the minimiser).
+    u = (d / beta).clamp(-low, c)
+    if beta < 1:  # beta * target - beta * q: never overflows, where target - q may
+        bd = torch.where(keep, beta * t - beta * qd, 0.0)
+        above, below = bd - beta**2 * c, -bd - beta**2 * low
+    else:  # beta^2 may overflow: beta * (d - beta c) only where the loss does
+        above, below = beta * (d - beta * c), beta * (-d - beta * low)
+    above, below = above.clamp(min=0.0) * math.expm1(c), below.clamp(min=0.0)
+    # Small |u| (large beta): exp(u) - u - 1 cancels catastrophically; its Taylor series to u^10 instead, times
+    # beta^2 as d^2 / u^2 (beta^2 itself overflows float32 for beta > 1.8e19, and u^2 underflows).
     small = u.abs() < 0.1
-    s = torch.where(small, u, 0.0)
-    series = torch.full_like(s, 1 / math.factorial(10))  # Horner: sum_{k=2}^{10} s^k / k!
+    s, ds = torch.where(small, u, 0.0), torch.where(small, d, 0.0)
+    series = torch.full_like(s, 1 / math.factorial(10))  # Horner: sum_{k=2}^{10} s^(k-2) / k!
     for k in range(9, 1, -1):
         series = series * s + 1 / math.factorial(k)
-    phi_small = s * s * series
-    loss = beta**2 * torch.where(small, phi_small, phi_big)
-    loss = torch.where(keep, loss * weights, 0.0)
+    # beta * (beta * phi), not beta^2 * phi: the product overflows only when the loss does.
+    loss = torch.where(small, ds * ds * series, beta * (beta * (torch.expm1(u) - u))) + above + below
     if reduction == "none":
-        return loss
-    total = loss.sum()
+        return torch.where(keep, loss * weights, 0.0).to(out_dtype)
     if reduction == "sum":
-        return total
+        return torch.where(keep, loss * weights, 0.0).sum().to(out_dtype)
+    # The mean as sum(l * w / sum(w)): each term at most the largest loss, so a mean that fits does not overflow.
     weight_sum = weights.sum()
-    return total / torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
+    shares = weights / torch.where(weight_sum > 0, weight_sum, torch.ones_like(weight_sum))
+    return torch.where(keep, loss * shares, 0.0).sum().to(out_dtype)
 
 
 def candidate_targets(
@@ -259,6 +293,10 @@ def candidate_targets(
     return (sampled_return - sampled_effect).unsqueeze(-1) + candidate_effects
 
 
+# How far above 1 the top-k probabilities of `lookahead_soft_values` may sum: float32 softmax rounding, not more.
+PROBABILITY_SUM_TOLERANCE = 1e-4
+
+
 def lookahead_soft_values(log_probs: torch.Tensor, effects: torch.Tensor, beta: float) -> torch.Tensor:
     """The soft value of a state one step ahead, from its top-k next tokens: `[...]` from `[..., k]`.
 
@@ -266,13 +304,14 @@ def lookahead_soft_values(log_probs: torch.Tensor, effects: torch.Tensor, beta: 
 
     `r'(s, b)` is the effect of next token `b` (e.g. `R(prefix + b) - R(prefix)`) and the tokens outside the top-k are
     counted with effect 0. It is `Q*_beta`'s continuation value when the episode ends one step later (docs/DESIGN.md
-    section 6): the two-step candidate label of `a` at `s` is `r'(s, a) + V1(s + a)`. Computed as one logsumexp (stable
-    for beta down to 0.01); `beta -> 0` gives `max(0, max_b r'(s, b))` while the top-k leave probability outside
-    them, `beta -> inf` the mean effect `sum_b pi(b|s) r'(s, b)`.
+    section 6): the two-step candidate label of `a` at `s` is `r'(s, a) + V1(s + a)`. Finite and accurate for every
+    beta > 0: `beta -> 0` gives `max(0, max_b r'(s, b))` while the top-k leave probability outside them (the largest
+    effect of a token with probability > 0 when they do not), `beta -> inf` the mean effect `sum_b pi(b|s) r'(s, b)`.
 
     Args:
-        log_probs: `[..., k]` `log pi(b|s)` of the top-k next tokens.
-        effects: `[..., k]` their effects.
+        log_probs: `[..., k]` `log pi(b|s)` of the top-k next tokens (distinct tokens: their probabilities may sum to
+            at most 1, up to `PROBABILITY_SUM_TOLERANCE` for rounding; a ValueError otherwise).
+        effects: `[..., k]` their effects, finite.
         beta: the temperature (> 0), the tilt's `beta`.
     """
     beta = check_beta(beta)
@@ -282,9 +321,42 @@ def lookahead_soft_values(log_probs: torch.Tensor, effects: torch.Tensor, beta: 
         )
     dtype = _float_dtype(log_probs, effects)
     log_probs, effects = log_probs.to(dtype), effects.to(dtype)
-    rest = (-torch.expm1(torch.logsumexp(log_probs, dim=-1))).clamp_min(0.0)  # 1 - sum_b pi(b|s), (...)
-    terms = torch.cat([log_probs + effects / beta, rest.log().unsqueeze(-1)], dim=-1)  # (..., k + 1)
-    return beta * torch.logsumexp(terms, dim=-1)
+    if torch.isnan(log_probs).any() or (log_probs > 0).any():
+        raise ValueError("`log_probs` must be log-probabilities: <= 0 (-inf for a token of probability 0), not NaN.")
+    total = torch.logsumexp(log_probs, dim=-1)  # log sum_b pi(b|s), (...)
+    if (total > math.log1p(PROBABILITY_SUM_TOLERANCE)).any():
+        worst = total.max().exp().item()
+        raise ValueError(
+            "`log_probs` are the log-probabilities of distinct next tokens, so their probabilities must sum to at "
+            f"most 1 (+ {PROBABILITY_SUM_TOLERANCE:g} for rounding), got a sum of {worst:.6g}."
+        )
+    if not torch.isfinite(effects).all():
+        raise ValueError("`effects` must be finite (the reward differences of the next tokens), got NaN or inf.")
+    # Rounding may push sum_b pi(b|s) a little above 1: the probabilities are then read as summing to 1 exactly.
+    log_probs = log_probs - total.clamp_min(0.0).unsqueeze(-1)
+    rest = (-torch.expm1(total.clamp_max(0.0))).clamp_min(0.0)  # 1 - sum_b pi(b|s), (...)
+    seen = log_probs > -math.inf  # tokens of probability > 0: only their effects count
+    # Two exact forms, each where it keeps its precision (no overflow for any beta > 0):
+    # |r'| <= beta: beta log1p(sum_b pi(b) expm1(r'(b) / beta)) (the probabilities and the rest sum to 1), which
+    #   keeps the mean effect that beta -> inf tends to (a plain logsumexp rounds it away);
+    # else: m + beta logsumexp(log pi(b) + (r'(b) - m) / beta, log(rest) - m / beta), m the largest effect of the
+    #   tokens with probability > 0 (0 for the rest), so no exponent exceeds 0 (r' / beta overflows for tiny beta).
+    if effects.shape[-1] == 0:  # no token scored: all the mass is the rest's, of effect 0
+        return effects.new_zeros(effects.shape[:-1])
+    big = torch.where(seen, effects.abs(), 0.0).amax(dim=-1)  # (...)
+    z = (effects / beta).clamp(-1.0, 1.0)
+    near = beta * torch.log1p((log_probs.exp() * torch.expm1(z)).sum(dim=-1))
+    shift = torch.where(seen, effects, -math.inf).amax(dim=-1)
+    shift = torch.maximum(shift, torch.where(rest > 0, 0.0, -math.inf))  # (...)
+    terms = torch.cat(
+        [
+            log_probs + (effects - shift.unsqueeze(-1)) / beta,
+            torch.where(rest > 0, rest.log() - shift / beta, -math.inf).unsqueeze(-1),
+        ],
+        dim=-1,
+    )  # (..., k + 1)
+    far = shift + beta * torch.logsumexp(terms, dim=-1)
+    return torch.where(big <= beta, near, far)
 
 
 def prefix_shaped_rewards(prefix_scores: torch.Tensor, action_mask: torch.Tensor) -> torch.Tensor:

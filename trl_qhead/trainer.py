@@ -168,14 +168,9 @@ class QHeadTrainer(Trainer):
                 streaming=args.streaming,
             )
         with_rewards = reward_functions is not None
-        for dataset in (train_dataset, eval_dataset):
-            columns = getattr(dataset, "column_names", None) or []
-            if "candidate_ids" in columns and args.reward_normalization is not None and args.candidate_weight > 0:
-                raise ValueError(
-                    "The dataset has candidate labels (`candidate_ids`), whose effects are in the reward's own units, "
-                    f"and `reward_normalization={args.reward_normalization!r}` rescales the returns they are added "
-                    "to: set `reward_normalization=None` (or `candidate_weight=0`)."
-                )
+        evals = eval_dataset if isinstance(eval_dataset, dict) else {"eval_dataset": eval_dataset}
+        for name, dataset in {"train_dataset": train_dataset, **evals}.items():
+            args.check_dataset_columns(dataset, name)
         if args.q_labels == "effects":
             if reward_functions is not None:
                 raise ValueError("`q_labels='effects'` trains on candidate effects alone: drop `reward_funcs`.")
@@ -183,7 +178,7 @@ class QHeadTrainer(Trainer):
             if columns is not None and "candidate_ids" not in columns:
                 raise ValueError(
                     "`q_labels='effects'` needs candidate labels: the training data has no `candidate_ids` column "
-                    "(see `generate_and_score(candidate_rewards=k)`)."
+                    "(see `generate_and_score(labels=CandidateLabels(k))`)."
                 )
         vocab_size = model.vocab_size  # token ids index the rows of the LM and Q heads
         train_dataset = self._prepare(train_dataset, processing_class, args, with_rewards, vocab_size, formatting_func)
@@ -268,6 +263,9 @@ class QHeadTrainer(Trainer):
                 reward_columns=reward_columns,
                 vocab_size=vocab_size,
                 formatting_func=formatting_func,
+                reward_scale=args.reward_scale,
+                reward_clip=args.reward_clip,
+                reward_normalization=args.reward_normalization,
             )
 
     # ---- loss -------------------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ import torch
 
 from ..branches import branch_top_k, check_branch_support
 from ..candidates import LabelCost, PrefixScorer, check_lookahead_args
+from ..modeling import transformers_model
 from ..reward_functions import RewardFunctions, texts_for_rewards
 from ..stop_tokens import stop_token_ids
 from .sources import LMHeadCapture, QSource
@@ -30,8 +31,9 @@ from .sources import LMHeadCapture, QSource
 class RewardLookahead(QSource):
     """Q values from calling the reward functions on each candidate next token (one-step lookahead).
 
-    For every row of a generation step, the prompt is the row's prompt tokens (what `generate` received, left padding
-    stripped) and the completion `c` the tokens generated since; the reward functions see their texts as in training
+    For every row of a generation step, the prompt is the row's prompt tokens (what `generate` received, without the
+    left padding its attention mask marks: a leading pad id that is a real token, GPT-2's BOS, stays) and the
+    completion `c` the tokens generated since; the reward functions see their texts as in training
     (`reward_functions.texts_for_rewards`: the prompt's decode and what the completion adds to it). The `k` tokens
     with the largest base logits (read off the LM head of the same forward pass, no extra forward) are scored as
     `R(prompt, text(c + [a])) - R(prompt, text(c))`. Tokens outside the top `k` get `Q = 0` (no effect assumed);
@@ -42,7 +44,7 @@ class RewardLookahead(QSource):
         model: the model whose `generate` the processor runs on (its LM head gives the top-k).
         tokenizer: its tokenizer (decodes prompts and completions, special tokens skipped).
         reward_funcs: TRL reward functions or reward models (anything `RewardFunctions` accepts).
-        k: candidates scored per row and step.
+        k: candidates scored per row and step, at most the vocabulary size (as `lookahead_k`).
         reward_weights: one weight per reward function (default all 1).
         batch_size: texts per reward call.
         lookahead_k: k2, or None (default): also value each candidate by the soft value of its top-k2 next tokens
@@ -84,7 +86,16 @@ class RewardLookahead(QSource):
         self.batch_size = batch_size
         self.cost = LabelCost()
         self._stop_ids = set(stop_token_ids(model) or [])
+        vocab_size = getattr(getattr(model.get_output_embeddings(), "weight", None), "shape", [None])[0]
+        for name, value in (("k", k), ("lookahead_k", lookahead_k)):
+            if vocab_size is not None and value is not None and value > vocab_size:
+                raise ValueError(f"`{name}` ({value}) is larger than the model's vocabulary ({vocab_size} tokens).")
         self._capture = LMHeadCapture(model.get_output_embeddings(), keep_output=True)
+        # The attention mask of the forward that started a generation: which prompt tokens are left padding (a pad id
+        # that is also a real token, GPT-2's <|endoftext|> as BOS, is read as the model read it).
+        self._generating_model = transformers_model(model)
+        self._mask_handle = None
+        self._attention_mask: torch.Tensor | None = None
         self._scorer: PrefixScorer | None = None
         self._width = 0
         self._prompt_ids: list[list[int]] = []
@@ -92,10 +103,21 @@ class RewardLookahead(QSource):
 
     def attach(self) -> None:
         self._capture.attach()
+        if self._mask_handle is None:
+            self._mask_handle = self._generating_model.register_forward_pre_hook(self._keep_mask, with_kwargs=True)
 
     def detach(self) -> None:
         self._capture.detach()
+        if self._mask_handle is not None:
+            self._mask_handle.remove()
+            self._mask_handle = None
+        self._attention_mask = None
         self._finish_generation()
+
+    def _keep_mask(self, module, args, kwargs) -> None:
+        if not self._capture.paused:  # not the branch forward of the lookahead
+            mask = kwargs.get("attention_mask")
+            self._attention_mask = None if mask is None else mask.detach()
 
     def _finish_generation(self) -> None:
         if self._scorer is not None:
@@ -127,17 +149,28 @@ class RewardLookahead(QSource):
         self._finish_generation()
         self._scorer = PrefixScorer(self.functions, self.tokenizer, self.batch_size)
         self._width = input_ids.shape[1]
-        pad = self.tokenizer.pad_token_id
         self._prompt_ids = []
-        for row in input_ids.cpu().tolist():
-            start = 0
-            while pad is not None and start < len(row) - 1 and row[start] == pad:  # left padding
-                start += 1
-            self._prompt_ids.append(row[start:])
+        for row, real in zip(input_ids.cpu().tolist(), self._prompt_mask(input_ids), strict=True):
+            self._prompt_ids.append([token for token, keep in zip(row, real, strict=True) if keep])
         self._groups = list(range(len(self._prompt_ids)))
         prompts, _ = texts_for_rewards(self.tokenizer, self._prompt_ids, [[] for _ in self._prompt_ids])
         for group, prompt in enumerate(prompts):
             self._scorer.add_group(group, prompt, {})
+
+    def _prompt_mask(self, input_ids: torch.LongTensor) -> list[list[bool]]:
+        """Per prompt row, which tokens are real: the attention mask the model's first forward of this generation
+        received (no mask: every token is real, as `generate` then reads it)."""
+        mask = self._attention_mask
+        rows, width = input_ids.shape
+        if mask is None:
+            return [[True] * width for _ in range(rows)]
+        if mask.dim() != 2 or mask.shape[0] != rows or mask.shape[1] < width:
+            raise RuntimeError(
+                f"RewardLookahead: the attention mask of the generation's first forward has shape {tuple(mask.shape)}, "
+                f"not [{rows}, >= {width}] (the prompts' 2-D mask), so it cannot tell the prompts' left padding from "
+                "their tokens."
+            )
+        return mask[:, :width].bool().cpu().tolist()
 
     @torch.no_grad()
     def __call__(self, input_ids, parent, token_ids=None):
