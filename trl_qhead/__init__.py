@@ -6,6 +6,7 @@ from .data import DataCollatorForQHead, prepare_dataset
 from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
 from .decoding.exclusion import TokenExclusionLogitsProcessor, exclusion_logprobs, sequence_ban
 from .gvpo import GVPOConfig, GVPOTrainer, group_rows, gvpo_loss, gvpo_loss_on_groups
+from .heads import DenseQHead, QContext, QHead, TiedQHead, build_q_head
 from .labels import CandidateLabels, FutureValueLabels, LabelSource, PrefixShaping, TwoStepLabels
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .offline_rl import OfflineRLRounds, offline_rl_rounds
@@ -21,6 +22,7 @@ __all__ = [
     "CandidateLabels",
     "CausalLMWithQHeadOutput",
     "DataCollatorForQHead",
+    "DenseQHead",
     "FutureValueLabels",
     "GVPOConfig",
     "GVPOTrainer",
@@ -28,6 +30,8 @@ __all__ = [
     "LabelSource",
     "OfflineRLRounds",
     "PrefixShaping",
+    "QContext",
+    "QHead",
     "QHeadConfig",
     "QHeadSource",
     "QHeadTrainer",
@@ -35,8 +39,10 @@ __all__ = [
     "QTiltLogitsProcessor",
     "RerankOutput",
     "RewardFunctions",
+    "TiedQHead",
     "TokenExclusionLogitsProcessor",
     "TwoStepLabels",
+    "build_q_head",
     "compute_returns",
     "exclusion_logprobs",
     "fold_tilt",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from .heads import DEFAULT_Q_HEAD_TYPE, q_head_class
+
 # The `from_pretrained` keyword arguments that say where and how to fetch a file from the Hub (as transformers reads
 # them); the same names are passed on to the backbone's `from_pretrained`.
 HUB_KWARGS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "proxies", "subfolder")
@@ -101,14 +103,6 @@ def qhead_model_card(
     return card
 
 
-# What `Q(s, a)` is for each `q_head_type` (see `trl_qhead.modeling` and `trl_qhead.tied_head`).
-Q_HEAD_FORMULAS = {
-    "dense": "`Q(s, a) = W_q h_s + b_q` (a dense head, `q_head_type=dense`)",
-    "tied": "`Q(s, a) = W_lm (U h_s) + b` (a tied head, `q_head_type=tied`: the LM head's rows `W_lm` after an "
-    "H x H map `U` of the hidden state, plus a per-token bias)",
-}
-
-
 def _qhead_section(model_id: str, q_head: dict, settings: dict, reward_sources: list[str] | None, peft: bool) -> str:
     lines = [
         "",
@@ -117,7 +111,7 @@ def _qhead_section(model_id: str, q_head: dict, settings: dict, reward_sources: 
         "Besides the "
         + ("LoRA adapters" if peft else "causal LM")
         + ", this repository holds a vocabulary-sized Q head, `q_head.safetensors` (fp32) and `q_head_config.json`: "
-        + Q_HEAD_FORMULAS[q_head.get("q_head_type", "dense")]
+        + q_head_class(q_head.get("q_head_type", DEFAULT_Q_HEAD_TYPE)).formula
         + " for every next token `a`. Sampling from the tilted policy "
         "`pi'(a|s) ∝ pi(a|s) exp(Q(s,a)/beta)` needs the `trl-qhead` package (`pip install trl-qhead`); "
         "the pipeline above samples from the untilted model.",
