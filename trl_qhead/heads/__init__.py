@@ -1,0 +1,1 @@
+"""Q heads: how `Q(s, .)` is computed from a model's states."""
