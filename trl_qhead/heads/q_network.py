@@ -11,8 +11,9 @@ that network is called:
 - `CachedQNetwork`: `h^Q` at the last position during `generate`, one cached forward of the new token per step with
   the network's own KV cache, following the rows through beam search (the parent map of
   `decoding.kl_record.SequenceKLRecord`) and starting over on a new generation.
-- `GenerateInputs`: the attention mask `generate` passes to the generating model at each step (a forward pre-hook),
-  which the Q network needs to mask the same padding.
+- `GenerateInputs`: the attention mask `generate` passes to the generating model at each step (a forward pre-hook on
+  its trunk, which every forward of the model reaches through `__call__`, PEFT's included), which the Q network needs
+  to mask the same padding.
 """
 
 from __future__ import annotations
@@ -72,12 +73,12 @@ def q_network_hidden(
 
 
 class GenerateInputs:
-    """Keeps the attention mask of each forward `generate` runs on `model` (a forward pre-hook on its transformers
-    model), for a second network that must mask the same padding. `paused` ignores forwards meanwhile (a Q network
-    that shares modules with the generating model)."""
+    """Keeps the attention mask of each forward `generate` runs on `model` (a forward pre-hook on its trunk), for a
+    second network that must mask the same padding. `paused` ignores forwards meanwhile (a Q network that shares the
+    trunk with the generating model)."""
 
     def __init__(self, model: nn.Module):
-        self.module = unwrap_peft(getattr(model, "pretrained_model", model))
+        self.module = trunk(model)
         self.attention_mask: torch.Tensor | None = None
         self.paused = False
         self._handle = None
