@@ -17,6 +17,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast, TrainerState
 
 import trl_qhead.modeling as modeling
+import trl_qhead.persistence as persistence
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
 
@@ -74,7 +75,7 @@ def _killed_at(k: int):
         (shutil, "rmtree"),
         (shutil, "move"),
         (builtins, "open"),
-        (modeling, "save_file"),
+        (persistence, "save_file"),
     ]
     originals = [(obj, name, getattr(obj, name)) for obj, name in targets if hasattr(obj, name)]
 
@@ -353,7 +354,7 @@ def test_b_resume_true_skips_a_checkpoint_killed_mid_save(tmp_path, monkeypatch,
 def test_b_rotation_keeps_the_previous_checkpoint_until_the_new_one_is_complete(tmp_path, monkeypatch):
     import trl_qhead.trainer as trainer_module
 
-    original = trainer_module._mark_checkpoint_complete
+    original = trainer_module.mark_checkpoint_complete
 
     def dying(folder, step):
         if step == 4:
@@ -362,10 +363,10 @@ def test_b_rotation_keeps_the_previous_checkpoint_until_the_new_one_is_complete(
 
     trainer = _trainer(tmp_path)
     trainer.args.save_total_limit = 1
-    monkeypatch.setattr(trainer_module, "_mark_checkpoint_complete", dying)
+    monkeypatch.setattr(trainer_module, "mark_checkpoint_complete", dying)
     with pytest.raises(_Killed):
         trainer.train()
-    monkeypatch.setattr(trainer_module, "_mark_checkpoint_complete", original)
+    monkeypatch.setattr(trainer_module, "mark_checkpoint_complete", original)
     assert trainer_module.checkpoint_problem(tmp_path / "out" / "checkpoint-2") is None  # not rotated away
     assert trainer_module.last_complete_checkpoint(tmp_path / "out") == str(tmp_path / "out" / "checkpoint-2")
 

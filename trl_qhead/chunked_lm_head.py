@@ -3,7 +3,8 @@ a chunk of positions at a time, so that training never holds `(B, T, V)` logits 
 
 The forward projects each chunk through the LM head and keeps only its log-sum-exp; the backward recomputes the chunk
 and turns it into its gradient in place (TRL's fused-LM-head idea). When `V` is needed at every position (lambda < 1)
-it is folded into the same pass, reusing each chunk's softmax: one Q-head product per chunk, no second LM head.
+it is folded into the same pass, reusing each chunk's softmax: one Q-head product per chunk (the head's
+`expected_value`, `heads.base`), no second LM head.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .tied_head import TiedQHead
+from .heads import QHead, as_q_head
 
 # `torch.addmm(..., out_dtype=torch.float32)` from bf16/fp16 inputs, CUDA only.
 _MM_OUT_DTYPE = torch.__version__ >= "2.8"
@@ -34,7 +35,8 @@ def _accumulate_mm(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 class _ChunkedLogProbs(torch.autograd.Function):
     """`log softmax(h W^T + b)[target]` for `N` rows of `h`, `chunk_size` rows at a time, and optionally (no grad)
-    `V = sum_a softmax(z)_a q_a` with `q = h W_q^T + b_q` for the rows in `value_rows`, from the same softmax.
+    `V = sum_a softmax(z)_a Q_a` for the rows in `value_rows`, from the same softmax (`value_fn(policy, rows, w)`
+    with `w` the LM head's weight in the compute dtype, which a head tied to it reuses).
 
     Memory: a few `[chunk_size, |V|]` buffers, never `[N, |V|]`. The backward recomputes each chunk's logits and turns
     them into their gradient in place (`d log p_t / dz = onehot(t) - softmax(z)`), as TRL's `ChunkedLogProbFunction`
@@ -44,7 +46,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, q_weight, q_bias, value_rows, chunk_size, q_inputs=None):
+    def forward(ctx, hidden, weight, bias, targets, value_rows, chunk_size, value_fn=None):
         ctx.set_materialize_grads(False)
         dtype = _compute_dtype(hidden)
         fp = torch.promote_types(dtype, torch.float32)  # the softmax's precision: fp32, or fp64 for fp64 inputs
@@ -53,16 +55,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
         b = None if bias is None else bias.to(dtype)
         log_z = hidden.new_empty(n_rows, dtype=fp)
         logprobs = hidden.new_empty(n_rows, dtype=fp)
-        values = None
-        if value_rows is not None:
-            values = hidden.new_zeros(n_rows, dtype=fp)
-            # Under autocast the Q product runs in the autocast dtype, as an `nn.Linear` would: V is only a target.
-            q_dtype = dtype if torch.is_autocast_enabled(hidden.device.type) else q_weight.dtype
-            if q_inputs is None:
-                wq, bq = q_weight.to(q_dtype), q_bias.to(q_dtype)
-            else:  # tied: reuse the LM head's weight in its compute dtype when it is the same tensor
-                same = q_weight.data_ptr() == weight.data_ptr() and q_weight.shape == weight.shape
-                wq, bq = (w if same else q_weight.to(dtype)), q_bias.to(fp)
+        values = None if value_rows is None else hidden.new_zeros(n_rows, dtype=fp)
         for start in range(0, n_rows, chunk_size):
             end = min(start + chunk_size, n_rows)
             h = hidden[start:end].to(dtype)
@@ -79,14 +72,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
             every_row = rows.numel() == end - start
             # The softmax of the rows that need V, in place when that is all of them (lambda < 1).
             policy = (z if every_row else z[rows]).sub_(lz[rows, None]).exp_()
-            if q_inputs is not None:  # tied: V = (pi^T W_lm) . (U h) + pi^T b, no [rows, |V|] Q buffer
-                g = q_inputs[start:end] if every_row else q_inputs[start:end][rows]
-                mean_row = torch.mm(policy.to(wq.dtype), wq).to(fp)
-                values[start + rows] = (mean_row * g.to(fp)).sum(-1) + policy @ bq
-                continue
-            h_v = hidden[start:end] if every_row else hidden[start:end][rows]
-            q = torch.addmm(bq, h_v.to(wq.dtype), wq.t()).to(fp)
-            values[start + rows] = q.mul_(policy).sum(-1)
+            values[start + rows] = value_fn(policy, start + rows, w).to(fp)
         ctx.save_for_backward(hidden, weight, bias, targets, log_z)
         ctx.compute_dtype, ctx.chunk_size = dtype, chunk_size
         if values is not None:
@@ -98,7 +84,7 @@ class _ChunkedLogProbs(torch.autograd.Function):
         hidden, weight, bias, targets, log_z = ctx.saved_tensors
         needs_hidden, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         if grad_logprobs is None:
-            return (None,) * 9
+            return (None,) * 7
         dtype, chunk_size = ctx.compute_dtype, ctx.chunk_size
         w = weight.to(dtype)
         b = None if bias is None else bias.to(dtype)
@@ -130,8 +116,6 @@ class _ChunkedLogProbs(torch.autograd.Function):
             None,
             None,
             None,
-            None,
-            None,
         )
 
 
@@ -144,6 +128,7 @@ def action_logprobs_and_values(
     q_head: nn.Module | None = None,
     value_mask: torch.Tensor | None = None,
     chunk_size: int = 256,
+    q_features: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`log pi(a_t|s_t)` (with grad) and `V(s_t)` (no grad) without a `(B, T, V)` buffer (docs/DESIGN.md section 4).
 
@@ -153,11 +138,13 @@ def action_logprobs_and_values(
             full logits instead (`AutoModelForCausalLMWithQHead` falls back by itself).
         actions: `[B, T]` the token taken at each position.
         logprob_mask: `[B, T]` bool, where the log-probs are wanted; 0 elsewhere.
-        q_head: the Q head, needed with `value_mask`: dense (`nn.Linear`, `V = pi . (W_q h + b_q)`) or tied
-            (`TiedQHead`, `V = (pi^T W_lm) . (U h) + pi^T b`, the same cost, an `[rows, H]` buffer instead of a
-            `[rows, |V|]` one).
+        q_head: the Q head (a `QHead`, or a plain `nn.Linear` dense head), needed with `value_mask`: `V` is its
+            `expected_value` on each chunk's softmax (a linear head: `(pi^T W) . f + pi^T b`, an `[rows, F]` buffer
+            instead of a `[rows, |V|]` one; a head whose weight is the LM head's reuses it in the compute dtype).
         value_mask: `[B, T]` bool, where `V(s)` is wanted; 0 elsewhere. Computed in the same pass as the log-probs.
         chunk_size: positions per chunk: bounds the logits-sized buffers to a few `[chunk_size, |V|]`.
+        q_features: `[B, T, F]`, the head's features of `hidden` when the caller has them (else computed here for
+            the rows that need V).
 
     Returns:
         `(logprobs, values)`, both `[B, T]` fp32; `values` is `None` without `value_mask`.
@@ -171,18 +158,12 @@ def action_logprobs_and_values(
     h = hidden[rows]
     # Rows that only need V (the bootstrap state) get any valid target; their log-prob is masked out below.
     targets = torch.where(logprob_mask, actions, 0)[rows]
-    value_rows = None if value_mask is None else value_mask.bool()[rows]
-    q_weight = q_bias = q_inputs = None
-    if isinstance(q_head, TiedQHead) and value_mask is not None:
-        q_weight, q_bias = q_head.lm_weight(), q_head.bias.detach()
-        with torch.no_grad():
-            q_inputs = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-            q_inputs[value_rows] = q_head.project(h[value_rows].detach())
-    elif q_head is not None and value_mask is not None:
-        q_weight = q_head.weight.detach()
-        q_bias = q_head.bias.detach() if q_head.bias is not None else q_weight.new_zeros(q_weight.shape[0])
+    value_rows = value_fn = None
+    if value_mask is not None:
+        value_rows = value_mask.bool()[rows]
+        value_fn = _value_reader(as_q_head(q_head), h, value_rows, q_features, rows, lm_head.weight)
     row_logprobs, row_values = _ChunkedLogProbs.apply(
-        h, lm_head.weight, lm_head.bias, targets, q_weight, q_bias, value_rows, chunk_size, q_inputs
+        h, lm_head.weight, lm_head.bias, targets, value_rows, chunk_size, value_fn
     )
     logprobs = row_logprobs.new_zeros(rows.shape).masked_scatter(rows, row_logprobs)
     logprobs = torch.where(logprob_mask, logprobs, 0.0)
@@ -191,3 +172,30 @@ def action_logprobs_and_values(
         values = row_values.new_zeros(rows.shape).masked_scatter(rows, row_values)
         values = torch.where(value_mask.bool(), values, 0.0)
     return logprobs, values
+
+
+@torch.no_grad()
+def _value_reader(head: QHead, h, value_rows, q_features, rows, lm_weight):
+    """`value_fn(policy, row_ids, w)` for the kernel: the head's `expected_value` on the features of those rows, with
+    the linear form's weight read once (the kernel's `w` when it is the LM head's own weight, as for a tied head;
+    under autocast the head's weight in the autocast dtype, as an `nn.Linear` would run)."""
+    if q_features is not None:
+        features = q_features[rows].detach()
+    else:  # only the rows that need V
+        chosen = head.features(h[value_rows].detach())
+        features = chosen.new_zeros(h.shape[0], chosen.shape[-1])
+        features[value_rows] = chosen
+    form = head.linear_form()
+    held: dict[str, torch.Tensor | None] = {}
+
+    def value_fn(policy: torch.Tensor, ids: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if "weight" not in held:
+            weight = None if form is None else form.weight.detach()
+            if weight is not None and weight.data_ptr() == lm_weight.data_ptr() and weight.shape == lm_weight.shape:
+                weight = w  # the LM head's own weight, in the compute dtype already
+            elif weight is not None and torch.is_autocast_enabled(w.device.type):
+                weight = weight.to(w.dtype)
+            held["weight"] = weight
+        return head.expected_value(features[ids], policy, weight=held["weight"])
+
+    return value_fn

@@ -18,6 +18,8 @@ so that no return, bootstrap or folded reward crosses from one document into the
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 
@@ -140,9 +142,50 @@ def value_mask(
 
 def token_rewards_to_actions(token_rewards: torch.Tensor) -> torch.Tensor:
     """Per-token rewards (`rewards[k]` is earned when token `k` is produced) onto the action grid: `r_t = rewards[t+1]`."""
-    rewards = torch.zeros_like(token_rewards, dtype=torch.float32)
-    rewards[:, :-1] = token_rewards[:, 1:]
-    return rewards
+    return tokens_to_actions(token_rewards.float())
+
+
+def tokens_to_actions(columns: torch.Tensor) -> torch.Tensor:
+    """A token-aligned `[B, T, ...]` column onto the action grid: entry `t + 1` (about the token action `a_t`
+    produces) moves to position `t`; the last position gets zeros (it holds no action)."""
+    shifted = torch.zeros_like(columns)
+    shifted[:, :-1] = columns[:, 1:]
+    return shifted
+
+
+@dataclass
+class StepGrid:
+    """The `(B, T)` grid of one training batch (docs/DESIGN.md section 1), computed once per micro-batch.
+
+    Args:
+        actions: `a_t = x_{t+1}` (`next_tokens`).
+        action_mask: bool, where position `t` holds a trained action (`action_mask_from_labels`).
+        episodes: packed rows' document index per position (`episode_ids_from_positions`), `None` unpacked.
+        values_needed: bool, where the returns read `V(s)` (`value_mask`).
+    """
+
+    actions: torch.Tensor
+    action_mask: torch.Tensor
+    episodes: torch.Tensor | None
+    values_needed: torch.Tensor
+
+
+def step_grid(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor | None,
+    gae_lambda: float | None,
+) -> StepGrid:
+    """Actions, their mask, the packed episodes and where V is read, for one batch."""
+    action_mask = action_mask_from_labels(labels, attention_mask)  # (B, T) bool
+    episodes = None if position_ids is None else episode_ids_from_positions(position_ids)  # (B, T) or None
+    return StepGrid(
+        actions=next_tokens(input_ids),
+        action_mask=action_mask,
+        episodes=episodes,
+        values_needed=value_mask(action_mask, attention_mask, gae_lambda, episodes),
+    )
 
 
 def fold_onto_actions(

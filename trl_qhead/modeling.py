@@ -1,22 +1,21 @@
 """`AutoModelForCausalLMWithQHead`: any causal LM plus a vocabulary-sized Q head.
 
-The Q head is `q_t = W_q h_t + b_q`, one value per vocabulary token, read from the backbone's final hidden state
-(the same `h_t` the LM head reads). It is kept in fp32 and, by default, starts at zero so that an untrained head tilts
-nothing. `q_head_type="tied"` shares the LM head's rows instead: `q_t = W_lm (U h_t) + b` with `W_lm` the (detached)
-LM head weight and only U (H x H, or rank r) and b trained (`tied_head.py`). On disk a checkpoint is the backbone's own folder (a full model, or only the LoRA adapters of a PEFT model)
-plus `q_head.safetensors` and `q_head_config.json` beside it.
+The Q head is a `trl_qhead.heads.QHead` chosen by `q_head_type` (the registry in `heads/__init__.py`): by default
+the dense `q_t = W_q h_t + b_q`, one value per vocabulary token, read from the backbone's final hidden state (the same
+`h_t` the LM head reads), kept in fp32 and starting at zero so that an untrained head tilts nothing; `"tied"` shares
+the LM head's rows, `q_t = W_lm (U h_t) + b` (`heads/tied.py`). Every read of Q goes through the head's interface.
+On disk a checkpoint is the backbone's own folder (a full model, or only the LoRA adapters of a PEFT model) plus
+`q_head.safetensors` and `q_head_config.json` beside it (`persistence.py`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.utils import ModelOutput, logging
@@ -25,17 +24,40 @@ from trl.trainer.utils import selective_log_softmax
 from .backbone import causal_lm_forward, is_peft_model, plain_lm_head, unwrap_peft
 from .chunked_lm_head import action_logprobs_and_values
 from .compat import output_cache
-from .durable_files import fsync_path, fsync_tree, relative_files
+from .heads import (
+    DEFAULT_Q_HEAD_TYPE,
+    Q_HEAD_INITS,
+    QContext,
+    QHead,
+    build_q_head,
+    check_q_head_init,
+    check_q_head_type,
+    q_head_class,
+)
 from .hub import HUB_KWARGS, PUSH_KWARGS, qhead_model_card, resolve_file, upload_folder
-from .q_values import gather_action_q, state_values
+from .persistence import (
+    Q_HEAD_CONFIG_NAME,
+    Q_HEAD_WEIGHTS_NAME,
+    read_backbone_tensors,
+    read_q_head_config,
+    read_q_head_tensors,
+    resolve_q_head,
+    save_q_head_folder,
+)
+from .q_values import state_values
 from .quantization import disable_cpu_inference_repacking, is_kbit_model, prepare_quantization_config
-from .tied_head import TiedQHead, check_q_head_rank, check_q_head_type
 
 logger = logging.get_logger(__name__)
 
-Q_HEAD_WEIGHTS_NAME = "q_head.safetensors"
-Q_HEAD_CONFIG_NAME = "q_head_config.json"
-Q_HEAD_INITS = ("zeros", "normal", "lm_head")
+__all__ = [
+    "AutoModelForCausalLMWithQHead",
+    "CausalLMWithQHeadOutput",
+    "Q_HEAD_CONFIG_NAME",
+    "Q_HEAD_INITS",
+    "Q_HEAD_WEIGHTS_NAME",
+    "add_adapters",
+    "transformers_model",
+]
 
 
 @dataclass
@@ -50,6 +72,8 @@ class CausalLMWithQHeadOutput(ModelOutput):
         action_logprobs: `[B, T]` `log pi(a_t|s_t)` (with grad) where `logprob_mask` is set, zero elsewhere, only when
             asked.
         state_values: `[B, T]` `V(s_t)` (no grad) where `value_mask` is set, zero elsewhere, only when asked.
+        q_features: `[B, T, F]` the Q head's features of `hidden_states` (`QHead.features`, with grad), when any Q
+            was read: pass them to the head's `gather` / `soft_value` to read more without recomputing them.
         cache: the backbone's KV cache, when it returns one (named `past_key_values` before transformers 5.24;
             the newer releases still answer to that name).
     """
@@ -60,6 +84,7 @@ class CausalLMWithQHeadOutput(ModelOutput):
     action_q: torch.Tensor | None = None
     action_logprobs: torch.Tensor | None = None
     state_values: torch.Tensor | None = None
+    q_features: torch.Tensor | None = None
     cache: object | None = None
 
 
@@ -80,7 +105,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             for the tied head U = I).
         q_head_type: `"dense"` (default: `W_q`, |V| x H, fp32) or `"tied"` (`Q = W_lm (U h) + b`: U is H x H, or
             rank `q_head_rank`, about |V|/H times fewer parameters; `W_lm` is read from the LM head and never trained
-            through the Q loss). See `trl_qhead.tied_head`.
+            through the Q loss), or any type registered in `trl_qhead.heads.Q_HEADS`. See docs/heads.md.
         q_head_rank: for `"tied"` only: `U = A B` with A `H x r`, B `r x H`; `None` (default) for a full `H x H` U.
 
     Example:
@@ -103,17 +128,15 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         *,
         q_head_type: str = "dense",
         q_head_rank: int | None = None,
+        q_head_options: dict | None = None,
     ):
         super().__init__()
         if not isinstance(pretrained_model, nn.Module) or not hasattr(pretrained_model, "get_output_embeddings"):
             raise TypeError(
                 f"`pretrained_model` must be a transformers causal LM, got {type(pretrained_model).__name__}."
             )
-        if q_head_init not in Q_HEAD_INITS:
-            raise ValueError(f"`q_head_init` must be one of {Q_HEAD_INITS}, got {q_head_init!r}.")
+        check_q_head_init(q_head_init)
         check_q_head_type(q_head_type)
-        if q_head_type == "dense" and q_head_rank is not None:
-            raise ValueError("`q_head_rank` is for q_head_type='tied'; the dense head has no rank.")
         self.pretrained_model = pretrained_model
         lm_head = pretrained_model.get_output_embeddings()
         if lm_head is None or getattr(lm_head, "weight", None) is None:
@@ -122,14 +145,15 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         # ZeRO-3 (`zero.Init`) a loaded weight is a partition and `ds_shape` is its real shape.
         weight_shape = getattr(lm_head.weight, "ds_shape", lm_head.weight.shape)
         vocab_size, hidden_size = getattr(lm_head, "out_features", weight_shape[0]), self._hidden_size()
-        if q_head_type == "tied":
-            check_q_head_rank(q_head_rank, hidden_size)
-            self.q_head = TiedQHead(hidden_size, vocab_size, q_head_rank, device=lm_head.weight.device)
-            self.q_head.bind(pretrained_model)
-        else:
-            self.q_head = nn.Linear(
-                hidden_size, vocab_size, bias=True, dtype=torch.float32, device=lm_head.weight.device
-            )
+        self.q_head: QHead = build_q_head(
+            q_head_type,
+            pretrained_model,
+            hidden_size=hidden_size,
+            vocab_size=vocab_size,
+            device=lm_head.weight.device,
+            rank=q_head_rank,
+            **(q_head_options or {}),
+        )
         self.q_head_init = q_head_init
         self.reset_q_head(q_head_init)
         if is_kbit_model(pretrained_model):
@@ -155,13 +179,13 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
     @property
     def q_head_type(self) -> str:
-        """`"dense"` or `"tied"`."""
-        return "tied" if isinstance(self.q_head, TiedQHead) else "dense"
+        """The head's registry key (`"dense"`, `"tied"`, ...)."""
+        return self.q_head.q_head_type
 
     @property
     def q_head_rank(self) -> int | None:
-        """The rank of a tied head's U (`None`: full rank, or a dense head)."""
-        return self.q_head.rank if isinstance(self.q_head, TiedQHead) else None
+        """The rank of a tied head's U (`None`: full rank, or a head without a rank)."""
+        return self.q_head.to_config().get("q_head_rank")
 
     @property
     def is_peft_model(self) -> bool:
@@ -192,21 +216,19 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
     def reset_q_head(self, q_head_init: str = "zeros") -> None:
         """(Re)initialise the Q head in place. See the class docstring for the options."""
-        if isinstance(self.q_head, TiedQHead):
-            if q_head_init not in Q_HEAD_INITS:
-                raise ValueError(f"`q_head_init` must be one of {Q_HEAD_INITS}, got {q_head_init!r}.")
-            self.q_head.reset_parameters(q_head_init, getattr(self.config, "initializer_range", 0.02))
-            return
-        with torch.no_grad():
-            if q_head_init == "zeros":
-                self.q_head.weight.zero_()
-            elif q_head_init == "normal":
-                self.q_head.weight.normal_(0.0, getattr(self.config, "initializer_range", 0.02))
-            elif q_head_init == "lm_head":
-                self.q_head.weight.copy_(self.pretrained_model.get_output_embeddings().weight.float())
-            else:
-                raise ValueError(f"`q_head_init` must be one of {Q_HEAD_INITS}, got {q_head_init!r}.")
-            self.q_head.bias.zero_()
+        check_q_head_init(q_head_init)
+        std = getattr(self.config, "initializer_range", 0.02)
+        self.q_head.reset_parameters(q_head_init, std=std, backbone=self.pretrained_model)
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, *args, **kwargs) -> nn.Module:
+        """The backbone's `resize_token_embeddings`, then the Q head to the new vocabulary (new tokens get Q = 0: zero
+        rows and bias). Resizing the backbone alone leaves the Q head at the old size (a tied head then refuses to read
+        the LM head, naming this method)."""
+        embeddings = self.pretrained_model.resize_token_embeddings(new_num_tokens, *args, **kwargs)
+        vocab_size = int(getattr(self.get_output_embeddings(), "out_features", embeddings.weight.shape[0]))
+        self.q_head.resize_vocab(vocab_size)
+        self.q_head.bind(self.pretrained_model)
+        return embeddings
 
     # ---- forward ----------------------------------------------------------------------------------------------------
 
@@ -227,8 +249,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         Args:
             input_ids, attention_mask: as for the backbone; other keyword arguments are passed to it.
             return_q: also return the full `[B, T, |V|]` Q values (inspection, decoding; costs a second LM head).
-            actions: `[B, T]` token ids; returns `action_q[b, t] = Q(s_t, actions[b, t])` by gathering rows of
-                `W_q` (O(T*H), no `|V|`-sized product).
+            actions: `[B, T]` token ids; returns `action_q[b, t] = Q(s_t, actions[b, t])` (the head's `gather`:
+                O(T*H), no `|V|`-sized product).
             value_mask: `[B, T]`; returns `state_values`, `V(s_t) = sum_a pi(a|s_t) Q(s_t, a)` without grad at the
                 marked positions only, in chunks of `value_chunk_size` positions.
             logprob_mask: `[B, T]` bool, with `actions`: returns `action_logprobs`, `log pi(a_t|s_t)` with grad at the
@@ -253,10 +275,14 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             hidden_states=hidden,
             cache=output_cache(outputs),
         )
+        features = None
+        if return_q or actions is not None or value_mask is not None:
+            context = QContext(input_ids, attention_mask, kwargs.get("position_ids"))
+            features = result.q_features = self.q_head.features(hidden, context)  # (B, T, F)
         if return_q:
-            result.q_values = self.compute_q(hidden)
+            result.q_values = self.q_head.q_from_features(features)
         if actions is not None:
-            result.action_q = gather_action_q(hidden, self.q_head, actions)
+            result.action_q = self.q_head.gather(features, actions.unsqueeze(-1))[..., 0]
         if logprob_mask is not None and not full_logits:
             result.action_logprobs, result.state_values = action_logprobs_and_values(
                 hidden,
@@ -266,20 +292,22 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 q_head=self.q_head,
                 value_mask=value_mask,
                 chunk_size=value_chunk_size,
+                q_features=features,
             )
             return result
         if logprob_mask is not None:
             logprobs = selective_log_softmax(logits.float(), actions)
             result.action_logprobs = torch.where(logprob_mask.bool(), logprobs, 0.0)
         if value_mask is not None:
-            result.state_values = state_values(hidden, logits, self.q_head, value_mask, value_chunk_size)
+            result.state_values = state_values(
+                hidden, logits, self.q_head, value_mask, value_chunk_size, features=features.detach()
+            )
         return result
 
-    def compute_q(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Full Q values `W_q h + b_q` (tied: `W_lm (U h) + b`), fp32, for hidden states of any leading shape."""
-        if isinstance(self.q_head, TiedQHead):
-            return self.q_head(hidden_states)
-        return self.q_head(hidden_states.to(self.q_head.weight.dtype))
+    def compute_q(self, hidden_states: torch.Tensor, context: QContext | None = None) -> torch.Tensor:
+        """Full Q values (dense `W_q h + b_q`, tied `W_lm (U h) + b`), fp32, for hidden states of any leading
+        shape: the head's `full_q`."""
+        return self.q_head.full_q(hidden_states, context)
 
     def generate(self, *args, **kwargs):
         """The backbone's `generate`; pass a `QTiltLogitsProcessor` to sample from the Q-tilted policy."""
@@ -337,11 +365,11 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         """
         if not self.is_peft_model:
             raise ValueError("`merge_and_unload` needs a PEFT model; this model has no adapters to merge.")
+        self.q_head.check_merge()
         merged = self.pretrained_model.merge_and_unload(**kwargs)
         model = type(self)(merged, q_head_type=self.q_head_type, q_head_rank=self.q_head_rank)
         model.q_head, model.q_head_init = self.q_head, self.q_head_init
-        if isinstance(model.q_head, TiedQHead):
-            model.q_head.bind(merged)  # W_lm now comes from the merged LM head
+        model.q_head.bind(merged)  # a head reading the LM head (tied) now reads the merged one
         return model
 
     # ---- save / load ------------------------------------------------------------------------------------------------
@@ -349,9 +377,10 @@ class AutoModelForCausalLMWithQHead(nn.Module):
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True, **kwargs) -> None:
         """Save the backbone with its own `save_pretrained` (adapters only for PEFT) and the Q head beside it.
 
-        The Q head goes to `q_head.safetensors` (fp32) with its shape, init, type and rank in `q_head_config.json`.
-        A tied head saves only U (or A and B) and its bias, never the LM head it reads (a few MB instead of
-        `|V| x H`), plus a probe of that LM head's weight so that loading it onto another LM head fails clearly.
+        The Q head goes to `q_head.safetensors` (fp32, its state dict) with its shape, init, `to_config()` (type and
+        options) and `saved_fingerprint()` in `q_head_config.json`. A tied head saves only U (or A and B) and its
+        bias, never the LM head it reads (a few MB instead of `|V| x H`), plus a SHA-256 of that LM head's weight so
+        that loading it onto another LM head fails clearly.
 
         The save is atomic: a kill at any moment leaves the previous checkpoint or the new one, or a folder that refuses
         to load with a clear error, never a partial one that loads. Everything is first written (and fsync'ed) to a
@@ -365,7 +394,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
           `q_head_config.json` is moved in last. `from_pretrained` refuses a folder with `q_head.safetensors` and no
           `q_head_config.json`, so while the files are replaced the folder does not load.
 
-        `q_head_config.json` lists the files of the save (`files`); loading checks they are all there.
+        `q_head_config.json` lists the files of the save (`files`) and the sizes of its tensor files (`file_sizes`);
+        loading checks they are all there, whole. The files are written by `trl_qhead.persistence`.
 
         Args:
             save_directory: the folder to write.
@@ -387,39 +417,28 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 "`base_model_name_or_path`, so `from_pretrained` cannot load the saved folder on its own (it raises "
                 "naming the file). `load_checkpoint` (resuming training) is not affected."
             )
-        q_tensors = dict(self.q_head.named_parameters())
+        q_tensors = self.q_head.saved_tensors()
         if state_dict is not None:
             backbone_prefix, q_prefix = "pretrained_model.", "q_head."
             kwargs["state_dict"] = {
                 k[len(backbone_prefix) :]: v for k, v in state_dict.items() if k.startswith(backbone_prefix)
             }
-            q_tensors = {k[len(q_prefix) :]: v for k, v in state_dict.items() if k.startswith(q_prefix)} or q_tensors
-        target = os.path.abspath(os.fspath(save_directory))
-        parent, name = os.path.split(target)
-        os.makedirs(parent, exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
-        try:
-            self.pretrained_model.save_pretrained(staging, is_main_process=is_main_process, **kwargs)
-            tensors = {name: p.detach().to("cpu", torch.float32).contiguous() for name, p in q_tensors.items()}
-            save_file(tensors, os.path.join(staging, Q_HEAD_WEIGHTS_NAME), metadata={"format": "pt"})
-            files = sorted(relative_files(staging) | {Q_HEAD_CONFIG_NAME})
-            q_config = {
-                "hidden_size": self.q_head.in_features,
-                "vocab_size": self.q_head.out_features,
-                "q_head_init": self.q_head_init,
-                "q_head_type": self.q_head_type,
-                "q_head_rank": self.q_head_rank,
-                "peft": self.is_peft_model,
-                "files": files,
-            }
-            if isinstance(self.q_head, TiedQHead):
-                q_config["lm_head_probe"] = _lm_head_probe(self.q_head.lm_weight())
-            with open(os.path.join(staging, Q_HEAD_CONFIG_NAME), "w") as f:
-                json.dump(q_config, f, indent=2)
-            fsync_tree(staging)
-            _commit_folder(staging, target, files)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)  # gone already when it was renamed into place
+            gathered = {k[len(q_prefix) :]: v for k, v in state_dict.items() if k.startswith(q_prefix)}
+            q_tensors = self.q_head.saved_tensors(gathered) if gathered else q_tensors
+        q_config = {
+            "hidden_size": self.q_head.in_features,
+            "vocab_size": self.q_head.out_features,
+            "q_head_init": self.q_head_init,
+            **self.q_head.to_config(),
+            "peft": self.is_peft_model,
+            **self.q_head.saved_fingerprint(),
+        }
+        save_q_head_folder(
+            save_directory,
+            lambda folder: self.pretrained_model.save_pretrained(folder, is_main_process=is_main_process, **kwargs),
+            q_tensors,
+            q_config,
+        )
         if push_to_hub:
             repo_id = push_kwargs.pop("repo_id", None) or os.path.basename(os.path.abspath(save_directory))
             self._write_model_card(save_directory, repo_id)
@@ -464,13 +483,14 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         """Load `q_head.safetensors` from `directory` into this model's Q head.
 
         Raises `FileNotFoundError` when the file (or `q_head_config.json`, written last by `save_pretrained`) is
-        missing, and `ValueError` naming the file when it is damaged: not a readable safetensors file, other tensors
-        than this head's (`weight` and `bias`; tied: `u` or `u_left` and `u_right`, and `bias`), another dtype than
-        float32, another shape than this model's head, or non-finite values. The head's type and rank (from
-        `q_head_config.json`) must match this model's, and a tied head must be loaded onto the LM head it was saved
-        with (same shape, and the same weights up to a dtype change, checked on a probe of `W_lm`): `ValueError`.
+        missing, and `ValueError` naming the file when it is damaged: truncated (its recorded size), not a readable
+        safetensors file, other tensors than this head's state dict (`weight` and `bias`; tied: `u` or `u_left` and
+        `u_right`, and `bias`), another dtype than float32, another shape than this model's head, or non-finite
+        values. The head's type and rank (from `q_head_config.json`) must match this model's, and the head's
+        fingerprint must match (a tied head: the whole LM head weight it was saved with, up to a dtype change; folders
+        saved before the hash are checked on their 8-row probe): `ValueError`.
         """
-        config = _q_head_files(directory)
+        config = read_q_head_config(directory)
         if not config:
             raise FileNotFoundError(
                 f"No {Q_HEAD_WEIGHTS_NAME} or {Q_HEAD_CONFIG_NAME} in {directory}: it holds no Q head to load."
@@ -481,47 +501,23 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 f"The Q head in {directory} is q_head_type={saved_type!r}, q_head_rank={saved_rank!r}; this model's is "
                 f"q_head_type={self.q_head_type!r}, q_head_rank={self.q_head_rank!r}."
             )
+        config_path = os.path.join(directory, Q_HEAD_CONFIG_NAME)
         saved_shape = (config["vocab_size"], config["hidden_size"])
         this_shape = (self.q_head.out_features, self.q_head.in_features)
-        what = "LM head (vocabulary or hidden size)" if saved_type == "tied" else "vocabulary or hidden size"
+        what = self.q_head.shape_source
         if saved_shape != this_shape:
             raise ValueError(
-                f"{os.path.join(directory, Q_HEAD_CONFIG_NAME)} describes a Q head of shape {saved_shape} "
-                f"(vocab_size, hidden_size), this model needs {this_shape}: was it saved from a model with another "
-                f"{what}?"
+                f"{config_path} describes a Q head of shape {saved_shape} (vocab_size, hidden_size), this model needs "
+                f"{this_shape}: was it saved from a model with another {what}?"
             )
         state = self._read_q_head_file(directory, str(self.device), what)
-        if saved_type == "tied" and config.get("lm_head_probe") is not None:
-            _check_lm_head_probe(config["lm_head_probe"], self.q_head.lm_weight(), directory)
-        self.q_head.load_state_dict(state)
+        self.q_head.check_fingerprint(config, config_path)
+        self.q_head.load_saved_tensors(state)
 
-    def _read_q_head_file(self, directory, device: str, what: str = "vocabulary or hidden size") -> dict:
-        """The tensors of `directory/q_head.safetensors`, checked against this model's Q head: `ValueError` naming the
-        file when it is not a readable safetensors file, holds other tensors, another dtype than float32, other
-        shapes, or non-finite values."""
-        path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
-        try:
-            state = load_file(path, device=device)
-        except Exception as error:  # safetensors raises its own error type for truncated or garbage files
-            raise ValueError(
-                f"{path} is not a readable safetensors file ({type(error).__name__}: {error}): the file is damaged "
-                "or its save was interrupted."
-            ) from error
-        expected = {name: tuple(t.shape) for name, t in self.q_head.state_dict().items()}
-        if set(state) != set(expected):
-            raise ValueError(f"{path} holds the tensors {sorted(state)}; a Q head is exactly {sorted(expected)}.")
-        for key, shape in expected.items():
-            tensor = state[key]
-            if tensor.dtype != torch.float32:
-                raise ValueError(f"{path}: `{key}` is {tensor.dtype}; the Q head is saved in torch.float32.")
-            if tuple(tensor.shape) != shape:
-                raise ValueError(
-                    f"The Q head in {path} has `{key}` of shape {tuple(tensor.shape)}, this model needs {shape}: "
-                    f"was it saved from a model with another {what}?"
-                )
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"{path}: `{key}` holds NaN or infinite values.")
-        return state
+    def _read_q_head_file(self, directory, device: str, what: str | None = None) -> dict:
+        what = what or self.q_head.shape_source
+        expected = {name: tuple(t.shape) for name, t in self.q_head.saved_tensors().items()}
+        return read_q_head_tensors(directory, expected, device, what)
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         """Load a folder written by `save_pretrained` into this model in place (adapters or full weights, Q head).
@@ -530,7 +526,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         checked first (see `from_pretrained`): one without its Q head, or with half of one, raises before anything
         is loaded.
         """
-        if not _q_head_files(directory):
+        if not read_q_head_config(directory):
             raise FileNotFoundError(
                 f"No {Q_HEAD_WEIGHTS_NAME} or {Q_HEAD_CONFIG_NAME} in {directory}: it is not a checkpoint of this model."
             )
@@ -546,7 +542,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
             single = os.path.join(directory, "model.safetensors")
             if os.path.isfile(single):
-                missing, unexpected = self.pretrained_model.load_state_dict(load_file(single), strict=False)
+                tensors = read_backbone_tensors(directory)
+                missing, unexpected = self.pretrained_model.load_state_dict(tensors, strict=False)
                 tied = set(getattr(self.pretrained_model, "_tied_weights_keys", None) or [])
                 if unexpected or set(missing) - tied:
                     raise ValueError(f"{single} does not match the model: missing {missing}, unexpected {unexpected}.")
@@ -577,16 +574,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 raise ValueError(f"The adapters in {directory} do not match the model: unexpected {unknown[:5]}.")
             tensors = {own[name]: tensor for name, tensor in saved.items()}
         else:
-            single = os.path.join(directory, "model.safetensors")
-            if os.path.isfile(single):
-                tensors = load_file(single)
-            else:
-                index_path = os.path.join(directory, "model.safetensors.index.json")
-                if not os.path.isfile(index_path):
-                    raise FileNotFoundError(f"No model.safetensors (or its index) in {directory}.")
-                with open(index_path) as f:
-                    files = sorted(set(json.load(f)["weight_map"].values()))
-                tensors = {k: v for name in files for k, v in load_file(os.path.join(directory, name)).items()}
+            tensors = read_backbone_tensors(directory)
         state = {f"pretrained_model.{name}": tensor for name, tensor in tensors.items()}
         path = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
         if not os.path.isfile(path):
@@ -604,6 +592,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         q_head_init: str = "zeros",
         q_head_type: str | None = None,
         q_head_rank: int | None = None,
+        q_head_options: dict | None = None,
         is_trainable: bool = True,
         **kwargs,
     ) -> AutoModelForCausalLMWithQHead:
@@ -645,18 +634,19 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         _reject_our_misspelt_kwargs(kwargs)
         if q_head_type is not None:
             check_q_head_type(q_head_type)
-        # Checked before anything loads: a folder with half a Q head is an interrupted save, not a plain model.
-        q_config = _q_head_files(path) if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) else None
+        # Checked before anything loads: a folder (or Hub repo) with half a Q head is an interrupted save, not a plain
+        # model; its saved type and rank are the defaults.
+        q_folder, q_config = resolve_q_head(path, kwargs) if isinstance(path, (str, os.PathLike)) else (None, None)
         if q_config:
-            saved_type, saved_rank = q_config.get("q_head_type", "dense"), q_config.get("q_head_rank")
+            saved_type, saved_rank = q_config.get("q_head_type", DEFAULT_Q_HEAD_TYPE), q_config.get("q_head_rank")
             if q_head_type is None and q_head_rank is None:
                 q_head_type, q_head_rank = saved_type, saved_rank
-            elif (q_head_type or "dense", q_head_rank) != (saved_type, saved_rank):
+            elif (q_head_type or DEFAULT_Q_HEAD_TYPE, q_head_rank) != (saved_type, saved_rank):
                 raise ValueError(
                     f"{path} holds a q_head_type={saved_type!r}, q_head_rank={saved_rank!r} Q head; got "
                     f"q_head_type={q_head_type!r}, q_head_rank={q_head_rank!r}. Leave them unset to load it."
                 )
-        q_head_type = q_head_type or "dense"
+        q_head_type = q_head_type or DEFAULT_Q_HEAD_TYPE
         if isinstance(path, nn.Module):
             if kwargs or model_args:
                 raise TypeError(
@@ -666,15 +656,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 )
             backbone = path
         elif isinstance(path, (str, os.PathLike)) and not os.path.isdir(path):
-            # A Hub repo id: the Q head and adapters come with `hf_hub_download` (revision, token, cache_dir, offline).
-            return cls._from_hub(
-                str(path),
-                *model_args,
-                peft_config=peft_config,
-                q_head_init=q_head_init,
-                is_trainable=is_trainable,
-                **kwargs,
-            )
+            # A Hub repo id: the adapters come with `hf_hub_download` (revision, token, cache_dir, offline).
+            backbone = _hub_backbone(str(path), *model_args, is_trainable=is_trainable, **kwargs)
         elif isinstance(path, (str, os.PathLike)) and os.path.isfile(os.path.join(path, "adapter_config.json")):
             from peft import AutoPeftModelForCausalLM, PeftConfig
 
@@ -694,67 +677,36 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             )
         if peft_config is not None:
             backbone = add_adapters(backbone, peft_config)
-        model = cls(backbone, q_head_init=q_head_init, q_head_type=q_head_type, q_head_rank=q_head_rank)
+        options = dict(q_head_options or {})
+        if q_config:  # the saved head's own options (a context head's output, its Q model rebuilt from its config)
+            options = {**q_head_class(q_head_type).options_from_config(q_config), **options}
+        model = cls(
+            backbone, q_head_init=q_head_init, q_head_type=q_head_type, q_head_rank=q_head_rank, q_head_options=options
+        )
         if q_config:
-            model.load_q_head(path)
+            model.load_q_head(q_folder)
             model.q_head_init = q_config.get("q_head_init", q_head_init)
         return model
 
-    @classmethod
-    def _from_hub(cls, repo_id: str, *model_args, peft_config, q_head_init, is_trainable, **kwargs):
-        """`from_pretrained` of a Hub repo id: adapters or a full model, plus the repo's Q head when it has one."""
-        adapter_config = resolve_file(repo_id, "adapter_config.json", kwargs)
-        if adapter_config is not None:
-            from peft import AutoPeftModelForCausalLM, PeftConfig
 
-            _check_adapter_base(adapter_config, where=repo_id)
+def _hub_backbone(repo_id: str, *model_args, is_trainable: bool, **kwargs) -> nn.Module:
+    """The backbone of a Hub repo id: its adapters (on the base model their config names) or its full model."""
+    adapter_config = resolve_file(repo_id, "adapter_config.json", kwargs)
+    if adapter_config is not None:
+        from peft import AutoPeftModelForCausalLM, PeftConfig
 
-            if kwargs.get("quantization_config") is not None:
-                peft_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
-                base_name = PeftConfig.from_pretrained(repo_id, **peft_kwargs).base_model_name_or_path
-                kwargs["quantization_config"] = _quantization_config(kwargs, base_name)
-            backbone = AutoPeftModelForCausalLM.from_pretrained(
-                repo_id, *model_args, is_trainable=is_trainable, **kwargs
-            )
-        else:
-            if kwargs.get("quantization_config") is not None:
-                kwargs["quantization_config"] = _quantization_config(kwargs, repo_id)
-            backbone = AutoModelForCausalLM.from_pretrained(repo_id, *model_args, **kwargs)
-        if peft_config is not None:
-            backbone = add_adapters(backbone, peft_config)
-        model = cls(backbone, q_head_init=q_head_init)
-        config_file = resolve_file(repo_id, Q_HEAD_CONFIG_NAME, kwargs)
-        weights_file = resolve_file(repo_id, Q_HEAD_WEIGHTS_NAME, kwargs)
-        if config_file is None and weights_file is None:
-            return model  # a plain causal LM repo: a fresh Q head
-        where = (
-            f"{repo_id} (revision {kwargs.get('revision') or 'main'}; offline, a file may just not be in the cache)"
-        )
-        if weights_file is None or config_file is None:
-            has, lacks = (
-                (Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME)
-                if weights_file is None
-                else (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME)
-            )
-            raise FileNotFoundError(
-                f"{where} has {has} but no {lacks}: refusing to return a model with a fresh Q head in place of the "
-                "trained one."
-            )
-        with open(config_file) as f:
-            listed = json.load(f).get("files", [])
-        # The files the save wrote: fetched too, so that `load_q_head` checks the same set as for a local folder.
-        missing = [name for name in listed if resolve_file(repo_id, name, kwargs) is None]
-        if missing:
-            raise FileNotFoundError(
-                f"{where} lacks {missing}, which its {Q_HEAD_CONFIG_NAME} lists: it is incomplete."
-            )
-        model.load_q_head(os.path.dirname(weights_file))
-        with open(config_file) as f:
-            model.q_head_init = json.load(f).get("q_head_init", q_head_init)
-        return model
+        _check_adapter_base(adapter_config, where=repo_id)
+        if kwargs.get("quantization_config") is not None:
+            peft_kwargs = {k: kwargs[k] for k in HUB_KWARGS if k in kwargs}
+            base_name = PeftConfig.from_pretrained(repo_id, **peft_kwargs).base_model_name_or_path
+            kwargs["quantization_config"] = _quantization_config(kwargs, base_name)
+        return AutoPeftModelForCausalLM.from_pretrained(repo_id, *model_args, is_trainable=is_trainable, **kwargs)
+    if kwargs.get("quantization_config") is not None:
+        kwargs["quantization_config"] = _quantization_config(kwargs, repo_id)
+    return AutoModelForCausalLM.from_pretrained(repo_id, *model_args, **kwargs)
 
 
-_OUR_KWARGS = ("peft_config", "q_head_init", "q_head_type", "q_head_rank", "is_trainable")
+_OUR_KWARGS = ("peft_config", "q_head_init", "q_head_type", "q_head_rank", "q_head_options", "is_trainable")
 
 
 def _reject_our_misspelt_kwargs(kwargs: dict) -> None:
@@ -794,23 +746,6 @@ def _check_adapter_base(config_file: str, where: str | None = None) -> None:
         raise ValueError(f"{shown} names the base model folder {base}, which does not exist. {how}")
 
 
-def _lm_head_probe(weight: torch.Tensor) -> list[float]:
-    """A few entries of `W_lm` (8 rows spread over the vocabulary, 4 columns each): enough to tell LM heads apart."""
-    rows = torch.linspace(0, weight.shape[0] - 1, 8).long().unique().to(weight.device)
-    return [float(x) for x in weight[rows, :4].double().flatten().cpu()]
-
-
-def _check_lm_head_probe(probe: list[float], weight: torch.Tensor, directory) -> None:
-    saved = torch.tensor(probe, dtype=torch.float64)
-    now = torch.tensor(_lm_head_probe(weight), dtype=torch.float64)
-    scale = float(saved.abs().max()) if saved.numel() else 0.0
-    if now.shape != saved.shape or not bool(((now - saved).abs() <= 2e-2 * saved.abs() + 1e-2 * scale).all()):
-        raise ValueError(
-            f"The tied Q head in {directory} was saved with another LM head than this model's (its weights differ): "
-            "Q = W_lm (U h) + b reads the LM head, so it only means something on the LM head it was trained with."
-        )
-
-
 def add_adapters(backbone: PreTrainedModel, peft_config) -> nn.Module:
     """Wrap a transformers causal LM with PEFT adapters (`get_peft_model`), preparing a 4/8-bit one for QLoRA first."""
     if is_peft_model(backbone):
@@ -827,73 +762,3 @@ def add_adapters(backbone: PreTrainedModel, peft_config) -> nn.Module:
 def _quantization_config(kwargs: dict, model_name_or_path) -> object:
     config_kwargs = {k: kwargs[k] for k in ("revision", "trust_remote_code", "token") if k in kwargs}
     return prepare_quantization_config(kwargs["quantization_config"], model_name_or_path, **config_kwargs)
-
-
-def _q_head_files(directory: str | os.PathLike) -> dict | None:
-    """The parsed `q_head_config.json` of a folder holding a complete Q-head save; `None` for a folder with neither
-    Q-head file (a plain model). Anything in between is an interrupted or damaged save and raises, naming the file."""
-    weights = os.path.join(directory, Q_HEAD_WEIGHTS_NAME)
-    config_path = os.path.join(directory, Q_HEAD_CONFIG_NAME)
-    has_weights, has_config = os.path.isfile(weights), os.path.isfile(config_path)
-    if not has_weights and not has_config:
-        return None
-    if not has_weights:
-        raise FileNotFoundError(
-            f"{directory} has {Q_HEAD_CONFIG_NAME} but no {Q_HEAD_WEIGHTS_NAME}: the checkpoint is incomplete (was "
-            "its save killed before the Q head was written?). Use an earlier checkpoint."
-        )
-    if not has_config:
-        raise FileNotFoundError(
-            f"{directory} has {Q_HEAD_WEIGHTS_NAME} but no {Q_HEAD_CONFIG_NAME}, which `save_pretrained` writes "
-            "last: the save was interrupted, so the folder may mix two checkpoints. Use an earlier checkpoint."
-        )
-    try:
-        with open(config_path) as f:
-            config = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{config_path} is not readable JSON ({error}): the file is damaged.") from error
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_path} must hold a JSON object, got {type(config).__name__}.")
-    for key in ("hidden_size", "vocab_size"):
-        if not isinstance(config.get(key), int) or isinstance(config.get(key), bool):
-            raise ValueError(f"{config_path}: `{key}` must be an integer, got {config.get(key)!r}.")
-    missing = [name for name in config.get("files", []) if not os.path.isfile(os.path.join(directory, name))]
-    if missing:
-        raise FileNotFoundError(
-            f"{directory} lacks {missing}, which its {Q_HEAD_CONFIG_NAME} lists: it is incomplete."
-        )
-    return config
-
-
-def _commit_folder(staging: str, target: str, files: list[str]) -> None:
-    """Move a complete save from `staging` to `target` (see `save_pretrained`)."""
-    try:
-        os.rename(staging, target)  # a new or empty `target`: one atomic step
-        fsync_path(os.path.dirname(target))
-        return
-    except OSError:
-        if not os.path.isdir(target):
-            raise
-    marker = os.path.join(target, Q_HEAD_CONFIG_NAME)
-    previous_files = []
-    if os.path.isfile(marker):
-        try:
-            with open(marker) as f:
-                listed = json.load(f).get("files", [])
-            previous_files = [name for name in listed if isinstance(name, str)]
-        except (OSError, ValueError, AttributeError):
-            pass
-        os.remove(marker)  # from here on the folder refuses to load, until the new marker is in place
-        fsync_path(target)
-    order = [Q_HEAD_WEIGHTS_NAME] + [name for name in files if name not in (Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME)]
-    for name in order:
-        destination = os.path.join(target, name)
-        os.makedirs(os.path.dirname(destination), exist_ok=True)
-        os.replace(os.path.join(staging, name), destination)
-    for name in set(previous_files) - set(files):  # e.g. adapter files of a PEFT save overwritten by a full model
-        stale = os.path.normpath(os.path.join(target, name))
-        if os.path.dirname(stale).startswith(target) and os.path.isfile(stale):
-            os.remove(stale)
-    fsync_path(target)
-    os.replace(os.path.join(staging, Q_HEAD_CONFIG_NAME), marker)  # the commit
-    fsync_path(target)

@@ -30,6 +30,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from .heads import QHead, linear_q
 from .returns import check_beta
 
 __all__ = [
@@ -80,13 +81,15 @@ def chunked_soft_state_values(
     value_mask: torch.Tensor,
     beta: float,
     *,
-    q_weight: torch.Tensor,
+    q_weight: torch.Tensor | None = None,
     q_bias: torch.Tensor | None = None,
     logits: torch.Tensor | None = None,
     lm_weight: torch.Tensor | None = None,
     lm_bias: torch.Tensor | None = None,
     q_project: Callable[[torch.Tensor], torch.Tensor] | None = None,
     chunk_size: int = 1024,
+    q_head: QHead | None = None,
+    q_features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`V*(s_t)` (as `soft_state_values`) at the positions where `value_mask` is set, a chunk of positions at a time.
 
@@ -104,7 +107,9 @@ def chunked_soft_state_values(
         value_mask: `[B, T]` bool or 0/1, where V* is wanted: for `compute_returns` with `gae_lambda` None or 1 the
             position after each row's last action, for lambda < 1 the position after every action.
         beta: a finite float > 0.
-        q_weight, q_bias: the Q head, `[V, H]` and `[V]` (or None).
+        q_weight, q_bias: the Q head, `[V, H]` and `[V]` (or None), as raw weights; or pass `q_head` instead.
+        q_head: a `trl_qhead.heads.QHead`: V* is its `soft_value` on each chunk (its features from `q_features`,
+            `[B, T, F]`, when the caller has them, else from `q_head.features` of the chunk's hidden states).
         q_project: optional map applied to each chunk of hidden states before the Q product: the tied head's
             `h -> U h` (with `q_weight` its `W_lm`), so that `Q = W_lm (U h) + b` costs an H x H product per position
             on top of the `[V, H]` one, as a dense head does.
@@ -119,6 +124,8 @@ def chunked_soft_state_values(
     beta = check_beta(beta)
     if (logits is None) == (lm_weight is None):
         raise ValueError("pass exactly one of `logits` (the LM logits) and `lm_weight` (the LM head's weight)")
+    if (q_weight is None) == (q_head is None):
+        raise ValueError("pass exactly one of `q_weight` (the Q head's weight) and `q_head` (a QHead)")
     if not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive integer, got {chunk_size!r}")
     if hidden.dim() != 3 or value_mask.shape != hidden.shape[:2]:
@@ -128,9 +135,9 @@ def chunked_soft_state_values(
     if logits is not None and logits.shape[:2] != hidden.shape[:2]:
         raise ValueError(f"`logits` must be [B, T, V] on `hidden`'s grid, got {tuple(logits.shape)}")
     policy_source = logits if logits is not None else lm_weight
-    dtype = _float_dtype(hidden, q_weight, policy_source)
-    wq = q_weight.detach()
-    bq = None if q_bias is None else q_bias.detach().to(wq.dtype)
+    dtype = _float_dtype(hidden, hidden if q_weight is None else q_weight, policy_source)
+    wq = None if q_weight is None else q_weight.detach()
+    bq = None if q_bias is None or wq is None else q_bias.detach().to(wq.dtype)
     wz = None if lm_weight is None else lm_weight.detach()
     bz = None if lm_bias is None or wz is None else lm_bias.detach().to(wz.dtype)
     values = torch.zeros(value_mask.shape, dtype=dtype, device=hidden.device)
@@ -138,9 +145,13 @@ def chunked_soft_state_values(
     for start in range(0, rows.numel(), chunk_size):
         r, c = rows[start : start + chunk_size], cols[start : start + chunk_size]
         h = hidden[r, c]
-        hq = h if q_project is None else q_project(h).detach()
-        q = F.linear(hq.to(wq.dtype), wq, bq).to(dtype)
         z = logits[r, c] if logits is not None else F.linear(h.to(wz.dtype), wz, bz)
+        if q_head is not None:
+            features = q_features[r, c] if q_features is not None else q_head.features(h)
+            log_pi = torch.log_softmax(z.to(dtype), dim=-1)
+            values[r, c] = q_head.soft_value(features.detach(), log_pi, beta).to(dtype)
+            continue
+        q = linear_q(h if q_project is None else q_project(h).detach(), wq, bq).to(dtype)
         values[r, c] = soft_state_values(z.to(dtype), q, beta)
     return values
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 from collections import defaultdict
 from collections.abc import Callable
@@ -33,22 +32,28 @@ from transformers.utils import logging
 from .backbone import attention_inputs, plain_lm_head
 from .config import QHeadConfig
 from .data import DataCollatorForQHead, prepare_dataset
-from .durable_files import fsync_path, fsync_tree
 from .hub import qhead_model_card
 from .losses import qhead_loss
-from .mdp import action_mask_from_labels, episode_dones, episode_ids_from_positions, next_tokens, value_mask
-from .modeling import Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME, AutoModelForCausalLMWithQHead, add_adapters
-from .q_values import gather_candidate_q
+from .mdp import episode_dones, step_grid, tokens_to_actions
+from .modeling import AutoModelForCausalLMWithQHead, add_adapters
+from .persistence import (
+    CHECKPOINT_COMPLETE_NAME,
+    Q_HEAD_CONFIG_NAME,
+    Q_HEAD_WEIGHTS_NAME,
+    checkpoint_problem,
+    last_complete_checkpoint,
+    load_sharded_checkpoint,
+    mark_checkpoint_complete,
+)
 from .reference import as_reference, frozen_copy, reference_logprobs
 from .returns import compute_returns
 from .reward_functions import RewardFunc, RewardFunctions
 from .rewards import RewardComputer
 from .soft import candidate_targets, chunked_soft_state_values
-from .tied_head import is_tied
 
 REWARD_MOMENTS_NAME = "reward_moments.json"
-CHECKPOINT_COMPLETE_NAME = "checkpoint_complete.json"
-_CHECKPOINT_PATTERN = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# Re-exported: they lived here before `persistence.py`.
+__all__ = ["QHeadTrainer", "checkpoint_problem", "last_complete_checkpoint", "load_sharded_checkpoint"]
 
 logger = logging.get_logger(__name__)
 
@@ -222,6 +227,7 @@ class QHeadTrainer(Trainer):
             model = AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config, **model_init_kwargs)
         else:
             raise TypeError(f"`model` must be a model, a name or a path, got {type(model).__name__}.")
+        model.q_head.check_training(model.pretrained_model)  # e.g. a context head leaves the policy the base model
         if (model.is_loaded_in_4bit or model.is_loaded_in_8bit) and not model.is_peft_model:
             raise ValueError(
                 "The model is loaded in 4 or 8 bits and has no adapters: quantised weights cannot be trained. Pass a "
@@ -264,12 +270,15 @@ class QHeadTrainer(Trainer):
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids = inputs.get("position_ids")  # packed rows: each document its own attention span
 
-        # 1. Masks: which positions hold an action, and where the returns will read V(s).
-        actions = next_tokens(input_ids)  # (B, T)
-        action_mask = action_mask_from_labels(inputs["labels"], attention_mask)  # (B, T) bool
-        # packed rows: which document (episode) each position belongs to; returns never cross from one to the next
-        episodes = None if position_ids is None else episode_ids_from_positions(position_ids)  # (B, T) or None
-        values_needed = value_mask(action_mask, attention_mask, args.gae_lambda, episodes)  # (B, T) bool
+        # 1. Masks: which positions hold an action, and where the returns will read V(s); packed rows: which document
+        # (episode) each position belongs to (returns never cross from one to the next).
+        grid = step_grid(input_ids, inputs["labels"], attention_mask, position_ids, args.gae_lambda)
+        actions, action_mask, episodes, values_needed = (
+            grid.actions,  # (B, T)
+            grid.action_mask,  # (B, T) bool
+            grid.episodes,  # (B, T) or None
+            grid.values_needed,  # (B, T) bool
+        )
         soft = args.q_target == "soft"
 
         # 2. One forward: log pi(a_t|s_t) and Q(s_t, a_t) with grad, V(s) without, and no (B, T, V) logits.
@@ -359,15 +368,15 @@ class QHeadTrainer(Trainer):
 
     @torch.no_grad()
     def _soft_state_values(self, model, outputs, values_needed: torch.Tensor) -> torch.Tensor:
-        """`V*(s_t)` at `values_needed` (`soft.chunked_soft_state_values`), from the forward's full logits when it
-        made them (heads that are not a plain `W h + b`), else from the LM head's weight, chunk by chunk."""
+        """`V*(s_t)` at `values_needed` (`soft.chunked_soft_state_values`: the head's `soft_value` on the forward's
+        Q features), the policy from the forward's full logits when it made them (LM heads that are not a plain
+        `W h + b`), else from the LM head's weight, chunk by chunk."""
         unwrapped = self.accelerator.unwrap_model(model)
-        q_head = unwrapped.q_head
-        kwargs = {"q_bias": q_head.bias, "chunk_size": self.args.value_chunk_size}
-        if is_tied(q_head):  # Q = W_lm (U h) + b: the LM head's rows after an H x H projection
-            kwargs.update(q_weight=q_head.lm_weight(), q_project=q_head.project)
-        else:
-            kwargs["q_weight"] = q_head.weight
+        kwargs = {
+            "q_head": unwrapped.q_head,
+            "q_features": outputs.q_features,
+            "chunk_size": self.args.value_chunk_size,
+        }
         if outputs.logits is not None:
             kwargs["logits"] = outputs.logits
         else:
@@ -384,20 +393,18 @@ class QHeadTrainer(Trainer):
         """
         if "candidate_ids" not in inputs or self.args.candidate_weight == 0:
             return {}
-
-        def to_actions(x: torch.Tensor) -> torch.Tensor:
-            shifted = torch.zeros_like(x)
-            shifted[:, :-1] = x[:, 1:]
-            return shifted
-
-        ids = to_actions(inputs["candidate_ids"])  # (B, T, k)
-        mask = to_actions(inputs["candidate_mask"]) & action_mask.bool().unsqueeze(-1) & (ids != actions.unsqueeze(-1))
+        ids = tokens_to_actions(inputs["candidate_ids"])  # (B, T, k)
+        mask = (
+            tokens_to_actions(inputs["candidate_mask"])
+            & action_mask.bool().unsqueeze(-1)
+            & (ids != actions.unsqueeze(-1))
+        )
         scale = self.args.reward_scale
-        effects = to_actions(inputs["candidate_rewards"]).float() * scale  # (B, T, k)
-        sampled = to_actions(inputs["candidate_sampled_reward"]).float() * scale  # (B, T)
+        effects = tokens_to_actions(inputs["candidate_rewards"]).float() * scale  # (B, T, k)
+        sampled = tokens_to_actions(inputs["candidate_sampled_reward"]).float() * scale  # (B, T)
         q_head = self.accelerator.unwrap_model(model).q_head
         return {
-            "candidate_q": gather_candidate_q(outputs.hidden_states, q_head, ids),
+            "candidate_q": q_head.gather(outputs.q_features, ids),  # (B, T, k), the forward's features
             "candidate_targets": candidate_targets(returns, effects, sampled),
             "candidate_mask": mask,
         }
@@ -616,7 +623,7 @@ class QHeadTrainer(Trainer):
             self.args.save_total_limit = limit
         self.accelerator.wait_for_everyone()  # every process's files (RNG states, sharded optimizer) are written
         if self.args.should_save:
-            _mark_checkpoint_complete(output_dir, self.state.global_step)
+            mark_checkpoint_complete(output_dir, self.state.global_step)
             rotate_checkpoints(
                 output_dir=run_dir,
                 save_total_limit=limit,
@@ -672,22 +679,6 @@ class QHeadTrainer(Trainer):
         if self.args.reward_normalization == "running" and os.path.isfile(moments):
             with open(moments) as f:
                 self.reward_computer.moments.load_state_dict(json.load(f))
-
-
-def load_sharded_checkpoint(model: nn.Module, directory: str) -> None:
-    """Load a checkpoint of `AutoModelForCausalLMWithQHead.save_pretrained` (adapters or full backbone, and Q head)
-    into an FSDP2-sharded model in place, on every process: each reads the full tensors and keeps its own shard
-    (`set_model_state_dict` with `full_state_dict=True`). Parameters the checkpoint does not hold (a LoRA model's
-    frozen base) keep their values; a tensor the model has no place for raises `ValueError`."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    inner = (
-        model.module if hasattr(model, "module") and not isinstance(model, AutoModelForCausalLMWithQHead) else model
-    )
-    state = inner.checkpoint_state_dict(directory)
-    result = set_model_state_dict(inner, state, options=StateDictOptions(full_state_dict=True, strict=False))
-    if result.unexpected_keys:
-        raise ValueError(f"{directory} holds tensors the model does not have: {sorted(result.unexpected_keys)[:5]}.")
 
 
 def _keep_prompts(raw, prepared):
@@ -785,67 +776,3 @@ def _check_tokenizer_files(model_id: str | os.PathLike) -> None:
             f"{model_id} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}): pass the model's tokenizer as "
             "`processing_class`, or save it into the folder."
         )
-
-
-def _mark_checkpoint_complete(folder: str, global_step: int) -> None:
-    files = {}
-    for root, _, names in os.walk(folder):
-        for name in names:
-            path = os.path.join(root, name)
-            files[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
-    files.pop(CHECKPOINT_COMPLETE_NAME, None)
-    fsync_tree(folder)
-    temporary = os.path.join(folder, f".{CHECKPOINT_COMPLETE_NAME}.tmp")
-    with open(temporary, "w") as f:
-        json.dump({"global_step": global_step, "files": files}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, os.path.join(folder, CHECKPOINT_COMPLETE_NAME))
-    fsync_path(folder)
-
-
-def checkpoint_problem(folder: str | os.PathLike) -> str | None:
-    """Why a `checkpoint-N` folder is not a complete checkpoint written by `QHeadTrainer`, or `None` when it is: its
-    `checkpoint_complete.json` is there and every file it lists is there with the size it had when written."""
-    marker = os.path.join(folder, CHECKPOINT_COMPLETE_NAME)
-    if not os.path.isfile(marker):
-        return f"it has no {CHECKPOINT_COMPLETE_NAME} (its save was interrupted, or another trainer wrote it)"
-    try:
-        with open(marker) as f:
-            files = json.load(f)["files"]
-        listed = [(str(name), int(size)) for name, size in files.items()]
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
-        return f"its {CHECKPOINT_COMPLETE_NAME} is damaged ({error})"
-    for name, size in listed:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            return f"{name} is missing"
-        if os.path.getsize(path) != size:
-            return f"{name} has {os.path.getsize(path)} bytes, {size} were written"
-    return None
-
-
-def last_complete_checkpoint(output_dir: str | os.PathLike) -> str:
-    """The newest `checkpoint-N` folder of `output_dir` that `checkpoint_problem` finds complete (what
-    `resume_from_checkpoint=True` resumes from); incomplete newer ones are skipped with a warning. Raises
-    `ValueError` when there is none."""
-    steps = {}
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            match = _CHECKPOINT_PATTERN.match(name)
-            if match and os.path.isdir(os.path.join(output_dir, name)):
-                steps[name] = int(match.group(1))
-    skipped = []
-    for name in sorted(steps, key=steps.get, reverse=True):
-        path = os.path.join(output_dir, name)
-        problem = checkpoint_problem(path)
-        if problem is None:
-            if skipped:
-                logger.warning(f"Resuming from {name}, skipping incomplete checkpoints: {'; '.join(skipped)}.")
-            return path
-        skipped.append(f"{name}: {problem}")
-    details = f": {'; '.join(skipped)}" if skipped else ""
-    raise ValueError(
-        f"No complete checkpoint in {output_dir} to resume from{details}. Pass a checkpoint's path as "
-        "`resume_from_checkpoint` to resume from it anyway."
-    )

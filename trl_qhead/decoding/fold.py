@@ -1,5 +1,6 @@
-"""`fold_tilt`: the tilt folded into the LM head, `W_lm + W_q / beta` (tied head: `W_lm (I + U / beta)`), an ordinary
-causal LM (LayerNorm surgery carries a nonzero Q-head bias where the LM head has none)."""
+"""`fold_tilt`: the tilt folded into the LM head, `W_lm + W_q / beta` with `(W_q, b_q)` the Q head's
+`hidden_linear_form()` (tied head: `W_lm U`, so `W_lm (I + U / beta)`), an ordinary causal LM (LayerNorm surgery
+carries a nonzero Q-head bias where the LM head has none)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from transformers import PreTrainedModel
 
 from ..backbone import is_peft_model
 from ..modeling import AutoModelForCausalLMWithQHead
-from ..tied_head import TiedQHead
 from .tilt import check_beta
 
 
@@ -49,18 +49,20 @@ def fold_tilt(model: AutoModelForCausalLMWithQHead, beta: float, *, verify: bool
     beta = check_beta(beta)
     if not isinstance(model, AutoModelForCausalLMWithQHead):
         raise TypeError(f"`model` must be an AutoModelForCausalLMWithQHead, got {type(model).__name__}.")
+    form = model.q_head.hidden_linear_form()  # Q = W h + b in the policy's own hidden state, float64
+    if form is None:
+        raise ValueError(
+            f"The q_head_type={model.q_head_type!r} head is not a linear map of the policy's hidden state (it reads "
+            "more than h), so its tilt cannot be folded into the LM head. Use QTiltLogitsProcessor."
+        )
     folded = copy.deepcopy(model.pretrained_model)
     if is_peft_model(folded):
         folded = folded.merge_and_unload()
     folded.eval()
     head = folded.get_output_embeddings()
     scale = 0.0 if math.isinf(beta) else 1.0 / beta
-    if isinstance(model.q_head, TiedQHead):  # W_lm + W_lm U / beta = W_lm (I + U / beta)
-        tilt = model.q_head.lm_weight().double() @ model.q_head.u_matrix().double()
-    else:
-        tilt = model.q_head.weight.double()
-    weight = head.weight.double() + tilt.to(head.weight.device) * scale
-    bias = model.q_head.bias.double().to(head.weight.device) * scale
+    weight = head.weight.double() + form.weight.to(head.weight.device) * scale
+    bias = form.bias.to(head.weight.device) * scale
     dtype = head.weight.dtype
     if not (torch.isfinite(weight.to(dtype)).all() and torch.isfinite(bias.to(dtype)).all()):
         raise ValueError(

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from ..backbone import forward_parameters
+from ..heads import QContext
 from ..modeling import AutoModelForCausalLMWithQHead, transformers_model
-from ..q_values import gather_action_q
 from ..stop_tokens import generation_config
 from .tilt import check_beta
 
@@ -78,9 +78,11 @@ def rerank(
     hidden = model(sequences.to(device), attention_mask=mask.to(device), **kwargs).hidden_states
     rows = torch.arange(sequences.shape[0], device=device)
     last = last.to(device)
-    state = hidden[rows, last - 1]  # s_{n-2}
+    # The head's features on the whole grid (a head that reads the context sees every row's tokens), then s_{n-2}.
+    features = model.q_head.features(hidden, QContext(sequences.to(device), mask.to(device)))  # (N, L, F)
+    state = features[rows, last - 1]  # s_{n-2}
     action = sequences.to(device)[rows, last]  # a_{n-2} = x_{n-1}
-    scores = gather_action_q(state[:, None, :], model.q_head, action[:, None])[:, 0].float()
+    scores = model.q_head.gather(state, action[:, None])[:, 0].float()
     grouped = scores.view(-1, num_samples)
     if beta is None:
         choice = grouped.argmax(-1)

@@ -15,9 +15,8 @@ from torch import nn
 
 from ..backbone import forward_parameters, plain_lm_head, position_ids
 from ..compat import cache_kwargs, output_cache
+from ..heads import QContext
 from ..modeling import AutoModelForCausalLMWithQHead, transformers_model
-from ..q_values import gather_action_q
-from ..tied_head import TiedQHead
 
 
 class QSource:
@@ -124,7 +123,9 @@ class QHeadSource(QSource):
     """Q from the model's own Q head, read off the hidden state the LM head saw in the same forward pass.
 
     Costs one `H x |V|` product per token (like the LM head itself), or `k x H` with `token_ids` (top-k tilting); a
-    tied head adds an `H x H` product (`U h`) to either.
+    tied head adds an `H x H` product (`U h`) to either. Everything goes through the head's interface (`QHead`):
+    its decode state is updated once per step (`update_decode_state`, with the rows' parents under beam search),
+    then its features of the captured hidden state are read (`q_from_features` or `gather`).
 
     Args:
         model: an `AutoModelForCausalLMWithQHead` (PEFT-wrapped or not).
@@ -149,17 +150,22 @@ class QHeadSource(QSource):
 
     def detach(self) -> None:
         self._capture.detach()
+        self.model.q_head.reset_decode_state()
         for handle in self._head_tilt_handles:
             handle.remove()
         self._head_tilt_handles = []
         self._armed, self._tilt_next, self._tilted = None, False, False
 
-    # ---- the tilt inside the LM head (tied heads, no KL record) ---------------------------------------------------
+    # ---- the tilt inside the LM head (heads with an `lm_head_input`, e.g. tied; no KL record) -----------------------
 
     def supports_head_tilt(self) -> bool:
-        """A tied head on an LM head whose logits are exactly `W_lm h + b_lm`: `z + Q / beta` is then the LM head
-        applied to `h + U h / beta`, plus `b / beta` (an H x H product per token instead of `H x |V|`)."""
-        return isinstance(self.model.q_head, TiedQHead) and plain_lm_head(transformers_model(self.model)) is not None
+        """A head with `Q = W_lm g + b` (`QHead.lm_head_input`, e.g. the tied head's `g = U h`) on an LM head whose
+        logits are exactly `W_lm h + b_lm`: `z + Q / beta` is then the LM head applied to `h + g / beta`, plus
+        `b / beta` (for the tied head an H x H product per token instead of `H x |V|`)."""
+        probe = torch.zeros(1, self.model.q_head.in_features, device=self.model.device)
+        with torch.no_grad():
+            has_form = self.model.q_head.lm_head_input(probe) is not None
+        return has_form and plain_lm_head(transformers_model(self.model)) is not None
 
     def enable_head_tilt(self, beta: float) -> None:
         """Tilt inside the LM head at the generation steps this source arms (`arm`), and only those: a pre-hook on
@@ -195,7 +201,7 @@ class QHeadSource(QSource):
             self._tilted = False
             return None
         hidden = args[0]
-        tilted = hidden + (self.model.q_head.project(hidden) / self._head_tilt_beta).to(hidden.dtype)
+        tilted = hidden + (self.model.q_head.lm_head_input(hidden) / self._head_tilt_beta).to(hidden.dtype)
         return (tilted, *args[1:])
 
     def _tilt_output(self, module, args, output):
@@ -216,19 +222,12 @@ class QHeadSource(QSource):
     def __call__(self, input_ids, parent, token_ids=None):
         hidden, _ = self._capture.take(input_ids.shape[0], parent is None, "QTiltLogitsProcessor")
         q_head = self.model.q_head
-        if isinstance(q_head, TiedQHead):  # W_lm (U h) + b: an H x H product, then the LM head's own size
-            if token_ids is not None:
-                return q_head.gather(hidden[:, None, :], token_ids.to(q_head.device))
-            weight = q_head.lm_weight()
-            if weight.dtype != torch.float32:
-                return q_head(hidden)
-            # the layout of the dense product below (twice as fast on CPU for a handful of rows)
-            return torch.addmm(q_head.bias[:, None], weight, q_head.project(hidden).T).T.contiguous()
+        context = QContext(input_ids=input_ids)
+        q_head.update_decode_state(context, parent)
+        features = q_head.features(hidden, context)  # (N, F)
         if token_ids is not None:
-            return gather_action_q(hidden[:, None, :], q_head, token_ids.to(q_head.weight.device))
-        # `(W_q h^T)^T + b_q` is `F.linear(h, W_q, b_q)`; for a handful of rows MKL runs this layout about twice as
-        # fast on CPU (and it is as fast elsewhere), which matters when the product costs as much as the LM head.
-        return torch.addmm(q_head.bias[:, None], q_head.weight, hidden.to(q_head.weight.dtype).T).T.contiguous()
+            return q_head.gather(features, token_ids.to(features.device))  # (N, k)
+        return q_head.q_from_features(features)  # (N, |V|)
 
 
 class ImplicitQ(QSource):
