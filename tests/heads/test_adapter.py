@@ -167,7 +167,7 @@ def test_errors_before_any_work(tmp_path, gpt2_tokenizer):
     model = adapter_model()
     with pytest.raises(ValueError, match="cannot be folded"):
         fold_tilt(model, beta=1.0)
-    with pytest.raises(ValueError, match="merge"):
+    with pytest.raises(ValueError, match="merging it would change the policy"):
         model.merge_and_unload()
     # a policy weight made trainable: the LM loss would train the policy
     model.pretrained_model.base_model.model.lm_head.weight.requires_grad_(True)
