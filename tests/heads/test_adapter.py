@@ -169,6 +169,12 @@ def test_errors_before_any_work(tmp_path, gpt2_tokenizer):
         fold_tilt(model, beta=1.0)
     with pytest.raises(ValueError, match="merging it would change the policy"):
         model.merge_and_unload()
+    # gradient checkpointing would recompute the adapted blocks with the adapter off
+    model.train().gradient_checkpointing_enable()
+    ids, mask = prompts()
+    with pytest.raises(ValueError, match="checkpointing"):
+        model(ids, attention_mask=mask, actions=ids, logprob_mask=mask.bool())
+    model.gradient_checkpointing_disable()
     # a policy weight made trainable: the LM loss would train the policy
     model.pretrained_model.base_model.model.lm_head.weight.requires_grad_(True)
     args = QHeadConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, reward_normalization=None)

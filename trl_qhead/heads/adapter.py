@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 from ..backbone import is_peft_model, unwrap_peft
@@ -139,4 +140,14 @@ class AdapterQHead(ContextQHead):
             self._switch(False)
 
     def network_context(self):
+        if torch.is_grad_enabled() and any(getattr(m, "gradient_checkpointing", False) for m in self._trunk_modules()):
+            # the backward would recompute the trunk's activations after `adapter_on` has switched the adapter off
+            raise ValueError(
+                "q_head_type='adapter' cannot train with gradient (activation) checkpointing: the checkpointed blocks "
+                "are recomputed in the backward, when the adapter is off again, so the gradients would be wrong. "
+                "Set `gradient_checkpointing=False`, or use q_head_type='q_model' (a separate Q model)."
+            )
         return self.adapter_on()
+
+    def _trunk_modules(self):
+        return trunk(self.q_network()).modules()
