@@ -228,7 +228,8 @@ class QHeadTrainer(Trainer):
         else:
             raise TypeError(f"`model` must be a model, a name or a path, got {type(model).__name__}.")
         model.q_head.check_training(model.pretrained_model)  # e.g. a context head leaves the policy the base model
-        if (model.is_loaded_in_4bit or model.is_loaded_in_8bit) and not model.is_peft_model:
+        policy_trains = any(p.requires_grad for p in model.pretrained_model.parameters())  # not so under a Q model
+        if (model.is_loaded_in_4bit or model.is_loaded_in_8bit) and not model.is_peft_model and policy_trains:
             raise ValueError(
                 "The model is loaded in 4 or 8 bits and has no adapters: quantised weights cannot be trained. Pass a "
                 "`peft_config` (e.g. `LoraConfig`) to train LoRA adapters and the Q head on top of it (QLoRA)."

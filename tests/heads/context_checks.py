@@ -10,6 +10,7 @@ from trl_qhead import QHeadConfig, QHeadTrainer, QTiltLogitsProcessor
 from trl_qhead.decoding import tilt_kl
 from trl_qhead.heads.q_network import GenerateInputs
 
+SMALL = 64  # a fast vocabulary for what needs no tokenizer (decoding checks)
 VOCAB = 50257  # the GPT-2 tokenizer's: the trainer checks the model against it
 
 

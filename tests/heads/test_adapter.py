@@ -11,6 +11,7 @@ from peft import LoraConfig, get_peft_model
 
 from tests.conftest import make_tiny_gpt2
 from tests.heads.context_checks import (
+    SMALL,
     VOCAB,
     assert_base_logits,
     check_decode_equals_full_forward,
@@ -26,9 +27,10 @@ from trl_qhead.heads.adapter import AdapterQHead
 LORA = dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, lora_dropout=0.0)
 
 
-def adapter_model(output: str = "tied", trained: bool = True, base=None):
-    """An adapter-head model; `trained`: a nonzero adapter and output, as after training."""
-    base = make_tiny_gpt2(vocab_size=VOCAB) if base is None else base
+def adapter_model(output: str = "tied", trained: bool = True, base=None, vocab_size: int = VOCAB):
+    """An adapter-head model; `trained`: a nonzero adapter and output, as after training. `vocab_size=SMALL`: a fast
+    model for what needs no tokenizer."""
+    base = make_tiny_gpt2(vocab_size=vocab_size) if base is None else base
     peft_model = get_peft_model(base, LoraConfig(**LORA, init_lora_weights=not trained))
     model = AutoModelForCausalLMWithQHead(peft_model, q_head_type="adapter", q_head_options={"output": output})
     if trained:
@@ -90,15 +92,16 @@ def test_training_leaves_the_policy_bit_identical(tmp_path, gpt2_tokenizer, labe
 @pytest.mark.parametrize("output", ["tied", "dense"])
 def test_cached_decode_equals_full_forward_sampling(output):
     torch.manual_seed(0)
-    check_decode_equals_full_forward(adapter_model(output), do_sample=True)
+    check_decode_equals_full_forward(adapter_model(output, vocab_size=SMALL), do_sample=True)
 
 
 def test_cached_decode_equals_full_forward_beam_search():
-    check_decode_equals_full_forward(adapter_model(), num_beams=3, num_return_sequences=2, do_sample=False)
+    model = adapter_model(vocab_size=SMALL)
+    check_decode_equals_full_forward(model, num_beams=3, num_return_sequences=2, do_sample=False)
 
 
 def test_rerank_scores_are_the_full_forward_q():
-    model = adapter_model()
+    model = adapter_model(vocab_size=SMALL)
     ids, mask = prompts()
     sequences = torch.cat([ids, torch.tensor([[20, 21], [22, 23]])], dim=1)
     full_mask = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=1)

@@ -13,6 +13,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
 from tests.heads.context_checks import (
+    SMALL,
     VOCAB,
     assert_base_logits,
     check_decode_equals_full_forward,
@@ -32,9 +33,9 @@ def small_gpt2(vocab_size: int = VOCAB, seed: int = 7) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(GPT2Config(vocab_size=vocab_size, n_layer=1, n_embd=16, n_head=2, n_positions=128))
 
 
-def q_model_model(output: str = "tied", trained: bool = True, q_model=None, policy=None):
-    policy = make_tiny_gpt2(vocab_size=VOCAB) if policy is None else policy
-    q_model = small_gpt2() if q_model is None else q_model
+def q_model_model(output: str = "tied", trained: bool = True, q_model=None, policy=None, vocab_size: int = VOCAB):
+    policy = make_tiny_gpt2(vocab_size=vocab_size) if policy is None else policy
+    q_model = small_gpt2(vocab_size) if q_model is None else q_model
     model = AutoModelForCausalLMWithQHead(
         policy, q_head_type="q_model", q_head_options={"q_model": q_model, "output": output}
     )
@@ -101,23 +102,24 @@ def test_lora_q_model_trains_only_its_adapters(tmp_path, gpt2_tokenizer):
 @pytest.mark.parametrize("output", ["tied", "dense"])
 def test_cached_decode_equals_full_forward_sampling(output):
     torch.manual_seed(0)
-    check_decode_equals_full_forward(q_model_model(output), do_sample=True)
+    check_decode_equals_full_forward(q_model_model(output, vocab_size=SMALL), do_sample=True)
 
 
 def test_cached_decode_equals_full_forward_beam_search():
-    check_decode_equals_full_forward(q_model_model(), num_beams=3, num_return_sequences=2, do_sample=False)
+    model = q_model_model(vocab_size=SMALL)
+    check_decode_equals_full_forward(model, num_beams=3, num_return_sequences=2, do_sample=False)
 
 
 def test_a_llama_q_model_guides_a_gpt2_policy_with_rotary_positions():
-    q_model = make_tiny_llama(vocab_size=VOCAB, seed=3)
+    q_model = make_tiny_llama(vocab_size=SMALL, seed=3)
     for name in ("eos_token_id", "bos_token_id", "pad_token_id"):  # the same special ids as the policy
-        setattr(q_model.config, name, getattr(make_tiny_gpt2(vocab_size=VOCAB).config, name))
+        setattr(q_model.config, name, getattr(make_tiny_gpt2(vocab_size=SMALL).config, name))
     torch.manual_seed(0)
-    check_decode_equals_full_forward(q_model_model(q_model=q_model), do_sample=True)
+    check_decode_equals_full_forward(q_model_model(q_model=q_model, vocab_size=SMALL), do_sample=True)
 
 
 def test_rerank_scores_are_the_full_forward_q():
-    model = q_model_model()
+    model = q_model_model(vocab_size=SMALL)
     ids, mask = prompts()
     sequences = torch.cat([ids, torch.tensor([[20, 21], [22, 23]])], dim=1)
     full_mask = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=1)
@@ -148,6 +150,28 @@ def test_save_load_and_hub_round_trip(tmp_path, lora):
     (repo / "refs" / "main").write_text("a" * 40)
     from_hub = AutoModelForCausalLMWithQHead.from_pretrained("me/qmodel", cache_dir=str(cache)).eval()
     torch.testing.assert_close(from_hub(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
+
+
+def test_a_q_model_guides_a_4bit_policy(tmp_path, gpt2_tokenizer):
+    pytest.importorskip("bitsandbytes")
+    from transformers import BitsAndBytesConfig
+
+    from tests.recipe_assets import save_tiny_gpt2
+
+    folder = save_tiny_gpt2(tmp_path / "base", n_embd=64)
+    model = AutoModelForCausalLMWithQHead.from_pretrained(
+        str(folder),
+        quantization_config=BitsAndBytesConfig(load_in_4bit=True),
+        q_head_type="q_model",
+        q_head_options={"q_model": small_gpt2()},
+    )
+    assert model.is_loaded_in_4bit
+    ids = torch.tensor([[1, 2, 3]])
+    base_logits = model(ids).logits
+    train(model, gpt2_tokenizer, tmp_path, effect_rows(), max_steps=2)  # the Q model trains; the 4-bit policy need not
+    model.eval()
+    torch.testing.assert_close(model(ids).logits, base_logits, atol=0, rtol=0)
+    check_decode_equals_full_forward(model, do_sample=False)
 
 
 # ---- what cannot combine --------------------------------------------------------------------------------------------
