@@ -4,16 +4,14 @@ folded checkpoints. Offline: a Hub repo is a folder in huggingface_hub's cache l
 import json
 import os
 import shutil
-from concurrent.futures import Future
-from pathlib import Path
 
 import pytest
 import torch
 from datasets import Dataset
-from huggingface_hub import HfApi
 from peft import LoraConfig
 
 from tests.conftest import make_tiny_gpt2
+from tests.hub_fakes import FakeHub, hub_repo
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer
 from trl_qhead.modeling import Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME
 
@@ -28,52 +26,11 @@ def _trained_like(model):
     return model
 
 
-def _hub_repo(cache: Path, repo_id: str, folder: Path, revision: str = "main", commit: str = "a" * 40) -> None:
-    """Put `folder` in huggingface_hub's cache layout as `repo_id` at `revision` (what a download would leave)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    shutil.copytree(folder, repo / "snapshots" / commit)
-    (repo / "refs").mkdir(parents=True, exist_ok=True)
-    (repo / "refs" / revision).write_text(commit)
-
-
-class _FakeHub:
-    """Records `HfApi.create_repo` / `upload_folder` calls and a copy of each uploaded folder."""
-
-    def __init__(self, monkeypatch, tmp_path):
-        self.uploads, self.root = [], tmp_path / "uploaded"
-        hub = self
-
-        class RepoUrl(str):
-            repo_id = None
-
-        def create_repo(api, repo_id, **kwargs):
-            url = RepoUrl(f"https://huggingface.co/{repo_id}")
-            url.repo_id = repo_id
-            return url
-
-        def upload_folder(api, *, repo_id, folder_path, **kwargs):
-            target = hub.root / str(len(hub.uploads))
-            shutil.copytree(folder_path, target, ignore=shutil.ignore_patterns(*kwargs.get("ignore_patterns") or []))
-            hub.uploads.append({"repo_id": repo_id, "files": sorted(os.listdir(target)), "dir": target, **kwargs})
-            result = f"https://huggingface.co/{repo_id}/commit/0"
-            if kwargs.get("run_as_future"):  # the Trainer's checkpoint pushes
-                future = Future()
-                future.set_result(result)
-                return future
-            return result
-
-        monkeypatch.setattr(HfApi, "create_repo", create_repo)
-        monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
-
-
-# ---- 1. Hub round trip ----------------------------------------------------------------------------------------------
-
-
 def test_hub_round_trip_full_and_peft_and_missing_weights(tmp_path, monkeypatch):
     cache = tmp_path / "hub"
     full = _trained_like(AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=128)))
     full.save_pretrained(tmp_path / "full")
-    _hub_repo(cache, "me/full", tmp_path / "full")
+    hub_repo(cache, "me/full", tmp_path / "full")
     # a second revision with another Q head: `revision` is honoured
     other = _trained_like(AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=128)))
     other.save_pretrained(tmp_path / "other")
@@ -88,7 +45,7 @@ def test_hub_round_trip_full_and_peft_and_missing_weights(tmp_path, monkeypatch)
 
     lora = _trained_like(AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=128), q_head_init="normal"))
     make_tiny_gpt2(vocab_size=128).save_pretrained(tmp_path / "base")
-    _hub_repo(cache, "me/base", tmp_path / "base")
+    hub_repo(cache, "me/base", tmp_path / "base")
     from peft import get_peft_model
 
     lora = AutoModelForCausalLMWithQHead(
@@ -97,7 +54,7 @@ def test_hub_round_trip_full_and_peft_and_missing_weights(tmp_path, monkeypatch)
     lora.base_model.config._name_or_path = "me/base"
     lora.pretrained_model.peft_config["default"].base_model_name_or_path = "me/base"
     lora.save_pretrained(tmp_path / "lora")
-    _hub_repo(cache, "me/lora", tmp_path / "lora")
+    hub_repo(cache, "me/lora", tmp_path / "lora")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))  # PEFT loads the base model by name: from the same cache
     import huggingface_hub.constants
 
@@ -113,14 +70,14 @@ def test_hub_round_trip_full_and_peft_and_missing_weights(tmp_path, monkeypatch)
     broken = tmp_path / "broken"
     shutil.copytree(tmp_path / "full", broken)
     os.remove(broken / Q_HEAD_WEIGHTS_NAME)
-    _hub_repo(cache, "me/broken", broken)
+    hub_repo(cache, "me/broken", broken)
     with pytest.raises(FileNotFoundError, match=Q_HEAD_WEIGHTS_NAME):
         AutoModelForCausalLMWithQHead.from_pretrained("me/broken", cache_dir=str(cache))
     # ... and so is half a Q head the other way round, or a repo missing a file its q_head_config.json lists
     weights_only = tmp_path / "weights_only"
     shutil.copytree(tmp_path / "full", weights_only)
     os.remove(weights_only / Q_HEAD_CONFIG_NAME)
-    _hub_repo(cache, "me/weights_only", weights_only)
+    hub_repo(cache, "me/weights_only", weights_only)
     with pytest.raises(FileNotFoundError, match=Q_HEAD_CONFIG_NAME):
         AutoModelForCausalLMWithQHead.from_pretrained("me/weights_only", cache_dir=str(cache))
     listed = json.loads((tmp_path / "full" / Q_HEAD_CONFIG_NAME).read_text()).get("files")
@@ -128,7 +85,7 @@ def test_hub_round_trip_full_and_peft_and_missing_weights(tmp_path, monkeypatch)
         lacking = tmp_path / "lacking"
         shutil.copytree(tmp_path / "full", lacking)
         os.remove(lacking / "generation_config.json")
-        _hub_repo(cache, "me/lacking", lacking)
+        hub_repo(cache, "me/lacking", lacking)
         with pytest.raises(FileNotFoundError, match="generation_config.json"):
             AutoModelForCausalLMWithQHead.from_pretrained("me/lacking", cache_dir=str(cache))
     # a plain causal LM repo (no Q head files) gets a fresh head
@@ -137,7 +94,7 @@ def test_hub_round_trip_full_and_peft_and_missing_weights(tmp_path, monkeypatch)
 
 
 def test_push_to_hub_model_save_pretrained_and_trainer(tmp_path, monkeypatch, gpt2_tokenizer):
-    hub = _FakeHub(monkeypatch, tmp_path)
+    hub = FakeHub(monkeypatch, tmp_path)
     lora = AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_init="normal")
     lora.pretrained_model = __import__("peft").get_peft_model(lora.pretrained_model, LoraConfig(**LORA))
 
@@ -182,7 +139,7 @@ def test_push_to_hub_model_save_pretrained_and_trainer(tmp_path, monkeypatch, gp
 
 
 def test_every_save_has_trl_card_and_training_args(tmp_path, monkeypatch, gpt2_tokenizer):
-    hub = _FakeHub(monkeypatch, tmp_path)
+    hub = FakeHub(monkeypatch, tmp_path)
 
     def reward_len(completions, **kwargs):
         return [float(len(c)) for c in completions]

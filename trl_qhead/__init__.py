@@ -5,6 +5,7 @@ from .data import DataCollatorForQHead, prepare_dataset
 from .decoding import ImplicitQ, QHeadSource, QSource, QTiltLogitsProcessor, RerankOutput, fold_tilt, rerank
 from .exclusion import TokenExclusionLogitsProcessor, exclusion_logprobs, sequence_ban
 from .gvpo import GVPOConfig, GVPOTrainer, gvpo_loss, gvpo_loss_on_groups
+from .heads import DenseQHead, QContext, QHead, TiedQHead, build_q_head
 from .modeling import AutoModelForCausalLMWithQHead, CausalLMWithQHeadOutput
 from .returns import compute_returns
 from .rewards import RewardFunctions
@@ -17,9 +18,12 @@ __all__ = [
     "AutoModelForCausalLMWithQHead",
     "CausalLMWithQHeadOutput",
     "DataCollatorForQHead",
+    "DenseQHead",
     "GVPOConfig",
     "GVPOTrainer",
     "ImplicitQ",
+    "QContext",
+    "QHead",
     "QHeadConfig",
     "QHeadSource",
     "QHeadTrainer",
@@ -27,7 +31,9 @@ __all__ = [
     "QTiltLogitsProcessor",
     "RerankOutput",
     "RewardFunctions",
+    "TiedQHead",
     "TokenExclusionLogitsProcessor",
+    "build_q_head",
     "compute_returns",
     "exclusion_logprobs",
     "fold_tilt",

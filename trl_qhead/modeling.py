@@ -126,7 +126,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         pretrained_model: PreTrainedModel,
         q_head_init: str = "zeros",
         *,
-        q_head_type: str = "dense",
+        q_head_type: str = DEFAULT_Q_HEAD_TYPE,
         q_head_rank: int | None = None,
         q_head_options: dict | None = None,
     ):
@@ -175,7 +175,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.q_head.bias.device
+        """Where the Q head's parameters live."""
+        return next(self.q_head.parameters()).device
 
     @property
     def q_head_type(self) -> str:
@@ -495,7 +496,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             raise FileNotFoundError(
                 f"No {Q_HEAD_WEIGHTS_NAME} or {Q_HEAD_CONFIG_NAME} in {directory}: it holds no Q head to load."
             )
-        saved_type, saved_rank = config.get("q_head_type", "dense"), config.get("q_head_rank")
+        saved_type, saved_rank = config.get("q_head_type", DEFAULT_Q_HEAD_TYPE), config.get("q_head_rank")
         if (saved_type, saved_rank) != (self.q_head_type, self.q_head_rank):
             raise ValueError(
                 f"The Q head in {directory} is q_head_type={saved_type!r}, q_head_rank={saved_rank!r}; this model's is "

@@ -40,7 +40,13 @@ from trl.trainer.utils import nanstd
 
 from .chat import completions_like, is_messages
 from .config import REWARD_NORMALIZATIONS
-from .mdp import episode_ids_from_positions, fold_onto_actions, sequence_rewards_to_actions, token_rewards_to_actions
+from .mdp import (
+    StepGrid,
+    episode_ids_from_positions,
+    fold_onto_actions,
+    sequence_rewards_to_actions,
+    token_rewards_to_actions,
+)
 from .reference import as_reference, frozen_copy, reference_logprobs
 from .reward_functions import (
     FunctionRewards,
@@ -270,6 +276,7 @@ class RewardComputer:
         training: bool = True,
         gather: Callable[[torch.Tensor], torch.Tensor] = _identity,
         trainer_state=None,
+        grid: StepGrid | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """`(rewards [B, T] on the action grid, metrics)`.
 
@@ -278,6 +285,7 @@ class RewardComputer:
             action_mask: `[B, T]`, where a position holds an action.
             lm_logprobs: `[B, T]` `log pi_ref(a_t|s_t)` when `use_lm_rewards` is on.
             training: update the running moments (only in training, and only for a batch `prepare_step` did not see).
+            grid: the batch's `mdp.step_grid` when the caller has it (its packed episodes are not computed again).
             gather: `[B] -> [B_all]` gathers per-row values over processes (NaN-padded), for normalisation and logs.
             trainer_state: passed to reward functions as `trainer_state`, as TRL does.
 
@@ -289,7 +297,10 @@ class RewardComputer:
         metrics: dict[str, float] = {}
         token_rewards = torch.zeros(action_mask.shape, dtype=torch.float32, device=device)
         positions = batch.get("position_ids")  # packed rows: a reward is never moved into another document
-        episodes = None if positions is None else episode_ids_from_positions(positions.to(device))
+        if grid is not None:
+            episodes = grid.episodes
+        else:
+            episodes = None if positions is None else episode_ids_from_positions(positions.to(device))
 
         if "rewards" in batch or "reward" in batch:
             data_parts = []  # per row: the per-token sum, and the sequence reward (NaN where the row has none)

@@ -308,6 +308,7 @@ class QHeadTrainer(Trainer):
             training=model.training,
             gather=self._gather_rows,
             trainer_state=self.state,
+            grid=grid,
         )  # (B, T)
 
         # 4. Episode ends: EOS, and a row's `done` flag at its last action (a scored completion cut at a limit). An

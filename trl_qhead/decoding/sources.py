@@ -163,7 +163,7 @@ class QHeadSource(QSource):
         logits are exactly `W_lm h + b_lm`: `z + Q / beta` is then the LM head applied to `h + g / beta`, plus
         `b / beta` (for the tied head an H x H product per token instead of `H x |V|`)."""
         probe = torch.zeros(1, self.model.q_head.in_features, device=self.model.device)
-        with torch.no_grad():
+        with torch.no_grad():  # a head without the form answers None
             has_form = self.model.q_head.lm_head_input(probe) is not None
         return has_form and plain_lm_head(transformers_model(self.model)) is not None
 

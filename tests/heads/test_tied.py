@@ -17,8 +17,8 @@ import trl_qhead.decoding.sources as sources
 from tests.conftest import make_tiny_gpt2, make_tiny_llama
 from tests.recipe_assets import save_tiny_gpt2
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, QTiltLogitsProcessor, fold_tilt, rerank
+from trl_qhead.heads.tied import TiedQHead, lm_head_weight
 from trl_qhead.losses import qhead_loss
-from trl_qhead.tied_head import TiedQHead, lm_head_weight
 
 GPT2_LORA = dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, r=4, lora_alpha=8, lora_dropout=0.0)
 
@@ -471,3 +471,98 @@ def test_damaged_tied_files_and_tiny_beta(tmp_path):
         assert not processor._head_tilt
         out = _greedy(model, torch.randint(0, 500, (2, 3)), processor, steps=3)
     assert out.shape == (2, 6)
+
+
+# ---- issue 27: the whole LM head, the Hub, truncated files, resizing ------------------------------------------------
+
+
+def test_load_refuses_an_lm_head_that_differs_outside_the_old_probe(tmp_path):
+    model = _tied(make_tiny_llama(vocab_size=512))
+    model.save_pretrained(tmp_path / "tied")
+    other = AutoModelForCausalLMWithQHead(make_tiny_llama(vocab_size=512), q_head_type="tied")
+    with torch.no_grad():  # row 1 is none of the 8 rows the old probe read (0, 73, 146, ...)
+        other.get_output_embeddings().weight[1] += 0.5
+    with pytest.raises(ValueError, match=r"another LM head.*q_head_config\.json"):
+        other.load_q_head(tmp_path / "tied")
+    same = AutoModelForCausalLMWithQHead(make_tiny_llama(vocab_size=512), q_head_type="tied")
+    same.load_q_head(tmp_path / "tied")
+    assert torch.equal(same.q_head.u, model.q_head.u)
+
+
+def test_a_folder_saved_with_only_the_old_probe_is_still_checked(tmp_path):
+    import json
+
+    from trl_qhead.heads.tied import lm_head_probe
+
+    model = _tied(make_tiny_gpt2())
+    model.save_pretrained(tmp_path / "old")
+    config_path = tmp_path / "old" / "q_head_config.json"
+    config = json.loads(config_path.read_text())
+    del config["lm_head_sha256"]
+    config["lm_head_probe"] = lm_head_probe(model.q_head.lm_weight())  # what saves before the hash wrote
+    config_path.write_text(json.dumps(config))
+    AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_type="tied").load_q_head(tmp_path / "old")
+    with pytest.raises(ValueError, match="another LM head"):
+        AutoModelForCausalLMWithQHead(make_tiny_gpt2(seed=5), q_head_type="tied").load_q_head(tmp_path / "old")
+
+
+def test_tied_head_from_a_hub_repo(tmp_path, monkeypatch):
+    from tests.hub_fakes import hub_repo, use_hub_cache
+
+    cache = tmp_path / "hub"
+    use_hub_cache(monkeypatch, cache)
+    make_tiny_gpt2(vocab_size=128).save_pretrained(tmp_path / "plain")
+    hub_repo(cache, "me/plain", tmp_path / "plain")
+    # a plain repo with q_head_type / q_head_rank: a fresh tied head of that rank (both used to be dropped)
+    fresh = AutoModelForCausalLMWithQHead.from_pretrained("me/plain", q_head_type="tied", q_head_rank=4)
+    assert fresh.q_head_type == "tied" and fresh.q_head_rank == 4 and isinstance(fresh.q_head, TiedQHead)
+    # a saved tied head comes back from the Hub, with or without naming its type
+    trained = _tied(make_tiny_gpt2(vocab_size=128), rank=4)
+    trained.save_pretrained(tmp_path / "tied")
+    hub_repo(cache, "me/tied", tmp_path / "tied")
+    for kwargs in ({}, {"q_head_type": "tied", "q_head_rank": 4}):
+        loaded = AutoModelForCausalLMWithQHead.from_pretrained("me/tied", **kwargs)
+        assert loaded.q_head_type == "tied" and loaded.q_head_rank == 4
+        for name, tensor in trained.q_head.state_dict().items():
+            assert torch.equal(loaded.q_head.state_dict()[name], tensor), name
+        ids = torch.tensor([[1, 2, 3]])
+        torch.testing.assert_close(
+            loaded.eval()(ids, return_q=True).q_values, trained.eval()(ids, return_q=True).q_values
+        )
+    with pytest.raises(ValueError, match="q_head_type='tied'"):
+        AutoModelForCausalLMWithQHead.from_pretrained("me/tied", q_head_type="dense")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "q_head.safetensors"])
+def test_a_truncated_file_is_an_error_naming_it(tmp_path, name):
+    _tied(make_tiny_gpt2(vocab_size=128)).save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt" / name
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=rf"{name}.*(truncated|damaged)"):
+        AutoModelForCausalLMWithQHead.from_pretrained(str(tmp_path / "ckpt"))
+
+
+@pytest.mark.parametrize("rank", [None, 4])
+def test_resize_token_embeddings_resizes_the_tied_head(rank):
+    model = _tied(make_tiny_gpt2(vocab_size=100), rank=rank).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        before = model(ids, return_q=True).q_values
+    model.resize_token_embeddings(110)
+    assert model.q_head.vocab_size == model.vocab_size == 110 and model.q_head.bias.shape == (110,)
+    with torch.no_grad():
+        out = model(ids, return_q=True)
+    torch.testing.assert_close(out.q_values[..., :100], before)  # the old tokens keep their Q
+    # a new token's Q is its new LM-head row read through U, with a zero bias
+    weight = model.get_output_embeddings().weight
+    expected = model.q_head.project(out.hidden_states) @ weight[100:].float().T
+    torch.testing.assert_close(out.q_values[..., 100:], expected)
+    actions = torch.tensor([[105, 2, 107, 4]])
+    torch.testing.assert_close(
+        model(ids, actions=actions).action_q, out.q_values.gather(-1, actions[..., None])[..., 0]
+    )
+    # resizing the backbone alone leaves the Q head behind: a clear error naming what to do
+    model.pretrained_model.resize_token_embeddings(120)
+    with pytest.raises(ValueError, match=r"resize_token_embeddings"):
+        model(ids, return_q=True)
