@@ -3,8 +3,6 @@ base model's exactly; training moves the adapter and the output and leaves the p
 decode equals a full forward (sampling, beam search); save / load and the Hub round trip give the same Q; 4-bit
 base; every combination that cannot work fails before any work."""
 
-import shutil
-
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
@@ -20,6 +18,7 @@ from tests.heads.context_checks import (
     snapshot,
     train,
 )
+from tests.hub_fakes import hub_repo
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, fold_tilt, rerank
 from trl_qhead.heads import QContext
 from trl_qhead.heads.adapter import AdapterQHead
@@ -123,10 +122,7 @@ def test_save_load_and_hub_round_trip(tmp_path, monkeypatch):
     torch.testing.assert_close(loaded(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
     # a Hub repo: the folder in huggingface_hub's cache layout, loaded by repo id offline
     cache = tmp_path / "hub"
-    repo = cache / "models--me--adapter"
-    shutil.copytree(tmp_path / "saved", repo / "snapshots" / ("a" * 40))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("a" * 40)
+    hub_repo(cache, "me/adapter", tmp_path / "saved")
     from_hub = AutoModelForCausalLMWithQHead.from_pretrained("me/adapter", cache_dir=str(cache)).eval()
     assert from_hub.q_head_type == "adapter"
     torch.testing.assert_close(from_hub(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)

@@ -4,7 +4,6 @@ decode equals a full forward (sampling, beam search); save / load and the Hub ro
 with another vocabulary or tokenizer, and the combinations that cannot work, fail before any work."""
 
 import copy
-import shutil
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from tests.heads.context_checks import (
     snapshot,
     train,
 )
+from tests.hub_fakes import hub_repo
 from trl_qhead import AutoModelForCausalLMWithQHead, fold_tilt, rerank
 from trl_qhead.heads import QContext
 from trl_qhead.heads.q_model import QModelHead, check_same_vocabulary
@@ -144,10 +144,7 @@ def test_save_load_and_hub_round_trip(tmp_path, lora):
     assert loaded.q_head_type == "q_model"
     torch.testing.assert_close(loaded(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
     cache = tmp_path / "hub"
-    repo = cache / "models--me--qmodel"
-    shutil.copytree(tmp_path / "saved", repo / "snapshots" / ("a" * 40))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("a" * 40)
+    hub_repo(cache, "me/qmodel", tmp_path / "saved")
     from_hub = AutoModelForCausalLMWithQHead.from_pretrained("me/qmodel", cache_dir=str(cache)).eval()
     torch.testing.assert_close(from_hub(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
 
