@@ -6,7 +6,8 @@ import torch
 from datasets import Dataset
 from transformers import LogitsProcessor
 
-from trl_qhead import QHeadConfig, QHeadTrainer, QTiltLogitsProcessor
+from tests.hub_fakes import hub_repo
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, QTiltLogitsProcessor, rerank
 from trl_qhead.decoding import tilt_kl
 from trl_qhead.heads.q_network import GenerateInputs
 
@@ -60,13 +61,6 @@ def train(model, tokenizer, tmp_path, dataset, **overrides):
 
 def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def assert_same(before: dict, module: torch.nn.Module) -> None:
-    after = module.state_dict()
-    assert set(before) == set(after)
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert not changed, f"the policy changed: {changed[:5]}"
 
 
 class StepRecorder(LogitsProcessor):
@@ -128,3 +122,54 @@ def check_decode_equals_full_forward(model, beta: float = 0.5, **generate_kwargs
     if generate_kwargs.get("num_beams", 1) == 1:
         torch.testing.assert_close(processor.kl, kl, atol=1e-4, rtol=1e-4)
     return processor
+
+
+@torch.no_grad()
+def check_rerank_scores(model) -> None:
+    """`rerank`'s score of each sample is the full forward's `Q(s_{n-2}, x_{n-1})` (its head reads the samples)."""
+    ids, mask = prompts()
+    sequences = torch.cat([ids, torch.tensor([[20, 21], [22, 23]])], dim=1)
+    full_mask = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=1)
+    out = rerank(model, sequences, 1, attention_mask=full_mask)
+    q = model(sequences, attention_mask=full_mask, return_q=True).q_values
+    torch.testing.assert_close(out.scores[:, 0], q[torch.arange(2), -2, sequences[:, -1]])
+
+
+@torch.no_grad()
+def check_save_load_and_hub(model, tmp_path, repo_id: str) -> AutoModelForCausalLMWithQHead:
+    """Saved, then loaded from the folder and from a (fake, offline) Hub repo: the same Q, bit for bit."""
+    model.save_pretrained(tmp_path / "saved")
+    ids, mask = prompts()
+    expected = model(ids, attention_mask=mask, return_q=True).q_values
+    assert expected.abs().max() > 0
+    loaded = AutoModelForCausalLMWithQHead.from_pretrained(tmp_path / "saved").eval()
+    assert loaded.q_head_type == model.q_head_type and loaded.q_head.output_type == model.q_head.output_type
+    torch.testing.assert_close(loaded(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
+    cache = tmp_path / "hub"
+    hub_repo(cache, repo_id, tmp_path / "saved")
+    from_hub = AutoModelForCausalLMWithQHead.from_pretrained(repo_id, cache_dir=str(cache)).eval()
+    assert from_hub.q_head_type == model.q_head_type
+    torch.testing.assert_close(from_hub(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
+    return loaded
+
+
+def check_4bit_policy(tmp_path, tokenizer, **from_pretrained_kwargs) -> None:
+    """A 4-bit (bitsandbytes, CPU) policy: the context head trains, the policy's logits stay the same, the cached
+    decode equals a full forward."""
+    from transformers import BitsAndBytesConfig
+
+    from tests.recipe_assets import save_tiny_gpt2
+
+    folder = save_tiny_gpt2(tmp_path / "base", n_embd=64)  # bitsandbytes packs 4-bit weights in blocks of 64
+    model = AutoModelForCausalLMWithQHead.from_pretrained(
+        str(folder), quantization_config=BitsAndBytesConfig(load_in_4bit=True), **from_pretrained_kwargs
+    )
+    assert model.is_loaded_in_4bit
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        base_logits = model(ids).logits
+    train(model, tokenizer, tmp_path, effect_rows(), max_steps=2)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base_logits, atol=0, rtol=0)
+    check_decode_equals_full_forward(model, do_sample=False)

@@ -12,14 +12,16 @@ from tests.heads.context_checks import (
     SMALL,
     VOCAB,
     assert_base_logits,
+    check_4bit_policy,
     check_decode_equals_full_forward,
+    check_rerank_scores,
+    check_save_load_and_hub,
     effect_rows,
     prompts,
     snapshot,
     train,
 )
-from tests.hub_fakes import hub_repo
-from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, fold_tilt, rerank
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, fold_tilt
 from trl_qhead.heads import QContext
 from trl_qhead.heads.adapter import AdapterQHead
 
@@ -100,55 +102,22 @@ def test_cached_decode_equals_full_forward_beam_search():
 
 
 def test_rerank_scores_are_the_full_forward_q():
-    model = adapter_model(vocab_size=SMALL)
-    ids, mask = prompts()
-    sequences = torch.cat([ids, torch.tensor([[20, 21], [22, 23]])], dim=1)
-    full_mask = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=1)
-    out = rerank(model, sequences, 1, attention_mask=full_mask)
-    q = model(sequences, attention_mask=full_mask, return_q=True).q_values
-    torch.testing.assert_close(out.scores[:, 0], q[torch.arange(2), -2, sequences[:, -1]])
+    check_rerank_scores(adapter_model(vocab_size=SMALL))
 
 
-def test_save_load_and_hub_round_trip(tmp_path, monkeypatch):
-    make_tiny_gpt2(vocab_size=VOCAB).save_pretrained(tmp_path / "base")
+def test_save_load_and_hub_round_trip(tmp_path):
+    make_tiny_gpt2(vocab_size=VOCAB).save_pretrained(tmp_path / "base")  # PEFT saves the base model's path
     from transformers import AutoModelForCausalLM
 
-    model = adapter_model(base=AutoModelForCausalLM.from_pretrained(tmp_path / "base"))
-    model.save_pretrained(tmp_path / "saved")
-    ids, mask = prompts()
-    expected = model(ids, attention_mask=mask, return_q=True).q_values
-    loaded = AutoModelForCausalLMWithQHead.from_pretrained(tmp_path / "saved").eval()
-    assert loaded.q_head_type == "adapter" and loaded.q_head.output_type == "tied"
-    torch.testing.assert_close(loaded(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
-    # a Hub repo: the folder in huggingface_hub's cache layout, loaded by repo id offline
-    cache = tmp_path / "hub"
-    hub_repo(cache, "me/adapter", tmp_path / "saved")
-    from_hub = AutoModelForCausalLMWithQHead.from_pretrained("me/adapter", cache_dir=str(cache)).eval()
-    assert from_hub.q_head_type == "adapter"
-    torch.testing.assert_close(from_hub(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
+    check_save_load_and_hub(
+        adapter_model(base=AutoModelForCausalLM.from_pretrained(tmp_path / "base")), tmp_path, "me/a"
+    )
 
 
 def test_4bit_base_trains_and_decodes(tmp_path, gpt2_tokenizer):
     pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    from tests.recipe_assets import save_tiny_gpt2
-
-    folder = save_tiny_gpt2(tmp_path / "base", n_embd=64)
-    lora = dict(LORA, target_modules=["c_attn", "c_proj", "c_fc"])
-    model = AutoModelForCausalLMWithQHead.from_pretrained(
-        str(folder),
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True),
-        peft_config=LoraConfig(**lora),
-        q_head_type="adapter",
-    )
-    assert model.is_loaded_in_4bit
-    ids = torch.tensor([[1, 2, 3]])
-    base_logits = model(ids).logits
-    train(model, gpt2_tokenizer, tmp_path, effect_rows(), max_steps=2)
-    model.eval()
-    torch.testing.assert_close(model(ids).logits, base_logits)  # the policy is still the 4-bit base
-    check_decode_equals_full_forward(model, do_sample=False)
+    lora = LoraConfig(**dict(LORA, target_modules=["c_attn", "c_proj", "c_fc"]))
+    check_4bit_policy(tmp_path, gpt2_tokenizer, peft_config=lora, q_head_type="adapter")
 
 
 # ---- what cannot combine --------------------------------------------------------------------------------------------

@@ -15,14 +15,16 @@ from tests.heads.context_checks import (
     SMALL,
     VOCAB,
     assert_base_logits,
+    check_4bit_policy,
     check_decode_equals_full_forward,
+    check_rerank_scores,
+    check_save_load_and_hub,
     effect_rows,
     prompts,
     snapshot,
     train,
 )
-from tests.hub_fakes import hub_repo
-from trl_qhead import AutoModelForCausalLMWithQHead, fold_tilt, rerank
+from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, fold_tilt
 from trl_qhead.heads import QContext
 from trl_qhead.heads.q_model import QModelHead, check_same_vocabulary
 
@@ -99,6 +101,25 @@ def test_lora_q_model_trains_only_its_adapters(tmp_path, gpt2_tokenizer):
     assert any("lora_" in k for k in moved)
 
 
+def test_q_head_learning_rates_reach_the_q_model(tmp_path, gpt2_tokenizer):
+    model = q_model_model(trained=False)
+    args = QHeadConfig(
+        output_dir=str(tmp_path),
+        report_to=[],
+        use_cpu=True,
+        reward_normalization=None,
+        learning_rate=1e-4,
+        q_head_learning_rate=1e-3,
+        q_head_bias_learning_rate=5e-2,
+    )
+    trainer = QHeadTrainer(model, args, train_dataset=effect_rows(), processing_class=gpt2_tokenizer)
+    rate = {id(p): group["lr"] for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    assert rate[id(model.q_head.bias)] == 5e-2 and rate[id(model.q_head.output.u)] == 1e-3
+    trunk_params = list(model.q_head.q_model.parameters())
+    assert all(rate[id(p)] == 1e-3 for p in trunk_params if p is not model.q_head.bias)
+    assert not any(id(p) in rate for p in model.pretrained_model.parameters())  # the policy is not trained
+
+
 @pytest.mark.parametrize("output", ["tied", "dense"])
 def test_cached_decode_equals_full_forward_sampling(output):
     torch.manual_seed(0)
@@ -119,13 +140,7 @@ def test_a_llama_q_model_guides_a_gpt2_policy_with_rotary_positions():
 
 
 def test_rerank_scores_are_the_full_forward_q():
-    model = q_model_model(vocab_size=SMALL)
-    ids, mask = prompts()
-    sequences = torch.cat([ids, torch.tensor([[20, 21], [22, 23]])], dim=1)
-    full_mask = torch.cat([mask, torch.ones(2, 2, dtype=torch.long)], dim=1)
-    out = rerank(model, sequences, 1, attention_mask=full_mask)
-    q = model(sequences, attention_mask=full_mask, return_q=True).q_values
-    torch.testing.assert_close(out.scores[:, 0], q[torch.arange(2), -2, sequences[:, -1]])
+    check_rerank_scores(q_model_model(vocab_size=SMALL))
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -137,38 +152,13 @@ def test_save_load_and_hub_round_trip(tmp_path, lora):
     model = q_model_model(q_model=q_model)
     with torch.no_grad():  # a trained Q model: its weights are part of the save
         model.q_head.q_model.get_input_embeddings().weight.add_(0.01)
-    model.save_pretrained(tmp_path / "saved")
-    ids, mask = prompts()
-    expected = model(ids, attention_mask=mask, return_q=True).q_values
-    loaded = AutoModelForCausalLMWithQHead.from_pretrained(tmp_path / "saved").eval()
-    assert loaded.q_head_type == "q_model"
-    torch.testing.assert_close(loaded(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
-    cache = tmp_path / "hub"
-    hub_repo(cache, "me/qmodel", tmp_path / "saved")
-    from_hub = AutoModelForCausalLMWithQHead.from_pretrained("me/qmodel", cache_dir=str(cache)).eval()
-    torch.testing.assert_close(from_hub(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
+    loaded = check_save_load_and_hub(model, tmp_path, "me/q")
+    assert loaded.q_head.q_model.lm_head.weight is loaded.q_head.q_model.get_input_embeddings().weight  # still tied
 
 
 def test_a_q_model_guides_a_4bit_policy(tmp_path, gpt2_tokenizer):
     pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
-
-    from tests.recipe_assets import save_tiny_gpt2
-
-    folder = save_tiny_gpt2(tmp_path / "base", n_embd=64)
-    model = AutoModelForCausalLMWithQHead.from_pretrained(
-        str(folder),
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True),
-        q_head_type="q_model",
-        q_head_options={"q_model": small_gpt2()},
-    )
-    assert model.is_loaded_in_4bit
-    ids = torch.tensor([[1, 2, 3]])
-    base_logits = model(ids).logits
-    train(model, gpt2_tokenizer, tmp_path, effect_rows(), max_steps=2)  # the Q model trains; the 4-bit policy need not
-    model.eval()
-    torch.testing.assert_close(model(ids).logits, base_logits, atol=0, rtol=0)
-    check_decode_equals_full_forward(model, do_sample=False)
+    check_4bit_policy(tmp_path, gpt2_tokenizer, q_head_type="q_model", q_head_options={"q_model": small_gpt2()})
 
 
 # ---- what cannot combine --------------------------------------------------------------------------------------------
