@@ -77,12 +77,16 @@ def test_policy_frozen_q_model_gets_the_gradient():
     assert model.q_head.q_model.transformer.h[0].attn.c_attn.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("labels", ["effects", "mc"])
-def test_training_leaves_the_policy_bit_identical(tmp_path, gpt2_tokenizer, labels):
+@pytest.mark.parametrize(
+    "labels, targets",
+    [("effects", {}), ("mc", {}), ("mc", {"q_target": "soft", "target_beta": 1.0, "gae_lambda": 0.5})],
+    ids=["effects", "mc", "mc-soft-lambda"],
+)
+def test_training_leaves_the_policy_bit_identical(tmp_path, gpt2_tokenizer, labels, targets):
     model = q_model_model(trained=False)
     policy_before = snapshot(model.pretrained_model)
     q_before = snapshot(model.q_head)
-    train(model, gpt2_tokenizer, tmp_path, effect_rows(mc=labels == "mc"))
+    train(model, gpt2_tokenizer, tmp_path, effect_rows(mc=labels == "mc"), **targets)
     after = model.pretrained_model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in policy_before.items())
     now = model.q_head.state_dict()
