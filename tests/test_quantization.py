@@ -12,7 +12,7 @@ from peft import LoraConfig
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from tests.recipe_assets import recipe_args, run_in_process, save_tiny_gpt2, write_corpus
-from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, QTiltLogitsProcessor
+from trl_qhead import AutoModelForCausalLMWithQHead, DenseQHead, QHeadConfig, QHeadTrainer, QTiltLogitsProcessor
 
 LORA = dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, r=4, lora_alpha=8, lora_dropout=0.0)
 # A user-chosen skip list that does not name the LM head: transformers would then quantise it.
@@ -41,7 +41,7 @@ def test_4bit_keeps_the_lm_head_and_q_head_unquantised(base_dir):
     assert _linear4bit_names(base) and not any(name.endswith("lm_head") for name in _linear4bit_names(base))
     assert type(base.lm_head) is torch.nn.Linear and base.lm_head.weight.dtype == torch.float32
     assert base.lm_head.weight is base.transformer.wte.weight  # still tied
-    assert type(model.q_head) is torch.nn.Linear and model.q_head.weight.dtype == torch.float32
+    assert type(model.q_head) is DenseQHead and model.q_head.weight.dtype == torch.float32  # not a Linear4bit
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in name or name.startswith("q_head.") for name in trainable)
     assert {"q_head.weight", "q_head.bias"} <= trainable

@@ -162,3 +162,66 @@ def test_save_and_load_round_trip(toy, tmp_path):
         assert torch.equal(loaded.q_head.state_dict()[name], tensor), name
     with pytest.raises(ValueError, match="q_head_type='toy'"):
         AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=64)).load_q_head(tmp_path / "toy")
+
+
+class SoftplusQHead(QHead):
+    """`Q = softplus(W h) + b`: linear in no features, so it overrides `q_from_features` and every other read takes
+    the base class's default through the full Q (as a head with its own network over the context would)."""
+
+    q_head_type = "softplus"
+
+    def __init__(self, hidden_size, vocab_size, device=None):
+        super().__init__(hidden_size, vocab_size)
+        self.weight = nn.Parameter(torch.zeros(vocab_size, hidden_size, device=device))
+        self.bias = nn.Parameter(torch.zeros(vocab_size, device=device))
+
+    @classmethod
+    def build(cls, backbone, *, hidden_size, vocab_size, device=None, rank=None):
+        return cls(hidden_size, vocab_size, device=device)
+
+    @torch.no_grad()
+    def reset_parameters(self, init="zeros", *, std=0.02, backbone=None):
+        self.weight.normal_(0.0, std)
+        self.bias.zero_()
+
+    def features(self, hidden, context=None):
+        return hidden.float()
+
+    def q_from_features(self, features):
+        return nn.functional.softplus(features @ self.weight.T) + self.bias
+
+
+def test_a_head_linear_in_no_features_gets_every_read_from_its_full_q(monkeypatch):
+    monkeypatch.setitem(Q_HEADS, SoftplusQHead.q_head_type, SoftplusQHead)
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=64), q_head_type="softplus", q_head_init="normal")
+    model.eval()
+    ids = torch.randint(0, 64, (2, 5))
+    with torch.no_grad():
+        hidden = model(ids).hidden_states.float()
+    q = nn.functional.softplus(hidden @ model.q_head.weight.T) + model.q_head.bias  # the reference
+    actions, mask = next_tokens(ids), torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        full = model(ids, return_q=True, actions=actions, value_mask=mask)
+        fused = model(ids, actions=actions, value_mask=mask, logprob_mask=mask, value_chunk_size=3)
+    torch.testing.assert_close(full.q_values, q)
+    torch.testing.assert_close(full.action_q, q.gather(-1, actions[..., None])[..., 0])
+    v = (torch.softmax(full.logits.float(), -1) * q).sum(-1)
+    torch.testing.assert_close(full.state_values, v)
+    torch.testing.assert_close(fused.state_values, v)
+    log_pi = torch.log_softmax(full.logits.float(), -1)
+    torch.testing.assert_close(
+        model.q_head.soft_value(model.q_head.features(hidden), log_pi, 0.5),
+        0.5 * torch.logsumexp(log_pi + q / 0.5, -1),
+    )
+    with pytest.raises(ValueError, match="cannot be folded"):
+        fold_tilt(model, 0.5)
+    with QTiltLogitsProcessor(model, 0.5, record_kl=False) as processor:
+        assert not processor._head_tilt  # no `lm_head_input`: the processor adds Q / beta itself
+        out = model.generate(
+            ids[:, :2], logits_processor=[processor], do_sample=False, max_new_tokens=2, pad_token_id=0
+        )
+    with torch.no_grad():
+        first = model(ids[:, :2])
+        hidden = first.hidden_states[:, -1].float()
+        q_last = nn.functional.softplus(hidden @ model.q_head.weight.T) + model.q_head.bias
+    assert torch.equal(out[:, 2], (first.logits[:, -1].float() + q_last / 0.5).argmax(-1))  # the first tilted step

@@ -269,7 +269,10 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 def lm_weight_sha256(weight: torch.Tensor, dtype: torch.dtype) -> str:
     """SHA-256 of `weight`'s bytes in `dtype` (row-major, on the CPU)."""
-    data = weight.detach().to("cpu", dtype).contiguous()
+    weight = weight.detach()
+    if hasattr(weight, "full_tensor"):  # an FSDP2 shard (DTensor): the whole weight, gathered
+        weight = weight.full_tensor()
+    data = weight.to("cpu", dtype).contiguous()
     return hashlib.sha256(data.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
