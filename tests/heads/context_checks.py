@@ -6,10 +6,11 @@ import torch
 from datasets import Dataset
 from transformers import LogitsProcessor
 
-from tests.hub_fakes import hub_repo
+from tests.hub_fakes import FakeHub, hub_repo
 from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, QTiltLogitsProcessor, rerank
 from trl_qhead.decoding import tilt_kl
 from trl_qhead.heads.q_network import GenerateInputs
+from trl_qhead.persistence import Q_HEAD_CONFIG_NAME, Q_HEAD_WEIGHTS_NAME
 
 SMALL = 64  # a fast vocabulary for what needs no tokenizer (decoding checks)
 VOCAB = 50257  # the GPT-2 tokenizer's: the trainer checks the model against it
@@ -136,8 +137,9 @@ def check_rerank_scores(model) -> None:
 
 
 @torch.no_grad()
-def check_save_load_and_hub(model, tmp_path, repo_id: str) -> AutoModelForCausalLMWithQHead:
-    """Saved, then loaded from the folder and from a (fake, offline) Hub repo: the same Q, bit for bit."""
+def check_save_load_and_hub(model, tmp_path, repo_id: str, monkeypatch) -> AutoModelForCausalLMWithQHead:
+    """Saved, then loaded from the folder; pushed to a (fake, offline) Hub and loaded back by repo id: the same Q,
+    bit for bit."""
     model.save_pretrained(tmp_path / "saved")
     ids, mask = prompts()
     expected = model(ids, attention_mask=mask, return_q=True).q_values
@@ -145,8 +147,12 @@ def check_save_load_and_hub(model, tmp_path, repo_id: str) -> AutoModelForCausal
     loaded = AutoModelForCausalLMWithQHead.from_pretrained(tmp_path / "saved").eval()
     assert loaded.q_head_type == model.q_head_type and loaded.q_head.output_type == model.q_head.output_type
     torch.testing.assert_close(loaded(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)
+    hub = FakeHub(monkeypatch, tmp_path)
+    model.push_to_hub(repo_id)
+    (upload,) = hub.uploads
+    assert {Q_HEAD_WEIGHTS_NAME, Q_HEAD_CONFIG_NAME} <= set(upload["files"])
     cache = tmp_path / "hub"
-    hub_repo(cache, repo_id, tmp_path / "saved")
+    hub_repo(cache, repo_id, upload["dir"])
     from_hub = AutoModelForCausalLMWithQHead.from_pretrained(repo_id, cache_dir=str(cache)).eval()
     assert from_hub.q_head_type == model.q_head_type
     torch.testing.assert_close(from_hub(ids, attention_mask=mask, return_q=True).q_values, expected, atol=0, rtol=0)

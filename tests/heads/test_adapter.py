@@ -105,12 +105,12 @@ def test_rerank_scores_are_the_full_forward_q():
     check_rerank_scores(adapter_model(vocab_size=SMALL))
 
 
-def test_save_load_and_hub_round_trip(tmp_path):
+def test_save_load_and_hub_round_trip(tmp_path, monkeypatch):
     make_tiny_gpt2(vocab_size=VOCAB).save_pretrained(tmp_path / "base")  # PEFT saves the base model's path
     from transformers import AutoModelForCausalLM
 
     check_save_load_and_hub(
-        adapter_model(base=AutoModelForCausalLM.from_pretrained(tmp_path / "base")), tmp_path, "me/a"
+        adapter_model(base=AutoModelForCausalLM.from_pretrained(tmp_path / "base")), tmp_path, "me/a", monkeypatch
     )
 
 

@@ -148,7 +148,7 @@ def test_rerank_scores_are_the_full_forward_q():
 
 
 @pytest.mark.parametrize("lora", [False, True])
-def test_save_load_and_hub_round_trip(tmp_path, lora):
+def test_save_load_and_hub_round_trip(tmp_path, monkeypatch, lora):
     q_model = small_gpt2()
     if lora:
         config = LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True, init_lora_weights=False)
@@ -156,7 +156,7 @@ def test_save_load_and_hub_round_trip(tmp_path, lora):
     model = q_model_model(q_model=q_model)
     with torch.no_grad():  # a trained Q model: its weights are part of the save
         model.q_head.q_model.get_input_embeddings().weight.add_(0.01)
-    loaded = check_save_load_and_hub(model, tmp_path, "me/q")
+    loaded = check_save_load_and_hub(model, tmp_path, "me/q", monkeypatch)
     assert loaded.q_head.q_model.lm_head.weight is loaded.q_head.q_model.get_input_embeddings().weight  # still tied
 
 
