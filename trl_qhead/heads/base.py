@@ -94,6 +94,8 @@ class QHead(nn.Module):
     """
 
     q_head_type: ClassVar[str] = ""
+    # What Q is, in words (a model card states it).
+    formula: ClassVar[str] = "`Q(s, a)` from the policy's final hidden state `h_s`"
     # What a checkpoint of another shape was saved from, in load errors ("... saved from a model with another ...").
     shape_source: ClassVar[str] = "vocabulary or hidden size"
 

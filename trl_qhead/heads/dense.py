@@ -22,6 +22,7 @@ class DenseQHead(QHead, nn.Linear):
     """
 
     q_head_type = "dense"
+    formula = "`Q(s, a) = W_q h_s + b_q` (a dense head, `q_head_type=dense`)"
     # Plain attributes, as nn.Linear sets them (they shadow QHead's read-only properties).
     in_features: int = 0
     out_features: int = 0

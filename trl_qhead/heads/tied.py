@@ -90,6 +90,10 @@ class TiedQHead(QHead):
     """
 
     q_head_type = "tied"
+    formula = (
+        "`Q(s, a) = W_lm (U h_s) + b` (a tied head, `q_head_type=tied`: the LM head's rows `W_lm` after an H x H map "
+        "`U` of the hidden state, plus a per-token bias)"
+    )
     shape_source = "LM head (vocabulary or hidden size)"
 
     def __init__(self, hidden_size: int, vocab_size: int, rank: int | None = None, device=None):
