@@ -74,6 +74,11 @@ class AdapterQHead(ContextQHead):
     """
 
     q_head_type = "adapter"
+    formula = (
+        "`Q(s, a) = W_lm (U h^Q_s) + b` or `W h^Q_s + b` (an adapter head, `q_head_type=adapter`: `h^Q` the final "
+        "hidden state of the policy's trunk with its PEFT adapter on, which is off for the policy itself)"
+    )
+    shape_source = "trunk (vocabulary or hidden size)"
 
     def __init__(
         self, hidden_size: int, vocab_size: int, *, output: str = "tied", rank: int | None = None, device=None

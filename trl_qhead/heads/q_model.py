@@ -109,6 +109,11 @@ class QModelHead(ContextQHead):
     """
 
     q_head_type = "q_model"
+    formula = (
+        "`Q(s, a) = W^Q (U h^Q_s) + b` or `W h^Q_s + b` (a Q-model head, `q_head_type=q_model`: `h^Q` the final "
+        "hidden state of a separate causal LM with the policy's tokenizer, `W^Q` its LM-head rows)"
+    )
+    shape_source = "Q model (vocabulary or hidden size)"
 
     def __init__(
         self, q_model: nn.Module, vocab_size: int, *, output: str = "tied", rank: int | None = None, device=None
