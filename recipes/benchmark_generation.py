@@ -13,6 +13,10 @@ on. Rows:
 `--q_head_type tied` measures a tied Q head (`Q = W_lm (U h) + b`, random U and bias) instead; `both` adds the tied
 rows (`tied: ...`) to the dense ones, on the same backbone in the same run. With a tied head, `processor, no KL` tilts
 inside the LM head (an H x H product per token). `--n_layer`, `--n_embd`, `--n_head` change the model's shape.
+`--context_heads` adds the context-reading heads (docs/context_heads.md), tied output, random U and bias:
+`adapter: processor` (a LoRA adapter, r 16 on every block's projections, on a copy of the backbone: the whole trunk
+runs again on each new token, KV-cached) and `q_model: processor` (a separate GPT-2 of `--q_model_layers` x
+`--q_model_embd`, default half the policy's depth and width, KV-cached).
 
 Runs are interleaved (one of each per round, alternating the order) so that load on the machine hits all rows alike;
 after a warm-up round the table shows the median time per token and the median of the per-round ratios to `plain`,
@@ -58,6 +62,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--n_layer", type=int, default=12)
     parser.add_argument("--n_embd", type=int, default=768)
     parser.add_argument("--n_head", type=int, default=12)
+    parser.add_argument("--context_heads", action="store_true", help="add the adapter and q_model heads' rows")
+    parser.add_argument("--q_model_layers", type=int, default=None, help="default: half the policy's layers")
+    parser.add_argument("--q_model_embd", type=int, default=None, help="default: half the policy's width")
     return parser.parse_args(argv)
 
 
@@ -74,6 +81,35 @@ def build_model(device: str, seed: int, n_layer=12, n_embd=768, n_head=12, backb
         if q_head_type == "tied":  # W_lm U then has entries of W_lm's size, as the dense head's normal init
             model.q_head.u.normal_(0.0, model.q_head.hidden_size**-0.5)
     return model
+
+
+def build_context_models(model, args) -> dict:
+    """The adapter head on a copy of `model`'s backbone and the q_model head on it, random tied outputs."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(args.seed + 1)
+    lora = LoraConfig(r=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True, init_lora_weights=False)
+    adapted = get_peft_model(copy.deepcopy(model.pretrained_model), lora)
+    q_config = GPT2Config(
+        n_layer=args.q_model_layers or max(1, args.n_layer // 2),
+        n_embd=args.q_model_embd or args.n_embd // 2,
+        n_head=args.n_head,
+        vocab_size=50257,
+    )
+    models = {
+        "adapter": AutoModelForCausalLMWithQHead(adapted, q_head_type="adapter"),
+        "q_model": AutoModelForCausalLMWithQHead(
+            model.pretrained_model, q_head_type="q_model", q_head_options={"q_model": GPT2LMHeadModel(q_config)}
+        ),
+    }
+    for head in models.values():
+        with torch.no_grad():
+            head.q_head.bias.normal_(0.0, 1.0)
+            head.q_head.output.u.normal_(0.0, head.q_head.hidden_size**-0.5)
+        head.to(args.device).eval()
+    return models
 
 
 def main(argv=None) -> dict:
@@ -109,6 +145,14 @@ def main(argv=None) -> dict:
             processors[name] = processor
             runs[name] = lambda p=processor: model.generate(input_ids, logits_processor=[p], **gen_kwargs)
         runs["tied: folded"] = lambda: tied_folded.generate(input_ids, **gen_kwargs)
+
+    if args.context_heads:
+        for kind, context_model in build_context_models(model, args).items():
+            processor = QTiltLogitsProcessor(context_model, args.beta)
+            processors[f"{kind}: processor"] = processor
+            runs[f"{kind}: processor"] = lambda m=context_model, p=processor: m.generate(
+                input_ids, logits_processor=[p], **gen_kwargs
+            )
 
     outputs = {name: run() for name, run in runs.items()}  # warm-up round
     same_tokens = torch.equal(outputs["processor"], outputs["folded"])
@@ -146,6 +190,7 @@ def main(argv=None) -> dict:
         "setup": {
             "model": f"GPT-2 ({args.n_layer} x {args.n_embd}, {args.n_head} heads, |V| = 50257), random init, fp32",
             "q_head_type": args.q_head_type,
+            "context_heads": args.context_heads,
             "device": args.device,
             "threads": torch.get_num_threads(),
             "batch": args.batch,

@@ -32,6 +32,7 @@ from .heads import (
     build_q_head,
     check_q_head_init,
     check_q_head_type,
+    q_head_class,
 )
 from .hub import HUB_KWARGS, PUSH_KWARGS, qhead_model_card, resolve_file, upload_folder
 from .persistence import (
@@ -127,6 +128,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         *,
         q_head_type: str = DEFAULT_Q_HEAD_TYPE,
         q_head_rank: int | None = None,
+        q_head_options: dict | None = None,
     ):
         super().__init__()
         if not isinstance(pretrained_model, nn.Module) or not hasattr(pretrained_model, "get_output_embeddings"):
@@ -150,6 +152,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             vocab_size=vocab_size,
             device=lm_head.weight.device,
             rank=q_head_rank,
+            **(q_head_options or {}),
         )
         self.q_head_init = q_head_init
         self.reset_q_head(q_head_init)
@@ -363,6 +366,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         """
         if not self.is_peft_model:
             raise ValueError("`merge_and_unload` needs a PEFT model; this model has no adapters to merge.")
+        self.q_head.check_merge()
         merged = self.pretrained_model.merge_and_unload(**kwargs)
         model = type(self)(merged, q_head_type=self.q_head_type, q_head_rank=self.q_head_rank)
         model.q_head, model.q_head_init = self.q_head, self.q_head_init
@@ -414,13 +418,14 @@ class AutoModelForCausalLMWithQHead(nn.Module):
                 "`base_model_name_or_path`, so `from_pretrained` cannot load the saved folder on its own (it raises "
                 "naming the file). `load_checkpoint` (resuming training) is not affected."
             )
-        q_tensors = dict(self.q_head.named_parameters())
+        q_tensors = self.q_head.saved_tensors()
         if state_dict is not None:
             backbone_prefix, q_prefix = "pretrained_model.", "q_head."
             kwargs["state_dict"] = {
                 k[len(backbone_prefix) :]: v for k, v in state_dict.items() if k.startswith(backbone_prefix)
             }
-            q_tensors = {k[len(q_prefix) :]: v for k, v in state_dict.items() if k.startswith(q_prefix)} or q_tensors
+            gathered = {k[len(q_prefix) :]: v for k, v in state_dict.items() if k.startswith(q_prefix)}
+            q_tensors = self.q_head.saved_tensors(gathered) if gathered else q_tensors
         q_config = {
             "hidden_size": self.q_head.in_features,
             "vocab_size": self.q_head.out_features,
@@ -508,11 +513,11 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             )
         state = self._read_q_head_file(directory, str(self.device), what)
         self.q_head.check_fingerprint(config, config_path)
-        self.q_head.load_state_dict(state)
+        self.q_head.load_saved_tensors(state)
 
     def _read_q_head_file(self, directory, device: str, what: str | None = None) -> dict:
         what = what or self.q_head.shape_source
-        expected = {name: tuple(t.shape) for name, t in self.q_head.state_dict().items()}
+        expected = {name: tuple(t.shape) for name, t in self.q_head.saved_tensors().items()}
         return read_q_head_tensors(directory, expected, device, what)
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
@@ -588,6 +593,7 @@ class AutoModelForCausalLMWithQHead(nn.Module):
         q_head_init: str = "zeros",
         q_head_type: str | None = None,
         q_head_rank: int | None = None,
+        q_head_options: dict | None = None,
         is_trainable: bool = True,
         **kwargs,
     ) -> AutoModelForCausalLMWithQHead:
@@ -672,7 +678,12 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             )
         if peft_config is not None:
             backbone = add_adapters(backbone, peft_config)
-        model = cls(backbone, q_head_init=q_head_init, q_head_type=q_head_type, q_head_rank=q_head_rank)
+        options = dict(q_head_options or {})
+        if q_config:  # the saved head's own options (a context head's output, its Q model rebuilt from its config)
+            options = {**q_head_class(q_head_type).options_from_config(q_config), **options}
+        model = cls(
+            backbone, q_head_init=q_head_init, q_head_type=q_head_type, q_head_rank=q_head_rank, q_head_options=options
+        )
         if q_config:
             model.load_q_head(q_folder)
             model.q_head_init = q_config.get("q_head_init", q_head_init)
@@ -696,7 +707,7 @@ def _hub_backbone(repo_id: str, *model_args, is_trainable: bool, **kwargs) -> nn
     return AutoModelForCausalLM.from_pretrained(repo_id, *model_args, **kwargs)
 
 
-_OUR_KWARGS = ("peft_config", "q_head_init", "q_head_type", "q_head_rank", "is_trainable")
+_OUR_KWARGS = ("peft_config", "q_head_init", "q_head_type", "q_head_rank", "q_head_options", "is_trainable")
 
 
 def _reject_our_misspelt_kwargs(kwargs: dict) -> None:

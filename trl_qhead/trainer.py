@@ -245,7 +245,9 @@ class QHeadTrainer(Trainer):
             model = AutoModelForCausalLMWithQHead.from_pretrained(model, peft_config=peft_config, **model_init_kwargs)
         else:
             raise TypeError(f"`model` must be a model, a name or a path, got {type(model).__name__}.")
-        if (model.is_loaded_in_4bit or model.is_loaded_in_8bit) and not model.is_peft_model:
+        model.q_head.check_training(model.pretrained_model)  # e.g. a context head leaves the policy the base model
+        policy_trains = any(p.requires_grad for p in model.pretrained_model.parameters())  # not so under a Q model
+        if (model.is_loaded_in_4bit or model.is_loaded_in_8bit) and not model.is_peft_model and policy_trains:
             raise ValueError(
                 "The model is loaded in 4 or 8 bits and has no adapters: quantised weights cannot be trained. Pass a "
                 "`peft_config` (e.g. `LoraConfig`) to train LoRA adapters and the Q head on top of it (QLoRA)."
@@ -483,8 +485,10 @@ class QHeadTrainer(Trainer):
         weight_lr = args.q_head_learning_rate if args.q_head_learning_rate is not None else args.learning_rate
         bias_lr = args.q_head_bias_learning_rate if args.q_head_bias_learning_rate is not None else weight_lr
         in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}  # a frozen head is not
-        # dense: weight, bias; tied: U (or its factors), bias
-        q_params = [(p, bias_lr if name == "bias" else weight_lr) for name, p in q_head.named_parameters()]
+        # the head's `|V|` bias at the bias rate (dense, tied; a context head's output's), every other parameter (W, U
+        # or its factors; a Q model's trunk) at the weight rate
+        bias = getattr(q_head, "bias", None)
+        q_params = [(p, bias_lr if p is bias else weight_lr) for p in q_head.parameters()]
         q_rates = [(p, lr) for p, lr in q_params if id(p) in in_optimizer]
         q_ids = {id(p) for p, _ in q_rates}
         for group in optimizer.param_groups:

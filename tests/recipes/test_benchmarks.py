@@ -68,3 +68,14 @@ def test_generation_benchmark_runs_and_the_folded_model_matches_the_processor(tm
     assert set(result["wall"]) == {"plain", "processor", "processor, no KL", "processor, top_k=50", "folded"}
     assert result["wall"]["plain"]["ratio"] == 1.0
     assert "| generation |" in stdout
+
+
+def test_generation_benchmark_context_head_rows(tmp_path):
+    out = tmp_path / "gen.json"
+    _run(
+        "benchmark_generation.py", "--rounds", "1", "--batch", "1", "--prompt_length", "4", "--new_tokens", "2",
+        "--threads", "1", "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--context_heads", "--json", str(out),
+    )  # fmt: skip
+    result = json.loads(out.read_text())
+    assert {"adapter: processor", "q_model: processor"} <= set(result["cpu"])
+    assert all(result["cpu"][row]["s_per_token"] > 0 for row in ("adapter: processor", "q_model: processor"))

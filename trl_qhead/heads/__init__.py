@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from .adapter import AdapterQHead
 from .base import Q_HEAD_INITS, LinearForm, QContext, QHead, check_q_head_init, linear_expected_value, linear_q
 from .dense import DenseQHead
+from .q_model import QModelHead
 from .tied import TiedQHead, check_q_head_rank, lm_head_weight
 
 # The type of a fresh head, and of a checkpoint saved before heads had types.
@@ -19,6 +21,8 @@ DEFAULT_Q_HEAD_TYPE = DenseQHead.q_head_type
 Q_HEADS: dict[str, type[QHead]] = {
     DenseQHead.q_head_type: DenseQHead,
     TiedQHead.q_head_type: TiedQHead,
+    AdapterQHead.q_head_type: AdapterQHead,
+    QModelHead.q_head_type: QModelHead,
 }
 
 
@@ -37,12 +41,26 @@ def q_head_class(q_head_type: str) -> type[QHead]:
 
 
 def build_q_head(
-    q_head_type: str, backbone: nn.Module, *, hidden_size: int, vocab_size: int, device=None, rank: int | None = None
+    q_head_type: str,
+    backbone: nn.Module,
+    *,
+    hidden_size: int,
+    vocab_size: int,
+    device=None,
+    rank: int | None = None,
+    **options,
 ) -> QHead:
-    """A fresh head of type `q_head_type` for `backbone`, bound to it (`QHead.build`)."""
-    return q_head_class(q_head_type).build(
-        backbone, hidden_size=hidden_size, vocab_size=vocab_size, device=device, rank=rank
-    )
+    """A fresh head of type `q_head_type` for `backbone`, bound to it (`QHead.build`); `options` are the head's own
+    (`q_head_options`, e.g. a context head's `output` or `q_model`): a head that takes none raises a `TypeError`."""
+    cls = q_head_class(q_head_type)
+    try:
+        return cls.build(backbone, hidden_size=hidden_size, vocab_size=vocab_size, device=device, rank=rank, **options)
+    except TypeError as error:
+        if options and "unexpected keyword" in str(error):
+            raise TypeError(
+                f"q_head_type={q_head_type!r} takes no q_head_options {sorted(options)} ({error})."
+            ) from error
+        raise
 
 
 def as_q_head(module: nn.Module) -> QHead:
@@ -56,6 +74,8 @@ def as_q_head(module: nn.Module) -> QHead:
 
 
 __all__ = [
+    "AdapterQHead",
+    "QModelHead",
     "DEFAULT_Q_HEAD_TYPE",
     "Q_HEADS",
     "Q_HEAD_INITS",

@@ -146,6 +146,30 @@ class QHead(nn.Module):
         """Raise a `ValueError` naming `where` (the config file) when `config`'s fingerprint does not match this
         model. Default: nothing to check."""
 
+    @classmethod
+    def options_from_config(cls, config: dict) -> dict:
+        """The `build` options (besides `rank`) that rebuild a saved head from its `q_head_config.json` entries, so
+        that loading a folder makes the same head before its tensors are read. Default: none."""
+        return {}
+
+    def saved_tensors(self, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """What `q_head.safetensors` holds: the head's state dict, or `state` (the head's part of a state dict a
+        trainer gathered, keys relative to the head). Default: all of it. A head holding shared tensors (a Q model's
+        tied embeddings) keeps each once."""
+        return dict(self.state_dict() if state is None else state)
+
+    def load_saved_tensors(self, state: dict[str, torch.Tensor]) -> None:
+        """Load what `saved_tensors` wrote (checked against its names and shapes already). Default: the state dict."""
+        self.load_state_dict(state)
+
+    def check_training(self, backbone: nn.Module) -> None:
+        """Raise a `ValueError` before training when the backbone's trainable parameters cannot go with this head (a
+        head that must leave the policy the base model). Default: any."""
+
+    def check_merge(self) -> None:
+        """Raise a `ValueError` before `merge_and_unload` when merging the backbone's adapters into its weights would
+        break the head (the adapter is the head's own network). Default: nothing to check."""
+
     # ---- reading Q ------------------------------------------------------------------------------------------------------
 
     def features(self, hidden: torch.Tensor, context: QContext | None = None) -> torch.Tensor:
