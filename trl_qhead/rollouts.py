@@ -104,12 +104,12 @@ def generate_and_score(
             soft value one step ahead), `FutureValueLabels(k, num_continuations, beta)` (soft values of sampled
             continuations), `PrefixShaping()` (per-token shaped rewards); sources in a list share one memoised
             scorer (its batch size the smallest of theirs). Needs `reward_funcs`. `None` (default): no labels.
-        candidate_rewards, candidate_stride, prefix_shaping, candidate_batch_size, candidate_lookahead,
-            candidate_beta: deprecated (a `FutureWarning`; removed in the next release) in favour of `labels`,
-            which they translate to: `candidate_rewards=k, candidate_stride=m, candidate_batch_size=b` is
+        candidate_rewards: deprecated, as are `candidate_stride`, `prefix_shaping`, `candidate_batch_size`,
+            `candidate_lookahead` and `candidate_beta` (a `FutureWarning`; removed in the next release), in favour of
+            `labels`, which they translate to: `candidate_rewards=k, candidate_stride=m, candidate_batch_size=b` is
             `labels=CandidateLabels(k, m, b)`; with `candidate_lookahead=k2, candidate_beta=beta`,
-            `TwoStepLabels(k, k2, beta, m, b)`; `prefix_shaping=True` adds `PrefixShaping(b)`. Their meaning:
-        candidate_rewards: k, or `None` (default) for none. Candidate labels (`trl_qhead.candidates`): at every
+            `TwoStepLabels(k, k2, beta, m, b)`; `prefix_shaping=True` adds `PrefixShaping(b)`. Its meaning: k, or
+            `None` (default) for none. Candidate labels (`trl_qhead.candidates`): at every
             `candidate_stride`-th state of each completion, the base model's (the model's LM head's) top-k next
             tokens `a`, with effects `R(prompt, decode(so_far + [a])) - R(prompt, decode(so_far))` from the reward
             functions, and the sampled token's own effect. Adds the token-aligned columns `candidate_ids`,
