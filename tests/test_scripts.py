@@ -19,6 +19,7 @@ RUN_BY = {
     "recipes/benchmark_frontier.py": "tests/recipes/test_benchmark_frontier.py",
     "recipes/benchmark_generation.py": "tests/recipes/test_benchmarks.py",
     "recipes/benchmark_training.py": "tests/recipes/test_benchmarks.py",
+    "recipes/best_of_n_kl_bias.py": "tests/recipes/test_best_of_n_kl_bias.py",
     "recipes/checkpoint_size.py": "tests/test_scripts.py",
     "recipes/demo_sentiment.py": "tests/test_scripts.py",
     "recipes/gpu_check.py": "tests/test_scripts.py",
