@@ -154,3 +154,23 @@ def test_effects_labels_train_on_the_effects_an_independent_computation_gives(tm
     returns_trainer = QHeadTrainer(model, returns_args, train_dataset=Dataset.from_list(rows),
                                    processing_class=gpt2_tokenizer)  # fmt: skip
     assert abs(returns_trainer.compute_loss(model, batch).item() - reference.item()) > 1e-3
+
+
+def test_q_head_only_reads_the_frozen_policy_without_dropout(tmp_path, gpt2_tokenizer):
+    """Trainer.training_step puts the model in train mode; with q_head_only the policy's dropout stays off, so the
+    loss of a batch is the same on every call (with dropout 0.5 on it would not be) and equals eval mode's."""
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5))
+    data = Dataset.from_list(_rows())
+    trainer = QHeadTrainer(model, _config(tmp_path, q_head_only=True), train_dataset=data,
+                           processing_class=gpt2_tokenizer)  # fmt: skip
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    losses = []
+    for _ in range(3):
+        model.train()
+        with torch.no_grad():
+            losses.append(trainer.compute_loss(model, batch).item())
+        assert not model.pretrained_model.training
+    model.eval()
+    with torch.no_grad():
+        losses.append(trainer.compute_loss(model, batch).item())
+    assert len(set(losses)) == 1, losses

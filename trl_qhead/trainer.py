@@ -290,6 +290,10 @@ class QHeadTrainer(Trainer):
         state `s_t` and, where `action_mask` is set, the action `a_t = x_{t+1}`.
         """
         args: QHeadConfig = self.args
+        if args.q_head_only and model.training:
+            # Trainer.training_step has just put the whole model in train mode; the frozen policy must compute the
+            # features the head will read at decode time (no dropout), or the head learns from noised states.
+            self.accelerator.unwrap_model(model).pretrained_model.eval()
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
         position_ids = inputs.get("position_ids")  # packed rows: each document its own attention span
 
