@@ -235,29 +235,42 @@ def test_candidates_do_not_pack(gpt2_tokenizer):
 
 
 @pytest.mark.parametrize(
-    "kwargs,message",
+    "kwargs,message,error",
     [
-        ({"candidate_rewards": 0}, "positive integer"),
-        ({"candidate_rewards": 2.5}, "positive integer"),
-        ({"candidate_rewards": 2, "candidate_stride": 0}, "`candidate_stride` must be a positive integer"),
-        ({"candidate_rewards": 2, "candidate_stride": -1}, "`candidate_stride` must be a positive integer"),
-        ({"candidate_rewards": 50258}, "larger than the model's vocabulary"),
-        ({"prefix_shaping": "yes"}, "`prefix_shaping` must be True or False"),
-        ({"candidate_lookahead": 2, "candidate_beta": 0.3}, "set `candidate_rewards`"),
-        ({"candidate_rewards": 2, "candidate_lookahead": 2}, "needs `candidate_beta`"),
-        ({"candidate_rewards": 2, "candidate_lookahead": 0, "candidate_beta": 0.3}, "`candidate_lookahead` \\(k2\\)"),
-        ({"candidate_rewards": 2, "candidate_lookahead": True, "candidate_beta": 0.3}, "positive integer"),
-        ({"candidate_rewards": 2, "candidate_lookahead": 2, "candidate_beta": -1.0}, "`candidate_beta` must be"),
+        (kwargs, message, ValueError)
+        for kwargs, message in [
+            ({"candidate_rewards": 0}, "positive integer"),
+            ({"candidate_rewards": 2.5}, "positive integer"),
+            ({"candidate_rewards": 2, "candidate_stride": 0}, "`candidate_stride` must be a positive integer"),
+            ({"candidate_rewards": 2, "candidate_stride": -1}, "`candidate_stride` must be a positive integer"),
+            ({"candidate_rewards": 50258}, "larger than the model's vocabulary"),
+            ({"prefix_shaping": "yes"}, "`prefix_shaping` must be True or False"),
+            ({"candidate_lookahead": 2, "candidate_beta": 0.3}, "set `candidate_rewards`"),
+            ({"candidate_rewards": 2, "candidate_lookahead": 2}, "needs `candidate_beta`"),
+            (
+                {"candidate_rewards": 2, "candidate_lookahead": 0, "candidate_beta": 0.3},
+                "`candidate_lookahead` \\(k2\\)",
+            ),
+            ({"candidate_rewards": 2, "candidate_lookahead": True, "candidate_beta": 0.3}, "positive integer"),
+            ({"candidate_rewards": 2, "candidate_lookahead": 2, "candidate_beta": -1.0}, "`candidate_beta` must be"),
+            (
+                {"candidate_rewards": 2, "candidate_lookahead": 50258, "candidate_beta": 0.3},
+                "`candidate_lookahead` \\(k=50258\\) is larger",
+            ),
+            ({"candidate_rewards": 2, "candidate_beta": 0.3}, "without `candidate_lookahead`"),
+        ]
+    ]
+    + [
         (
-            {"candidate_rewards": 2, "candidate_lookahead": 50258, "candidate_beta": 0.3},
-            "`candidate_lookahead` \\(k=50258\\) is larger",
-        ),
-        ({"candidate_rewards": 2, "candidate_beta": 0.3}, "without `candidate_lookahead`"),
+            {"candidate_rewards": 2, "candidate_lookahead": 2, "candidate_beta": "abc"},
+            "`candidate_beta` must be a number > 0, got str 'abc'",
+            TypeError,
+        )
     ],
 )
-def test_generate_and_score_rejects_bad_candidate_arguments(gpt2_tokenizer, kwargs, message):
+def test_generate_and_score_rejects_bad_candidate_arguments(gpt2_tokenizer, kwargs, message, error):
     model = AutoModelForCausalLMWithQHead(make_tiny_gpt2())
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(error, match=message):
         generate_and_score(
             model,
             gpt2_tokenizer,
@@ -267,23 +280,6 @@ def test_generate_and_score_rejects_bad_candidate_arguments(gpt2_tokenizer, kwar
             max_new_tokens=2,
             show_progress=False,
             **kwargs,
-        )
-
-
-def test_generate_and_score_refuses_a_candidate_beta_that_is_not_a_number(gpt2_tokenizer):
-    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(vocab_size=512))
-    with pytest.raises(TypeError, match="`candidate_beta` must be a number > 0, got str 'abc'"):
-        generate_and_score(
-            model,
-            gpt2_tokenizer,
-            Dataset.from_dict({"prompt": ["Hi"]}),
-            lexicon_reward,
-            num_generations=1,
-            max_new_tokens=2,
-            show_progress=False,
-            candidate_rewards=2,
-            candidate_lookahead=2,
-            candidate_beta="abc",
         )
 
 

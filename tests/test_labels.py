@@ -90,30 +90,41 @@ def test_default_keywords_do_not_warn(gpt2_tokenizer):
 
 
 @pytest.mark.parametrize(
-    "build,message",
+    "build,message,error",
     [
-        (lambda: CandidateLabels(k=0), "`CandidateLabels.k` must be a positive integer, got 0"),
-        (lambda: CandidateLabels(k=True), "`CandidateLabels.k` must be a positive integer"),
-        (lambda: CandidateLabels(k=2, stride=0), "`CandidateLabels.stride` must be a positive integer"),
-        (lambda: CandidateLabels(k=2, batch_size=2.5), "`CandidateLabels.batch_size`"),
-        (lambda: TwoStepLabels(k=2, lookahead=0, beta=0.3), "`TwoStepLabels.lookahead` must be a positive integer"),
-        (lambda: TwoStepLabels(k=2, lookahead=2, beta=0.0), "`TwoStepLabels.beta` must be a finite number > 0"),
-        (lambda: TwoStepLabels(k=2, lookahead=2, beta=math.inf), "`TwoStepLabels.beta` must be a finite number"),
-        (lambda: PrefixShaping(batch_size=0), "`PrefixShaping.batch_size` must be a positive integer"),
-        (lambda: FutureValueLabels(k=2, num_continuations=0, beta=1.0), "`FutureValueLabels.num_continuations`"),
-        (lambda: FutureValueLabels(k=2, num_continuations=2, beta=-1.0), "`FutureValueLabels.beta` must be"),
-        (lambda: FutureValueLabels(k=2, num_continuations=2, beta=1.0, max_horizon=0), "`FutureValueLabels.max_hor"),
-        (lambda: FutureValueLabels(k=2, num_continuations=2, beta=1.0, stride=-1), "`FutureValueLabels.stride`"),
-    ],
+        (build, message, ValueError)
+        for build, message in [
+            (lambda: CandidateLabels(k=0), "`CandidateLabels.k` must be a positive integer, got 0"),
+            (lambda: CandidateLabels(k=True), "`CandidateLabels.k` must be a positive integer"),
+            (lambda: CandidateLabels(k=2, stride=0), "`CandidateLabels.stride` must be a positive integer"),
+            (lambda: CandidateLabels(k=2, batch_size=2.5), "`CandidateLabels.batch_size`"),
+            (
+                lambda: TwoStepLabels(k=2, lookahead=0, beta=0.3),
+                "`TwoStepLabels.lookahead` must be a positive integer",
+            ),
+            (lambda: TwoStepLabels(k=2, lookahead=2, beta=0.0), "`TwoStepLabels.beta` must be a finite number > 0"),
+            (lambda: TwoStepLabels(k=2, lookahead=2, beta=math.inf), "`TwoStepLabels.beta` must be a finite number"),
+            (lambda: PrefixShaping(batch_size=0), "`PrefixShaping.batch_size` must be a positive integer"),
+            (lambda: FutureValueLabels(k=2, num_continuations=0, beta=1.0), "`FutureValueLabels.num_continuations`"),
+            (lambda: FutureValueLabels(k=2, num_continuations=2, beta=-1.0), "`FutureValueLabels.beta` must be"),
+            (
+                lambda: FutureValueLabels(k=2, num_continuations=2, beta=1.0, max_horizon=0),
+                "`FutureValueLabels.max_hor",
+            ),
+            (lambda: FutureValueLabels(k=2, num_continuations=2, beta=1.0, stride=-1), "`FutureValueLabels.stride`"),
+        ]
+    ]
+    + [
+        (
+            lambda: TwoStepLabels(k=2, lookahead=2, beta="abc"),
+            "`TwoStepLabels.beta` must be a number > 0, got str 'abc'",
+            TypeError,
+        )
+    ],  # fmt: skip
 )
-def test_label_sources_check_their_fields_at_construction(build, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+def test_label_sources_check_their_fields_at_construction(build, message, error):
+    with pytest.raises(error, match=message.replace("(", r"\(")):
         build()
-
-
-def test_label_source_beta_that_is_not_a_number_is_a_type_error():
-    with pytest.raises(TypeError, match="`TwoStepLabels.beta` must be a number > 0, got str 'abc'"):
-        TwoStepLabels(k=2, lookahead=2, beta="abc")
 
 
 def test_label_sources_are_frozen_and_normalise_beta():
