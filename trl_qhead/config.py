@@ -82,7 +82,9 @@ class QHeadConfig(TrainingArguments):
             learning rates default to `Q_HEAD_ONLY_LEARNING_RATE` (2e-5, the weight, or the tied head's `U`) and
             `Q_HEAD_ONLY_BIAS_LEARNING_RATE` (1e-2, the bias) where `q_head_learning_rate` /
             `q_head_bias_learning_rate` are unset (`make demo`'s values). Cannot combine with a model that has
-            adapters (`peft_config`) or with `q_weight=0`.
+            adapters (`peft_config`), except the adapter of `q_head_type="adapter"` (the Q network: it keeps
+            training), or with `q_weight=0`. The context heads (`"adapter"`, `"q_model"`) train this way whatever
+            this field says (no LM loss, the policy frozen in eval mode); set it for its learning rates.
         value_chunk_size (`int`, *optional*, defaults to `256`):
             Positions per chunk wherever the loss takes a product over the vocabulary (the LM log-softmax of `L_LM` and
             its gradient, `V(s)`, the reference log-probs): bounds those buffers to a few `value_chunk_size * |V|`

@@ -133,12 +133,18 @@ class QHeadTrainer(Trainer):
             model_init_kwargs = {}
         model = self._build_model(model, peft_config, **model_init_kwargs)
         if args.q_head_only:  # the policy stays the base model exactly: only the Q head's parameters train
-            if model.is_peft_model:
+            own = model.q_head.q_network_parameters(model.pretrained_model)  # a context head's adapter is its own
+            if model.is_peft_model and not own:
                 raise ValueError(
                     "`q_head_only=True` trains the Q head alone on the frozen policy, but the model has adapters "
                     "(`peft_config`): drop them, or set `q_head_only=False` to train them with the LM loss."
                 )
-            model.pretrained_model.requires_grad_(False)
+            for parameter in model.pretrained_model.parameters():
+                if id(parameter) not in own:
+                    parameter.requires_grad_(False)
+        # A context head trains its own network on the Q loss alone, whatever the config says: the LM loss cannot
+        # reach the frozen policy (`check_training`), and the policy computes its states as at decode time.
+        self.q_head_only = args.q_head_only or model.q_head.leaves_policy_frozen
 
         if processing_class is None:
             if not model_id:
@@ -290,7 +296,7 @@ class QHeadTrainer(Trainer):
         state `s_t` and, where `action_mask` is set, the action `a_t = x_{t+1}`.
         """
         args: QHeadConfig = self.args
-        if args.q_head_only and model.training:
+        if self.q_head_only and model.training:
             # Trainer.training_step has just put the whole model in train mode; the frozen policy must compute the
             # features the head will read at decode time (no dropout), or the head learns from noised states.
             self.accelerator.unwrap_model(model).pretrained_model.eval()
@@ -376,7 +382,7 @@ class QHeadTrainer(Trainer):
             num_items=num_items_in_batch,
             target_beta=args.target_beta if soft else None,
             candidate_weight=args.candidate_weight,
-            lm_loss=not args.q_head_only,
+            lm_loss=not self.q_head_only,
             **candidates,
         )
         if not torch.isfinite(loss):  # one sync per micro-batch: a NaN or inf must not reach the weights

@@ -76,12 +76,16 @@ def test_lm_loss_reaches_nothing_and_q_loss_reaches_the_adapter():
     assert any("lora_" in n for n in reached) and any(n.startswith("q_head.output") for n in reached)
 
 
-@pytest.mark.parametrize("labels", ["effects", "mc"])
-def test_training_leaves_the_policy_bit_identical(tmp_path, gpt2_tokenizer, labels):
+@pytest.mark.parametrize(("labels", "head_only"), [("effects", False), ("mc", False), ("effects", True)])
+def test_training_leaves_the_policy_bit_identical(tmp_path, gpt2_tokenizer, labels, head_only):
+    """`q_head_only=True` is the same switch for an adapter head: its adapter is the Q network, so it keeps training
+    (not refused as a policy adapter would be)."""
     model = adapter_model(trained=False)
     policy_before = {k: v for k, v in snapshot(model.pretrained_model).items() if "lora_" not in k}
     q_before = {k: v for k, v in snapshot(model).items() if "lora_" in k or k.startswith("q_head.")}
-    train(model, gpt2_tokenizer, tmp_path, effect_rows(mc=labels == "mc"))
+    overrides = {"q_head_only": True, "q_head_learning_rate": 1e-2} if head_only else {}
+    trainer = train(model, gpt2_tokenizer, tmp_path, effect_rows(mc=labels == "mc"), **overrides)
+    assert trainer.q_head_only  # a context head trains on the Q loss alone whatever the config says
     after = model.pretrained_model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in policy_before.items())
     now = model.state_dict()

@@ -86,7 +86,14 @@ def test_training_leaves_the_policy_bit_identical(tmp_path, gpt2_tokenizer, labe
     model = q_model_model(trained=False)
     policy_before = snapshot(model.pretrained_model)
     q_before = snapshot(model.q_head)
-    train(model, gpt2_tokenizer, tmp_path, effect_rows(mc=labels == "mc"), **targets)
+    trainer = train(model, gpt2_tokenizer, tmp_path, effect_rows(mc=labels == "mc"), logging_steps=1, **targets)
+    logged = [e for e in trainer.state.log_history if "loss_q" in e]
+    # no LM loss: the step's loss is q_weight * L_Q alone (the policy's L_LM, ~log |V| here, is logged, not added)
+    cw = trainer.args.candidate_weight
+    for e in logged:
+        l_q = e["loss_q"] + cw * e.get("loss_candidates", 0.0) * e.get("candidates_per_action", 0.0)
+        assert e["loss"] == pytest.approx(trainer.args.q_weight * l_q, rel=1e-3, abs=1e-6)
+    assert logged and all(e["loss_lm"] > 1.0 for e in logged)
     after = model.pretrained_model.state_dict()
     assert all(torch.equal(v, after[k]) for k, v in policy_before.items())
     now = model.q_head.state_dict()

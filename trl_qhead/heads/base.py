@@ -98,6 +98,9 @@ class QHead(nn.Module):
     formula: ClassVar[str] = "`Q(s, a)` from the policy's final hidden state `h_s`"
     # What a checkpoint of another shape was saved from, in load errors ("... saved from a model with another ...").
     shape_source: ClassVar[str] = "vocabulary or hidden size"
+    # True for a head with its own network that trains on the Q loss alone: the trainer then leaves `L_LM` out and
+    # keeps the frozen policy in eval mode, as `QHeadConfig(q_head_only=True)` does.
+    leaves_policy_frozen: ClassVar[bool] = False
 
     def __init__(self, hidden_size: int, vocab_size: int):
         super().__init__()
@@ -161,6 +164,11 @@ class QHead(nn.Module):
     def load_saved_tensors(self, state: dict[str, torch.Tensor]) -> None:
         """Load what `saved_tensors` wrote (checked against its names and shapes already). Default: the state dict."""
         self.load_state_dict(state)
+
+    def q_network_parameters(self, backbone: nn.Module) -> set[int]:
+        """The ids of the backbone's parameters that belong to the head's own network (trained by the Q loss, kept
+        trainable by `q_head_only`). Default: none."""
+        return set()
 
     def check_training(self, backbone: nn.Module) -> None:
         """Raise a `ValueError` before training when the backbone's trainable parameters cannot go with this head (a

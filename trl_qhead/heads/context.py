@@ -50,6 +50,7 @@ class ContextQHead(QHead):
     """
 
     q_head_type: ClassVar[str] = ""
+    leaves_policy_frozen: ClassVar[bool] = True
 
     def __init__(
         self, hidden_size: int, vocab_size: int, *, output: str = "tied", rank: int | None = None, device=None
@@ -124,10 +125,6 @@ class ContextQHead(QHead):
     @classmethod
     def options_from_config(cls, config: dict) -> dict:
         return {"output": config.get("q_head_output", "tied")}
-
-    def q_network_parameters(self, backbone: nn.Module) -> set[int]:
-        """The ids of the backbone's parameters that belong to the Q network (trained by the Q loss). Default: none."""
-        return set()
 
     def check_training(self, backbone: nn.Module) -> None:
         """The policy must stay the base model: no parameter of it, outside the Q network, may train (the LM loss would
