@@ -14,7 +14,9 @@ Rows:
   beta) of its own top-k2 next tokens: what two-step labels (`--candidate_lookahead`) teach, computed exactly;
 - one tilted curve per configuration `LABELS/TARGET/HEAD` (`--configs`): labels `mc` (one Monte Carlo label per
   sampled action) or `candidates` (also the top-`--candidate_k` candidates of every state), target `mean` or `soft`
-  (`QHeadConfig.q_target`, `--target_beta`), head `dense` or `tied`; `effects` are candidate labels without the
+  (`QHeadConfig.q_target`, `--target_beta`), head `dense` or `tied` (on the frozen final state), `adapter` (a LoRA
+  adapter on the policy's top `--q_lora_layers` blocks, on only for Q) or `q_model` (a separate Q model, the
+  policy's first `--q_model_layers` blocks, trained fully) (docs/context_heads.md); `effects` are candidate labels without the
   returns (`QHeadConfig(q_labels="effects")`), so every label is an immediate effect relative to the sampled token,
   `r'(s, a) - r'(s, a_t)`, and the sampled token sits at 0: a learned one-step head, the trained counterpart of the
   oracle, free of the noise the sampled return adds to every label of a state; each trained on the first `scale x
@@ -39,6 +41,7 @@ import json
 import math
 import sys
 import time
+from argparse import Namespace
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -55,7 +58,8 @@ else:
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from transformers import set_seed  # noqa: E402
+from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from trl_qhead.candidates import LabelCost  # noqa: E402
 from trl_qhead.decoding import QTiltLogitsProcessor, RewardLookahead  # noqa: E402
@@ -80,7 +84,7 @@ DEFAULT_CONFIGS = (
     "candidates/mean/tied",
     "candidates/soft/tied",
 )
-LABELS, TARGETS, HEADS = common.LABELS, ("mean", "soft"), ("dense", "tied")
+LABELS, TARGETS, HEADS = common.LABELS, ("mean", "soft"), ("dense", "tied", "adapter", "q_model")
 KL_RANGE = (0.2, 1.5)
 
 
@@ -117,6 +121,29 @@ def parse_args(argv: Sequence[str] | None = None):
         nargs="+",
         default=[1.0],
         help="data sizes in units of --num_generations completions per prompt (0.25: a quarter of them)",
+    )
+    p.add_argument(
+        "--q_lora_r", type=common.int_at_least(1), default=16, help="the adapter head's LoRA rank (HEAD adapter)"
+    )
+    p.add_argument(
+        "--q_lora_layers",
+        type=common.int_at_least(0),
+        default=15,
+        help="the adapter head's LoRA on the top N blocks (0: all; SmolLM2 has 30, and its request is read from "
+        "block 15 on: docs/DESIGN.md section 7)",
+    )
+    p.add_argument(
+        "--q_network_learning_rate",
+        type=float,
+        default=1e-4,
+        help="the adapter head's LoRA weights (HEAD adapter); a Q model's trunk trains at --q_learning_rate",
+    )
+    p.add_argument(
+        "--q_model_layers",
+        type=common.int_at_least(1),
+        default=10,
+        help="HEAD q_model: the Q model is the policy's first N blocks (with its final norm and LM head), a copy "
+        "trained fully",
     )
     p.add_argument("--oracle_k", type=int, default=20, help="top-k of the one-step oracle row (0: no oracle row)")
     p.add_argument(
@@ -169,6 +196,26 @@ def task_of(args) -> tuple[list[str], list[str], object]:
     prompts = tasks.load_prompts(args.prompts_file)
     train, held_out = tasks.split_prompts(prompts, args.n_train_prompts, args.n_eval_prompts, args.seed)
     return train, held_out, tasks.resolve_reward(args.reward)
+
+
+def load_head_model(args, head: str):
+    """The tokenizer and the pretrained policy with a fresh `head` Q head: `adapter` (LoRA r `--q_lora_r` on the top
+    `--q_lora_layers` blocks, the Q network), `q_model` (the policy's first `--q_model_layers` blocks as a Q model of
+    its own), or `dense` / `tied` on the frozen final state."""
+    if head == "adapter":
+        return common.load_model(args.model, args.q_lora_r, args.q_lora_layers, q_head_type="adapter")
+    if head == "q_model":
+        # from_pretrained reads the first N blocks' weights and reports the others as unused: that is the point
+        verbosity = transformers_logging.get_verbosity()
+        transformers_logging.set_verbosity_error()
+        try:
+            small = AutoModelForCausalLM.from_pretrained(
+                common.model_path(args.model), num_hidden_layers=args.q_model_layers
+            )
+        finally:
+            transformers_logging.set_verbosity(verbosity)
+        return common.load_model(args.model, 0, 0, q_head_type="q_model", q_head_options={"q_model": small})
+    return common.load_model(args.model, 0, 0, q_head_type=head)
 
 
 def tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method: str, beta: float, make_processor):
@@ -239,10 +286,14 @@ def run(args) -> dict:
         method += f" n{count}" if len(counts) > 1 else ""
         print(f"[{method}] training on {used} completions for each of {count} prompts", flush=True)
         set_seed(args.seed)
-        model, tokenizer = common.load_model(args.model, 0, 0, q_head_type=head)
+        model, tokenizer = load_head_model(args, head)
         t0 = time.perf_counter()
         rows_used = subset(scored, per_prompt, used, labels, count)
-        log = common.train_from_args(model, tokenizer, rows_used, args, q_target=target, labels=labels)
+        # the adapter's LoRA weights train at `learning_rate`: the Q network's rate, not a policy adapter's
+        train_args = Namespace(**{**vars(args), "learning_rate": args.q_network_learning_rate})
+        log = common.train_from_args(
+            model, tokenizer, rows_used, train_args if head == "adapter" else args, q_target=target, labels=labels
+        )
         train_seconds = time.perf_counter() - t0
         model.eval()
         for beta in args.betas:

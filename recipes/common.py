@@ -129,7 +129,7 @@ def train_qhead(
         q_target=q_target,
         target_beta=target_beta if q_target == "soft" else None,
         q_labels="effects" if labels == "effects" else "returns",
-        q_head_only=not model.is_peft_model,
+        q_head_only=not model.is_peft_model or model.q_head.leaves_policy_frozen,
         num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
         learning_rate=lr,
@@ -184,20 +184,29 @@ def train_from_args(
 # ---- the run ----------------------------------------------------------------------------------------------------------
 
 
-def load_model(
-    name: str, lora_r: int, lora_layers: int, dtype: torch.dtype = torch.float32, q_head_type: str = "dense"
-):
-    """The tokenizer and an `AutoModelForCausalLMWithQHead` (a `q_head_type` Q head) with LoRA adapters on the top
-    `lora_layers` blocks (all of them when 0; no adapters when `lora_r` is 0)."""
-    if name == "smollm2":
-        if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
-            from .offline_assets import smollm2_dir
-        else:
-            from recipes.offline_assets import smollm2_dir
-
-        path = str(smollm2_dir())
+def model_path(name: str) -> str:
+    """`'smollm2'`: the offline SmolLM2 folder (converted from PyPI); any other name as given."""
+    if name != "smollm2":
+        return name
+    if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
+        from .offline_assets import smollm2_dir
     else:
-        path = name
+        from recipes.offline_assets import smollm2_dir
+    return str(smollm2_dir())
+
+
+def load_model(
+    name: str,
+    lora_r: int,
+    lora_layers: int,
+    dtype: torch.dtype = torch.float32,
+    q_head_type: str = "dense",
+    q_head_options: dict | None = None,
+):
+    """The tokenizer and an `AutoModelForCausalLMWithQHead` (a `q_head_type` Q head, built with `q_head_options`)
+    with LoRA adapters on the top `lora_layers` blocks (all of them when 0; no adapters when `lora_r` is 0; with
+    `q_head_type="adapter"` they are the Q network)."""
+    path = model_path(name)
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -224,7 +233,7 @@ def load_model(
             task_type="CAUSAL_LM",
         )
     model = AutoModelForCausalLMWithQHead.from_pretrained(
-        path, peft_config=peft_config, dtype=dtype, q_head_type=q_head_type
+        path, peft_config=peft_config, dtype=dtype, q_head_type=q_head_type, q_head_options=q_head_options
     )
     return model, tokenizer
 
