@@ -57,7 +57,7 @@ else:
     from recipes import common, tasks
 
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
+from datasets import Dataset, load_from_disk  # noqa: E402
 from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
@@ -145,6 +145,12 @@ def parse_args(argv: Sequence[str] | None = None):
         help="HEAD q_model: the Q model is the policy's first N blocks (with its final norm and LM head), a copy "
         "trained fully",
     )
+    p.add_argument(
+        "--training_data",
+        default=None,
+        help="a `training_data` folder an earlier run wrote (same task, prompts, seed, completions and labels): "
+        "train on it instead of sampling and labelling again; default: sample, and save to OUTPUT_DIR/training_data",
+    )
     p.add_argument("--oracle_k", type=int, default=20, help="top-k of the one-step oracle row (0: no oracle row)")
     p.add_argument(
         "--oracle_lookahead",
@@ -198,6 +204,22 @@ def task_of(args) -> tuple[list[str], list[str], object]:
     return train, held_out, tasks.resolve_reward(args.reward)
 
 
+def load_training_data(path: str, prompts: list[str], per_prompt: int, candidates: bool) -> tuple[Dataset, None]:
+    """The scored rows an earlier run saved, checked against this run's prompts (in order), completions per prompt
+    and labels; `(rows, None)`: their labelling cost was the earlier run's."""
+    scored = load_from_disk(path)
+    expected = [p for p in prompts for _ in range(per_prompt)]
+    if list(scored["prompt"]) != expected:
+        raise ValueError(
+            f"`--training_data` {path} holds {len(scored)} rows whose prompts are not this run's {len(prompts)} "
+            f"training prompts x {per_prompt} completions: sample it with the same --task/--prompts_file, --seed, "
+            "--n_train_prompts (or --prompt_counts), --num_generations and --scales."
+        )
+    if candidates and "candidate_ids" not in scored.column_names:
+        raise ValueError(f"`--training_data` {path} has no candidate labels, which these --configs need.")
+    return scored, None
+
+
 def load_head_model(args, head: str):
     """The tokenizer and the pretrained policy with a fresh `head` Q head: `adapter` (LoRA r `--q_lora_r` on the top
     `--q_lora_layers` blocks, the Q network), `q_model` (the policy's first `--q_model_layers` blocks as a Q model of
@@ -243,9 +265,13 @@ def run(args) -> dict:
 
     print(f"[data] {per_prompt} completions for each of {len(train_prompts)} training prompts", flush=True)
     t0 = time.perf_counter()
-    scored, labelling_cost = common.sample_training_data(
-        model, tokenizer, train_prompts, reward_fn, args, per_prompt, candidates=with_candidates
-    )
+    if args.training_data:
+        scored, labelling_cost = load_training_data(args.training_data, train_prompts, per_prompt, with_candidates)
+    else:
+        scored, labelling_cost = common.sample_training_data(
+            model, tokenizer, train_prompts, reward_fn, args, per_prompt, candidates=with_candidates
+        )
+        scored.save_to_disk(str(out_dir / "training_data"))
     data_seconds = time.perf_counter() - t0
 
     print(f"[base] {args.eval_samples} samples for each of {len(eval_prompts)} held-out prompts", flush=True)

@@ -5,6 +5,7 @@ import json
 import sys
 
 import pytest
+import torch
 from datasets import Dataset
 
 from recipes import benchmark_frontier as frontier
@@ -90,3 +91,49 @@ def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_token
     assert 0 < one_step["texts_requested"] < two_step["texts_requested"]  # k + 1 texts per step, then k k2 more
     assert results["labelling_cost"]["states_labelled"] > 0
     assert (out / "frontier.png").stat().st_size > 0
+
+
+def test_context_heads_are_configurations(tmp_path, gpt2_tokenizer):
+    """HEAD `adapter` (LoRA on the top --q_lora_layers blocks, the Q network) and `q_model` (the policy's first
+    --q_model_layers blocks as a Q model): built as asked, trained and decoded beside the others."""
+    model_dir = tmp_path / "tiny-gpt2"
+    make_tiny_gpt2().save_pretrained(model_dir)
+    gpt2_tokenizer.save_pretrained(model_dir)
+    args = frontier.parse_args(["--model", str(model_dir), "--q_lora_layers", "1", "--q_model_layers", "1"])
+    adapter, _ = frontier.load_head_model(args, "adapter")
+    adapted = {n.split(".h.")[1].split(".")[0] for n, _ in adapter.named_parameters() if "lora_" in n}
+    assert adapter.q_head_type == "adapter" and adapted == {str(adapter.config.n_layer - 1)}  # the top block only
+    q_model, _ = frontier.load_head_model(args, "q_model")
+    small = q_model.q_head.q_network()
+    assert q_model.q_head_type == "q_model" and len(small.transformer.h) == 1 < q_model.config.n_layer
+    policy_first = q_model.pretrained_model.transformer.h[0].attn.c_attn.weight
+    assert torch.equal(small.transformer.h[0].attn.c_attn.weight, policy_first)  # a copy of the first block
+    assert small.transformer.h[0].attn.c_attn.weight is not policy_first  # trained apart from the frozen policy
+    for bad in (["--q_lora_r", "0"], ["--q_model_layers", "0"]):
+        with pytest.raises(SystemExit):
+            frontier.parse_args(bad)
+
+    out = tmp_path / "out"
+    frontier.main(  # in this process: the script's own run is the test above
+        [
+            "--model", str(model_dir), "--output_dir", str(out),
+            "--n_train_prompts", "2", "--n_eval_prompts", "2", "--num_generations", "2", "--max_new_tokens", "3",
+            "--epochs", "1", "--train_batch_size", "4", "--tilted_samples", "1", "--betas", "1.0",
+            "--gen_batch_size", "16", "--threads", "1", "--candidate_k", "2", "--oracle_k", "0",
+            "--q_lora_layers", "1", "--q_model_layers", "1", "--configs", "effects/mean/adapter", "mc/mean/q_model",
+        ]
+    )  # fmt: skip
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["method"]: r for r in results["runs"]}
+    assert {"effects/mean/adapter", "mc/mean/q_model"} <= set(runs)
+    assert all(runs[m]["train_seconds"] > 0 and runs[m]["final_loss_q"] is not None for m in runs if "/" in m)
+    tilted = [row for row in results["rows"] if row["method"] in runs and "/" in row["method"]]
+    assert len(tilted) == 2 and all(row["n"] == 2 for row in tilted)
+    # the training data is saved, and a later run may train on it instead of sampling again (checked first)
+    split = ["--model", str(model_dir), "--n_train_prompts", "2", "--n_eval_prompts", "2"]
+    prompts, _, _ = frontier.task_of(frontier.parse_args(split))
+    saved, cost = frontier.load_training_data(str(out / "training_data"), prompts, 2, candidates=True)
+    assert len(saved) == 4 and cost is None and "candidate_ids" in saved.column_names
+    with pytest.raises(ValueError, match="not this run's 3 training prompts x 2"):
+        frontier.main(["--model", str(model_dir), "--n_train_prompts", "3", "--n_eval_prompts", "2", "--num_generations", "2",
+                       "--training_data", str(out / "training_data"), "--output_dir", str(tmp_path / "again")])  # fmt: skip
