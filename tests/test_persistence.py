@@ -3,6 +3,7 @@ truncated tensor file is an error naming it), Hub resolution, and the trainer's 
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from trl_qhead.persistence import (
     CHECKPOINT_COMPLETE_NAME,
     Q_HEAD_CONFIG_NAME,
     Q_HEAD_WEIGHTS_NAME,
+    check_model_source,
     checkpoint_problem,
     last_complete_checkpoint,
     mark_checkpoint_complete,
@@ -123,3 +125,14 @@ def test_checkpoint_markers(tmp_path):
         last_complete_checkpoint(out)
     (out / "checkpoint-2" / CHECKPOINT_COMPLETE_NAME).write_text("{")
     assert "damaged" in checkpoint_problem(out / "checkpoint-2")
+
+
+@pytest.mark.parametrize("missing", ["/no/such/model", "./no-such-model", "~/no-such-model", "no such model"])
+def test_from_pretrained_names_a_missing_folder(tmp_path, missing):
+    """A path that does not exist is named as such before anything loads (not sent to the Hub, whose "Repo id must be
+    in the form" names neither the path nor the problem); repo ids and folders pass."""
+    with pytest.raises(FileNotFoundError, match=f"{re.escape(repr(missing))}: no such folder"):
+        AutoModelForCausalLMWithQHead.from_pretrained(missing)
+    check_model_source(str(tmp_path))
+    check_model_source("gpt2")
+    check_model_source("HuggingFaceTB/SmolLM2-135M")

@@ -57,23 +57,16 @@ def _resolve_config(argv: list[str]) -> list[str]:
 
 
 def check_model_source(name: str | None, flag: str = "--model_name_or_path") -> None:
-    """A SystemExit naming the flag unless `name` is an existing folder or has the form of a Hub repo id (`name` or
-    `owner/name`): a path that does not exist would otherwise reach the Hub as a malformed repo id."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
+    """A SystemExit naming the flag unless `name` is an existing folder or has the form of a Hub repo id
+    (`persistence.check_model_source`)."""
+    from . import persistence  # here: `trl-qhead --help` imports no torch
 
     if not name:
         raise SystemExit(f"`{flag}` is required: a saved model's folder or a Hub repo id.")
-    if os.path.isdir(name):
-        return
-    looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
     try:
-        validate_repo_id(name)
-    except HFValidationError:
-        looks_like_path = True
-    if looks_like_path:
-        raise SystemExit(
-            f"`{flag}` {name!r}: no such folder (and not a Hub repo id, which has the form 'name' or 'owner/name')."
-        )
+        persistence.check_model_source(name)
+    except FileNotFoundError as error:
+        raise SystemExit(f"`{flag}` {error}") from None
 
 
 def train(argv: Sequence[str]):

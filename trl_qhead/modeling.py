@@ -38,6 +38,7 @@ from .hub import HUB_KWARGS, PUSH_KWARGS, qhead_model_card, resolve_file, upload
 from .persistence import (
     Q_HEAD_CONFIG_NAME,
     Q_HEAD_WEIGHTS_NAME,
+    check_model_source,
     read_backbone_tensors,
     read_q_head_config,
     read_q_head_tensors,
@@ -637,6 +638,8 @@ class AutoModelForCausalLMWithQHead(nn.Module):
             check_q_head_type(q_head_type)
         # Checked before anything loads: a folder (or Hub repo) with half a Q head is an interrupted save, not a plain
         # model; its saved type and rank are the defaults.
+        if isinstance(path, (str, os.PathLike)):
+            check_model_source(path)  # a missing folder is named as such, not sent to the Hub as a repo id
         q_folder, q_config = resolve_q_head(path, kwargs) if isinstance(path, (str, os.PathLike)) else (None, None)
         if q_config:
             saved_type, saved_rank = q_config.get("q_head_type", DEFAULT_Q_HEAD_TYPE), q_config.get("q_head_rank")

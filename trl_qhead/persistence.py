@@ -162,6 +162,26 @@ def read_q_head_config(directory: str | os.PathLike) -> dict | None:
     return config
 
 
+def check_model_source(name: str | os.PathLike) -> None:
+    """A `FileNotFoundError` naming `name` unless it is an existing folder or has the form of a Hub repo id (`name` or
+    `owner/name`): a path that does not exist would otherwise reach the Hub as a malformed repo id ("Repo id must be
+    in the form ..."), which names neither the path nor what is wrong with it."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    name = os.fspath(name)
+    if os.path.isdir(name):
+        return
+    looks_like_path = os.path.isabs(name) or name.startswith((".", "~")) or os.path.exists(name)
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        looks_like_path = True
+    if looks_like_path:
+        raise FileNotFoundError(
+            f"{name!r}: no such folder (and not a Hub repo id, which has the form 'name' or 'owner/name')."
+        )
+
+
 def resolve_q_head(path_or_repo_id: str | os.PathLike, kwargs: dict) -> tuple[str | None, dict | None]:
     """`(folder, q_head_config)` of the Q head saved in a local folder or a Hub repo, or `(None, None)` when it has
     none (a plain causal LM: a fresh head). A repo's `q_head.safetensors`, `q_head_config.json` and every file that
