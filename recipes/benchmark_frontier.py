@@ -43,6 +43,7 @@ import sys
 import time
 from argparse import Namespace
 from collections.abc import Sequence
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -66,6 +67,7 @@ from trl_qhead.decoding import QTiltLogitsProcessor, RewardLookahead  # noqa: E4
 from trl_qhead.evaluation import (  # noqa: E402
     KL_OPTIMAL,
     base_and_best_of_n_rows,
+    bootstrap_gain_ratio,
     frontier_comparison,
     frontier_json,
     kl_optimal_rows,
@@ -246,7 +248,12 @@ def tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method: str, 
         model, tokenizer, eval_prompts, reward_fn, args, tilt=make_processor, desc=f"{method} beta={beta:g}"
     )
     score_likelihood(samples, model.pretrained_model, tokenizer.pad_token_id)
-    return tilted_row(samples, beta, method)
+    return tilted_row(samples, beta, method), samples
+
+
+def interval_of(base, tilted: dict) -> dict:
+    """The mean gain ratio's 95% bootstrap interval over prompts (`evaluation.bootstrap_gain_ratio`)."""
+    return asdict(bootstrap_gain_ratio(base, tilted, kl_range=KL_RANGE))
 
 
 def run(args) -> dict:
@@ -288,6 +295,7 @@ def run(args) -> dict:
             method = f"oracle one-step (top-{args.oracle_k})"
         t0 = time.perf_counter()
         cost = LabelCost()
+        tilted = {}
         for beta in args.betas:
             source = RewardLookahead(
                 model,
@@ -298,9 +306,19 @@ def run(args) -> dict:
                 beta=beta if lookahead else None,
             )
             tilt = partial(QTiltLogitsProcessor, source, beta=beta)
-            rows.append(tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt))
+            row, tilted[f"beta={beta:g}"] = tilted_row_of(
+                model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt
+            )
+            rows.append(row)
             cost.add(source.cost)
-        runs.append({"method": method, "seconds": time.perf_counter() - t0, "reward_cost": cost.as_dict()})
+        runs.append(
+            {
+                "method": method,
+                "seconds": time.perf_counter() - t0,
+                "reward_cost": cost.as_dict(),
+                "interval": interval_of(base, tilted),
+            }
+        )
         results = report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
 
     # smallest data first: a long run that stops early has compared every configuration
@@ -322,9 +340,13 @@ def run(args) -> dict:
         )
         train_seconds = time.perf_counter() - t0
         model.eval()
+        tilted = {}
         for beta in args.betas:
             tilt = partial(QTiltLogitsProcessor, model, beta=beta)
-            rows.append(tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt))
+            row, tilted[f"beta={beta:g}"] = tilted_row_of(
+                model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt
+            )
+            rows.append(row)
         runs.append(
             {
                 "method": method,
@@ -332,6 +354,7 @@ def run(args) -> dict:
                 "prompts": count,
                 "train_seconds": train_seconds,
                 "final_loss_q": next((e["loss_q"] for e in reversed(log) if "loss_q" in e), None),
+                "interval": interval_of(base, tilted),
             }
         )
         results = report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
@@ -359,8 +382,8 @@ def report(rows, runs, data_seconds, labelling_cost, began, out_dir: Path, args)
 
 def write_outputs(results: dict, rows, out_dir: Path, args) -> None:
     summary = [
-        "| method | mean gain ratio, KL in [0.2, 1.5] | train s | gain ratio per beta (KL) |",
-        "| --- | --- | --- | --- |",
+        "| method | mean gain ratio, KL in [0.2, 1.5] | 95% interval over prompts | train s | gain ratio per beta (KL) |",
+        "| --- | --- | --- | --- | --- |",
     ]
     for entry in results["runs"]:
         ratio = entry["mean_gain_ratio"]
@@ -370,9 +393,11 @@ def write_outputs(results: dict, rows, out_dir: Path, args) -> None:
             if c["method"] == entry["method"]
         )
         seconds = entry.get("train_seconds", entry.get("seconds", math.nan))
+        interval = entry.get("interval") or {}  # the KL-optimal ceiling has none: it is not sampled
+        bounds = "-" if interval.get("low") is None else f"{interval['low']:.2f}-{interval['high']:.2f}"
         summary.append(
-            f"| {entry['method']} | {'none in range' if ratio is None else format(ratio, '.2f')} | {seconds:.0f} "
-            f"| {per_beta} |"
+            f"| {entry['method']} | {'none in range' if ratio is None else format(ratio, '.2f')} | {bounds} "
+            f"| {seconds:.0f} | {per_beta} |"
         )
     md = (
         f"# Frontier: {args.model}, {args.n_eval_prompts} held-out prompts\n\n"

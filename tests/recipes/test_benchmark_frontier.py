@@ -91,6 +91,10 @@ def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_token
     assert 0 < one_step["texts_requested"] < two_step["texts_requested"]  # k + 1 texts per step, then k k2 more
     assert results["labelling_cost"]["states_labelled"] > 0
     assert (out / "frontier.png").stat().st_size > 0
+    for entry in results["runs"][1:]:  # every sampled method's ratio with its bootstrap interval over prompts
+        interval = entry["interval"]
+        assert interval["estimate"] == entry["mean_gain_ratio"] and interval["n_boot"] == 1000
+        assert interval["estimate"] is None or interval["low"] <= interval["estimate"] <= interval["high"]
 
 
 def test_context_heads_are_configurations(tmp_path, gpt2_tokenizer):
