@@ -62,7 +62,7 @@ Usage (the tables of docs/benchmarks.md):
     python recipes/benchmark_training.py --threads 1 --batch_size 1 --seq_len 1024 --rounds 1 --rows a,b,e,lm
     python recipes/benchmark_training.py --threads 1 --batch_size 1 --seq_len 2048 --rounds 1 --rows a,b,e,lm
     python recipes/benchmark_training.py --threads 1 --gradient_checkpointing false --n_layer 6 --n_embd 384 \
-        --n_head 6 --seq_len 128 --rounds 3 --rows a,lm,b,lm-tied,b-tied,tied-only,adapter,q_model
+        --n_head 6 --seq_len 128 --steps 3 --warmup 1 --rounds 4 --rows a,lm,b,lm-tied,b-tied,tied-only,adapter,q_model
 Quick smoke run: `--n_layer 2 --n_embd 64 --n_head 2 --steps 2 --warmup 1 --rounds 1`.
 """
 
