@@ -14,6 +14,29 @@ same batch, precision, gradient checkpointing, optimizer and `max_grad_norm`):
 - `lm` (optional, not in the default rows): `L_LM` alone through trl-qhead's chunked LM loss, the Q head present but
   untrained: `b` against `lm` is the Q head's own cost, free of the difference between the two LM-loss kernels.
 
+Every row above uses the default (dense) Q head. The rows below, none in the default rows, cover the other head types
+(docs/heads.md, docs/context_heads.md), on the same model, data, batch and precision:
+
+- `lm-tied`: `lm` with the tied head (`q_head_type="tied"`) present but untrained (the baseline of `b-tied`). Its
+  baseline is `a`; it holds no dense head's `|V| x H` weights, so it is the plain LM step of trl-qhead's loss.
+- `b-tied`: `b` with the tied head: `L_LM + L_Q`, the policy and the head's `U` and bias training. Against `lm-tied`
+  it is the tied head's own training cost (an `H x H` product per position and a `|V|` bias; the same chunked LM
+  pass reads `V`), free of the kernels' difference and of any head's weights.
+- `tied-only`: the tied head trained alone on the frozen policy (`QHeadConfig(q_head_only=True)`, `make demo`'s
+  configuration): `L_Q` only, the policy in eval mode without gradient. Baseline `a`: instead of a Q head a user
+  would fine-tune the policy itself (SFT on its best samples), one LM training step of the same policy per batch.
+- `adapter`: the adapter head (`q_head_type="adapter"`): a LoRA adapter (r `--lora_r`, on every block's `c_attn`,
+  `c_proj`, `c_fc`) on the policy's trunk is the Q network, with the tied output on the adapted state; `q_head_only`,
+  the policy frozen (its log-probs run with the adapter off). Baseline `a`, as for `tied-only`. It trains without
+  gradient checkpointing whatever `--gradient_checkpointing` says (the head refuses it: the recomputed blocks would
+  run with the adapter off); compare it with rows run with `--gradient_checkpointing false`.
+- `q_model`: the Q-model head (`q_head_type="q_model"`): a separate GPT-2 of half the policy's depth and width
+  (`--q_model_layers`, `--q_model_embd`), random init, trained fully (trunk, embeddings and the tied output) on
+  `L_Q` alone; the policy frozen. Baseline `a`, as for `tied-only`.
+Context heads (`adapter`, `q_model`) always train on the Q loss alone with the policy frozen (`QHeadTrainer` sets
+`q_head_only` for them); the three frozen-policy rows set `q_head_only=True`, so they train at its default learning
+rates. Rewards are zero and returns Monte Carlo in every `QHeadTrainer` row.
+
 Timing: a `TrainerCallback` takes a timestamp at `on_step_begin` and `on_step_end` of every optimizer step (forward,
 backward, gradient clipping, optimizer step, zero-grad, the trainers' own metric bookkeeping; on CUDA after a
 synchronize). It also takes the process's CPU time over the same span (`cpu s/step`, all threads): on a CPU shared with
@@ -38,6 +61,8 @@ Usage (the tables of docs/benchmarks.md):
     python recipes/benchmark_training.py --threads 1 --dtype bf16 --rows a,b,c,e,lm,a-lora,d --json bench_bf16.json
     python recipes/benchmark_training.py --threads 1 --batch_size 1 --seq_len 1024 --rounds 1 --rows a,b,e,lm
     python recipes/benchmark_training.py --threads 1 --batch_size 1 --seq_len 2048 --rounds 1 --rows a,b,e,lm
+    python recipes/benchmark_training.py --threads 1 --gradient_checkpointing false --n_layer 6 --n_embd 384 \
+        --n_head 6 --seq_len 128 --steps 3 --warmup 1 --rounds 4 --rows a,lm,b,lm-tied,b-tied,tied-only,adapter,q_model
 Quick smoke run: `--n_layer 2 --n_embd 64 --n_head 2 --steps 2 --warmup 1 --rounds 1`.
 """
 
@@ -67,7 +92,7 @@ if REPO_ROOT not in sys.path:  # `python recipes/benchmark_training.py` from a c
 
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from peft import LoraConfig  # noqa: E402
+from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, TrainerCallback  # noqa: E402
 from trl import SFTConfig, SFTTrainer  # noqa: E402
 
@@ -85,7 +110,16 @@ ROWS = {
     "d": ("QHeadTrainer + LoRA, reference log-prob rewards", "a-lora"),
     "e": ("naive dense Q head (reference only)", "a"),
     "lm": ("trl-qhead chunked L_LM alone, Q head untrained", "a"),
+    "lm-tied": ("trl-qhead chunked L_LM alone, tied head untrained", "a"),
+    "b-tied": ("QHeadTrainer, tied head, Monte Carlo, zero rewards", "lm-tied"),
+    "tied-only": ("tied head alone on the frozen policy (q_head_only)", "a"),
+    "adapter": ("adapter head (LoRA on the trunk), Q loss alone, no checkpointing", "a"),
+    "q_model": ("q_model head (half-size GPT-2, fully trained), Q loss alone", "a"),
 }
+# The Q head type of each QHeadTrainer row (the rest use the default, dense).
+HEAD_TYPES = {"lm-tied": "tied", "b-tied": "tied", "tied-only": "tied", "adapter": "adapter", "q_model": "q_model"}
+# Rows that train the Q head alone on the frozen policy (`q_head_only=True`).
+Q_HEAD_ONLY_ROWS = ("tied-only", "adapter", "q_model")
 # How each row handles buffers that scale with T x |V| (what it allocates, by construction of its code path).
 LOGITS_BUFFERS = {
     "a": "chunked (TRL fused LM head)",
@@ -95,6 +129,11 @@ LOGITS_BUFFERS = {
     "d": "chunked",
     "e": "dense [B,T,V] logits and Q",
     "lm": "chunked",
+    "lm-tied": "chunked",
+    "b-tied": "chunked",
+    "tied-only": "chunked",
+    "adapter": "chunked",
+    "q_model": "chunked",
 }
 
 
@@ -271,6 +310,33 @@ def _lora_config(args) -> LoraConfig:
     )
 
 
+def _q_model(args) -> GPT2LMHeadModel:
+    """Row `q_model`'s Q model: a GPT-2 of half the policy's depth and width by default, random init (its own seed)."""
+    torch.manual_seed(args.seed + 1)
+    config = GPT2Config(
+        n_layer=args.q_model_layers or max(1, args.n_layer // 2),
+        n_embd=args.q_model_embd or args.n_embd // 2,
+        n_head=args.n_head,
+        n_positions=max(1024, args.seq_len),
+        vocab_size=50257,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def _q_head_model(row: str, args, backbone: GPT2LMHeadModel) -> AutoModelForCausalLMWithQHead:
+    """The policy with the row's Q head (see the module docstring)."""
+    head_type = HEAD_TYPES.get(row)
+    if head_type is None:
+        return AutoModelForCausalLMWithQHead(backbone)
+    if head_type == "adapter":  # the Q network is the trunk with this adapter on
+        return AutoModelForCausalLMWithQHead(get_peft_model(backbone, _lora_config(args)), q_head_type="adapter")
+    if head_type == "q_model":
+        return AutoModelForCausalLMWithQHead(
+            backbone, q_head_type="q_model", q_head_options={"q_model": _q_model(args)}
+        )
+    return AutoModelForCausalLMWithQHead(backbone, q_head_type=head_type)
+
+
 def _common_args(args, device: torch.device, output_dir: str, n_steps: int) -> dict:
     return {
         "output_dir": output_dir,
@@ -304,6 +370,8 @@ def run_row(row: str, args, dataset: Dataset, tokenizer, device: torch.device, m
     lora = row in ("a-lora", "d")
     with tempfile.TemporaryDirectory() as output_dir:
         common = _common_args(args, device, output_dir, n_steps)
+        if row == "adapter":  # the adapter head cannot train with activation checkpointing (module docstring)
+            common["gradient_checkpointing"] = False
         torch.manual_seed(args.seed)
         backbone = GPT2LMHeadModel(_model_config(args))  # the same random init for every row
         step_meter = StepMeter(meter, device)
@@ -311,14 +379,17 @@ def run_row(row: str, args, dataset: Dataset, tokenizer, device: torch.device, m
             trainer_cls, model = SFTTrainer, backbone
             config = SFTConfig(**common, packing=False, dataset_num_proc=None)
         else:
-            trainer_cls = {"e": DenseQHeadTrainer, "lm": LMOnlyTrainer}.get(row, QHeadTrainer)
-            model = AutoModelForCausalLMWithQHead(backbone)
+            trainer_cls = {"e": DenseQHeadTrainer, "lm": LMOnlyTrainer, "lm-tied": LMOnlyTrainer}.get(
+                row, QHeadTrainer
+            )
+            model = _q_head_model(row, args, backbone)
             config = QHeadConfig(
                 **common,
                 gamma=0.99,
                 q_weight=1.0,
                 gae_lambda=0.95 if row == "c" else None,
                 use_lm_rewards=row == "d",
+                q_head_only=row in Q_HEAD_ONLY_ROWS,
             )
         trainer = trainer_cls(
             model=model,
@@ -425,7 +496,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--n_layer", type=int, default=12)
     parser.add_argument("--n_embd", type=int, default=768)
     parser.add_argument("--n_head", type=int, default=12)
-    parser.add_argument("--lora_r", type=int, default=16)
+    parser.add_argument("--lora_r", type=int, default=16, help="rows a-lora, d and adapter.")
+    parser.add_argument("--q_model_layers", type=int, default=None, help="row q_model; default: half of --n_layer.")
+    parser.add_argument("--q_model_embd", type=int, default=None, help="row q_model; default: half of --n_embd.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice).")
     parser.add_argument("--json", default=None, help="write all figures and per-step times here.")

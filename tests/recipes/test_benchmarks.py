@@ -51,6 +51,45 @@ def test_training_benchmark_prints_and_writes_every_row(tmp_path):
     assert summary["e"]["logits_buffers"].startswith("dense") and summary["b"]["logits_buffers"] == "chunked"
 
 
+@pytest.mark.slow
+def test_training_benchmark_rows_for_every_head_type(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    rows = ["a", "lm-tied", "b-tied", "tied-only", "adapter", "q_model"]
+    out = tmp_path / "bench.json"
+    n_layer, hidden, vocab, lora_r = 2, 64, 50257, 4
+    stdout = _run(
+        "benchmark_training.py", "--n_layer", str(n_layer), "--n_embd", str(hidden), "--n_head", "2", "--steps", "2",
+        "--warmup", "1", "--rounds", "1", "--batch_size", "2", "--seq_len", "16", "--threads", "1",
+        "--lora_r", str(lora_r), "--rows", ",".join(rows), "--json", str(out),
+    )  # fmt: skip
+    summary = json.loads(out.read_text())["summary"]
+    assert list(summary) == rows
+    for row, entry in summary.items():
+        assert entry["n_steps_timed"] == 2, row
+        assert entry["seconds_per_step"] > 0 and entry["cpu_seconds_per_step"] > 0 and entry["peak_bytes"] > 0, row
+        base = summary[entry["baseline"]]
+        assert entry["time_ratio"] == pytest.approx(entry["seconds_per_step"] / base["seconds_per_step"]), row
+        assert entry["cpu_ratio"] == pytest.approx(entry["cpu_seconds_per_step"] / base["cpu_seconds_per_step"]), row
+        assert f"| {row} | {entry['description']} |" in stdout
+    # The tied head's own cost is read against the LM-only step with the same head; the frozen-policy rows against
+    # what a user would otherwise run, SFTTrainer's LM step on the same policy.
+    assert summary["b-tied"]["baseline"] == "lm-tied"
+    assert {summary[row]["baseline"] for row in ("lm-tied", "tied-only", "adapter", "q_model")} == {"a"}
+    # What trains in each row, counted independently: the tied head is U (H x H) and a |V| bias; with the policy
+    # trainable too in b-tied, alone in tied-only. The adapter adds LoRA A and B on every block's c_attn (H -> 3H),
+    # attn c_proj (H -> H), c_fc (H -> 4H) and mlp c_proj (4H -> H): r (in + out) each. The Q model trains fully.
+    tied_head = hidden * hidden + vocab
+    assert summary["b-tied"]["trainable_params"] == summary["a"]["trainable_params"] + tied_head
+    assert summary["lm-tied"]["trainable_params"] == summary["b-tied"]["trainable_params"]
+    assert summary["tied-only"]["trainable_params"] == tied_head
+    lora = n_layer * lora_r * (4 * hidden + 2 * hidden + 5 * hidden + 5 * hidden)
+    assert summary["adapter"]["trainable_params"] == lora + tied_head
+    small = GPT2LMHeadModel(GPT2Config(n_layer=n_layer // 2, n_embd=hidden // 2, n_head=2, vocab_size=vocab))
+    small_head = (hidden // 2) ** 2 + vocab
+    assert summary["q_model"]["trainable_params"] == sum(p.numel() for p in small.parameters()) + small_head
+
+
 def test_training_benchmark_rejects_a_row_without_its_baseline():
     done = _launch("benchmark_training.py", "--rows", "b,d", timeout=120)
     assert done.returncode != 0 and "add it to --rows" in done.stderr
