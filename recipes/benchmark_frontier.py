@@ -208,9 +208,12 @@ def task_of(args) -> tuple[list[str], list[str], object]:
 
 def load_training_data(path: str, prompts: list[str], per_prompt: int, candidates: bool) -> tuple[Dataset, None]:
     """The scored rows an earlier run saved, checked against this run's prompts (in order), completions per prompt
-    and labels; `(rows, None)`: their labelling cost was the earlier run's."""
+    and labels; `(rows, None)`: their labelling cost was the earlier run's. Data saved for more prompts of the same
+    list serves a run over its first ones (the task's prompts are a fixed list: the first N are the same at any N)."""
     scored = load_from_disk(path)
     expected = [p for p in prompts for _ in range(per_prompt)]
+    if len(scored) > len(expected):
+        scored = scored.select(range(len(expected)))
     if list(scored["prompt"]) != expected:
         raise ValueError(
             f"`--training_data` {path} holds {len(scored)} rows whose prompts are not this run's {len(prompts)} "

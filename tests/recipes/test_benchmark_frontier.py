@@ -138,6 +138,10 @@ def test_context_heads_are_configurations(tmp_path, gpt2_tokenizer):
     prompts, _, _ = frontier.task_of(frontier.parse_args(split))
     saved, cost = frontier.load_training_data(str(out / "training_data"), prompts, 2, candidates=True)
     assert len(saved) == 4 and cost is None and "candidate_ids" in saved.column_names
+    first, _ = frontier.load_training_data(str(out / "training_data"), prompts[:1], 2, candidates=True)
+    assert first.to_list() == saved.select([0, 1]).to_list()  # a run over the first prompt of the same list
+    with pytest.raises(ValueError, match="not this run's 1 training prompts x 2"):
+        frontier.load_training_data(str(out / "training_data"), prompts[1:], 2, candidates=True)
     with pytest.raises(ValueError, match="not this run's 3 training prompts x 2"):
         frontier.main(["--model", str(model_dir), "--n_train_prompts", "3", "--n_eval_prompts", "2", "--num_generations", "2",
                        "--training_data", str(out / "training_data"), "--output_dir", str(tmp_path / "again")])  # fmt: skip
