@@ -133,6 +133,9 @@ def test_from_pretrained_names_a_missing_folder(tmp_path, missing):
     in the form" names neither the path nor the problem); repo ids and folders pass."""
     with pytest.raises(FileNotFoundError, match=f"{re.escape(repr(missing))}: no such folder"):
         AutoModelForCausalLMWithQHead.from_pretrained(missing)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(FileNotFoundError, match="a file, not a model's folder"):
+        AutoModelForCausalLMWithQHead.from_pretrained(str(tmp_path / "model.safetensors"))
     check_model_source(str(tmp_path))
     check_model_source("gpt2")
     check_model_source("HuggingFaceTB/SmolLM2-135M")

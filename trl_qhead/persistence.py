@@ -177,8 +177,9 @@ def check_model_source(name: str | os.PathLike) -> None:
     except HFValidationError:
         looks_like_path = True
     if looks_like_path:
+        what = "a file, not a model's folder" if os.path.exists(name) else "no such folder"
         raise FileNotFoundError(
-            f"{name!r}: no such folder (and not a Hub repo id, which has the form 'name' or 'owner/name')."
+            f"{name!r}: {what} (and not a Hub repo id, which has the form 'name' or 'owner/name')."
         )
 
 
