@@ -245,18 +245,20 @@ def load_head_model(args, head: str):
     return common.load_model(args.model, 0, 0, q_head_type=head)
 
 
-def tilted_row_of(model, tokenizer, args, eval_prompts, reward_fn, method: str, beta: float, make_processor):
-    """One tilted row: `common.sample_scored` with the processor, the likelihood under the pretrained model."""
-    samples = common.sample_scored(
-        model, tokenizer, eval_prompts, reward_fn, args, tilt=make_processor, desc=f"{method} beta={beta:g}"
-    )
-    score_likelihood(samples, model.pretrained_model, tokenizer.pad_token_id)
-    return tilted_row(samples, beta, method), samples
-
-
-def interval_of(base, tilted: dict) -> dict:
-    """The mean gain ratio's 95% bootstrap interval over prompts (`evaluation.bootstrap_gain_ratio`)."""
-    return asdict(bootstrap_gain_ratio(base, tilted, kl_range=KL_RANGE))
+def tilted_rows(model, tokenizer, args, eval_prompts, reward_fn, base, method: str, source_of) -> tuple[list, dict]:
+    """One tilted row per beta of `args.betas`, sampled with `QTiltLogitsProcessor(source_of(beta), beta)`
+    (`common.sample_scored`, the likelihood under the pretrained model), and the method's mean gain ratio with its 95%
+    bootstrap interval over prompts (`evaluation.bootstrap_gain_ratio`)."""
+    rows, tilted = [], {}
+    for beta in args.betas:
+        tilt = partial(QTiltLogitsProcessor, source_of(beta), beta=beta)
+        samples = common.sample_scored(
+            model, tokenizer, eval_prompts, reward_fn, args, tilt=tilt, desc=f"{method} beta={beta:g}"
+        )
+        score_likelihood(samples, model.pretrained_model, tokenizer.pad_token_id)
+        rows.append(tilted_row(samples, beta, method))
+        tilted[f"beta={beta:g}"] = samples
+    return rows, asdict(bootstrap_gain_ratio(base, tilted, kl_range=KL_RANGE))
 
 
 def run(args) -> dict:
@@ -297,29 +299,32 @@ def run(args) -> dict:
         else:
             method = f"oracle one-step (top-{args.oracle_k})"
         t0 = time.perf_counter()
+        sources = []  # one per beta: each counts its own reward calls
+
+        def oracle(beta, lookahead=lookahead, sources=sources):
+            sources.append(
+                RewardLookahead(
+                    model,
+                    tokenizer,
+                    reward_fn,
+                    k=args.oracle_k,
+                    lookahead_k=lookahead or None,
+                    beta=beta if lookahead else None,
+                )
+            )
+            return sources[-1]
+
+        tilted, interval = tilted_rows(model, tokenizer, args, eval_prompts, reward_fn, base, method, oracle)
+        rows += tilted
         cost = LabelCost()
-        tilted = {}
-        for beta in args.betas:
-            source = RewardLookahead(
-                model,
-                tokenizer,
-                reward_fn,
-                k=args.oracle_k,
-                lookahead_k=lookahead or None,
-                beta=beta if lookahead else None,
-            )
-            tilt = partial(QTiltLogitsProcessor, source, beta=beta)
-            row, tilted[f"beta={beta:g}"] = tilted_row_of(
-                model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt
-            )
-            rows.append(row)
+        for source in sources:
             cost.add(source.cost)
         runs.append(
             {
                 "method": method,
                 "seconds": time.perf_counter() - t0,
                 "reward_cost": cost.as_dict(),
-                "interval": interval_of(base, tilted),
+                "interval": interval,
             }
         )
         results = report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
@@ -336,20 +341,18 @@ def run(args) -> dict:
         model, tokenizer = load_head_model(args, head)
         t0 = time.perf_counter()
         rows_used = subset(scored, per_prompt, used, labels, count)
-        # the adapter's LoRA weights train at `learning_rate`: the Q network's rate, not a policy adapter's
-        train_args = Namespace(**{**vars(args), "learning_rate": args.q_network_learning_rate})
-        log = common.train_from_args(
-            model, tokenizer, rows_used, train_args if head == "adapter" else args, q_target=target, labels=labels
-        )
+        train_args = args
+        if (
+            head == "adapter"
+        ):  # its LoRA weights train at `learning_rate`: the Q network's rate, not a policy adapter's
+            train_args = Namespace(**{**vars(args), "learning_rate": args.q_network_learning_rate})
+        log = common.train_from_args(model, tokenizer, rows_used, train_args, q_target=target, labels=labels)
         train_seconds = time.perf_counter() - t0
         model.eval()
-        tilted = {}
-        for beta in args.betas:
-            tilt = partial(QTiltLogitsProcessor, model, beta=beta)
-            row, tilted[f"beta={beta:g}"] = tilted_row_of(
-                model, tokenizer, args, eval_prompts, reward_fn, method, beta, tilt
-            )
-            rows.append(row)
+        tilted, interval = tilted_rows(
+            model, tokenizer, args, eval_prompts, reward_fn, base, method, lambda beta, model=model: model
+        )
+        rows += tilted
         runs.append(
             {
                 "method": method,
@@ -357,7 +360,7 @@ def run(args) -> dict:
                 "prompts": count,
                 "train_seconds": train_seconds,
                 "final_loss_q": next((e["loss_q"] for e in reversed(log) if "loss_q" in e), None),
-                "interval": interval_of(base, tilted),
+                "interval": interval,
             }
         )
         results = report(rows, runs, data_seconds, labelling_cost, began, out_dir, args)
