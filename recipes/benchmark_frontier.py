@@ -59,7 +59,7 @@ else:
 
 import torch  # noqa: E402
 from datasets import Dataset, load_from_disk  # noqa: E402
-from transformers import AutoModelForCausalLM, set_seed  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM, set_seed  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
 from trl_qhead.candidates import LabelCost  # noqa: E402
@@ -232,6 +232,9 @@ def load_head_model(args, head: str):
     if head == "adapter":
         return common.load_model(args.model, args.q_lora_r, args.q_lora_layers, q_head_type="adapter")
     if head == "q_model":
+        depth = AutoConfig.from_pretrained(common.model_path(args.model)).get_text_config().num_hidden_layers
+        if args.q_model_layers > depth:  # the blocks past the policy's would be random, and said only in a warning
+            raise ValueError(f"`--q_model_layers` {args.q_model_layers}: the policy has only {depth} blocks to copy.")
         # from_pretrained reads the first N blocks' weights and reports the others as unused: that is the point
         verbosity = transformers_logging.get_verbosity()
         transformers_logging.set_verbosity_error()

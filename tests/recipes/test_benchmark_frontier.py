@@ -113,6 +113,9 @@ def test_context_heads_are_configurations(tmp_path, gpt2_tokenizer):
     policy_first = q_model.pretrained_model.transformer.h[0].attn.c_attn.weight
     assert torch.equal(small.transformer.h[0].attn.c_attn.weight, policy_first)  # a copy of the first block
     assert small.transformer.h[0].attn.c_attn.weight is not policy_first  # trained apart from the frozen policy
+    too_deep = frontier.parse_args(["--model", str(model_dir), "--q_model_layers", str(q_model.config.n_layer + 1)])
+    with pytest.raises(ValueError, match="has only 2 blocks to copy"):
+        frontier.load_head_model(too_deep, "q_model")
     for bad in (["--q_lora_r", "0"], ["--q_model_layers", "0"]):
         with pytest.raises(SystemExit):
             frontier.parse_args(bad)
