@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from argparse import Namespace
@@ -58,7 +59,7 @@ else:
     from recipes import common, tasks
 
 import torch  # noqa: E402
-from datasets import Dataset, load_from_disk  # noqa: E402
+from datasets import Dataset, concatenate_datasets, load_from_disk  # noqa: E402
 from transformers import AutoConfig, AutoModelForCausalLM, set_seed  # noqa: E402
 from transformers.utils import logging as transformers_logging  # noqa: E402
 
@@ -151,7 +152,8 @@ def parse_args(argv: Sequence[str] | None = None):
         "--training_data",
         default=None,
         help="a `training_data` folder an earlier run wrote (same task, prompts, seed, completions and labels): "
-        "train on it instead of sampling and labelling again; default: sample, and save to OUTPUT_DIR/training_data",
+        "train on it instead of sampling and labelling again; saved for fewer prompts than this run, only the others "
+        "are sampled and the union saved to OUTPUT_DIR/training_data; default: sample all, and save there",
     )
     p.add_argument("--oracle_k", type=int, default=20, help="top-k of the one-step oracle row (0: no oracle row)")
     p.add_argument(
@@ -206,23 +208,33 @@ def task_of(args) -> tuple[list[str], list[str], object]:
     return train, held_out, tasks.resolve_reward(args.reward)
 
 
-def load_training_data(path: str, prompts: list[str], per_prompt: int, candidates: bool) -> tuple[Dataset, None]:
-    """The scored rows an earlier run saved, checked against this run's prompts (in order), completions per prompt
-    and labels; `(rows, None)`: their labelling cost was the earlier run's. Data saved for more prompts of the same
-    list serves a run over its first ones (the task's prompts are a fixed list: the first N are the same at any N)."""
+def load_training_data(path: str, prompts: list[str], per_prompt: int, candidates: bool) -> Dataset:
+    """The scored rows an earlier run saved for the first of this run's `prompts` (in order, `per_prompt` completions
+    each, with candidate labels when `candidates`): all of them when it saved at least as many prompts (the task's
+    prompts are a fixed list: the first N are the same at any N), else the ones it has, for the caller to extend."""
     scored = load_from_disk(path)
     expected = [p for p in prompts for _ in range(per_prompt)]
     if len(scored) > len(expected):
         scored = scored.select(range(len(expected)))
-    if list(scored["prompt"]) != expected:
+    if len(scored) % per_prompt or list(scored["prompt"]) != expected[: len(scored)]:
         raise ValueError(
-            f"`--training_data` {path} holds {len(scored)} rows whose prompts are not this run's {len(prompts)} "
-            f"training prompts x {per_prompt} completions: sample it with the same --task/--prompts_file, --seed, "
-            "--n_train_prompts (or --prompt_counts), --num_generations and --scales."
+            f"`--training_data` {path} holds {len(scored)} rows whose prompts are not the first of this run's "
+            f"{len(prompts)} training prompts x {per_prompt} completions: sample it with the same "
+            "--task/--prompts_file, --seed, --num_generations and --scales."
         )
     if candidates and "candidate_ids" not in scored.column_names:
         raise ValueError(f"`--training_data` {path} has no candidate labels, which these --configs need.")
-    return scored, None
+    return scored
+
+
+def save_training_data(scored: Dataset, path: Path) -> None:
+    """`scored` saved to `path` whole or not at all: written beside it, then swapped in, so that a run extending the
+    data it read from the same folder (still mapped, in `scored`) neither overwrites it mid-read nor leaves half."""
+    partial_path = path.with_name(path.name + ".partial")
+    shutil.rmtree(partial_path, ignore_errors=True)
+    scored.save_to_disk(str(partial_path))
+    shutil.rmtree(path, ignore_errors=True)  # the mapped files stay readable until `scored` is dropped
+    partial_path.rename(path)
 
 
 def load_head_model(args, head: str):
@@ -280,13 +292,20 @@ def run(args) -> dict:
 
     print(f"[data] {per_prompt} completions for each of {len(train_prompts)} training prompts", flush=True)
     t0 = time.perf_counter()
-    if args.training_data:
-        scored, labelling_cost = load_training_data(args.training_data, train_prompts, per_prompt, with_candidates)
-    else:
-        scored, labelling_cost = common.sample_training_data(
-            model, tokenizer, train_prompts, reward_fn, args, per_prompt, candidates=with_candidates
+    saved = (
+        load_training_data(args.training_data, train_prompts, per_prompt, with_candidates)
+        if args.training_data
+        else None
+    )
+    missing = train_prompts[len(saved) // per_prompt :] if saved is not None else train_prompts
+    scored, labelling_cost = saved, None  # the saved rows' labelling cost was the earlier run's
+    if missing:  # sample and label only the prompts no saved run has, and save the union for the next run
+        print(f"[data] sampling {len(missing)} of the {len(train_prompts)} prompts", flush=True)
+        fresh, labelling_cost = common.sample_training_data(
+            model, tokenizer, missing, reward_fn, args, per_prompt, candidates=with_candidates
         )
-        scored.save_to_disk(str(out_dir / "training_data"))
+        scored = fresh if saved is None else concatenate_datasets([saved, fresh])
+        save_training_data(scored, out_dir / "training_data")
     data_seconds = time.perf_counter() - t0
 
     print(f"[base] {args.eval_samples} samples for each of {len(eval_prompts)} held-out prompts", flush=True)

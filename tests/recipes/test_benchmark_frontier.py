@@ -139,12 +139,26 @@ def test_context_heads_are_configurations(tmp_path, gpt2_tokenizer):
     # the training data is saved, and a later run may train on it instead of sampling again (checked first)
     split = ["--model", str(model_dir), "--n_train_prompts", "2", "--n_eval_prompts", "2"]
     prompts, _, _ = frontier.task_of(frontier.parse_args(split))
-    saved, cost = frontier.load_training_data(str(out / "training_data"), prompts, 2, candidates=True)
-    assert len(saved) == 4 and cost is None and "candidate_ids" in saved.column_names
-    first, _ = frontier.load_training_data(str(out / "training_data"), prompts[:1], 2, candidates=True)
+    saved = frontier.load_training_data(str(out / "training_data"), prompts, 2, candidates=True)
+    assert len(saved) == 4 and "candidate_ids" in saved.column_names
+    first = frontier.load_training_data(str(out / "training_data"), prompts[:1], 2, candidates=True)
     assert first.to_list() == saved.select([0, 1]).to_list()  # a run over the first prompt of the same list
-    with pytest.raises(ValueError, match="not this run's 1 training prompts x 2"):
+    with pytest.raises(ValueError, match="not the first of this run's 1 training prompts x 2"):
         frontier.load_training_data(str(out / "training_data"), prompts[1:], 2, candidates=True)
-    with pytest.raises(ValueError, match="not this run's 3 training prompts x 2"):
-        frontier.main(["--model", str(model_dir), "--n_train_prompts", "3", "--n_eval_prompts", "2", "--num_generations", "2",
-                       "--training_data", str(out / "training_data"), "--output_dir", str(tmp_path / "again")])  # fmt: skip
+    with pytest.raises(ValueError, match="not the first of this run's 2 training prompts x 3"):  # 4 rows, 3 per prompt
+        frontier.load_training_data(str(out / "training_data"), prompts, 3, candidates=True)
+    # a run over more prompts samples only the others, and saves the union in place of the folder it read
+    frontier.main(
+        [
+            "--model", str(model_dir), "--output_dir", str(out), "--training_data", str(out / "training_data"),
+            "--n_train_prompts", "3", "--n_eval_prompts", "2", "--num_generations", "2", "--max_new_tokens", "3",
+            "--epochs", "1", "--train_batch_size", "4", "--tilted_samples", "1", "--betas", "1.0",
+            "--gen_batch_size", "16", "--threads", "1", "--candidate_k", "2", "--oracle_k", "0",
+            "--configs", "effects/mean/tied",
+        ]
+    )  # fmt: skip
+    more, _, _ = frontier.task_of(frontier.parse_args([*split[:3], "3", *split[4:]]))
+    extended = frontier.load_training_data(str(out / "training_data"), more, 2, candidates=True)
+    assert list(extended["prompt"]) == [p for p in more for _ in range(2)] and more[:2] == prompts
+    assert extended.select(range(4)).to_list() == saved.to_list()  # the saved rows, kept as they were
+    assert not (tmp_path / "out" / "training_data.partial").exists()
