@@ -33,8 +33,10 @@ from trl_qhead.labels import CandidateLabels, TwoStepLabels  # noqa: E402
 from trl_qhead.rollouts import PURE_SAMPLING, Samples, sample_completions  # noqa: E402
 
 if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
+    from .offline_assets import model_path
     from .tasks import PROMPTS_FILE
 else:
+    from recipes.offline_assets import model_path
     from recipes.tasks import PROMPTS_FILE
 
 DEFAULT_BETAS = (1.0, 0.5, 0.3, 0.2, 0.15)
@@ -182,17 +184,6 @@ def train_from_args(
 
 
 # ---- the run ----------------------------------------------------------------------------------------------------------
-
-
-def model_path(name: str) -> str:
-    """`'smollm2'`: the offline SmolLM2 folder (converted from PyPI); any other name as given."""
-    if name != "smollm2":
-        return name
-    if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
-        from .offline_assets import smollm2_dir
-    else:
-        from recipes.offline_assets import smollm2_dir
-    return str(smollm2_dir())
 
 
 def load_model(

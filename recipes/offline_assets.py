@@ -87,6 +87,11 @@ def smollm2_dir() -> Path:
     return folder
 
 
+def model_path(name: str) -> str:
+    """`'smollm2'`: the offline SmolLM2 folder (`smollm2_dir`); any other name (a folder, a Hub id) as given."""
+    return str(smollm2_dir()) if name == "smollm2" else name
+
+
 ASSETS = {"gpt2-tokenizer": gpt2_tokenizer_dir, "smollm2": smollm2_dir}
 
 if __name__ == "__main__":

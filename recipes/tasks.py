@@ -30,6 +30,11 @@ from pathlib import Path
 
 import torch
 
+if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
+    from .offline_assets import smollm2_dir
+else:
+    from recipes.offline_assets import smollm2_dir
+
 DATA = Path(__file__).resolve().parent / "data"
 PROMPTS_FILE = DATA / "review_openings.txt"  # shipped in the wheel too
 # The first tone task (README): the openings, each after "Five stars." or "One star." (alternating), once each.
@@ -256,11 +261,6 @@ def smollm2_judge() -> YesNoJudge:
     global _JUDGE
     if _JUDGE is None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
-            from .offline_assets import smollm2_dir
-        else:
-            from recipes.offline_assets import smollm2_dir
 
         path = smollm2_dir()
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
