@@ -300,7 +300,8 @@ def run(args) -> dict:
     missing = train_prompts[len(saved) // per_prompt :] if saved is not None else train_prompts
     scored, labelling_cost = saved, None  # the saved rows' labelling cost was the earlier run's
     if missing:  # sample and label only the prompts no saved run has, and save the union for the next run
-        print(f"[data] sampling {len(missing)} of the {len(train_prompts)} prompts", flush=True)
+        if saved is not None:
+            print(f"[data] {len(saved) // per_prompt} prompts saved; sampling the other {len(missing)}", flush=True)
         fresh, labelling_cost = common.sample_training_data(
             model, tokenizer, missing, reward_fn, args, per_prompt, candidates=with_candidates
         )
