@@ -153,7 +153,8 @@ def parse_args(argv: Sequence[str] | None = None):
         default=None,
         help="a `training_data` folder an earlier run wrote (same task, prompts, seed, completions and labels): "
         "train on it instead of sampling and labelling again; saved for fewer prompts than this run, only the others "
-        "are sampled and the union saved to OUTPUT_DIR/training_data; default: sample all, and save there",
+        "are sampled (the labelling cost and data seconds count them alone) and the union saved to "
+        "OUTPUT_DIR/training_data; default: sample all, and save there",
     )
     p.add_argument("--oracle_k", type=int, default=20, help="top-k of the one-step oracle row (0: no oracle row)")
     p.add_argument(
@@ -230,11 +231,14 @@ def load_training_data(path: str, prompts: list[str], per_prompt: int, candidate
 def save_training_data(scored: Dataset, path: Path) -> None:
     """`scored` saved to `path` whole or not at all: written beside it, then swapped in, so that a run extending the
     data it read from the same folder (still mapped, in `scored`) neither overwrites it mid-read nor leaves half."""
-    partial_path = path.with_name(path.name + ".partial")
-    shutil.rmtree(partial_path, ignore_errors=True)
+    partial_path, old_path = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
+    for leftover in (partial_path, old_path):  # from an interrupted run
+        shutil.rmtree(leftover, ignore_errors=True)
     scored.save_to_disk(str(partial_path))
-    shutil.rmtree(path, ignore_errors=True)  # the mapped files stay readable until `scored` is dropped
+    if path.exists():
+        path.rename(old_path)
     partial_path.rename(path)
+    shutil.rmtree(old_path, ignore_errors=True)  # the mapped files stay readable until `scored` is dropped
 
 
 def load_head_model(args, head: str):

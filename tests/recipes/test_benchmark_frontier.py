@@ -161,4 +161,4 @@ def test_context_heads_are_configurations(tmp_path, gpt2_tokenizer):
     extended = frontier.load_training_data(str(out / "training_data"), more, 2, candidates=True)
     assert list(extended["prompt"]) == [p for p in more for _ in range(2)] and more[:2] == prompts
     assert extended.select(range(4)).to_list() == saved.to_list()  # the saved rows, kept as they were
-    assert not (tmp_path / "out" / "training_data.partial").exists()
+    assert not any((out / f"training_data.{leftover}").exists() for leftover in ("partial", "old"))
