@@ -296,16 +296,15 @@ def run(args) -> dict:
 
     print(f"[data] {per_prompt} completions for each of {len(train_prompts)} training prompts", flush=True)
     t0 = time.perf_counter()
-    saved = (
-        load_training_data(args.training_data, train_prompts, per_prompt, with_candidates)
-        if args.training_data
-        else None
-    )
-    missing = train_prompts[len(saved) // per_prompt :] if saved is not None else train_prompts
+    saved = None
+    if args.training_data:
+        saved = load_training_data(args.training_data, train_prompts, per_prompt, with_candidates)
+    n_saved = 0 if saved is None else len(saved) // per_prompt
+    missing = train_prompts[n_saved:]
     scored, labelling_cost = saved, None  # the saved rows' labelling cost was the earlier run's
     if missing:  # sample and label only the prompts no saved run has, and save the union for the next run
         if saved is not None:
-            print(f"[data] {len(saved) // per_prompt} prompts saved; sampling the other {len(missing)}", flush=True)
+            print(f"[data] {n_saved} prompts saved; sampling the other {len(missing)}", flush=True)
         fresh, labelling_cost = common.sample_training_data(
             model, tokenizer, missing, reward_fn, args, per_prompt, candidates=with_candidates
         )
@@ -369,9 +368,7 @@ def run(args) -> dict:
         t0 = time.perf_counter()
         rows_used = subset(scored, per_prompt, used, labels, count)
         train_args = args
-        if (
-            head == "adapter"
-        ):  # its LoRA weights train at `learning_rate`: the Q network's rate, not a policy adapter's
+        if head == "adapter":  # its LoRA weights train at `learning_rate`: the Q network's, not a policy adapter's
             train_args = Namespace(**{**vars(args), "learning_rate": args.q_network_learning_rate})
         log = common.train_from_args(model, tokenizer, rows_used, train_args, q_target=target, labels=labels)
         train_seconds = time.perf_counter() - t0
