@@ -149,12 +149,26 @@ def parse_args(argv: Sequence[str] | None = None):
         "trained fully",
     )
     p.add_argument(
+        "--q_output",
+        choices=("tied", "dense"),
+        default="tied",
+        help="HEADs adapter and q_model: the output on the Q network's final state, tied (`W^Q (U h^Q) + b`, U from "
+        "zero) or dense (`W h^Q + b`, a row per token)",
+    )
+    p.add_argument(
         "--training_data",
         default=None,
         help="a `training_data` folder an earlier run wrote (same task, prompts, seed, completions and labels): "
         "train on it instead of sampling and labelling again; saved for fewer prompts than this run, only the others "
         "are sampled (the labelling cost and data seconds count them alone) and the union saved to "
         "OUTPUT_DIR/training_data; default: sample all, and save there",
+    )
+    p.add_argument(
+        "--label_fit",
+        action="store_true",
+        help="also sample and label --num_generations completions of each held-out prompt, and after each "
+        "candidate-labelled configuration's training report the share of the labels its head reproduces, "
+        "`1 - loss_candidates / candidate_target_sq`, on those (held out) and on as many training prompts' rows",
     )
     p.add_argument("--oracle_k", type=int, default=20, help="top-k of the one-step oracle row (0: no oracle row)")
     p.add_argument(
@@ -244,9 +258,12 @@ def save_training_data(scored: Dataset, path: Path) -> None:
 def load_head_model(args, head: str):
     """The tokenizer and the pretrained policy with a fresh `head` Q head: `adapter` (LoRA r `--q_lora_r` on the top
     `--q_lora_layers` blocks, the Q network), `q_model` (the policy's first `--q_model_layers` blocks as a Q model of
-    its own), or `dense` / `tied` on the frozen final state."""
+    its own), each with the `--q_output` output, or `dense` / `tied` on the frozen final state."""
     if head == "adapter":
-        return common.load_model(args.model, args.q_lora_r, args.q_lora_layers, q_head_type="adapter")
+        options = {"output": args.q_output}
+        return common.load_model(
+            args.model, args.q_lora_r, args.q_lora_layers, q_head_type="adapter", q_head_options=options
+        )
     if head == "q_model":
         depth = AutoConfig.from_pretrained(common.model_path(args.model)).get_text_config().num_hidden_layers
         if args.q_model_layers > depth:  # the blocks past the policy's would be random, and said only in a warning
@@ -260,8 +277,21 @@ def load_head_model(args, head: str):
             )
         finally:
             transformers_logging.set_verbosity(verbosity)
-        return common.load_model(args.model, 0, 0, q_head_type="q_model", q_head_options={"q_model": small})
+        options = {"q_model": small, "output": args.q_output}
+        return common.load_model(args.model, 0, 0, q_head_type="q_model", q_head_options=options)
     return common.load_model(args.model, 0, 0, q_head_type=head)
+
+
+def label_fit(log: list[dict], sets) -> dict[str, float]:
+    """For each evaluated set of `log` (`eval_<name>_*`), the share of the candidate labels the head reproduces:
+    `1 - loss_candidates / candidate_target_sq`, 1 for a head that predicts every label, 0 for one that predicts 0
+    (the untrained head), below 0 for one that does worse (docs/DESIGN.md section 4); None where every label is 0."""
+    fit = {}
+    for name in sets:
+        entry = next(e for e in reversed(log) if f"eval_{name}_loss_candidates" in e)
+        target_sq = entry[f"eval_{name}_candidate_target_sq"]
+        fit[name] = 1.0 - entry[f"eval_{name}_loss_candidates"] / target_sq if target_sq > 0 else None
+    return fit
 
 
 def tilted_rows(model, tokenizer, args, eval_prompts, reward_fn, base, method: str, source_of) -> tuple[list, dict]:
@@ -311,6 +341,12 @@ def run(args) -> dict:
         scored = fresh if saved is None else concatenate_datasets([saved, fresh])
         save_training_data(scored, out_dir / "training_data")
     data_seconds = time.perf_counter() - t0
+    held_out_scored = None
+    if args.label_fit and with_candidates:  # labelled like the training data, never trained on
+        print(f"[label fit] {args.num_generations} labelled completions for each held-out prompt", flush=True)
+        held_out_scored, _ = common.sample_training_data(
+            model, tokenizer, eval_prompts, reward_fn, args, args.num_generations, candidates=True
+        )
 
     print(f"[base] {args.eval_samples} samples for each of {len(eval_prompts)} held-out prompts", flush=True)
     base = common.sample_scored(model, tokenizer, eval_prompts, reward_fn, args)
@@ -370,7 +406,16 @@ def run(args) -> dict:
         train_args = args
         if head == "adapter":  # its LoRA weights train at `learning_rate`: the Q network's, not a policy adapter's
             train_args = Namespace(**{**vars(args), "learning_rate": args.q_network_learning_rate})
-        log = common.train_from_args(model, tokenizer, rows_used, train_args, q_target=target, labels=labels)
+        fit_sets = None
+        if held_out_scored is not None and labels != "mc":
+            n = len(eval_prompts)
+            fit_sets = {
+                "train": subset(scored, per_prompt, min(used, args.num_generations), labels, n),
+                "held_out": subset(held_out_scored, args.num_generations, args.num_generations, labels),
+            }
+        log = common.train_from_args(
+            model, tokenizer, rows_used, train_args, q_target=target, labels=labels, eval_dataset=fit_sets
+        )
         train_seconds = time.perf_counter() - t0
         model.eval()
         tilted, interval = tilted_rows(
@@ -384,6 +429,7 @@ def run(args) -> dict:
                 "prompts": count,
                 "train_seconds": train_seconds,
                 "final_loss_q": next((e["loss_q"] for e in reversed(log) if "loss_q" in e), None),
+                "label_fit": None if fit_sets is None else label_fit(log, fit_sets),
                 "interval": interval,
             }
         )

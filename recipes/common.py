@@ -106,8 +106,10 @@ def train_qhead(
     q_target: str = "mean",
     target_beta: float | None = None,
     labels: str = "candidates",
+    eval_dataset: dict[str, Dataset] | None = None,
 ) -> list[dict]:
-    """Train the adapters and the Q head on the scored samples (Monte Carlo returns, gamma 1); returns the log.
+    """Train the adapters and the Q head on the scored samples (Monte Carlo returns, gamma 1); returns the log, and
+    with `eval_dataset` (named sets of rows like `dataset`'s) ends with one evaluation of each (`eval_<name>_*`).
 
     Without adapters the Q head trains alone on the frozen model, with no LM loss (`QHeadConfig(q_head_only=True)`):
     the policy stays the pretrained model exactly. `labels="effects"` is `QHeadConfig(q_labels="effects")`: every
@@ -134,6 +136,7 @@ def train_qhead(
         q_head_only=not model.is_peft_model or model.q_head.leaves_policy_frozen,
         num_train_epochs=epochs,
         per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
         learning_rate=lr,
         q_head_learning_rate=q_lr,
         q_head_bias_learning_rate=q_bias_lr,
@@ -148,9 +151,15 @@ def train_qhead(
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
     )
-    trainer = QHeadTrainer(model, args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = QHeadTrainer(model, args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer)
     trainer.train()
-    return [entry for entry in trainer.state.log_history if "loss" in entry or "loss_q" in entry]
+    if eval_dataset is not None:
+        trainer.evaluate()
+    return [
+        entry
+        for entry in trainer.state.log_history
+        if "loss" in entry or "loss_q" in entry or any(key.startswith("eval_") for key in entry)
+    ]
 
 
 def train_from_args(
@@ -161,10 +170,11 @@ def train_from_args(
     *,
     q_target: str | None = None,
     labels: str | None = None,
+    eval_dataset: dict[str, Dataset] | None = None,
 ) -> list[dict]:
     """`train_qhead` with the command line's epochs, batch size, learning rates, labels and seed (`q_target` and
-    `labels` override `args.q_target` and `args.labels`); the checkpoint folder is `args.output_dir/checkpoint`
-    (nothing is saved there)."""
+    `labels` override `args.q_target` and `args.labels`), evaluated at the end on `eval_dataset`; the checkpoint folder
+    is `args.output_dir/checkpoint` (nothing is saved there)."""
     return train_qhead(
         model,
         tokenizer,
@@ -180,6 +190,7 @@ def train_from_args(
         q_target=args.q_target if q_target is None else q_target,
         target_beta=args.target_beta,
         labels=args.labels if labels is None else labels,
+        eval_dataset=eval_dataset,
     )
 
 

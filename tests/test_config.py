@@ -30,6 +30,7 @@ def test_defaults_are_the_documented_ones():
         ("max_length", 0),
         ("value_chunk_size", 0),
         ("q_head_learning_rate", 0.0),
+        ("q_head_learning_rate", -1e-3),
         ("q_head_bias_learning_rate", -1e-2),
         ("q_head_bias_learning_rate", float("inf")),
         ("q_head_bias_learning_rate", True),

@@ -192,3 +192,20 @@ def test_left_and_right_padding_give_the_same_loss():
     left = efficient_loss(model, *padded_batch("left"), lam=0.5, chunk=4)
     right = efficient_loss(model, *padded_batch("right"), lam=0.5, chunk=4)
     torch.testing.assert_close(left, right, rtol=1e-5, atol=1e-5)
+
+
+def test_candidate_target_sq_is_the_loss_of_a_head_that_predicts_zero():
+    torch.manual_seed(0)
+    B, T, k = 2, 5, 3
+    action_mask = torch.ones(B, T, dtype=torch.bool)
+    targets = torch.randn(B, T, k)
+    pairs = torch.rand(B, T, k) > 0.4
+    common = dict(q_weight=1.0, candidate_targets=targets, candidate_mask=pairs)
+    zeros = (torch.zeros(B, T), torch.zeros(B, T), torch.zeros(B, T), action_mask)
+    _, stats = qhead_loss(*zeros, candidate_q=torch.zeros(B, T, k), **common)
+    expected = (targets[pairs] ** 2).mean()
+    torch.testing.assert_close(stats["candidate_target_sq"], expected)
+    torch.testing.assert_close(stats["loss_candidates"], expected)  # predicting 0: nothing of the labels reproduced
+    _, stats = qhead_loss(*zeros, candidate_q=targets.clone(), **common)
+    assert stats["loss_candidates"].item() == 0.0  # the labels exactly: all of them
+    torch.testing.assert_close(stats["candidate_target_sq"], expected)  # the targets' moment, whatever Q predicts

@@ -253,6 +253,23 @@ def test_q_head_bias_gets_its_own_learning_rate(tmp_path, gpt2_tokenizer):
     assert rates == [1e-6, 1e-6, 1e-3, 0.1]  # backbone (decay, no decay), Q weight, Q bias: one schedule for all
 
 
+def test_a_zero_bias_learning_rate_freezes_the_bias(tmp_path, gpt2_tokenizer):
+    config = _config(
+        tmp_path, use_lm_rewards=True, max_steps=2, learning_rate=1e-6, q_head_learning_rate=1e-3,
+        q_head_bias_learning_rate=0.0,
+    )  # fmt: skip
+    model = AutoModelForCausalLMWithQHead(make_tiny_gpt2(), q_head_init="normal")
+    bias_before = model.q_head.bias.detach().clone()
+    weight_before = model.q_head.weight.detach().clone()
+    trainer = QHeadTrainer(model, config, Dataset.from_dict({"text": CORPUS}), processing_class=gpt2_tokenizer)
+    trainer.train()
+    assert torch.equal(model.q_head.bias.detach(), bias_before)  # not a step of any size, and no Adam state
+    assert not (model.q_head.weight.detach() == weight_before).all()
+    in_optimizer = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert id(model.q_head.bias) not in in_optimizer and id(model.q_head.weight) in in_optimizer
+    assert sorted(group["initial_lr"] for group in trainer.optimizer.param_groups) == [1e-6, 1e-6, 1e-3]
+
+
 def test_logged_losses_are_token_weighted_over_accumulated_micro_batches(tmp_path, gpt2_tokenizer):
     # Rows of very different lengths in micro-batches of one: a mean of per-micro-batch means would weigh a 3-token row
     # like a 30-token one, and `loss_lm + q_weight * loss_q` would then differ from the `loss` transformers logs (the

@@ -45,7 +45,9 @@ class QHeadConfig(TrainingArguments):
             Learning rate of the Q head's bias alone; `None` uses the Q head's rate. `Q(s, a) = W_q[a] . h + b_q[a]`
             sums `hidden_size` weight terms against one bias term, so a weight step moves Q far more than a bias step
             of the same rate: a bias rate 10-1000x the weight's lets the bias (a per-token value that generalises
-            across states from little data) learn at the pace of the weight.
+            across states from little data) learn at the pace of the weight. `0` freezes the bias at its initial
+            value: for a reward whose sign depends on the request (docs/context_heads.md), a per-token bias can only
+            learn a lexicon that the other request reverses.
         q_target (`str`, *optional*, defaults to `"mean"`):
             What Q learns. `"mean"`: `Q^pi(s, a) = E[G | s, a]`, the squared error on ordinary returns bootstrapped
             from `V(s) = sum_a pi(a|s) Q(s, a)` (the behaviour before this field). `"soft"`: the soft-optimal
@@ -336,12 +338,15 @@ class QHeadConfig(TrainingArguments):
             raise ValueError(
                 f"`max_length` must be an integer >= 2 (one action needs two tokens), got {self.max_length!r}."
             )
-        for name in ("q_head_learning_rate", "q_head_bias_learning_rate"):
+        for name, lowest in (("q_head_learning_rate", "> 0"), ("q_head_bias_learning_rate", ">= 0")):
             value = getattr(self, name)
             if value is not None and not (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and math.isfinite(value)
+                and (value > 0 or (value == 0 and lowest == ">= 0"))  # a zero bias rate freezes the bias
             ):
-                raise ValueError(f"`{name}` must be a finite number > 0 or None, got {value!r}.")
+                raise ValueError(f"`{name}` must be a finite number {lowest} or None, got {value!r}.")
         if self.q_target not in Q_TARGETS:
             raise ValueError(f"`q_target` must be one of {Q_TARGETS}, got {self.q_target!r}.")
         if self.q_target == "soft":

@@ -60,7 +60,7 @@ def qhead_loss(
     Returns:
         `(loss, stats)`: `loss` a scalar; `stats` holds detached scalars `loss_lm`, `loss_q` (means over this batch's
         actions, sampled actions only), `q_mean` and `g_mean`, and with candidates `loss_candidates` (mean over the
-        pairs) and `candidates_per_action`.
+        pairs), `candidate_target_sq` (the mean squared target over the pairs) and `candidates_per_action`.
     """
     is_action = action_mask.bool()
     mask = is_action.float()
@@ -83,6 +83,10 @@ def qhead_loss(
         total_q = total_q + candidate_weight * c_sum
         n_pairs = pairs.sum()
         stats["loss_candidates"] = c_sum.detach() / n_pairs.clamp(min=1)
+        # the loss of a head that predicts 0 at every pair (with the squared error): `1 - loss_candidates /
+        # candidate_target_sq` is the share of the labels a head reproduces, on held-out rows its generalisation
+        target_sq = torch.where(pairs, candidate_targets.detach().float() ** 2, 0.0).sum()
+        stats["candidate_target_sq"] = target_sq / n_pairs.clamp(min=1)
         stats["candidates_per_action"] = n_pairs.float() / local_items
     loss = ((lm_sum if lm_loss else 0.0) + q_weight * total_q) / denominator
     return loss, stats

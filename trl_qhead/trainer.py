@@ -504,7 +504,7 @@ class QHeadTrainer(Trainer):
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if id(p) not in q_ids]
         optimizer.param_groups = [group for group in optimizer.param_groups if group["params"]]
-        for lr in dict.fromkeys(lr for _, lr in q_rates):  # one group per distinct rate
+        for lr in dict.fromkeys(lr for _, lr in q_rates if lr > 0):  # one group per rate; a zero rate: frozen
             optimizer.add_param_group({"params": [p for p, r in q_rates if r == lr], "lr": lr, "weight_decay": 0.0})
         return optimizer
 

@@ -61,6 +61,18 @@ def test_subset_takes_the_first_completions_of_each_prompt_and_the_labels_asked_
         frontier.subset(scored, 3, 2, "oracle")
 
 
+def test_label_fit_is_the_share_of_the_labels_reproduced():
+    log = [
+        {"loss_q": 0.5},
+        {"eval_train_loss_candidates": 0.5, "eval_train_candidate_target_sq": 2.0},  # an earlier evaluation
+        {"eval_train_loss_candidates": 0.25, "eval_train_candidate_target_sq": 1.0},
+        {"eval_held_out_loss_candidates": 3.0, "eval_held_out_candidate_target_sq": 2.0},
+        {"eval_zero_loss_candidates": 0.0, "eval_zero_candidate_target_sq": 0.0},
+    ]
+    fit = frontier.label_fit(log, ["train", "held_out", "zero"])
+    assert fit == {"train": 0.75, "held_out": -0.5, "zero": None}  # the last evaluation; worse than 0; no labels
+
+
 def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_tokenizer):
     model_dir = tmp_path / "tiny-gpt2"
     make_tiny_gpt2().save_pretrained(model_dir)
@@ -113,6 +125,11 @@ def test_context_heads_are_configurations(tmp_path, gpt2_tokenizer):
     policy_first = q_model.pretrained_model.transformer.h[0].attn.c_attn.weight
     assert torch.equal(small.transformer.h[0].attn.c_attn.weight, policy_first)  # a copy of the first block
     assert small.transformer.h[0].attn.c_attn.weight is not policy_first  # trained apart from the frozen policy
+    dense_args = frontier.parse_args(["--model", str(model_dir), "--q_model_layers", "1", "--q_output", "dense"])
+    for head in ("adapter", "q_model"):
+        dense, _ = frontier.load_head_model(dense_args, head)
+        assert dense.q_head.output_type == "dense" and dense.q_head.output.weight.shape[0] == dense.config.vocab_size
+    assert q_model.q_head.output_type == "tied"  # the default
     too_deep = frontier.parse_args(["--model", str(model_dir), "--q_model_layers", str(q_model.config.n_layer + 1)])
     with pytest.raises(ValueError, match="has only 2 blocks to copy"):
         frontier.load_head_model(too_deep, "q_model")
@@ -154,9 +171,12 @@ def test_context_heads_are_configurations(tmp_path, gpt2_tokenizer):
             "--n_train_prompts", "3", "--n_eval_prompts", "2", "--num_generations", "2", "--max_new_tokens", "3",
             "--epochs", "1", "--train_batch_size", "4", "--tilted_samples", "1", "--betas", "1.0",
             "--gen_batch_size", "16", "--threads", "1", "--candidate_k", "2", "--oracle_k", "0",
-            "--configs", "effects/mean/tied",
+            "--configs", "effects/mean/tied", "--label_fit",
         ]
     )  # fmt: skip
+    fit = json.loads((out / "results.json").read_text())["runs"][-1]["label_fit"]
+    assert set(fit) == {"train", "held_out"}  # evaluated on both, after training
+    assert all(share is None or share <= 1.0 for share in fit.values())
     more, _, _ = frontier.task_of(frontier.parse_args([*split[:3], "3", *split[4:]]))
     extended = frontier.load_training_data(str(out / "training_data"), more, 2, candidates=True)
     assert list(extended["prompt"]) == [p for p in more for _ in range(2)] and more[:2] == prompts
