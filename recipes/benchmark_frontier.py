@@ -408,7 +408,7 @@ def run(args) -> dict:
             train_args = Namespace(**{**vars(args), "learning_rate": args.q_network_learning_rate})
         fit_sets = None
         if held_out_scored is not None and labels != "mc":
-            n = len(eval_prompts)
+            n = min(len(eval_prompts), count)  # as many prompts as held out, all of them trained on
             fit_sets = {
                 "train": subset(scored, per_prompt, min(used, args.num_generations), labels, n),
                 "held_out": subset(held_out_scored, args.num_generations, args.num_generations, labels),
