@@ -338,14 +338,16 @@ class QHeadConfig(TrainingArguments):
             raise ValueError(
                 f"`max_length` must be an integer >= 2 (one action needs two tokens), got {self.max_length!r}."
             )
-        for name, lowest in (("q_head_learning_rate", "> 0"), ("q_head_bias_learning_rate", ">= 0")):
+        # a zero bias rate freezes the bias (the trainer leaves it out of the optimizer)
+        for name, zero_allowed in (("q_head_learning_rate", False), ("q_head_bias_learning_rate", True)):
             value = getattr(self, name)
             if value is not None and not (
                 isinstance(value, (int, float))
                 and not isinstance(value, bool)
                 and math.isfinite(value)
-                and (value > 0 or (value == 0 and lowest == ">= 0"))  # a zero bias rate freezes the bias
+                and (value > 0 or (zero_allowed and value == 0))
             ):
+                lowest = ">= 0" if zero_allowed else "> 0"
                 raise ValueError(f"`{name}` must be a finite number {lowest} or None, got {value!r}.")
         if self.q_target not in Q_TARGETS:
             raise ValueError(f"`q_target` must be one of {Q_TARGETS}, got {self.q_target!r}.")
