@@ -79,6 +79,7 @@ from trl_qhead.evaluation import (  # noqa: E402
     tilted_row,
 )
 
+LABEL_SOURCE_FILE = "label_source.txt"  # in the saved training data's folder: what labelled its candidates
 DEFAULT_CONFIGS = (
     "mc/mean/dense",
     "candidates/mean/dense",
@@ -223,10 +224,17 @@ def task_of(args) -> tuple[list[str], list[str], object]:
     return train, held_out, tasks.resolve_reward(args.reward)
 
 
-def load_training_data(path: str, prompts: list[str], per_prompt: int, candidates: bool) -> Dataset:
+def label_source(args, candidates: bool) -> str:
+    """What labelled the training data's candidate columns (`common.training_labels(args)` as written, with every
+    option), or "none" without candidates: saved beside the data, so that a run never trains on other labels."""
+    return repr(common.training_labels(args)) if candidates else "none"
+
+
+def load_training_data(path: str, prompts: list[str], per_prompt: int, source: str) -> Dataset:
     """The scored rows an earlier run saved for the first of this run's `prompts` (in order, `per_prompt` completions
-    each, with candidate labels when `candidates`): all of them when it saved at least as many prompts (the task's
-    prompts are a fixed list: the first N are the same at any N), else the ones it has, for the caller to extend."""
+    each, with the candidate labels of `source`, a `label_source`; "none": no candidates needed): all
+    of them when it saved at least as many prompts (the task's prompts are a fixed list: the first N are the same at
+    any N), else the ones it has, for the caller to extend."""
     scored = load_from_disk(path)
     expected = [p for p in prompts for _ in range(per_prompt)]
     if len(scored) > len(expected):
@@ -237,18 +245,29 @@ def load_training_data(path: str, prompts: list[str], per_prompt: int, candidate
             f"{len(prompts)} training prompts x {per_prompt} completions: sample it with the same "
             "--task/--prompts_file, --seed, --num_generations and --scales."
         )
-    if candidates and "candidate_ids" not in scored.column_names:
+    if source == "none":
+        return scored
+    if "candidate_ids" not in scored.column_names:
         raise ValueError(f"`--training_data` {path} has no candidate labels, which these --configs need.")
+    record = Path(path) / LABEL_SOURCE_FILE
+    saved_source = record.read_text() if record.exists() else "a source it did not record (an earlier release)"
+    if saved_source != source:
+        raise ValueError(
+            f"`--training_data` {path} was labelled by {saved_source}; this run labels with {source}: sample it "
+            "again, or pass the label flags it was sampled with."
+        )
     return scored
 
 
-def save_training_data(scored: Dataset, path: Path) -> None:
-    """`scored` saved to `path` whole or not at all: written beside it, then swapped in, so that a run extending the
-    data it read from the same folder (still mapped, in `scored`) neither overwrites it mid-read nor leaves half."""
+def save_training_data(scored: Dataset, path: Path, source: str) -> None:
+    """`scored` saved to `path` with the `label_source` that labelled it, whole or not at all: written beside it, then
+    swapped in, so that a run extending the data it read from the same folder (still mapped, in `scored`) neither
+    overwrites it mid-read nor leaves half."""
     partial_path, old_path = path.with_name(path.name + ".partial"), path.with_name(path.name + ".old")
     for leftover in (partial_path, old_path):  # from an interrupted run
         shutil.rmtree(leftover, ignore_errors=True)
     scored.save_to_disk(str(partial_path))
+    (partial_path / LABEL_SOURCE_FILE).write_text(source)
     if path.exists():
         path.rename(old_path)
     partial_path.rename(path)
@@ -328,7 +347,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     saved = None
     if args.training_data:
-        saved = load_training_data(args.training_data, train_prompts, per_prompt, with_candidates)
+        saved = load_training_data(args.training_data, train_prompts, per_prompt, label_source(args, with_candidates))
     n_saved = 0 if saved is None else len(saved) // per_prompt
     missing = train_prompts[n_saved:]
     scored, labelling_cost = saved, None  # the saved rows' labelling cost was the earlier run's
@@ -339,7 +358,7 @@ def run(args) -> dict:
             model, tokenizer, missing, reward_fn, args, per_prompt, candidates=with_candidates
         )
         scored = fresh if saved is None else concatenate_datasets([saved, fresh])
-        save_training_data(scored, out_dir / "training_data")
+        save_training_data(scored, out_dir / "training_data", label_source(args, with_candidates))
     data_seconds = time.perf_counter() - t0
     held_out_scored = None
     if args.label_fit and with_candidates:  # labelled like the training data, never trained on

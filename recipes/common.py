@@ -29,7 +29,7 @@ from trl_qhead import AutoModelForCausalLMWithQHead, QHeadConfig, QHeadTrainer, 
 from trl_qhead.candidates import check_candidate_args  # noqa: E402
 from trl_qhead.config import Q_HEAD_ONLY_BIAS_LEARNING_RATE, Q_HEAD_ONLY_LEARNING_RATE  # noqa: E402
 from trl_qhead.evaluation import BEST_OF_NS  # noqa: E402
-from trl_qhead.labels import CandidateLabels, TwoStepLabels  # noqa: E402
+from trl_qhead.labels import CandidateLabels, FutureValueLabels, TwoStepLabels  # noqa: E402
 from trl_qhead.rollouts import PURE_SAMPLING, Samples, sample_completions  # noqa: E402
 
 if __package__:  # a checkout's `recipes`, or the installed `trl_qhead.recipes`
@@ -301,7 +301,18 @@ def build_parser(description: str, output_dir: str) -> argparse.ArgumentParser:
         "(generate_and_score(candidate_lookahead=k2)); none by default",
     )
     p.add_argument(
-        "--candidate_beta", type=float, default=0.3, help="the temperature of that soft value (--candidate_lookahead)"
+        "--candidate_beta",
+        type=float,
+        default=0.3,
+        help="the temperature of that soft value (--candidate_lookahead) or of the future value (--future_continuations)",
+    )
+    p.add_argument(
+        "--future_continuations",
+        type=int,
+        default=None,
+        help="n: future-value candidate labels (FutureValueLabels, Q#'s target), each candidate valued by "
+        "beta log mean exp(G / beta) over n base-policy continuations to the episode's end, beta --candidate_beta; "
+        "none by default",
     )
     p.add_argument("--q_target", choices=("mean", "soft"), default="mean", help="QHeadConfig.q_target")
     p.add_argument("--target_beta", type=float, default=0.5, help="QHeadConfig.target_beta of --q_target soft")
@@ -328,10 +339,19 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     if any(b <= 0 for b in args.betas):
         raise ValueError("`--betas` must all be > 0.")
     if args.labels == "mc":
+        for flag in ("candidate_lookahead", "future_continuations"):
+            if getattr(args, flag) is not None:
+                raise ValueError(f"`--{flag}` values the candidates: use `--labels effects` or `candidates`.")
+    elif args.future_continuations is not None:  # FutureValueLabels' own checks, before the model loads
         if args.candidate_lookahead is not None:
+            raise ValueError("`--future_continuations` and `--candidate_lookahead` are two label sources: pick one.")
+        try:
+            training_labels(args)
+        except ValueError as error:
             raise ValueError(
-                "`--candidate_lookahead` looks past candidate labels: use `--labels effects` or `candidates`."
-            )
+                f"{error} (`--candidate_k`, `--future_continuations`, `--candidate_beta` and `--candidate_stride` are "
+                "FutureValueLabels' k, num_continuations, beta and stride)"
+            ) from None
     else:  # generate_and_score's own checks, before the model loads
         lookahead = args.candidate_lookahead
         try:
@@ -343,8 +363,13 @@ def check_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def training_labels(args: argparse.Namespace) -> CandidateLabels | TwoStepLabels:
-    """The label source of `--candidate_k`, `--candidate_stride` and (two-step) `--candidate_lookahead` / `--candidate_beta`."""
+def training_labels(args: argparse.Namespace) -> CandidateLabels | TwoStepLabels | FutureValueLabels:
+    """The label source of `--candidate_k`, `--candidate_stride` and (two-step) `--candidate_lookahead` or (future
+    value) `--future_continuations`, with `--candidate_beta`."""
+    if args.future_continuations is not None:
+        return FutureValueLabels(
+            args.candidate_k, args.future_continuations, beta=args.candidate_beta, stride=args.candidate_stride
+        )
     if args.candidate_lookahead:
         return TwoStepLabels(
             args.candidate_k,

@@ -84,7 +84,7 @@ def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_token
             "--n_train_prompts", "3", "--n_eval_prompts", "2", "--num_generations", "2", "--max_new_tokens", "4",
             "--epochs", "1", "--train_batch_size", "4", "--tilted_samples", "1", "--betas", "1.0", "0.3",
             "--gen_batch_size", "16", "--threads", "1", "--candidate_k", "3", "--oracle_k", "3", "--oracle_lookahead", "2",
-            "--configs", "mc/mean/dense", "candidates/soft/tied", "--scales", "0.5", "1",
+            "--configs", "mc/mean/dense", "candidates/soft/tied", "--scales", "0.5", "1", "--future_continuations", "2",
         ],
         timeout=600,
     )  # fmt: skip
@@ -102,6 +102,9 @@ def test_frontier_runs_every_configuration_against_one_base(tmp_path, gpt2_token
     one_step, two_step = results["runs"][1]["reward_cost"], results["runs"][2]["reward_cost"]
     assert 0 < one_step["texts_requested"] < two_step["texts_requested"]  # k + 1 texts per step, then k k2 more
     assert results["labelling_cost"]["states_labelled"] > 0
+    assert results["labelling_cost"]["continuations_sampled"] > 0  # future-value labels (--future_continuations)
+    source = (out / "training_data" / "label_source.txt").read_text()
+    assert source.startswith("FutureValueLabels(k=3, num_continuations=2, beta=0.3, stride=1,")
     assert (out / "frontier.png").stat().st_size > 0
     for entry in results["runs"][1:]:  # every sampled method's ratio with its bootstrap interval over prompts
         interval = entry["interval"]
@@ -156,14 +159,21 @@ def test_context_heads_are_configurations(tmp_path, gpt2_tokenizer):
     # the training data is saved, and a later run may train on it instead of sampling again (checked first)
     split = ["--model", str(model_dir), "--n_train_prompts", "2", "--n_eval_prompts", "2"]
     prompts, _, _ = frontier.task_of(frontier.parse_args(split))
-    saved = frontier.load_training_data(str(out / "training_data"), prompts, 2, candidates=True)
+    source = frontier.label_source(frontier.parse_args([*split, "--candidate_k", "2"]), candidates=True)
+    assert source == (out / "training_data" / "label_source.txt").read_text() and "CandidateLabels(k=2," in source
+    saved = frontier.load_training_data(str(out / "training_data"), prompts, 2, source)
     assert len(saved) == 4 and "candidate_ids" in saved.column_names
-    first = frontier.load_training_data(str(out / "training_data"), prompts[:1], 2, candidates=True)
+    first = frontier.load_training_data(str(out / "training_data"), prompts[:1], 2, source)
     assert first.to_list() == saved.select([0, 1]).to_list()  # a run over the first prompt of the same list
     with pytest.raises(ValueError, match="not the first of this run's 1 training prompts x 2"):
-        frontier.load_training_data(str(out / "training_data"), prompts[1:], 2, candidates=True)
+        frontier.load_training_data(str(out / "training_data"), prompts[1:], 2, source)
     with pytest.raises(ValueError, match="not the first of this run's 2 training prompts x 3"):  # 4 rows, 3 per prompt
-        frontier.load_training_data(str(out / "training_data"), prompts, 3, candidates=True)
+        frontier.load_training_data(str(out / "training_data"), prompts, 3, source)
+    for other_labels in (["--candidate_k", "3"], ["--candidate_k", "2", "--future_continuations", "2"]):
+        other = frontier.label_source(frontier.parse_args([*split, *other_labels]), candidates=True)
+        with pytest.raises(ValueError, match="was labelled by CandidateLabels\\(k=2,.*this run labels with"):
+            frontier.load_training_data(str(out / "training_data"), prompts, 2, other)  # never other labels
+    assert frontier.load_training_data(str(out / "training_data"), prompts, 2, "none").to_list() == saved.to_list()
     # a run over more prompts samples only the others, and saves the union in place of the folder it read
     frontier.main(
         [
@@ -178,7 +188,11 @@ def test_context_heads_are_configurations(tmp_path, gpt2_tokenizer):
     assert set(fit) == {"train", "held_out"}  # evaluated on both, after training
     assert all(share is None or share <= 1.0 for share in fit.values())
     more, _, _ = frontier.task_of(frontier.parse_args([*split[:3], "3", *split[4:]]))
-    extended = frontier.load_training_data(str(out / "training_data"), more, 2, candidates=True)
+    extended = frontier.load_training_data(str(out / "training_data"), more, 2, source)
     assert list(extended["prompt"]) == [p for p in more for _ in range(2)] and more[:2] == prompts
     assert extended.select(range(4)).to_list() == saved.to_list()  # the saved rows, kept as they were
     assert not any((out / f"training_data.{leftover}").exists() for leftover in ("partial", "old"))
+    assert (out / "training_data" / "label_source.txt").read_text() == source  # the union keeps its record
+    (out / "training_data" / "label_source.txt").unlink()  # data saved by a release that did not record it
+    with pytest.raises(ValueError, match="a source it did not record"):
+        frontier.load_training_data(str(out / "training_data"), more, 2, source)

@@ -10,6 +10,7 @@ from datasets import Dataset
 from recipes import common, tasks
 from recipes import demo_sentiment as demo
 from tests.conftest import make_tiny_gpt2
+from trl_qhead.labels import CandidateLabels, FutureValueLabels
 
 pytest.importorskip("vaderSentiment", reason="the `demo` extra (make test installs it)")
 
@@ -151,6 +152,10 @@ def test_reward_choice_resolves_vader_or_an_import_path():
         (["--candidate_k", "0"], "`candidate_rewards` \\(k\\) must be a positive integer"),
         (["--candidate_stride", "0"], "`candidate_stride` must be a positive integer"),
         (["--candidate_lookahead", "4", "--labels", "mc"], "use `--labels effects`"),
+        (["--future_continuations", "2", "--labels", "mc"], "`--future_continuations` values the candidates"),
+        (["--future_continuations", "0"], "FutureValueLabels.num_continuations.*`--future_continuations`"),
+        (["--future_continuations", "2", "--candidate_beta", "0"], "FutureValueLabels.beta"),
+        (["--future_continuations", "2", "--candidate_lookahead", "4"], "two label sources: pick one"),
         (["--eval_samples", "12"], "multiple of 16"),
         (["--betas", "0.5", "0"], "> 0"),
     ],
@@ -159,3 +164,9 @@ def test_bad_flags_are_refused_before_anything_runs(argv, message):
     with pytest.raises(ValueError, match=message):
         demo.parse_args(argv)
     assert demo.parse_args(["--candidate_lookahead", "4"]).candidate_beta == 0.3
+
+
+def test_future_continuations_pick_future_value_labels():
+    args = demo.parse_args(["--future_continuations", "4", "--candidate_k", "3", "--candidate_stride", "2"])
+    assert common.training_labels(args) == FutureValueLabels(3, 4, beta=0.3, stride=2)
+    assert common.training_labels(demo.parse_args([])) == CandidateLabels(8)  # the default: one-step labels
