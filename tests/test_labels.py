@@ -244,6 +244,26 @@ def test_sample_continuations_are_distributed_as_the_policy():
         assert (counts - expected).abs().sum().item() < 0.06
 
 
+def test_sample_continuations_batch_prefixes_of_similar_limits_and_answer_in_order():
+    """A `generate` call runs to its largest limit for every row: prefixes are grouped by limit, so a long limit never
+    makes a call of short ones run long; each prefix still gets its own continuations, cut at its own limit. The fake
+    `generate` continues a row with its last token + 1, + 2, ... (mod 5), so each answer names its prefix."""
+    model = make_tiny_llama(vocab_size=5).eval()
+    calls = []
+
+    def fake_generate(input_ids, max_new_tokens, num_return_sequences, **kwargs):
+        calls.append((input_ids.shape[0], max_new_tokens))
+        new = (input_ids[:, -1:] + torch.arange(1, max_new_tokens + 1)) % 5  # (rows, new tokens)
+        return torch.cat([input_ids, new], 1).repeat_interleave(num_return_sequences, 0)
+
+    model.generate = fake_generate
+    prefixes, limits = [[1], [2, 3], [4], [1, 2], [3]], [1, 6, 2, 6, 1]
+    out = sample_continuations(model, prefixes, limits, 3, pad_token_id=0, stop_ids=set(), batch_size=2)
+    assert calls == [(2, 6), (2, 2), (1, 1)]  # limits 6 and 6, then 2 and 1, then 1 (in the caller's order: 6, 6, 1)
+    for prefix, limit, continuations in zip(prefixes, limits, out, strict=True):
+        assert continuations == [[(prefix[-1] + k) % 5 for k in range(1, limit + 1)]] * 3
+
+
 # ---- future-value labels on an enumerable problem -------------------------------------------------------------------
 
 VOCAB, STOP, HORIZON = 6, 5, 3

@@ -62,10 +62,15 @@ def sample_continuations(
         raise ValueError("Every prefix needs at least one token and a continuation limit >= 1.")
     device = next(model.parameters()).device
     stops = sorted(set(stop_ids))
-    out: list[list[list[int]]] = []
-    for start in range(0, len(prefixes), batch_size):
-        rows = [list(prefix) for prefix in prefixes[start : start + batch_size]]
-        row_limits = limits[start : start + batch_size]
+    # A call generates up to its largest limit for every row, so prefixes of similar limits share a call: labels'
+    # limits run from the horizon down to 1 along a completion, and in the caller's order every call ran to about the
+    # horizon. The samples' distribution does not depend on the order; the answer keeps the caller's.
+    order = sorted(range(len(prefixes)), key=lambda i: -limits[i])
+    out: list[list[list[int]]] = [[] for _ in prefixes]
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        rows = [list(prefixes[i]) for i in batch]
+        row_limits = [limits[i] for i in batch]
         width = max(len(row) for row in rows)
         ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -82,7 +87,7 @@ def sample_continuations(
             eos_token_id=stops,
         ).cpu()
         generated = sequences[:, width:].tolist()  # (rows * n, new tokens), prompt-major
-        for i, limit in enumerate(row_limits):
+        for i, (index, limit) in enumerate(zip(batch, row_limits, strict=True)):
             chunk = generated[i * num_continuations : (i + 1) * num_continuations]
-            out.append([cut_continuation(tokens, stops, limit) for tokens in chunk])
+            out[index] = [cut_continuation(tokens, stops, limit) for tokens in chunk]
     return out
