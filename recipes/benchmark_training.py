@@ -442,7 +442,9 @@ def summarise(runs: list[dict], rows: list[str]) -> dict[str, dict]:
             ("peak_bytes", "peak_ratio"),
             ("step_bytes", "step_ratio"),
         ):
-            entry[ratio] = entry[key] / base[key] if base else None
+            # None ("-" in the table) without a baseline row, or where the baseline measured 0: on CPU a tiny
+            # model's step may leave the sampled RSS where it was
+            entry[ratio] = entry[key] / base[key] if base and base[key] else None
     return summary
 
 

@@ -116,3 +116,19 @@ def test_generation_benchmark_runs_every_row_and_the_folded_model_matches_the_pr
     assert result["wall"]["plain"]["ratio"] == result["cpu"]["plain"]["ratio"] == 1.0
     assert all(result["cpu"][row]["s_per_token"] > 0 for row in context_rows)
     assert "| generation |" in stdout and "| adapter: processor |" in stdout
+
+
+def test_training_benchmark_ratio_to_a_zero_baseline_is_none():
+    """A tiny model's step on CPU may leave the sampled RSS where it was: a baseline of 0 bytes gives no ratio, not a
+    ZeroDivisionError after every row has run."""
+    from recipes.benchmark_training import summarise
+
+    def run(row, step_bytes):
+        return {"row": row, "step_times_s": [0.2], "step_cpu_s": [0.4], "peak_bytes": 100, "step_bytes": step_bytes,
+                "trainable_params": 1}  # fmt: skip
+
+    summary = summarise([run("a", 50), run("lm", 0)], ["a", "lm"])
+    assert summary["lm"]["baseline"] == "a" and summary["lm"]["step_ratio"] == 0.0
+    assert summary["lm"]["time_ratio"] == pytest.approx(1.0) and summary["lm"]["peak_ratio"] == pytest.approx(1.0)
+    zero_base = summarise([run("a", 0), run("lm", 50)], ["a", "lm"])
+    assert zero_base["lm"]["step_ratio"] is None and zero_base["lm"]["time_ratio"] == pytest.approx(1.0)
