@@ -342,12 +342,13 @@ def run(args) -> dict:
     configs = [parse_config(spec) for spec in args.configs]
     per_prompt = int(args.num_generations * max(args.scales))
     with_candidates = any(labels != "mc" for labels, _, _ in configs)
+    source = label_source(args, with_candidates)
 
     print(f"[data] {per_prompt} completions for each of {len(train_prompts)} training prompts", flush=True)
     t0 = time.perf_counter()
     saved = None
     if args.training_data:
-        saved = load_training_data(args.training_data, train_prompts, per_prompt, label_source(args, with_candidates))
+        saved = load_training_data(args.training_data, train_prompts, per_prompt, source)
     n_saved = 0 if saved is None else len(saved) // per_prompt
     missing = train_prompts[n_saved:]
     scored, labelling_cost = saved, None  # the saved rows' labelling cost was the earlier run's
@@ -358,7 +359,7 @@ def run(args) -> dict:
             model, tokenizer, missing, reward_fn, args, per_prompt, candidates=with_candidates
         )
         scored = fresh if saved is None else concatenate_datasets([saved, fresh])
-        save_training_data(scored, out_dir / "training_data", label_source(args, with_candidates))
+        save_training_data(scored, out_dir / "training_data", source)
     data_seconds = time.perf_counter() - t0
     held_out_scored = None
     if args.label_fit and with_candidates:  # labelled like the training data, never trained on
